@@ -1,0 +1,1 @@
+"""guidedrl Prefect flows: wiring of the stages in tasks/, no stage logic."""

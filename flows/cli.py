@@ -1,0 +1,214 @@
+"""The `guidedrl` command line.
+
+    guidedrl quickstart [--workspace DIR]
+    guidedrl run CONFIG [--stages a,b] [--workspace DIR] [--set key=value ...]
+    guidedrl config show CONFIG [--set key=value ...]
+    guidedrl datasets ls [--workspace DIR]
+    guidedrl datasets show PATH [--rows N]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART_CONFIG = PROJECT_ROOT / "configs" / "quickstart.yaml"
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    help="guidedrl: build guided RL training data (ExPO, LTE, ExpRL) for reasoning models, as Prefect flows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
+datasets_app = typer.Typer(help="List and inspect stage outputs (Parquet datasets with manifests).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(datasets_app, name="datasets")
+
+WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace directory (store/ and runs/). Default: the config's `workspace`, else ./workspace.")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _user_errors():
+    from tasks.config import ConfigError
+    from tasks.curate import SourceError
+    from tasks.schemas import SchemaError
+
+    return (ConfigError, SourceError, SchemaError, FileNotFoundError, ValueError)
+
+
+def _describe(result: dict) -> str:
+    s = result.get("summary", {})
+    if result["stage"] == "curate":
+        reasons = ", ".join(f"{k}: {v}" for k, v in s.get("rejected_by_reason", {}).items())
+        return f"{s.get('problems')} problems ({s.get('train')} train, {s.get('eval')} eval); {s.get('rejected')} rejected" + (f" ({reasons})" if reasons else "")
+    return json.dumps(s)[:120]
+
+
+def _print_results(results: dict, todo: list[str]) -> None:
+    table = Table(title="stages", show_lines=False)
+    table.add_column("stage", style="bold")
+    table.add_column("status")
+    table.add_column("result")
+    table.add_column("output")
+    for stage, r in results.items():
+        status = {"computed": "[green]computed[/]", "reused": "[cyan]reused (no work)[/]", "cached": "[cyan]cached (no work)[/]"}[r["status"]]
+        table.add_row(stage, status, _describe(r), r["path"])
+    console.print(table)
+    for stage, r in results.items():
+        if r["status"] != "computed":
+            console.print(f"{stage}: output already in the store for this config and inputs — nothing was recomputed.")
+    if todo:
+        console.print(f"[yellow]Stages still to come (not built yet):[/] {', '.join(todo)}")
+
+
+def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]]) -> None:
+    from flows.pipeline import pipeline, select_stages
+    from tasks.config import parse_config
+
+    config = parse_config(raw, base_dir=base_dir)
+    ws = Path(workspace or config.resolve(config.workspace)).resolve()
+    to_run, todo = select_stages(stages)
+    console.print(f"workspace: {ws}")
+    results = pipeline(raw_config=raw, base_dir=str(base_dir.resolve()), workspace=str(ws), stages=to_run)
+    _print_results(results, todo)
+
+
+def _parse_stages(stages: Optional[str]) -> Optional[list[str]]:
+    return [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+
+
+@app.command()
+def quickstart(workspace: Optional[Path] = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory.")):
+    """Run the whole pipeline on the embedded defaults (tiny problems, no GPU, no network).
+
+    Runs every stage that exists in this version and lists those still to come.
+    """
+    from tasks.config import read_yaml
+
+    if not QUICKSTART_CONFIG.is_file():
+        _fail(f"{QUICKSTART_CONFIG}: the embedded quickstart config is missing; run from a clone of the repository (pip install -e .)")
+    try:
+        _execute(read_yaml(QUICKSTART_CONFIG), PROJECT_ROOT, workspace, None)
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="YAML config file (see configs/quickstart.yaml)."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated stages to run (default: all). Stages: curate, rollouts, filter, explain, hint, rubric, grade, materialize, dpo, grpo, eval."),
+    workspace: Optional[Path] = WorkspaceOpt,
+    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set problems.eval_fraction=0.3 (repeatable)."),
+):
+    """Run the pipeline (a Prefect flow) on CONFIG. Finished stage outputs are reused."""
+    from tasks.config import apply_overrides, read_yaml
+
+    try:
+        raw = apply_overrides(read_yaml(config), set_)
+        _execute(raw, Path.cwd(), workspace, _parse_stages(stages))
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+@config_app.command("show")
+def config_show(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+):
+    """Print the resolved config (defaults filled in, secrets masked)."""
+    import yaml
+
+    from tasks.config import apply_overrides, masked, parse_config, read_yaml
+
+    try:
+        raw = apply_overrides(read_yaml(config), set_)
+        cfg = parse_config(raw, where=str(config))
+    except _user_errors() as exc:
+        _fail(str(exc), 2)
+    console.print(yaml.safe_dump(masked(cfg.model_dump(mode="json")), sort_keys=False), highlight=False, markup=False)
+
+
+@datasets_app.command("ls")
+def datasets_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory.")):
+    """List finished stage outputs and their datasets in the workspace store."""
+    from tasks.store import Store
+
+    outputs = Store(workspace).outputs()
+    if not outputs:
+        console.print(f"no stage outputs in {Path(workspace).resolve() / 'store'}")
+        return
+    table = Table(title=f"datasets in {Path(workspace).resolve() / 'store'}")
+    for col in ("stage", "key", "dataset", "kind", "rows", "created", "path"):
+        table.add_column(col)
+    for out in outputs:
+        for name, d in out.manifest.get("datasets", {}).items():
+            table.add_row(out.stage, out.key, name, d["kind"], str(d["num_rows"]), out.manifest.get("created", ""), str(out.path / name))
+    console.print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(
+    path: Path = typer.Argument(..., help="A dataset directory, or a stage output directory (shows each dataset)."),
+    rows: int = typer.Option(5, "--rows", "-n", help="How many first rows to print."),
+):
+    """Schema, row count, manifest and first rows of a dataset."""
+    import polars as pl
+
+    from tasks.store import read_dataset, read_manifest
+
+    try:
+        manifest = read_manifest(path)
+        if "datasets" in manifest:  # a stage output: show each dataset
+            console.print(f"[bold]stage output[/] {path} (stage {manifest['stage']}, key {manifest['stage_key']})")
+            console.print_json(json.dumps(manifest.get("summary", {})))
+            for name in manifest["datasets"]:
+                datasets_show(path / name, rows)
+            return
+        table = read_dataset(path, verify=True)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    console.rule(f"[bold]{manifest.get('name', path.name)}[/] ({manifest.get('kind')}) — {table.num_rows} rows")
+    console.print(f"path: {Path(path).resolve()}")
+    console.print(f"fingerprint: {manifest.get('fingerprint')} (verified)")
+    console.print(f"stage: {manifest.get('stage')} key {manifest.get('stage_key')} version {manifest.get('stage_version')}; created {manifest.get('created')}; guidedrl {manifest.get('package_version')}")
+    console.print("schema:")
+    for field in table.schema:
+        console.print(f"  {field.name}: {field.type}{'' if field.nullable else ' (not null)'}", highlight=False)
+    console.print("summary:")
+    console.print_json(json.dumps(manifest.get("summary", {})))
+    console.print("inputs:")
+    console.print_json(json.dumps(manifest.get("inputs", {})))
+    with pl.Config(fmt_str_lengths=60, tbl_cols=12, tbl_width_chars=160):
+        console.print(pl.from_arrow(table.slice(0, rows)), highlight=False, markup=False)
+
+
+def main() -> None:
+    # our loggers ("guidedrl.*") go through Prefect's handlers: console and run logs
+    extra = os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "")
+    if "guidedrl" not in extra.split(","):
+        os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join(x for x in (extra, "guidedrl") if x)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    logging.getLogger("guidedrl").setLevel(logging.INFO)
+    app()
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

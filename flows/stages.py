@@ -1,0 +1,83 @@
+"""Each stage as a Prefect task: retries and caching declared here, logic in tasks/.
+
+Cache keys come from the dataset store: a stage's key is the hash of (stage,
+stage config, input fingerprints, STAGE_VERSION), combined with the source of
+the task and of the stage module. DataFrames are never hashed: tasks receive
+the raw config and paths only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Optional
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
+
+from tasks import curate
+from tasks.config import Config, parse_config
+from tasks.store import Store
+
+#: stage name -> module exposing STAGE, STAGE_VERSION, key_for(config), run(config, store, force)
+STAGE_MODULES: dict[str, ModuleType] = {"curate": curate}
+
+
+def _config(raw_config: dict, base_dir: str) -> Config:
+    return parse_config(raw_config, where="run config", base_dir=Path(base_dir))
+
+
+def _module_source_hash(module: ModuleType) -> str:
+    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()
+
+
+@dataclass
+class StoreCache(CachePolicy):
+    """Prefect cache key = the stage's store key + the task's and stage module's source."""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs: Any) -> Optional[str]:
+        if not task_ctx:
+            return None
+        stage = inputs["stage"]
+        module = STAGE_MODULES[stage]
+        key = module.key_for(_config(inputs["raw_config"], inputs["base_dir"]))[0]
+        source = TaskSource().compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+        return hashlib.sha256(f"{stage}:{key}:{source}:{_module_source_hash(module)}".encode()).hexdigest()
+
+
+@task(name="stage", cache_policy=StoreCache(), persist_result=True)
+def run_stage(stage: str, raw_config: dict, base_dir: str, workspace: str, force: bool = False) -> dict:
+    """Run one stage (or return its stored output) and describe the result."""
+    module = STAGE_MODULES[stage]
+    config = _config(raw_config, base_dir)
+    out, reused = module.run(config, Store(workspace), force=force)
+    return {
+        "stage": stage,
+        "key": out.key,
+        "path": str(out.path),
+        "reused": reused,
+        "datasets": out.manifest.get("datasets", {}),
+        "summary": out.summary,
+    }
+
+
+def stage_task(stage: str, config: Config, workspace: str, force: bool = False):
+    """The Prefect task of ``stage`` with this config's retry and cache policy.
+
+    Prefect's cached result is refreshed (not used) when the stage's output is
+    not in the store — deleted, or another workspace — so a cache hit never
+    hands back a path that does not exist; ``force`` recomputes the stage.
+    """
+    stored = STAGE_MODULES[stage].key_for(config)[0]
+    in_store = Store(workspace).get(stage, stored) is not None
+    return run_stage.with_options(
+        name=stage,
+        task_run_name=stage,
+        retries=config.prefect.retries_for(stage),
+        retry_delay_seconds=config.prefect.retry_delay_seconds,
+        cache_policy=StoreCache() if config.prefect.cache else NO_CACHE,
+        refresh_cache=force or not in_store,
+    )

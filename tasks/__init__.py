@@ -1,0 +1,1 @@
+"""guidedrl stage logic: plain functions, callable without Prefect (see DESIGN.md)."""

@@ -1,0 +1,293 @@
+"""The run configuration: one YAML file, validated by pydantic.
+
+Keys follow the stage names of DESIGN.md. Unknown keys are errors (a typo must
+not silently fall back to a default); every error names the key path and, where
+there is a fixed set, the allowed values.
+
+Secrets never appear in a config: a key that names an API key, token, secret or
+password must be written ``<name>_env: VARIABLE`` and the value is read from
+that environment variable when it is used. Configs are copied into manifests
+and run records that other teams receive.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "grpo", "eval")
+#: stages that exist in this version of guidedrl; the others are still to come.
+IMPLEMENTED_STAGES = ("curate",)
+
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd)", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ReasoningGymSpec(_Strict):
+    task: str = Field(description="reasoning-gym dataset name, e.g. chain_sum")
+    size: int = Field(gt=0)
+    seed: int = 0
+    level: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict, description="generator config, e.g. min_terms")
+
+
+class HFSpec(_Strict):
+    """A Hugging Face dataset on local disk: a ``save_to_disk`` directory
+    (``path``) or local data files loaded by a builder (``format`` + ``data_files``).
+    Nothing is downloaded."""
+
+    path: str | None = None
+    format: Literal["parquet", "json", "csv"] | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if bool(self.path) == bool(self.data_files):
+            raise ValueError("give either 'path' (a save_to_disk directory) or 'data_files' with 'format'")
+        if self.data_files and not self.format:
+            raise ValueError("'data_files' needs 'format': one of parquet, json, csv")
+        return self
+
+
+class SourceConfig(_Strict):
+    """One problem source. Exactly one of ``file``, ``hf``, ``reasoning_gym``."""
+
+    file: str | None = None
+    hf: HFSpec | None = None
+    reasoning_gym: ReasoningGymSpec | None = None
+    format: Literal["jsonl", "json", "csv", "parquet"] | None = Field(
+        None, description="file format; default from the file extension"
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="contract column -> column name in the input (question, answer, reference_solution, level, split)",
+    )
+    source: str | None = Field(None, description="the value of the `source` column; default from the file or task name")
+    level: str | None = Field(None, description="level label for every row of this source")
+    split: Literal["train", "eval"] | None = Field(None, description="put every row of this source in this split")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("file", "hf", "reasoning_gym") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a source needs exactly one of 'file', 'hf', 'reasoning_gym'"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.reasoning_gym is not None and self.reasoning_gym.level and self.level:
+            raise ValueError("give 'level' once: inside reasoning_gym or beside it, not both")
+        allowed = {"question", "answer", "reference_solution", "level", "split"}
+        bad = sorted(set(self.columns) - allowed)
+        if bad:
+            raise ValueError(f"columns: unknown contract column(s) {bad}; allowed: {sorted(allowed)}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "file" if self.file is not None else "hf" if self.hf is not None else "reasoning_gym"
+
+
+class DecontaminationConfig(_Strict):
+    enabled: bool = True
+    ngram: int = Field(8, ge=1, description="n of the word n-grams compared")
+    threshold: float = Field(
+        0.5, gt=0, le=1, description="a train problem is contaminated when this fraction of its n-grams occur in eval problems"
+    )
+    template_fraction: float = Field(
+        0.5, gt=0, le=1, description="n-grams in more than this fraction of one source's questions are template text and do not count"
+    )
+
+
+class ProblemsConfig(_Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+    eval_fraction: float = Field(0.2, ge=0, lt=1)
+    split_seed: int = 0
+    decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
+
+
+class PrefectConfig(_Strict):
+    retries: int = Field(1, ge=0, description="retries of a failed stage")
+    retry_delay_seconds: float = Field(2.0, ge=0)
+    stage_retries: dict[str, int] = Field(default_factory=dict, description="per-stage override of retries")
+    cache: bool = Field(True, description="reuse finished stage outputs (store + Prefect task cache)")
+
+    @model_validator(mode="after")
+    def _known_stages(self):
+        bad = sorted(set(self.stage_retries) - set(STAGES))
+        if bad:
+            raise ValueError(f"stage_retries: unknown stage(s) {bad}; allowed: {list(STAGES)}")
+        return self
+
+    def retries_for(self, stage: str) -> int:
+        return self.stage_retries.get(stage, self.retries)
+
+
+class Config(_Strict):
+    workspace: str = "./workspace"
+    problems: ProblemsConfig
+    prefect: PrefectConfig = Field(default_factory=PrefectConfig)
+
+    #: directory that relative paths in the config are resolved against
+    _base_dir: Path = Path(".")
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self._base_dir / p)
+
+    def stage_config(self, stage: str) -> dict:
+        """The part of the config a stage's output depends on (it enters the store key)."""
+        if stage == "curate":
+            return self.problems.model_dump(mode="json")
+        raise KeyError(f"stage {stage!r} is not implemented yet")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_no_literal_secrets(obj: Any, path: str = "") -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            kp = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and _SECRET_KEY.search(k) and not k.endswith("_env") and v not in (None, ""):
+                raise ConfigError(
+                    f"{kp}: looks like a secret written into the config. Configs are copied into manifests "
+                    f"and run records; write `{k}_env: SOME_VARIABLE` and export SOME_VARIABLE instead."
+                )
+            _check_no_literal_secrets(v, kp)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_no_literal_secrets(v, f"{path}.{i}")
+    elif isinstance(obj, str) and _URL_USERINFO.search(obj):
+        raise ConfigError(f"{path}: a URL with a password in it; put credentials in environment variables")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``--set a.b.0.c=value`` overrides (value parsed as YAML) to a raw config."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. problems.eval_fraction=0.3")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {'.'.join(parts[:i]) or 'config'} is a list of {len(node)}; {part!r} is not an index in it")
+                if last:
+                    node[int(part)] = yaml.safe_load(value)
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = yaml.safe_load(value)
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
+    return raw
+
+
+def _format_validation_error(exc: ValidationError, where: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(err["loc"][:-1])
+            allowed = f"; allowed keys here: {', '.join(parent)}" if parent else ""
+            msg = f"unknown key{allowed}"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {loc}: {msg}")
+    return f"{where}: invalid config\n" + "\n".join(lines)
+
+
+def _model_at(loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        for c in candidates:
+            inner = getattr(c, "__args__", ())
+            for t in (c, *inner):
+                if isinstance(t, type) and issubclass(t, BaseModel):
+                    model = t
+                    break
+            else:
+                continue
+            break
+        else:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def parse_config(raw: dict, *, where: str = "<config>", base_dir: Path | None = None) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the config must be a YAML mapping, got {type(raw).__name__}")
+    _check_no_literal_secrets(raw)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, where)) from None
+    cfg._base_dir = Path(base_dir) if base_dir else Path.cwd()
+    return cfg
+
+
+def read_yaml(path: Path | str) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return raw or {}
+
+
+def load_config(path: Path | str, overrides: list[str] = (), base_dir: Path | None = None) -> Config:
+    """Load, override and validate a config file. Relative paths in it resolve
+    against ``base_dir`` (default: the current directory)."""
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    return parse_config(raw, where=str(path), base_dir=base_dir)
+
+
+def masked(obj: Any) -> Any:
+    """A copy of a raw config safe to print: ``*_env`` references show whether the
+    variable is set (never its value); URL passwords are masked."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(k, str) and k.endswith("_env") and isinstance(v, str):
+                out[k] = f"{v} ({'set' if os.environ.get(v) else 'not set'})"
+            else:
+                out[k] = masked(v)
+        return out
+    if isinstance(obj, list):
+        return [masked(v) for v in obj]
+    if isinstance(obj, str):
+        return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:****@", obj)
+    return obj

@@ -1,0 +1,222 @@
+"""Arrow schemas of every dataset guidedrl writes: the public Parquet contract.
+
+One module for all stages, including those whose stages come later, so that a
+column name means one thing everywhere (DESIGN.md, "Minimum columns").
+Datasets may carry more columns than listed here; they may not lack one, nor
+store one with another type. A field marked ``nullable=False`` must have no
+nulls.
+
+``validate_table`` is what every reader and writer calls; its errors name the
+file (or dataset), the column and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+_str = pa.string()
+_f32_list = pa.list_(pa.float32())
+_i32_list = pa.list_(pa.int32())
+
+
+def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable)
+
+
+PROBLEMS = pa.schema(
+    [
+        _f("problem_id", _str),
+        _f("question", _str),
+        _f("answer", _str),
+        _f("reference_solution", _str, nullable=True),
+        _f("source", _str),
+        _f("level", _str, nullable=True),
+        _f("split", _str),  # 'train' | 'eval'
+        _f("metadata", _str),  # JSON object as a string
+    ]
+)
+
+REJECTED = pa.schema(
+    [
+        _f("source", _str),
+        _f("row", _str),  # the input row as JSON
+        _f("reason", _str),
+    ]
+)
+
+ROLLOUTS = pa.schema(
+    [
+        _f("sample_id", _str),
+        _f("problem_id", _str),
+        _f("sample_idx", pa.int32()),
+        _f("prompt", _str),
+        _f("completion", _str),
+        _f("completion_token_ids", _i32_list),
+        _f("behaviour_logprobs", _f32_list, nullable=True),
+        _f("finish_reason", _str),
+        _f("extracted_answer", _str, nullable=True),
+        _f("correct", pa.bool_()),
+        _f("policy_id", _str),
+        _f("prompt_kind", _str),  # 'plain' | 'explain' | 'hint'
+        _f("guidance", _str, nullable=True),
+        _f("loss_prompt", _str),
+        _f("loss_logprobs", _f32_list, nullable=True),
+    ]
+)
+
+EXPLANATIONS = pa.schema(
+    list(ROLLOUTS)
+    + [
+        _f("explain_loglik", pa.float64(), nullable=True),
+        _f("explain_answer_gain", pa.float64(), nullable=True),
+    ]
+)
+
+GRADES = pa.schema(
+    [
+        _f("sample_id", _str),
+        _f("outcome_score", pa.float64(), nullable=True),
+        _f("step_scores", pa.list_(pa.float64()), nullable=True),
+        _f("steps", pa.list_(_str)),
+        _f("judge", _str),
+        _f("judge_raw", _str, nullable=True),
+        _f("parse_ok", pa.bool_()),
+        _f("error", _str, nullable=True),
+    ]
+)
+
+RUBRICS = pa.schema(
+    [
+        _f("problem_id", _str),
+        _f(
+            "items",
+            pa.list_(pa.struct([pa.field("text", _str), pa.field("weight", pa.float64())])),
+        ),
+        _f("rubric_model", _str),
+    ]
+)
+
+DPO = pa.schema(
+    [
+        _f("prompt", _str),
+        _f("chosen", _str),
+        _f("rejected", _str),
+        _f("problem_id", _str),
+        _f("chosen_kind", _str),
+        _f("rejected_kind", _str),
+    ]
+)
+
+GRPO = pa.schema(
+    [
+        _f("sample_id", _str),
+        _f("group_id", _str),
+        _f("loss_prompt", _str),
+        _f("completion_token_ids", _i32_list),
+        _f("reward", pa.float64(), nullable=True),
+        _f("advantage", pa.float64(), nullable=True),
+        _f("token_advantages", pa.list_(pa.float64()), nullable=True),
+        _f("behaviour_logprobs", _f32_list, nullable=True),
+        _f("loss_logprobs", _f32_list, nullable=True),
+        _f("is_guided", pa.bool_()),
+        _f("prompt_kind", _str),
+    ]
+)
+
+SFT = pa.schema(
+    [
+        _f("prompt", _str),
+        _f("completion", _str),
+        _f("problem_id", _str),
+        _f("prompt_kind", _str),
+        _f("sample_id", _str),
+    ]
+)
+
+EVAL = pa.schema(
+    [
+        _f("policy_id", _str),
+        _f("level", _str, nullable=True),
+        _f("n", pa.int32()),
+        _f("pass_at_1", pa.float64()),
+        _f("pass_at_k", pa.float64()),
+        _f("k", pa.int32()),
+    ]
+)
+
+#: dataset kind -> schema; a dataset's manifest records its kind.
+SCHEMAS: dict[str, pa.Schema] = {
+    "problems": PROBLEMS,
+    "rejected": REJECTED,
+    "rollouts": ROLLOUTS,
+    "explanations": EXPLANATIONS,
+    "grades": GRADES,
+    "rubrics": RUBRICS,
+    "dpo": DPO,
+    "grpo": GRPO,
+    "sft": SFT,
+    "eval": EVAL,
+}
+
+
+class SchemaError(ValueError):
+    """A dataset file lacks a contract column, has one with the wrong type, or
+    has nulls where none are allowed. The message names the file and column."""
+
+
+def validate_table(table: pa.Table, kind: str, where: str | Path) -> None:
+    """Check ``table`` against the contract schema of ``kind``.
+
+    ``where`` names the file or dataset in the error message.
+    """
+    if kind not in SCHEMAS:
+        raise SchemaError(f"{where}: unknown dataset kind {kind!r}; known: {sorted(SCHEMAS)}")
+    expected = SCHEMAS[kind]
+    problems = []
+    for field in expected:
+        idx = table.schema.get_field_index(field.name)
+        if idx < 0:
+            problems.append(f"column {field.name!r} is missing (expected {field.type})")
+            continue
+        actual = table.schema.field(idx).type
+        if not actual.equals(field.type) and not (
+            pa.types.is_null(actual) and field.nullable
+        ):
+            problems.append(f"column {field.name!r} has type {actual}, expected {field.type}")
+            continue
+        if not field.nullable:
+            nulls = table.column(idx).null_count
+            if nulls:
+                first = table.column(idx).is_null().to_pylist().index(True)
+                problems.append(
+                    f"column {field.name!r} has {nulls} null value(s) (first at row {first}), "
+                    "but the contract does not allow nulls"
+                )
+    if problems:
+        raise SchemaError(f"{where}: not a valid {kind!r} dataset: " + "; ".join(problems))
+
+
+def to_table(rows: list[dict], kind: str, where: str = "<in memory>") -> pa.Table:
+    """Build a contract table from row dicts: contract columns first, in contract
+    order, with their contract types; extra keys are kept after them."""
+    schema = SCHEMAS[kind]
+    extra = []
+    for row in rows[:1]:
+        extra = [k for k in row if schema.get_field_index(k) < 0]
+    columns = {}
+    for field in schema:
+        values = [r.get(field.name) for r in rows]
+        try:
+            columns[field.name] = pa.array(values, type=field.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise SchemaError(f"{where}: column {field.name!r} cannot be stored as {field.type}: {exc}") from exc
+    for name in extra:
+        columns[name] = pa.array([r.get(name) for r in rows])
+    fields = list(schema) + [pa.field(n, columns[n].type) for n in extra]
+    table = pa.Table.from_arrays(list(columns.values()), schema=pa.schema(fields))
+    validate_table(table, kind, where)
+    return table
