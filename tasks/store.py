@@ -4,13 +4,15 @@ Layout::
 
     <workspace>/store/<stage>/<key>/manifest.json        the stage output
     <workspace>/store/<stage>/<key>/<dataset>/manifest.json
-    <workspace>/store/<stage>/<key>/<dataset>/part-00000.parquet
+    <workspace>/store/<stage>/<key>/<dataset>/data/part-00000.parquet
 
 ``key`` is a hash of (stage name, stage config, input fingerprints, the stage's
 ``STAGE_VERSION``), so asking for a stage output that exists returns it without
 work. A dataset's fingerprint is the sha256 of its data files' bytes. Every
 dataset directory carries its own manifest and is self-describing: copy it
-anywhere and polars, pyarrow or ``datasets`` read it without guidedrl.
+anywhere and polars, pyarrow or ``datasets`` read it without guidedrl; the
+Parquet files sit in ``data/`` so that ``pq.read_table(<dataset>/data)`` and
+other directory readers see only Parquet.
 
 Writes are atomic: everything is written under a temporary name in the same
 directory and renamed into place last, so a killed process never leaves a
@@ -82,8 +84,11 @@ def fingerprint_files(paths: Iterable[Path], root: Path | None = None) -> str:
     return "sha256:" + h.hexdigest()
 
 
+DATA_DIR = "data"
+
+
 def data_files(dataset_dir: Path) -> list[Path]:
-    return sorted(Path(dataset_dir).glob("*.parquet"))
+    return sorted((Path(dataset_dir) / DATA_DIR).glob("*.parquet"))
 
 
 def fingerprint_dataset(dataset_dir: Path) -> str:
@@ -137,12 +142,12 @@ def write_dataset_files(
     not-yet-published directory and return its manifest. Callers make the
     directory visible by renaming it (see ``Store.write``)."""
     tables = [tables] if isinstance(tables, pa.Table) else list(tables)
-    dataset_dir.mkdir(parents=True, exist_ok=True)
+    (dataset_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
     num_rows = 0
     schema = None
     for i, table in enumerate(tables):
-        validate_table(table, kind, dataset_dir / f"part-{i:05d}.parquet")
-        path = dataset_dir / f"part-{i:05d}.parquet"
+        path = dataset_dir / DATA_DIR / f"part-{i:05d}.parquet"
+        validate_table(table, kind, path)
         pq.write_table(table, path)
         with open(path, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -153,7 +158,7 @@ def write_dataset_files(
         "kind": kind,
         "num_rows": num_rows,
         "fingerprint": fingerprint_dataset(dataset_dir),
-        "files": [p.name for p in data_files(dataset_dir)],
+        "files": [str(p.relative_to(dataset_dir)) for p in data_files(dataset_dir)],
         "columns": [{"name": f.name, "type": str(f.type)} for f in schema] if schema else [],
         "package_version": package_version(),
         "created": _now(),
@@ -191,7 +196,7 @@ def read_dataset(dataset_dir: Path, kind: str | None = None, verify: bool = Fals
                 f"{dataset_dir}: data files do not match the manifest fingerprint "
                 f"({actual} != {manifest.get('fingerprint')}); the dataset was changed or damaged"
             )
-    names = manifest.get("files") or [p.name for p in data_files(dataset_dir)]
+    names = manifest.get("files") or [str(p.relative_to(dataset_dir)) for p in data_files(dataset_dir)]
     tables = []
     for name in names:
         path = dataset_dir / name

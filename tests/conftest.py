@@ -1,0 +1,107 @@
+"""Test session set-up: offline, a temporary PREFECT_HOME, and one real Prefect
+server for the whole session that in-process flows and CLI subprocesses share."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_HOME = Path(tempfile.mkdtemp(prefix="guidedrl-test-prefect-"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_PORT = _free_port()
+os.environ.update(
+    {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": str(_HOME),
+        "PREFECT_API_URL": f"http://127.0.0.1:{_PORT}/api",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "guidedrl",
+        "GUIDEDRL_PROGRESS": "0",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+        "HF_DATASETS_CACHE": str(_HOME / "hf-datasets-cache"),
+    }
+)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real `prefect server start` on loopback for the whole session."""
+    log = open(_HOME / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(_PORT)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PREFECT_API_URL": ""},
+    )
+    url = os.environ["PREFECT_API_URL"] + "/health"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"Prefect server did not start: {(_HOME / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield os.environ["PREFECT_API_URL"]
+    try:  # send buffered run logs while the server is still up
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+    except Exception:
+        pass
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture
+def cli(prefect_server):
+    """Run the `guidedrl` console script in a subprocess against the session server."""
+
+    def run(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+        exe = Path(sys.executable).with_name("guidedrl")
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
+        proc = subprocess.run(
+            cmd + list(args), cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"guidedrl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    return run
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    with open(path, "w") as fh:
+        for r in rows:
+            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path

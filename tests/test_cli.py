@@ -1,0 +1,125 @@
+"""End to end through the console script and a real Prefect server."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import write_jsonl
+
+
+def _config(tmp_path: Path) -> Path:
+    f = write_jsonl(tmp_path / "mine.jsonl", [
+        {"problem": "Ada has 7 apples and buys 5 more. How many apples does she have?", "solution": "12"},
+        {"problem": "What is half of 9?", "solution": "4.5"},
+        {"problem": "What is half of 9?", "solution": "4.5"},  # duplicate -> rejected
+        {"problem": "", "solution": "1"},  # empty -> rejected
+    ])
+    cfg = {
+        "problems": {
+            "sources": [
+                {"file": str(f), "columns": {"question": "problem", "answer": "solution"}, "level": "word"},
+                {"reasoning_gym": {"task": "chain_sum", "size": 60, "seed": 0, "level": "easy",
+                                   "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}},
+                {"reasoning_gym": {"task": "basic_arithmetic", "size": 40, "seed": 1, "level": "mixed"}},
+            ],
+            "eval_fraction": 0.25,
+        },
+        "prefect": {"retries": 0},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _outputs(ws: Path):
+    return sorted(p for p in (ws / "store" / "curate").iterdir() if not p.name.startswith("."))
+
+
+def test_run_writes_problems_and_rejected_readable_everywhere_then_reuses(tmp_path, cli):
+    import datasets
+    import polars as pl
+    import pyarrow.dataset as pads
+
+    config, ws = _config(tmp_path), tmp_path / "ws"
+    first = cli("run", str(config), "--workspace", str(ws))
+    assert "computed" in first.stdout
+    (out,) = _outputs(ws)
+    problems, rejected = out / "problems", out / "rejected"
+
+    df = pl.read_parquet(problems / "data" / "*.parquet")
+    assert set(df["split"].unique()) == {"train", "eval"}
+    assert set(df["source"].unique()) == {"mine", "reasoning_gym/chain_sum", "reasoning_gym/basic_arithmetic"}
+    assert set(df["level"].unique()) == {"word", "easy", "mixed"}
+    assert df["problem_id"].n_unique() == df.height
+    rej = pads.dataset(str(rejected / "data"), format="parquet").to_table()
+    reasons = [r.split(":")[0] for r in rej.column("reason").to_pylist()]
+    assert "empty_question" in reasons and "duplicate" in reasons
+    hf = datasets.load_dataset("parquet", data_files=str(problems / "data" / "*.parquet"), split="train")
+    assert hf.num_rows == df.height and "reference_solution" in hf.column_names
+    manifest = json.loads((problems / "manifest.json").read_text())
+    assert manifest["num_rows"] == df.height and manifest["summary"]["train"] + manifest["summary"]["eval"] == df.height
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    second = cli("run", str(config), "--workspace", str(ws))
+    assert "nothing was recomputed" in second.stdout
+    assert "cached (no work)" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
+    assert _outputs(ws) == [out]
+
+    # a deleted store output is recomputed, never served stale from Prefect's cache
+    shutil.rmtree(ws / "store")
+    third = cli("run", str(config), "--workspace", str(ws))
+    assert "computed" in third.stdout and "nothing was recomputed" not in third.stdout
+    assert _outputs(ws)[0].name == out.name
+    assert (out / "problems" / "manifest.json").exists()
+
+    # a changed input file changes the key: new output, old one kept
+    with open(tmp_path / "mine.jsonl", "a") as fh:
+        fh.write(json.dumps({"problem": "What is 10 - 4?", "solution": "6"}) + "\n")
+    cli("run", str(config), "--workspace", str(ws))
+    assert len(_outputs(ws)) == 2
+
+    ls = cli("datasets", "ls", "--workspace", str(ws))
+    assert "problems" in ls.stdout and "rejected" in ls.stdout and out.name in ls.stdout
+    show = cli("datasets", "show", str(problems))
+    assert "problem_id: string (not null)" in show.stdout and "(verified)" in show.stdout
+    assert f"{df.height} rows" in show.stdout
+
+
+def test_run_errors_are_one_clear_line(tmp_path, cli):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("problems:\n  sources:\n    - file: nope.jsonl\n  eval_frac: 0.1\n")
+    r = cli("run", str(bad), "--workspace", str(tmp_path / "ws"), check=False)
+    assert r.returncode != 0 and "problems.eval_frac: unknown key" in r.stderr
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("problems:\n  sources:\n    - file: nope.jsonl\n")
+    r = cli("run", str(missing), "--workspace", str(tmp_path / "ws"), check=False, cwd=tmp_path)
+    assert r.returncode != 0 and "nope.jsonl: problem file not found" in r.stderr
+    r = cli("run", str(missing), "--stages", "curate,bogus", check=False, cwd=tmp_path)
+    assert r.returncode != 0 and "unknown stage(s) ['bogus']" in r.stderr
+
+
+def test_config_show_resolves_defaults_and_masks(tmp_path, cli, monkeypatch):
+    config = _config(tmp_path)
+    r = cli("config", "show", str(config), "--set", "problems.split_seed=3")
+    shown = yaml.safe_load(r.stdout)
+    assert shown["problems"]["split_seed"] == 3 and shown["problems"]["decontamination"]["ngram"] == 8
+    assert shown["workspace"] == "./workspace"
+
+
+def test_help_explains_commands(cli):
+    r = cli("--help")
+    for word in ("quickstart", "run", "config", "datasets"):
+        assert word in r.stdout
+    assert "--set" in cli("run", "--help").stdout
+
+
+def test_quickstart_runs_and_names_the_stages_still_to_come(tmp_path, cli):
+    r = cli("quickstart", "--workspace", str(tmp_path / "ws"), cwd=tmp_path)
+    assert "curate" in r.stdout and "computed" in r.stdout
+    assert "Stages still to come" in r.stdout and "rollouts" in r.stdout
+    assert any((tmp_path / "ws" / "store" / "curate").iterdir())

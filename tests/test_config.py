@@ -1,0 +1,64 @@
+import pytest
+
+from tasks.config import ConfigError, apply_overrides, load_config, masked, parse_config
+
+BASE = {"problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 5}}]}}
+
+
+def test_defaults_are_filled_in():
+    cfg = parse_config(BASE)
+    assert cfg.workspace == "./workspace"
+    assert cfg.problems.eval_fraction == 0.2 and cfg.problems.decontamination.ngram == 8
+    assert cfg.prefect.retries_for("curate") == 1
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones():
+    with pytest.raises(ConfigError) as e:
+        parse_config({**BASE, "problems": {**BASE["problems"], "eval_frac": 0.3}}, where="my.yaml")
+    msg = str(e.value)
+    assert "my.yaml" in msg and "problems.eval_frac: unknown key" in msg
+    assert "sources" in msg and "eval_fraction" in msg and "decontamination" in msg
+
+
+def test_bad_values_name_the_key_and_allowed_values():
+    raw = {"problems": {"sources": [{"file": "x.csv", "split": "test"}]}}
+    with pytest.raises(ConfigError, match=r"problems\.sources\.0\.split: Input should be 'train' or 'eval'"):
+        parse_config(raw)
+    with pytest.raises(ConfigError, match=r"problems\.sources\.0.*exactly one of 'file', 'hf', 'reasoning_gym' \(got file, reasoning_gym\)"):
+        parse_config({"problems": {"sources": [{"file": "x", "reasoning_gym": {"task": "t", "size": 1}}]}})
+    with pytest.raises(ConfigError, match=r"problems: required key is missing"):
+        parse_config({})
+    with pytest.raises(ConfigError, match=r"stage_retries: unknown stage\(s\) \['curation'\]"):
+        parse_config({**BASE, "prefect": {"stage_retries": {"curation": 2}}})
+
+
+def test_set_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("problems:\n  sources:\n    - reasoning_gym: {task: chain_sum, size: 5}\n")
+    cfg = load_config(path, ["problems.eval_fraction=0.5", "problems.sources.0.reasoning_gym.size=9", "prefect.stage_retries.curate=3"])
+    assert cfg.problems.eval_fraction == 0.5 and cfg.problems.sources[0].reasoning_gym.size == 9
+    assert cfg.prefect.retries_for("curate") == 3
+    with pytest.raises(ConfigError, match="is a list of 1; '4' is not an index"):
+        apply_overrides({"a": [1]}, ["a.4=2"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_literal_secrets_are_refused_and_references_masked(monkeypatch):
+    with pytest.raises(ConfigError, match=r"judge\.api_key: looks like a secret.*api_key_env"):
+        parse_config({**BASE, "judge": {"api_key": "sk-123"}})
+    with pytest.raises(ConfigError, match="a URL with a password"):
+        parse_config({**BASE, "x": "https://bob:hunter2@example.org/v1"})
+    monkeypatch.setenv("MY_KEY", "sk-very-secret")
+    shown = masked({"judge": {"api_key_env": "MY_KEY", "other_env": "UNSET_VAR_X"}, "u": "https://bob:pw@h/x"})
+    assert shown == {"judge": {"api_key_env": "MY_KEY (set)", "other_env": "UNSET_VAR_X (not set)"}, "u": "https://bob:****@h/x"}
+    assert "sk-very-secret" not in str(shown)
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("problems: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)

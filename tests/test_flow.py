@@ -1,0 +1,43 @@
+"""The Prefect flow in-process against the session's server: retries from config."""
+
+import pytest
+
+import tasks.curate as curate_mod
+from flows.pipeline import pipeline
+
+
+@pytest.fixture
+def raw():
+    return {"problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 20, "seed": 5}}]},
+            "prefect": {"retries": 0, "retry_delay_seconds": 0}}
+
+
+def _flaky(monkeypatch, failures):
+    calls = []
+    real = curate_mod.curate
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) <= failures:
+            raise RuntimeError("transient failure")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(curate_mod, "curate", flaky)
+    return calls
+
+
+def test_stage_retries_from_config_are_honoured(prefect_server, tmp_path, monkeypatch, raw):
+    calls = _flaky(monkeypatch, failures=1)
+    raw["prefect"]["stage_retries"] = {"curate": 1}
+    out = pipeline(raw_config=raw, base_dir=str(tmp_path), workspace=str(tmp_path / "ws"), stages=["curate"])
+    assert len(calls) == 2 and out["curate"]["status"] == "computed"
+
+
+def test_failed_stage_raises_after_its_retries(prefect_server, tmp_path, monkeypatch, raw):
+    calls = _flaky(monkeypatch, failures=5)
+    with pytest.raises(RuntimeError, match="transient failure"):
+        pipeline(raw_config=raw, base_dir=str(tmp_path), workspace=str(tmp_path / "ws"), stages=["curate"])
+    assert len(calls) == 1
+    assert not (tmp_path / "ws" / "store" / "curate").exists() or not any(
+        p for p in (tmp_path / "ws" / "store" / "curate").iterdir() if not p.name.startswith(".")
+    )
