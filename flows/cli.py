@@ -195,8 +195,8 @@ def datasets_show(
     console.print_json(json.dumps(manifest.get("summary", {})))
     console.print("inputs:")
     console.print_json(json.dumps(manifest.get("inputs", {})))
-    with pl.Config(fmt_str_lengths=60, tbl_cols=12, tbl_width_chars=160):
-        console.print(pl.from_arrow(table.slice(0, rows)), highlight=False, markup=False)
+    with pl.Config(fmt_str_lengths=40, tbl_cols=12, tbl_width_chars=console.width):
+        print(pl.from_arrow(table.slice(0, rows)))
 
 
 def main() -> None:
