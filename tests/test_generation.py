@@ -1,0 +1,102 @@
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from tasks.generation import BackendUnavailable, SamplingParams, TransformersBackend, VLLMBackend
+from tasks.policy import TinyPolicyConfig, build_model, build_tokenizer
+from tasks.prompts import chat
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = build_tokenizer()
+    model = build_model(TinyPolicyConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2), tok)
+    return TransformersBackend.from_objects(model, tok, "random-tiny", batch_size=5)
+
+
+PROMPTS = ["1 + 2 =", "a much longer prompt: 12 + 34 - 5 =", "7 - 3 =\n"]
+
+
+def test_logprobs_agree_with_a_fresh_forward_pass(tiny):
+    """Recorded per-token log-probs = log_softmax(logits / T) of a fresh forward pass (tolerance 1e-4)."""
+    params = SamplingParams(n=3, temperature=0.7, max_new_tokens=12, seed=1)
+    prompts = [chat(tiny.tokenizer, p) for p in PROMPTS]
+    out = tiny.generate(prompts, params)
+    assert [len(s) for s in out] == [3, 3, 3]
+    checked = 0
+    for prompt, samples in zip(prompts, out):
+        p_ids = tiny.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for s in samples:
+            assert len(s.token_ids) == len(s.logprobs) > 0
+            assert s.finish_reason in ("stop", "length")
+            if s.finish_reason == "length":
+                assert len(s.token_ids) == params.max_new_tokens
+            ids = torch.tensor([p_ids + s.token_ids])
+            with torch.no_grad():
+                logits = tiny.model(ids).logits[0, len(p_ids) - 1 : -1] / params.temperature
+            ref = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(s.token_ids)[:, None]).squeeze(-1)
+            assert torch.allclose(torch.tensor(s.logprobs), ref, atol=1e-4), (s.logprobs, ref.tolist())
+            checked += 1
+    assert checked == 9
+
+
+def test_same_seed_same_samples_other_seed_other_samples(tiny):
+    prompts = [chat(tiny.tokenizer, p) for p in PROMPTS]
+    a = tiny.generate(prompts, SamplingParams(n=2, max_new_tokens=10, seed=3))
+    b = tiny.generate(prompts, SamplingParams(n=2, max_new_tokens=10, seed=3))
+    c = tiny.generate(prompts, SamplingParams(n=2, max_new_tokens=10, seed=4))
+    text = lambda r: [s.text for ss in r for s in ss]
+    assert text(a) == text(b) and text(a) != text(c)
+
+
+def test_greedy_is_deterministic_and_its_logprobs_are_the_max(tiny):
+    prompts = [chat(tiny.tokenizer, PROMPTS[0])]
+    (samples,) = tiny.generate(prompts, SamplingParams(n=2, temperature=0, max_new_tokens=6))
+    assert samples[0].token_ids == samples[1].token_ids
+    assert all(lp <= 0 and not math.isnan(lp) for lp in samples[0].logprobs)
+
+
+def test_vllm_backend_says_clearly_when_vllm_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(BackendUnavailable, match="needs the `vllm` package.*backend: openai"):
+        VLLMBackend("some/model")
+
+
+def test_vllm_adapter_against_a_stand_in_module(monkeypatch):
+    """The adapter speaks vLLM's documented LLM.generate / SamplingParams / RequestOutput shapes."""
+    seen = {}
+
+    class SamplingParamsStub:
+        def __init__(self, **kw):
+            seen["sampling"] = kw
+
+    class Logprob:
+        def __init__(self, logprob):
+            self.logprob = logprob
+
+    class LLMStub:
+        def __init__(self, model, **kw):
+            seen["model"], seen["engine"] = model, kw
+
+        def generate(self, prompts, sp):
+            outs = []
+            for k, p in enumerate(prompts):
+                comps = [types.SimpleNamespace(index=i, text=f"{p}->{i}", token_ids=[5 + i, 6],
+                                               logprobs=[{5 + i: Logprob(-0.5), 99: Logprob(-3.0)}, {6: Logprob(-0.25)}],
+                                               finish_reason="length" if i else "stop")
+                         for i in reversed(range(seen["sampling"]["n"]))]
+                outs.append(types.SimpleNamespace(prompt=p, outputs=comps))
+            return outs
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLMStub, SamplingParams=SamplingParamsStub))
+    be = VLLMBackend("org/model", tensor_parallel_size=2)
+    out = be.generate(["a", "b"], SamplingParams(n=2, temperature=0.8, max_new_tokens=7, seed=3))
+    assert seen["model"] == "org/model" and seen["engine"] == {"tensor_parallel_size": 2}
+    assert seen["sampling"] == {"n": 2, "temperature": 0.8, "top_p": 1.0, "max_tokens": 7, "seed": 3, "logprobs": 0}
+    assert [[s.text for s in ss] for ss in out] == [["a->0", "a->1"], ["b->0", "b->1"]]
+    assert out[0][1].token_ids == [6, 6] and out[0][1].logprobs == [-0.5, -0.25]
+    assert [s.finish_reason for s in out[1]] == ["stop", "length"]
+    assert be.policy_id == "vllm:org/model"
