@@ -1,23 +1,27 @@
 """The `guidedrl run` flow: the stages of DESIGN.md in order, nothing else.
 
-Stages that are not built yet are reported as such and skipped.
+Stages that are not built yet are reported as such and skipped; a requested
+stage brings its upstream stages along (finished ones cost nothing).
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-from flows.stages import STAGE_MODULES, stage_task
-from tasks.config import IMPLEMENTED_STAGES, STAGES, parse_config
+from flows.stages import stage_task
+from tasks.config import IMPLEMENTED_STAGES, STAGES, UPSTREAM, parse_config
 
 
 def select_stages(requested: list[str] | None) -> tuple[list[str], list[str]]:
-    """(stages to run, requested stages still to come), in pipeline order."""
+    """(stages to run with their upstream stages, requested stages still to come), in pipeline order."""
     requested = list(requested or STAGES)
     unknown = [s for s in requested if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
-    run = [s for s in STAGES if s in requested and s in IMPLEMENTED_STAGES]
+    wanted = {s for s in requested if s in IMPLEMENTED_STAGES}
+    for s in list(wanted):
+        wanted.update(UPSTREAM[s])
+    run = [s for s in STAGES if s in wanted]
     todo = [s for s in STAGES if s in requested and s not in IMPLEMENTED_STAGES]
     return run, todo
 
@@ -26,12 +30,12 @@ def select_stages(requested: list[str] | None) -> tuple[list[str], list[str]]:
 def pipeline(raw_config: dict, base_dir: str, workspace: str, stages: list[str] | None = None, force: list[str] | None = None) -> dict:
     config = parse_config(raw_config, where="run config", base_dir=base_dir)
     to_run, _ = select_stages(stages)
-    results = {}
+    results: dict[str, dict] = {}
     for stage in to_run:
-        assert stage in STAGE_MODULES
+        upstream = {u: results[u]["path"] for u in UPSTREAM[stage]}
         forced = stage in (force or []) or not config.prefect.cache
-        state = stage_task(stage, config, workspace, forced)(
-            stage, raw_config, base_dir, workspace, force=forced, return_state=True
+        state = stage_task(stage, config, workspace, upstream, forced)(
+            stage, raw_config, base_dir, workspace, upstream, force=forced, return_state=True
         )
         result = state.result()  # raises the stage's error once its retries are spent
         result["status"] = "cached" if state.name == "Cached" else "reused" if result["reused"] else "computed"

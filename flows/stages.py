@@ -3,7 +3,7 @@
 Cache keys come from the dataset store: a stage's key is the hash of (stage,
 stage config, input fingerprints, STAGE_VERSION), combined with the source of
 the task and of the stage module. DataFrames are never hashed: tasks receive
-the raw config and paths only.
+the raw config and the paths of their upstream outputs only.
 """
 
 from __future__ import annotations
@@ -18,16 +18,25 @@ from typing import Any, Optional
 from prefect import task
 from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 
-from tasks import curate
+from tasks import curate, filter as filter_stage, rollouts
 from tasks.config import Config, parse_config
-from tasks.store import Store
+from tasks.store import StageOutput, Store, read_manifest
 
-#: stage name -> module exposing STAGE, STAGE_VERSION, key_for(config), run(config, store, force)
-STAGE_MODULES: dict[str, ModuleType] = {"curate": curate}
+#: stage name -> module exposing STAGE, STAGE_VERSION, key_for(config, upstream), run(config, store, upstream, force)
+STAGE_MODULES: dict[str, ModuleType] = {"curate": curate, "rollouts": rollouts, "filter": filter_stage}
 
 
 def _config(raw_config: dict, base_dir: str) -> Config:
     return parse_config(raw_config, where="run config", base_dir=Path(base_dir))
+
+
+def load_upstream(upstream: dict[str, str]) -> dict[str, StageOutput]:
+    """Upstream stage outputs from their store paths."""
+    outs = {}
+    for stage, path in upstream.items():
+        p = Path(path)
+        outs[stage] = StageOutput(stage, p.name, p, read_manifest(p))
+    return outs
 
 
 def _module_source_hash(module: ModuleType) -> str:
@@ -43,17 +52,18 @@ class StoreCache(CachePolicy):
             return None
         stage = inputs["stage"]
         module = STAGE_MODULES[stage]
-        key = module.key_for(_config(inputs["raw_config"], inputs["base_dir"]))[0]
+        config = _config(inputs["raw_config"], inputs["base_dir"])
+        key = module.key_for(config, load_upstream(inputs.get("upstream") or {}))[0]
         source = TaskSource().compute_key(task_ctx, inputs, flow_parameters, **kwargs)
         return hashlib.sha256(f"{stage}:{key}:{source}:{_module_source_hash(module)}".encode()).hexdigest()
 
 
 @task(name="stage", cache_policy=StoreCache(), persist_result=True)
-def run_stage(stage: str, raw_config: dict, base_dir: str, workspace: str, force: bool = False) -> dict:
+def run_stage(stage: str, raw_config: dict, base_dir: str, workspace: str, upstream: dict[str, str], force: bool = False) -> dict:
     """Run one stage (or return its stored output) and describe the result."""
     module = STAGE_MODULES[stage]
     config = _config(raw_config, base_dir)
-    out, reused = module.run(config, Store(workspace), force=force)
+    out, reused = module.run(config, Store(workspace), load_upstream(upstream), force=force)
     return {
         "stage": stage,
         "key": out.key,
@@ -64,15 +74,15 @@ def run_stage(stage: str, raw_config: dict, base_dir: str, workspace: str, force
     }
 
 
-def stage_task(stage: str, config: Config, workspace: str, force: bool = False):
+def stage_task(stage: str, config: Config, workspace: str, upstream: dict[str, str], force: bool = False):
     """The Prefect task of ``stage`` with this config's retry and cache policy.
 
     Prefect's cached result is refreshed (not used) when the stage's output is
     not in the store — deleted, or another workspace — so a cache hit never
     hands back a path that does not exist; ``force`` recomputes the stage.
     """
-    stored = STAGE_MODULES[stage].key_for(config)[0]
-    in_store = Store(workspace).get(stage, stored) is not None
+    key = STAGE_MODULES[stage].key_for(config, load_upstream(upstream))[0]
+    in_store = Store(workspace).get(stage, key) is not None
     return run_stage.with_options(
         name=stage,
         task_run_name=stage,

@@ -23,9 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 STAGES = ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "grpo", "eval")
 #: stages that exist in this version of guidedrl; the others are still to come.
-IMPLEMENTED_STAGES = ("curate",)
+IMPLEMENTED_STAGES = ("curate", "rollouts", "filter")
+#: what each stage reads: its upstream stages
+UPSTREAM = {"curate": (), "rollouts": ("curate",), "filter": ("curate", "rollouts")}
 
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd)", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|secret[_-]?key|access[_-]?key|token|secret|password|passwd)$", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
 
 
@@ -120,6 +122,58 @@ class ProblemsConfig(_Strict):
     decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
 
 
+class PolicyConfig(_Strict):
+    """The policy that generates: a local checkpoint or a served model."""
+
+    model: str = Field("data/models/tiny-policy", description="local checkpoint dir (transformers, vllm) or served model name (openai)")
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    tokenizer: str | None = Field(None, description="local tokenizer dir whose chat template wraps prompts; default: `model` when it is a directory")
+    # transformers
+    batch_size: int = Field(64, gt=0, description="sequences per generate() call")
+    # openai
+    base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (default: OPENAI_BASE_URL)")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    concurrency: int = Field(16, gt=0, description="requests in flight")
+    timeout_seconds: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0, description="retries with exponential backoff on 429, 5xx and time-outs")
+    policy_id: str | None = Field(None, description="name of a served policy's weights (default: openai:<model>)")
+    # vllm
+    engine: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of vllm.LLM, e.g. tensor_parallel_size")
+
+
+class PromptsConfig(_Strict):
+    """Prompt templates: a built-in name (tasks/prompts/<name>.txt) or a file path."""
+
+    plain: str = "plain"
+    explain: str = "explain"
+    hint: str = "hint"
+
+
+class RolloutsConfig(_Strict):
+    samples_per_problem: int = Field(8, gt=0, description="the group size G")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(160, gt=0)
+    seed: int = 0
+    split: Literal["train", "eval", "all"] = "train"
+    levels: list[str] | None = Field(None, description="only problems of these levels (default: all)")
+    max_problems: int | None = Field(None, gt=0, description="at most this many problems (first by problem_id)")
+    shard_size: int = Field(32, gt=0, description="problems per shard; a crash resumes at the first unfinished shard")
+
+
+class FilterConfig(_Strict):
+    """Keep problems whose pass rate under the current policy lies in [min, max]."""
+
+    min_pass_rate: float = Field(0.0, ge=0, le=1)
+    max_pass_rate: float = Field(0.0, ge=0, le=1, description="0.0 with min 0.0 keeps exactly the stuck problems")
+
+    @model_validator(mode="after")
+    def _band(self):
+        if self.min_pass_rate > self.max_pass_rate:
+            raise ValueError("min_pass_rate must be at most max_pass_rate")
+        return self
+
+
 class PrefectConfig(_Strict):
     retries: int = Field(1, ge=0, description="retries of a failed stage")
     retry_delay_seconds: float = Field(2.0, ge=0)
@@ -140,6 +194,10 @@ class PrefectConfig(_Strict):
 class Config(_Strict):
     workspace: str = "./workspace"
     problems: ProblemsConfig
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    rollouts: RolloutsConfig = Field(default_factory=RolloutsConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
 
     #: directory that relative paths in the config are resolved against
@@ -150,10 +208,23 @@ class Config(_Strict):
         return p if p.is_absolute() else (self._base_dir / p)
 
     def stage_config(self, stage: str) -> dict:
-        """The part of the config a stage's output depends on (it enters the store key)."""
+        """The part of the config a stage's output depends on (it enters the store key).
+
+        Runtime-only settings (concurrency, time-outs, batch size) stay out: they
+        change how fast, not what."""
         if stage == "curate":
             return self.problems.model_dump(mode="json")
+        if stage == "rollouts":
+            policy = self.policy.model_dump(mode="json", include={"model", "backend", "engine"})
+            return {"rollouts": self.rollouts.model_dump(mode="json"), "policy": policy}
+        if stage == "filter":
+            return self.filter.model_dump(mode="json")
         raise KeyError(f"stage {stage!r} is not implemented yet")
+
+    def template_path(self, kind: str) -> str | Path:
+        """A prompt template as given in config: a built-in name, or a path resolved like other paths."""
+        value = getattr(self.prompts, kind)
+        return value if ("/" not in value and not value.endswith(".txt")) else self.resolve(value)
 
 
 # --------------------------------------------------------------------------- loading

@@ -549,14 +549,14 @@ def input_fingerprints(cfg: ProblemsConfig, resolve: Callable[[str], Path] = Pat
     return fps
 
 
-def key_for(config: Config) -> tuple[str, dict, dict]:
+def key_for(config: Config, upstream: dict[str, StageOutput] | None = None) -> tuple[str, dict, dict]:
     """(store key, stage config, input fingerprints) of the curate stage."""
     stage_cfg = config.stage_config(STAGE)
     inputs = input_fingerprints(config.problems, config.resolve)
     return stage_key(STAGE, stage_cfg, inputs, STAGE_VERSION), stage_cfg, inputs
 
 
-def run(config: Config, store: Store, force: bool = False) -> tuple[StageOutput, bool]:
+def run(config: Config, store: Store, upstream: dict[str, StageOutput] | None = None, force: bool = False) -> tuple[StageOutput, bool]:
     """Run the stage unless its output exists. Returns (output, reused)."""
     key, stage_cfg, inputs = key_for(config)
     existing = store.get(STAGE, key)

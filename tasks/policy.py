@@ -200,3 +200,35 @@ def train_tiny_policy(cfg: TinyPolicyConfig, out_dir: Path) -> dict:
             "train_seconds": round(time.time() - start, 1)}
     (out_dir / "bootstrap.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def evaluate_policy(backend, levels: dict[str, dict], problems_per_level: int = 40, n: int = 64, seed: int = 777,
+                    temperature: float = 1.0, max_new_tokens: int = 48, template: str = "tiny_plain") -> dict:
+    """pass@k by level of a policy on fresh chain sums (seeds unseen in training).
+
+    Also measures, on each level, how often the answer-conditioned (explain)
+    prompt ends with the right answer: ExPO's premise is that this is easier
+    than solving.
+    """
+    import reasoning_gym
+
+    from tasks.answers import check
+    from tasks.metrics import pass_table
+
+    report = {}
+    for kind, tmpl in (("plain", template), ("explain", template.replace("plain", "explain"))):
+        t = load_template(tmpl)
+        groups = {}
+        for li, (level, conf) in enumerate(levels.items()):
+            data = reasoning_gym.create_dataset("chain_sum", size=problems_per_level, seed=seed + li, **conf)
+            entries = [data[i] for i in range(len(data))]
+            problems = [{"answer": e["answer"], "question": e["question"], "metadata": json.dumps({"reasoning_gym": {"task": "chain_sum", "entry": e}})} for e in entries]
+            prompts = [chat(backend.tokenizer, fill(t, e["question"], answer=e["answer"])) for e in entries]
+            k = n if kind == "plain" else min(n, 8)
+            from tasks.generation import SamplingParams
+
+            out = backend.generate(prompts, SamplingParams(n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
+            for e, p, samples in zip(entries, problems, out):
+                groups[f"{level}:{e['question']}"] = (level, [check(s.text, p)[1] for s in samples])
+        report[kind] = {lvl: v for lvl, v in pass_table(groups).items() if lvl != "all"}
+    return report

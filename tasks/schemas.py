@@ -65,8 +65,23 @@ ROLLOUTS = pa.schema(
         _f("guidance", _str, nullable=True),
         _f("loss_prompt", _str),
         _f("loss_logprobs", _f32_list, nullable=True),
+        _f("level", _str, nullable=True),
+        _f("error", _str, nullable=True),  # set when generation failed (finish_reason 'error')
     ]
 )
+
+PASS_RATES = pa.schema(
+    [
+        _f("problem_id", _str),
+        _f("level", _str, nullable=True),
+        _f("n", pa.int32()),
+        _f("num_correct", pa.int32()),
+        _f("pass_rate", pa.float64(), nullable=True),  # null when every sample failed to generate
+        _f("kept", pa.bool_()),
+    ]
+)
+
+FILTERED_PROBLEMS = pa.schema(list(PROBLEMS) + [_f("pass_rate", pa.float64())])
 
 EXPLANATIONS = pa.schema(
     list(ROLLOUTS)
@@ -153,6 +168,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     "problems": PROBLEMS,
     "rejected": REJECTED,
     "rollouts": ROLLOUTS,
+    "pass_rates": PASS_RATES,
+    "filtered_problems": FILTERED_PROBLEMS,
     "explanations": EXPLANATIONS,
     "grades": GRADES,
     "rubrics": RUBRICS,

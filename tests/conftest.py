@@ -105,3 +105,16 @@ def write_jsonl(path: Path, rows: list) -> Path:
         for r in rows:
             fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory):
+    """A random (untrained) tiny Llama + character tokenizer saved to disk: fast to sample from."""
+    from tasks.policy import TinyPolicyConfig, build_model, build_tokenizer
+
+    path = tmp_path_factory.mktemp("random-policy")
+    tok = build_tokenizer()
+    model = build_model(TinyPolicyConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, seed=1), tok)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -47,6 +47,9 @@ def test_set_overrides(tmp_path):
 def test_literal_secrets_are_refused_and_references_masked(monkeypatch):
     with pytest.raises(ConfigError, match=r"judge\.api_key: looks like a secret.*api_key_env"):
         parse_config({**BASE, "judge": {"api_key": "sk-123"}})
+    with pytest.raises(ConfigError, match=r"x\.hf_token: looks like a secret"):
+        parse_config({**BASE, "x": {"hf_token": "hf_abc"}})
+    parse_config({**BASE, "rollouts": {"max_new_tokens": 5}, "policy": {"tokenizer": "some/dir"}})  # not secrets
     with pytest.raises(ConfigError, match="a URL with a password"):
         parse_config({**BASE, "x": "https://bob:hunter2@example.org/v1"})
     monkeypatch.setenv("MY_KEY", "sk-very-secret")

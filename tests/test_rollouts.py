@@ -1,0 +1,107 @@
+import pyarrow as pa
+import pytest
+
+import tasks.rollouts as rollouts_mod
+from tasks import curate, filter as filter_stage
+from tasks.config import parse_config
+from tasks.metrics import pass_at_k, pass_table
+from tasks.store import Store
+
+
+def _config(checkpoint, **rollouts):
+    return parse_config({
+        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 30, "seed": 2, "level": "easy",
+                                                    "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}}],
+                     "eval_fraction": 0.0},
+        "policy": {"model": str(checkpoint), "batch_size": 16},
+        "prompts": {"plain": "tiny_plain"},
+        "rollouts": {"samples_per_problem": 3, "max_new_tokens": 8, "shard_size": 7, **rollouts},
+    })
+
+
+def _run_all(config, ws):
+    store = Store(ws)
+    cur, _ = curate.run(config, store)
+    out, reused = rollouts_mod.run(config, store, {"curate": cur})
+    return store, cur, out, reused
+
+
+def test_pass_at_k_estimator():
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 4, 1) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)  # 1 - C(3,3)/C(5,3)
+    t = pass_table({"a": ("x", [True, False]), "b": ("x", [False, False]), "c": ("y", [True, True])})
+    assert t["x"] == {"problems": 2, "n": 2, "all_fail": 1, "pass@1": 0.25, "pass@2": 0.5}
+    assert t["all"]["problems"] == 3
+
+
+def test_rollout_rows_and_summary(tmp_path, random_checkpoint):
+    config = _config(random_checkpoint)
+    store, cur, out, reused = _run_all(config, tmp_path / "ws")
+    assert not reused
+    t = out.read("rollouts")
+    n = cur.read("problems").num_rows
+    assert n > 20 and t.num_rows == n * 3
+    rows = t.to_pylist()
+    assert len({r["sample_id"] for r in rows}) == t.num_rows
+    assert all(r["prompt_kind"] == "plain" and r["loss_prompt"] == r["prompt"] and r["loss_logprobs"] == r["behaviour_logprobs"] for r in rows)
+    assert all(len(r["completion_token_ids"]) == len(r["behaviour_logprobs"]) for r in rows)
+    assert {r["prompt"].startswith("<|user|>State the final answer") for r in rows} == {True}
+    s = out.summary
+    assert s["problems"] == n and s["pass"]["easy"]["n"] == 3 and "pass@3" in s["pass"]["easy"]
+    assert s["all_fail_problems"] == sum(1 for pid in {r["problem_id"] for r in rows}
+                                         if not any(r["correct"] for r in rows if r["problem_id"] == pid))
+    assert not any(p.name.startswith(".work-") for p in (store.root / "rollouts").iterdir())
+    again = rollouts_mod.run(config, store, {"curate": cur})
+    assert again[1] is True and again[0].path == out.path
+
+
+def test_killed_rollout_resumes_with_exactly_the_rows_of_an_uninterrupted_run(tmp_path, random_checkpoint, monkeypatch):
+    config = _config(random_checkpoint)
+    _, _, clean, _ = _run_all(config, tmp_path / "clean")
+    expected = clean.read("rollouts")
+
+    real = rollouts_mod._write_shard
+    written = []
+
+    def crash_after_two(path, table):
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")  # not an Exception: nothing may catch it
+        real(path, table)
+        written.append(path.name)
+
+    monkeypatch.setattr(rollouts_mod, "_write_shard", crash_after_two)
+    store = Store(tmp_path / "crash")
+    cur, _ = curate.run(config, store)
+    with pytest.raises(KeyboardInterrupt):
+        rollouts_mod.run(config, store, {"curate": cur})
+    assert store.outputs("rollouts") == []
+    (work,) = [p for p in (store.root / "rollouts").iterdir() if p.name.startswith(".work-")]
+    assert sorted(p.name for p in work.glob("shard-*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
+
+    monkeypatch.setattr(rollouts_mod, "_write_shard", lambda p, t: (written.append(p.name), real(p, t)))
+    written.clear()
+    out, _ = rollouts_mod.run(config, store, {"curate": cur})
+    shards = -(-cur.read("problems").num_rows // 7)
+    assert shards >= 4
+    assert written == [f"shard-{i:05d}.parquet" for i in range(2, shards)]  # only the unfinished ones
+    got = out.read("rollouts")
+    assert got.num_rows == expected.num_rows
+    assert got.equals(expected)
+    assert out.fingerprints == clean.fingerprints
+
+
+def test_filter_keeps_the_band_and_records_every_rate():
+    problems = [{"problem_id": p, "question": p, "answer": "1", "reference_solution": None, "source": "s",
+                 "level": "easy", "split": "train", "metadata": "{}"} for p in "abcd"]
+    rows = []
+    for pid, results in {"a": [0, 0, 0], "b": [1, 0, 0], "c": [1, 1, 1], "d": [None, None, 0]}.items():
+        for r in results:
+            rows.append({"problem_id": pid, "level": "easy", "finish_reason": "error" if r is None else "stop", "correct": bool(r)})
+    kept, table = filter_stage.filter_problems(problems, rows, 0.0, 0.0)
+    assert [p["problem_id"] for p in kept] == ["a", "d"]
+    rates = {t["problem_id"]: (t["n"], t["num_correct"], t["pass_rate"], t["kept"]) for t in table}
+    assert rates == {"a": (3, 0, 0.0, True), "b": (3, 1, 1 / 3, False), "c": (3, 3, 1.0, False), "d": (1, 0, 0.0, True)}
+    kept, _ = filter_stage.filter_problems(problems, rows, 0.3, 1.0)
+    assert [p["problem_id"] for p in kept] == ["b", "c"]
