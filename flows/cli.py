@@ -58,7 +58,25 @@ def _describe(result: dict) -> str:
     if result["stage"] == "curate":
         reasons = ", ".join(f"{k}: {v}" for k, v in s.get("rejected_by_reason", {}).items())
         return f"{s.get('problems')} problems ({s.get('train')} train, {s.get('eval')} eval); {s.get('rejected')} rejected" + (f" ({reasons})" if reasons else "")
+    if result["stage"] == "rollouts":
+        return f"{s.get('samples')} samples of {s.get('problems')} problems; {s.get('all_fail_problems')} problems with every sample wrong"
+    if result["stage"] == "filter":
+        lo, hi = s.get("band", [None, None])
+        return f"kept {s.get('kept')} of {s.get('rolled_out')} problems with pass rate in [{lo}, {hi}] {s.get('kept_by_level')}"
     return json.dumps(s)[:120]
+
+
+def _print_pass_table(title: str, table_data: dict) -> None:
+    """A pass@k table by level: {level: {problems, n, all_fail, pass@1, ...}}."""
+    if not table_data:
+        return
+    ks = [k for k in next(iter(table_data.values())) if k.startswith("pass@")]
+    table = Table(title=title)
+    for col in ["level", "problems", "samples each", *ks, "all wrong"]:
+        table.add_column(col, justify="right" if col != "level" else "left")
+    for level, row in table_data.items():
+        table.add_row(level, str(row["problems"]), str(row["n"]), *[f"{row[k]:.3f}" for k in ks], str(row["all_fail"]))
+    console.print(table)
 
 
 def _print_results(results: dict, todo: list[str]) -> None:
@@ -71,6 +89,8 @@ def _print_results(results: dict, todo: list[str]) -> None:
         status = {"computed": "[green]computed[/]", "reused": "[cyan]reused (no work)[/]", "cached": "[cyan]cached (no work)[/]"}[r["status"]]
         table.add_row(stage, status, _describe(r), r["path"])
     console.print(table)
+    if "rollouts" in results:
+        _print_pass_table("pass rates of the policy's rollouts, by level", results["rollouts"]["summary"].get("pass", {}))
     for stage, r in results.items():
         if r["status"] != "computed":
             console.print(f"{stage}: output already in the store for this config and inputs — nothing was recomputed.")
@@ -125,6 +145,29 @@ def run(
         _execute(raw, Path.cwd(), workspace, _parse_stages(stages))
     except _user_errors() as exc:
         _fail(str(exc))
+
+
+@app.command()
+def bootstrap(
+    out: Path = typer.Option(PROJECT_ROOT / "data" / "models" / "tiny-policy", "--out", help="Where to write the checkpoint."),
+    seed: int = typer.Option(0, help="Seed: the same seed reproduces the checkpoint."),
+    steps: Optional[int] = typer.Option(None, help="Training steps (default: TinyPolicyConfig.steps)."),
+    hard_fraction: Optional[float] = typer.Option(None, help="How often the hard level appears in training."),
+    eval_problems: int = typer.Option(40, help="Problems per level for the pass@k report."),
+    eval_samples: int = typer.Option(64, help="Samples per problem for the pass@k report."),
+):
+    """Build the tiny CPU policy from scratch (character tokenizer + small Llama), train it and report pass@k."""
+    from flows.bootstrap import bootstrap as bootstrap_flow
+
+    cfg = {"seed": seed}
+    if steps is not None:
+        cfg["steps"] = steps
+    if hard_fraction is not None:
+        cfg["hard_fraction"] = hard_fraction
+    info = bootstrap_flow(out_dir=str(out), cfg=cfg, problems_per_level=eval_problems, n=eval_samples)
+    console.print(f"tiny policy written to {out} ({info['parameters'] / 1e6:.2f}M parameters, {info['train_seconds']:.0f}s of training)")
+    _print_pass_table("plain prompt (the question alone)", info["eval"]["plain"])
+    _print_pass_table("explain prompt (the answer given)", info["eval"]["explain"])
 
 
 @config_app.command("show")

@@ -65,7 +65,9 @@ class GenerationBackend(Protocol):
 def checkpoint_fingerprint(path: Path | str) -> str:
     """policy_id of a local checkpoint: the sha256 of its weight and config files."""
     path = Path(path)
-    files = [p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".model", ".txt")]
+    names = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt"}
+    files = [p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name in names)]
     if not files:
         raise FileNotFoundError(f"{path}: no checkpoint files (expected a Hugging Face model directory)")
     return "ckpt-" + fingerprint_files(files).removeprefix("sha256:")[:16]

@@ -45,7 +45,7 @@ def test_run_writes_problems_and_rejected_readable_everywhere_then_reuses(tmp_pa
     import pyarrow.dataset as pads
 
     config, ws = _config(tmp_path), tmp_path / "ws"
-    first = cli("run", str(config), "--workspace", str(ws))
+    first = cli("run", str(config), "--workspace", str(ws), "--stages", "curate")
     assert "computed" in first.stdout
     (out,) = _outputs(ws)
     problems, rejected = out / "problems", out / "rejected"
@@ -64,7 +64,7 @@ def test_run_writes_problems_and_rejected_readable_everywhere_then_reuses(tmp_pa
     assert manifest["num_rows"] == df.height and manifest["summary"]["train"] + manifest["summary"]["eval"] == df.height
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    second = cli("run", str(config), "--workspace", str(ws))
+    second = cli("run", str(config), "--workspace", str(ws), "--stages", "curate")
     assert "nothing was recomputed" in second.stdout
     assert "cached (no work)" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
@@ -72,7 +72,7 @@ def test_run_writes_problems_and_rejected_readable_everywhere_then_reuses(tmp_pa
 
     # a deleted store output is recomputed, never served stale from Prefect's cache
     shutil.rmtree(ws / "store")
-    third = cli("run", str(config), "--workspace", str(ws))
+    third = cli("run", str(config), "--workspace", str(ws), "--stages", "curate")
     assert "computed" in third.stdout and "nothing was recomputed" not in third.stdout
     assert _outputs(ws)[0].name == out.name
     assert (out / "problems" / "manifest.json").exists()
@@ -80,7 +80,7 @@ def test_run_writes_problems_and_rejected_readable_everywhere_then_reuses(tmp_pa
     # a changed input file changes the key: new output, old one kept
     with open(tmp_path / "mine.jsonl", "a") as fh:
         fh.write(json.dumps({"problem": "What is 10 - 4?", "solution": "6"}) + "\n")
-    cli("run", str(config), "--workspace", str(ws))
+    cli("run", str(config), "--workspace", str(ws), "--stages", "curate")
     assert len(_outputs(ws)) == 2
 
     ls = cli("datasets", "ls", "--workspace", str(ws))
@@ -120,6 +120,7 @@ def test_help_explains_commands(cli):
 
 def test_quickstart_runs_and_names_the_stages_still_to_come(tmp_path, cli):
     r = cli("quickstart", "--workspace", str(tmp_path / "ws"), cwd=tmp_path)
-    assert "curate" in r.stdout and "computed" in r.stdout
-    assert "Stages still to come" in r.stdout and "rollouts" in r.stdout
-    assert any((tmp_path / "ws" / "store" / "curate").iterdir())
+    for stage in ("curate", "rollouts", "filter"):
+        assert any(p for p in (tmp_path / "ws" / "store" / stage).iterdir() if not p.name.startswith("."))
+    assert "pass rates of the policy's rollouts" in r.stdout and "pass@8" in r.stdout
+    assert "Stages still to come (not built yet): explain, hint" in r.stdout.replace("\n", " ")
