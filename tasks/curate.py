@@ -559,9 +559,8 @@ def key_for(config: Config, upstream: dict[str, StageOutput] | None = None) -> t
 def run(config: Config, store: Store, upstream: dict[str, StageOutput] | None = None, force: bool = False) -> tuple[StageOutput, bool]:
     """Run the stage unless its output exists. Returns (output, reused)."""
     key, stage_cfg, inputs = key_for(config)
-    existing = store.get(STAGE, key)
-    if existing is not None and not force:
-        log.info("curate: output already in the store, nothing to do: %s", existing.path)
+    existing = store.reusable(STAGE, key, force)
+    if existing is not None:
         return existing, True
     result = curate(config.problems, config.resolve)
     out = store.write(

@@ -58,9 +58,8 @@ def key_for(config: Config, upstream: dict[str, StageOutput]) -> tuple[str, dict
 
 def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
     key, stage_cfg, inputs = key_for(config, upstream)
-    existing = store.get(STAGE, key)
-    if existing is not None and not force:
-        log.info("filter: output already in the store, nothing to do: %s", existing.path)
+    existing = store.reusable(STAGE, key, force)
+    if existing is not None:
         return existing, True
     fc = config.filter
     problems = upstream["curate"].read("problems").to_pylist()

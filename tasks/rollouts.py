@@ -159,9 +159,8 @@ def key_for(config: Config, upstream: dict[str, StageOutput]) -> tuple[str, dict
 
 def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
     key, stage_cfg, inputs = key_for(config, upstream)
-    existing = store.get(STAGE, key)
-    if existing is not None and not force:
-        log.info("rollouts: output already in the store, nothing to do: %s", existing.path)
+    existing = store.reusable(STAGE, key, force)
+    if existing is not None:
         return existing, True
     rc = config.rollouts
     problems = select_problems(upstream["curate"].read("problems"), rc.split, rc.levels, rc.max_problems)

@@ -256,6 +256,14 @@ class Store:
             return None
         return StageOutput(stage, key, path, read_manifest(path))
 
+    def reusable(self, stage: str, key: str, force: bool = False) -> StageOutput | None:
+        """The finished output at (stage, key) unless a rerun is forced; says so in the log."""
+        existing = self.get(stage, key)
+        if existing is None or force:
+            return None
+        logging.getLogger(f"guidedrl.{stage}").info("%s: output already in the store, nothing to do: %s", stage, existing.path)
+        return existing
+
     def outputs(self, stage: str | None = None) -> list[StageOutput]:
         """Every finished output (temporaries are never listed)."""
         found = []
