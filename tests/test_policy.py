@@ -1,0 +1,40 @@
+import json
+import string
+
+from tasks.generation import SamplingParams, TransformersBackend, checkpoint_fingerprint
+from tasks.policy import TinyPolicyConfig, build_tokenizer, hint_text, solution_text, train_tiny_policy
+from tasks.prompts import chat, fill, load_template
+
+
+def test_character_tokenizer_covers_printable_ascii_and_round_trips():
+    tok = build_tokenizer()
+    text = string.printable.replace("\r", "").replace("\x0b", "").replace("\x0c", "").replace("\t", "")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids and len(ids) == len(text)
+    assert tok.decode(ids) == text
+    prompt = chat(tok, "1 + 2 =")
+    assert prompt == "<|user|>1 + 2 =<|end|><|assistant|>"
+    assert tok(prompt, add_special_tokens=False)["input_ids"][0] == tok.convert_tokens_to_ids("<|user|>")
+
+
+def test_solution_and_hint_formats():
+    assert solution_text("12 + 7 - 30") == "12 + 7 = 19\n19 - 30 = -11\n\\boxed{-11}"
+    assert hint_text(["5", "7"], False) == "These answers are wrong: 5, 7."
+    assert hint_text([], True) == "Be concise."
+    assert hint_text(["5"], True) == "These answers are wrong: 5. Be concise."
+    t = load_template("tiny_explain")
+    assert fill(t, "Q?", answer="42") == "Q?\nAnswer: 42. Explain."
+
+
+def test_bootstrap_trains_saves_and_reproduces(tmp_path):
+    cfg = TinyPolicyConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, steps=4, batch_size=4)
+    a = train_tiny_policy(cfg, tmp_path / "a")
+    b = train_tiny_policy(cfg, tmp_path / "b")
+    assert checkpoint_fingerprint(tmp_path / "a") == checkpoint_fingerprint(tmp_path / "b")  # same seed, same weights
+    assert a["final_loss"] == b["final_loss"]
+    c = train_tiny_policy(TinyPolicyConfig(**{**cfg.__dict__, "seed": 1}), tmp_path / "c")
+    assert checkpoint_fingerprint(tmp_path / "c") != checkpoint_fingerprint(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "bootstrap.json").read_text())["config"]["steps"] == 4
+    be = TransformersBackend(tmp_path / "a", batch_size=4)
+    (samples,) = be.generate([chat(be.tokenizer, "1 + 2 =")], SamplingParams(n=2, max_new_tokens=5))
+    assert len(samples) == 2 and all(len(s.token_ids) <= 5 for s in samples)
