@@ -2,8 +2,10 @@
 
 It stands in for a real reasoning model in the quickstart and the tests. It is
 trained on step-by-step chain sums (partial sums written out, final answer in
-``\\boxed{}``) from reasoning-gym: the easy level (2 terms) often, the hard level
-(3 terms) rarely — a latent ability that plain sampling seldom finds. The
+``\\boxed{}``) from reasoning-gym: the easy level (sums and differences of two
+digits) almost always, the hard level (of two 2-digit numbers) rarely — a latent
+ability that plain sampling seldom finds, while the answer-given (explain)
+prompt finds it several times as often, as ExPO assumes of real models. The
 explanation (answer given) and hint formats of the guidance stages are in the
 training mix too, so the later stages have a policy that follows them.
 
@@ -17,6 +19,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,14 +53,14 @@ class TinyPolicyConfig:
     num_heads: int = 4
     max_positions: int = 384
     # data: reasoning-gym chain_sum levels
-    easy: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2})
-    hard: dict = field(default_factory=lambda: {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 2})
-    hard_fraction: float = 0.01  # how rarely the hard level is seen
+    easy: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
+    hard: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2})
+    hard_fraction: float = 0.001  # how rarely the hard level is seen
     format_mix: dict = field(default_factory=lambda: {"plain": 0.7, "explain": 0.15, "hint": 0.15})
     templates: dict = field(default_factory=lambda: {"plain": "tiny_plain", "explain": "tiny_explain", "hint": "tiny_hint"})
     # training
-    steps: int = 1200
-    batch_size: int = 48
+    steps: int = 1500
+    batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
@@ -202,6 +205,17 @@ def train_tiny_policy(cfg: TinyPolicyConfig, out_dir: Path) -> dict:
     return info
 
 
+_STEP = re.compile(r"^(-?\d+) ([+-]) (-?\d+) = (-?\d+)$")
+
+
+def steps_correct(text: str) -> bool:
+    """Every line ``a op b = c`` of a completion is arithmetically right (and there is one)."""
+    steps = [m for m in (_STEP.match(line.strip()) for line in text.splitlines()) if m]
+    return bool(steps) and all(
+        int(a) + (int(b) if op == "+" else -int(b)) == int(c) for a, op, b, c in (m.groups() for m in steps)
+    )
+
+
 def evaluate_policy(backend, levels: dict[str, dict], problems_per_level: int = 40, n: int = 64, seed: int = 777,
                     temperature: float = 1.0, max_new_tokens: int = 48, template: str = "tiny_plain") -> dict:
     """pass@k by level of a policy on fresh chain sums (seeds unseen in training).
@@ -219,6 +233,8 @@ def evaluate_policy(backend, levels: dict[str, dict], problems_per_level: int = 
     for kind, tmpl in (("plain", template), ("explain", template.replace("plain", "explain"))):
         t = load_template(tmpl)
         groups = {}
+        steps: dict[str, int] = {lvl: 0 for lvl in levels}
+        total: dict[str, int] = {lvl: 0 for lvl in levels}
         for li, (level, conf) in enumerate(levels.items()):
             data = reasoning_gym.create_dataset("chain_sum", size=problems_per_level, seed=seed + li, **conf)
             entries = [data[i] for i in range(len(data))]
@@ -230,5 +246,9 @@ def evaluate_policy(backend, levels: dict[str, dict], problems_per_level: int = 
             out = backend.generate(prompts, SamplingParams(n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
             for e, p, samples in zip(entries, problems, out):
                 groups[f"{level}:{e['question']}"] = (level, [check(s.text, p)[1] for s in samples])
+                steps[level] += sum(check(s.text, p)[1] and steps_correct(s.text) for s in samples)
+                total[level] += len(samples)
         report[kind] = {lvl: v for lvl, v in pass_table(groups).items() if lvl != "all"}
+        for lvl in report[kind]:  # right answer *and* every written step right: not just a copied answer
+            report[kind][lvl]["right_answer_and_steps"] = round(steps[lvl] / total[lvl], 4)
     return report

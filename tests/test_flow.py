@@ -41,3 +41,17 @@ def test_failed_stage_raises_after_its_retries(prefect_server, tmp_path, monkeyp
     assert not (tmp_path / "ws" / "store" / "curate").exists() or not any(
         p for p in (tmp_path / "ws" / "store" / "curate").iterdir() if not p.name.startswith(".")
     )
+
+
+def test_bootstrap_flow_trains_and_reports_pass_at_k_by_level(prefect_server, tmp_path):
+    import json
+
+    from flows.bootstrap import bootstrap
+
+    cfg = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "steps": 3, "batch_size": 4}
+    info = bootstrap(out_dir=str(tmp_path / "tiny"), cfg=cfg, problems_per_level=3, n=4)
+    saved = json.loads((tmp_path / "tiny" / "bootstrap.json").read_text())
+    assert saved["eval"] == info["eval"]
+    for kind in ("plain", "explain"):
+        assert set(info["eval"][kind]) == {"easy", "hard"}
+        assert {"pass@1", "pass@4"} <= set(info["eval"][kind]["easy"])

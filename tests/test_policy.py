@@ -2,7 +2,7 @@ import json
 import string
 
 from tasks.generation import SamplingParams, TransformersBackend, checkpoint_fingerprint
-from tasks.policy import TinyPolicyConfig, build_tokenizer, hint_text, solution_text, train_tiny_policy
+from tasks.policy import TinyPolicyConfig, build_tokenizer, hint_text, solution_text, steps_correct, train_tiny_policy
 from tasks.prompts import chat, fill, load_template
 
 
@@ -22,6 +22,8 @@ def test_solution_and_hint_formats():
     assert hint_text(["5", "7"], False) == "These answers are wrong: 5, 7."
     assert hint_text([], True) == "Be concise."
     assert hint_text(["5"], True) == "These answers are wrong: 5. Be concise."
+    assert steps_correct("12 + 7 = 19\n19 - 30 = -11\n\\boxed{-11}")
+    assert not steps_correct("12 + 7 = 18\n\\boxed{18}") and not steps_correct("\\boxed{19}")
     t = load_template("tiny_explain")
     assert fill(t, "Q?", answer="42") == "Q?\nAnswer: 42. Explain."
 
