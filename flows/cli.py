@@ -70,12 +70,15 @@ def _print_pass_table(title: str, table_data: dict) -> None:
     """A pass@k table by level: {level: {problems, n, all_fail, pass@1, ...}}."""
     if not table_data:
         return
-    ks = [k for k in next(iter(table_data.values())) if k.startswith("pass@")]
+    first = next(iter(table_data.values()))
+    ks = [k for k in first if k.startswith("pass@") and k.split("@")[1] in ("1", "8", "64", str(first["n"]))]
+    steps = "right_answer_and_steps" in first
     table = Table(title=title)
-    for col in ["level", "problems", "samples each", *ks, "all wrong"]:
+    for col in ["level", "problems", "samples", *ks, "all wrong"] + (["right steps"] if steps else []):
         table.add_column(col, justify="right" if col != "level" else "left")
     for level, row in table_data.items():
-        table.add_row(level, str(row["problems"]), str(row["n"]), *[f"{row[k]:.3f}" for k in ks], str(row["all_fail"]))
+        cells = [level, str(row["problems"]), str(row["n"]), *[f"{row[k]:.3f}" for k in ks], str(row["all_fail"])]
+        table.add_row(*cells, *([f"{row['right_answer_and_steps']:.3f}"] if steps else []))
     console.print(table)
 
 

@@ -55,7 +55,7 @@ class TinyPolicyConfig:
     # data: reasoning-gym chain_sum levels
     easy: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
     hard: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2})
-    hard_fraction: float = 0.001  # how rarely the hard level is seen
+    hard_fraction: float = 0.003  # how rarely the hard level is seen
     format_mix: dict = field(default_factory=lambda: {"plain": 0.7, "explain": 0.15, "hint": 0.15})
     templates: dict = field(default_factory=lambda: {"plain": "tiny_plain", "explain": "tiny_explain", "hint": "tiny_hint"})
     # training
