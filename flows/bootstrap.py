@@ -36,5 +36,8 @@ def bootstrap(out_dir: str, cfg: dict | None = None, problems_per_level: int = 4
     info = train(cfg, out_dir)
     report = evaluate(out_dir, cfg, problems_per_level, n)
     info["eval"] = report
-    (Path(out_dir) / "bootstrap.json").write_text(json.dumps(info, indent=2) + "\n")
+    path = Path(out_dir) / "bootstrap.json"
+    tmp = path.with_name(".bootstrap.json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(path)
     return info

@@ -245,7 +245,7 @@ def _read_records(path: Path, fmt: str) -> Iterator[tuple[dict | None, str | Non
             yield rec, None
 
 
-def _mapped(rec: dict, src: SourceConfig, where: str) -> dict[str, Any]:
+def _mapped(rec: dict, src: SourceConfig) -> dict[str, Any]:
     """Pick contract fields from an input record using the source's column mapping."""
     out = {}
     for name in ("question", "answer", "reference_solution", "level", "split"):
@@ -274,7 +274,7 @@ def _rows_from_records(records: Iterator[tuple[dict | None, str | None]], src: S
         if not checked:
             _check_columns(list(rec), src, where)
             checked = True
-        m = _mapped(rec, src, where)
+        m = _mapped(rec, src)
         mapped_cols = {src.columns.get(k, k) for k in m}
         extra = {k: v for k, v in rec.items() if k not in mapped_cols}
         yield _Row(name, i, rec, **m, metadata={"row": extra} if extra else {})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -29,6 +30,7 @@ import torch
 from tasks import progress
 from tasks.curate import chain_sum_reference
 from tasks.prompts import chat, fill, load_template
+from tasks.store import swap_in
 
 log = logging.getLogger("guidedrl.policy")
 
@@ -196,12 +198,14 @@ def train_tiny_policy(cfg: TinyPolicyConfig, out_dir: Path) -> dict:
             log.info("step %d/%d loss %.4f (%.0fs)", step + 1, cfg.steps, sum(losses[-100:]) / 100, time.time() - start)
     model.eval()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")  # a killed run leaves no half checkpoint
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     info = {"config": asdict(cfg), "parameters": n_params, "final_loss": sum(losses[-50:]) / min(50, len(losses)),
             "train_seconds": round(time.time() - start, 1)}
-    (out_dir / "bootstrap.json").write_text(json.dumps(info, indent=2) + "\n")
+    (tmp / "bootstrap.json").write_text(json.dumps(info, indent=2) + "\n")
+    swap_in(tmp, out_dir)
     return info
 
 

@@ -346,10 +346,7 @@ class Store:
             )
             _fsync_dir(tmp)
             if replace and final.exists():
-                old = final.parent / f"{TMP_PREFIX}old-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                os.rename(final, old)
-                _publish(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
+                swap_in(tmp, final)
             else:
                 _publish(tmp, final)
         except BaseException:
@@ -361,6 +358,18 @@ class Store:
         out = self.get(stage, key)
         assert out is not None
         return out
+
+
+def swap_in(tmp: Path, final: Path) -> None:
+    """Put the finished directory ``tmp`` at ``final``, replacing what is there
+    only once the new one is complete (the old one is removed last)."""
+    old = None
+    if final.exists():
+        old = final.parent / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -1,11 +1,9 @@
 """End to end through the console script and a real Prefect server."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import write_jsonl

@@ -34,7 +34,7 @@ def test_bootstrap_trains_saves_and_reproduces(tmp_path):
     b = train_tiny_policy(cfg, tmp_path / "b")
     assert checkpoint_fingerprint(tmp_path / "a") == checkpoint_fingerprint(tmp_path / "b")  # same seed, same weights
     assert a["final_loss"] == b["final_loss"]
-    c = train_tiny_policy(TinyPolicyConfig(**{**cfg.__dict__, "seed": 1}), tmp_path / "c")
+    train_tiny_policy(TinyPolicyConfig(**{**cfg.__dict__, "seed": 1}), tmp_path / "c")
     assert checkpoint_fingerprint(tmp_path / "c") != checkpoint_fingerprint(tmp_path / "a")
     assert json.loads((tmp_path / "a" / "bootstrap.json").read_text())["config"]["steps"] == 4
     be = TransformersBackend(tmp_path / "a", batch_size=4)
