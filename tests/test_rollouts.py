@@ -104,3 +104,33 @@ def test_filter_keeps_the_band_and_records_every_rate():
     assert rates == {"a": (3, 0, 0.0, True), "b": (3, 1, 1 / 3, False), "c": (3, 3, 1.0, False), "d": (1, 0, 0.0, True)}
     kept, _ = filter_stage.filter_problems(problems, rows, 0.3, 1.0)
     assert [p["problem_id"] for p in kept] == ["b", "c"]
+
+
+def test_rollout_stage_through_an_openai_compatible_server(tmp_path, random_checkpoint):
+    """The stage over real HTTP: failed prompts become error rows, never lost; no ids -> marked rows."""
+    from openai_server import OpenAIServer
+
+    with OpenAIServer() as server:
+        server.behaviour.always_fail = "+ 3 ="  # every problem whose question ends in "+ 3 =" fails for good
+        config = parse_config({
+            "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 30, "seed": 2, "level": "easy",
+                                                        "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}}],
+                         "eval_fraction": 0.0},
+            "policy": {"backend": "openai", "model": "served-tiny", "base_url": server.base_url, "tokenizer": str(random_checkpoint),
+                       "max_retries": 1, "timeout_seconds": 5, "concurrency": 4},
+            "prompts": {"plain": "tiny_plain"},
+            "rollouts": {"samples_per_problem": 2, "max_new_tokens": 3, "shard_size": 8},
+        })
+        store, cur, out, _ = _run_all(config, tmp_path / "ws")
+    rows = out.read("rollouts").to_pylist()
+    problems = cur.read("problems").to_pylist()
+    assert len(rows) == 2 * len(problems)
+    failing = {p["problem_id"] for p in problems if p["question"].endswith("+ 3 =")}
+    assert failing  # the test covers both kinds of problem
+    for r in rows:
+        assert r["prompt"].startswith("<|user|>") and r["policy_id"] == "openai:served-tiny"
+        if r["problem_id"] in failing:
+            assert r["finish_reason"] == "error" and r["error"] and r["behaviour_logprobs"] is None and not r["correct"]
+        else:
+            assert r["finish_reason"] == "stop" and r["error"] is None and len(r["completion_token_ids"]) == 3
+    assert out.summary["finish_reasons"]["error"] == 2 * len(failing)
