@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -172,3 +173,14 @@ def check(completion: str, problem: Any, timeout_seconds: float = DEFAULT_TIMEOU
     except FutureTimeout:
         log.warning("answer check took over %.1fs and was abandoned (counted as not correct)", timeout_seconds)
         return last_boxed(completion), False
+
+
+_STEP = re.compile(r"^(-?\d+) ([+-]) (-?\d+) = (-?\d+)$")
+
+
+def steps_correct(text: str) -> bool:
+    """Every line ``a op b = c`` of a completion is arithmetically right (and there is one)."""
+    steps = [m for m in (_STEP.match(line.strip()) for line in text.splitlines()) if m]
+    return bool(steps) and all(
+        int(a) + (int(b) if op == "+" else -int(b)) == int(c) for a, op, b, c in (m.groups() for m in steps)
+    )

@@ -23,9 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 STAGES = ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "grpo", "eval")
 #: stages that exist in this version of guidedrl; the others are still to come.
-IMPLEMENTED_STAGES = ("curate", "rollouts", "filter")
+IMPLEMENTED_STAGES = ("curate", "rollouts", "filter", "hint")
 #: what each stage reads: its upstream stages
-UPSTREAM = {"curate": (), "rollouts": ("curate",), "filter": ("curate", "rollouts")}
+UPSTREAM = {"curate": (), "rollouts": ("curate",), "filter": ("curate", "rollouts"), "hint": ("curate", "rollouts")}
 
 _SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|secret[_-]?key|access[_-]?key|token|secret|password|passwd)$", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
@@ -174,6 +174,17 @@ class FilterConfig(_Strict):
         return self
 
 
+class HintConfig(_Strict):
+    """LTE: re-prompt the stuck problems with a hint built from the policy's own mistakes."""
+
+    samples_per_problem: int | None = Field(None, gt=0, description="hinted samples per stuck problem (default: rollouts.samples_per_problem)")
+    temperature: float | None = Field(None, ge=0, description="default: rollouts.temperature")
+    max_new_tokens: int | None = Field(None, gt=0, description="default: rollouts.max_new_tokens")
+    seed: int = 0
+    max_wrong_answers: int = Field(5, gt=0, description="at most this many distinct wrong answers in a hint")
+    leak_check: bool = Field(False, description="reject hinted samples that mention the hint")
+
+
 class PrefectConfig(_Strict):
     retries: int = Field(1, ge=0, description="retries of a failed stage")
     retry_delay_seconds: float = Field(2.0, ge=0)
@@ -198,6 +209,7 @@ class Config(_Strict):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     rollouts: RolloutsConfig = Field(default_factory=RolloutsConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    hint: HintConfig = Field(default_factory=HintConfig)
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
 
     #: directory that relative paths in the config are resolved against
@@ -219,6 +231,8 @@ class Config(_Strict):
             return {"rollouts": self.rollouts.model_dump(mode="json"), "policy": policy}
         if stage == "filter":
             return self.filter.model_dump(mode="json")
+        if stage == "hint":
+            return {"hint": self.hint.model_dump(mode="json"), **self.stage_config("rollouts")}
         raise KeyError(f"stage {stage!r} is not implemented yet")
 
     def template_path(self, kind: str) -> str | Path:

@@ -156,6 +156,32 @@ class TransformersBackend:
         return results  # type: ignore[return-value]
 
 
+    def score(self, prompts: list[str], token_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        """Per-token log-probabilities of given completion tokens under given prompts:
+        ``log_softmax(logits / temperature)`` of a forward pass (what the loss side of
+        a guided sample uses: the same tokens under the prompt *without* the guidance)."""
+        import torch
+
+        tok, out = self.tokenizer, []
+        t = temperature if temperature > 0 else 1.0
+        for b in range(0, len(prompts), self.batch_size):
+            ps = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[b : b + self.batch_size]]
+            cs = token_ids[b : b + self.batch_size]
+            seqs = [p + c for p, c in zip(ps, cs)]
+            width = max(len(x) for x in seqs)
+            ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in seqs], device=self.device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], device=self.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float() / t
+            logp = torch.log_softmax(logits, dim=-1)
+            for row, (p, c) in enumerate(zip(ps, cs)):
+                start = width - len(c)  # first completion position; predicted from the one before
+                picked = logp[row, start - 1 : width - 1].gather(-1, torch.tensor(c, device=self.device)[:, None]).squeeze(-1)
+                out.append([float(x) for x in picked.tolist()])
+        return out
+
+
 # --------------------------------------------------------------------------- openai-compatible servers
 
 

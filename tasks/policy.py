@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ import torch
 
 from tasks import progress
 from tasks.curate import chain_sum_reference
+from tasks.answers import steps_correct
+from tasks.hint import hint_text
 from tasks.prompts import chat, fill, load_template
 from tasks.store import swap_in
 
@@ -117,16 +118,6 @@ def solution_text(expression: str) -> str:
     return "\n".join(lines[:-1] + [f"\\boxed{{{answer}}}"])
 
 
-def hint_text(wrong: list[str], truncated: bool) -> str:
-    """LTE's hint: the policy's distinct wrong answers and/or a call to be concise."""
-    parts = []
-    if wrong:
-        parts.append("These answers are wrong: " + ", ".join(wrong) + ".")
-    if truncated:
-        parts.append("Be concise.")
-    return " ".join(parts)
-
-
 def _examples(cfg: TinyPolicyConfig, tokenizer, rng: random.Random):
     """An endless stream of (prompt, completion) training pairs."""
     import reasoning_gym
@@ -207,17 +198,6 @@ def train_tiny_policy(cfg: TinyPolicyConfig, out_dir: Path) -> dict:
     (tmp / "bootstrap.json").write_text(json.dumps(info, indent=2) + "\n")
     swap_in(tmp, out_dir)
     return info
-
-
-_STEP = re.compile(r"^(-?\d+) ([+-]) (-?\d+) = (-?\d+)$")
-
-
-def steps_correct(text: str) -> bool:
-    """Every line ``a op b = c`` of a completion is arithmetically right (and there is one)."""
-    steps = [m for m in (_STEP.match(line.strip()) for line in text.splitlines()) if m]
-    return bool(steps) and all(
-        int(a) + (int(b) if op == "+" else -int(b)) == int(c) for a, op, b, c in (m.groups() for m in steps)
-    )
 
 
 def evaluate_policy(backend, levels: dict[str, dict], problems_per_level: int = 40, n: int = 64, seed: int = 777,

@@ -100,3 +100,17 @@ def test_vllm_adapter_against_a_stand_in_module(monkeypatch):
     assert out[0][1].token_ids == [6, 6] and out[0][1].logprobs == [-0.5, -0.25]
     assert [s.finish_reason for s in out[1]] == ["stop", "length"]
     assert be.policy_id == "vllm:org/model"
+
+
+def test_score_matches_the_sampling_logprobs_under_the_same_prompt(tiny):
+    """score() over the prompt a sample was drawn from gives back its behaviour log-probs (1e-4)."""
+    prompts = [chat(tiny.tokenizer, p) for p in PROMPTS]
+    params = SamplingParams(n=2, temperature=0.9, max_new_tokens=10, seed=5)
+    out = tiny.generate(prompts, params)
+    flat_prompts = [p for p, ss in zip(prompts, out) for _ in ss]
+    flat = [s for ss in out for s in ss]
+    scored = tiny.score(flat_prompts, [s.token_ids for s in flat], temperature=0.9)
+    for s, lp in zip(flat, scored):
+        assert torch.allclose(torch.tensor(lp), torch.tensor(s.logprobs), atol=1e-4)
+    other = tiny.score([prompts[0]] * len(flat), [s.token_ids for s in flat], temperature=0.9)
+    assert any(not torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-3) for a, b in zip(other, scored))

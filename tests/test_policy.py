@@ -2,7 +2,9 @@ import json
 import string
 
 from tasks.generation import SamplingParams, TransformersBackend, checkpoint_fingerprint
-from tasks.policy import TinyPolicyConfig, build_tokenizer, hint_text, solution_text, steps_correct, train_tiny_policy
+from tasks.answers import steps_correct
+from tasks.hint import hint_text
+from tasks.policy import TinyPolicyConfig, build_tokenizer, solution_text, train_tiny_policy
 from tasks.prompts import chat, fill, load_template
 
 
