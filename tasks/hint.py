@@ -28,8 +28,8 @@ from collections import Counter, defaultdict
 from tasks.answers import steps_correct
 from tasks.config import Config
 from tasks.generation import SamplingParams
-from tasks.prompts import chat, fill, load_template
-from tasks.rollouts import chat_tokenizer, open_backend, policy_id_for, sample_rows
+from tasks.prompts import fill, load_template
+from tasks.rollouts import add_loss_logprobs, chat_tokenizer, open_backend, policy_id_for, render, sample_rows
 from tasks.schemas import to_table
 from tasks.store import Store, StageOutput, sha256_bytes, stage_key
 
@@ -121,8 +121,7 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
         tokenizer = chat_tokenizer(config, backend)
         template = load_template(config.template_path("hint"))
         target_problems = [problems[pid] for pid in targets]
-        hinted = [fill(template, p["question"], hint=h) for p, h in zip(target_problems, hints)]
-        hinted = [chat(tokenizer, u) if tokenizer else u for u in hinted]
+        hinted = [render(tokenizer, fill(template, p["question"], hint=h)) for p, h in zip(target_problems, hints)]
         plain = [by_problem[pid][0]["loss_prompt"] for pid in targets]
         params = SamplingParams(
             n=hc.samples_per_problem or rc.samples_per_problem,
@@ -142,10 +141,7 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
                 leaks += 1
                 continue
             kept.append(r)
-        if kept and hasattr(backend, "score"):  # the same tokens under the hint-free prompt
-            scored = backend.score([r["loss_prompt"] for r in kept], [r["completion_token_ids"] for r in kept], params.temperature)
-            for r, lp in zip(kept, scored):
-                r["loss_logprobs"] = lp
+        add_loss_logprobs(backend, kept, params.temperature)  # the same tokens under the hint-free prompt
 
     unlocked = sorted({r["problem_id"] for r in kept})
     levels = Counter(str(problems[pid]["level"]) for pid in stuck)

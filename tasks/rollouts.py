@@ -121,6 +121,21 @@ def sample_rows(problems: list[dict], samples, prompts: list[str], policy_id: st
     return rows
 
 
+def render(tokenizer, user_turn: str) -> str:
+    """A user turn wrapped in the policy's chat template (unwrapped without a tokenizer)."""
+    return chat(tokenizer, user_turn) if tokenizer is not None else user_turn
+
+
+def add_loss_logprobs(backend: GenerationBackend, rows: list[dict], temperature: float) -> None:
+    """Fill ``loss_logprobs`` of guided rows: their tokens under the guidance-free
+    ``loss_prompt``, from a forward pass. Backends that cannot score leave them
+    null (the policy update recomputes them)."""
+    if rows and hasattr(backend, "score"):
+        scored = backend.score([r["loss_prompt"] for r in rows], [r["completion_token_ids"] for r in rows], temperature)
+        for r, lp in zip(rows, scored):
+            r["loss_logprobs"] = lp
+
+
 def _write_shard(path: Path, table: pa.Table) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     pq.write_table(table, tmp)
@@ -183,7 +198,7 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
             backend = open_backend(config)
             tokenizer = chat_tokenizer(config, backend)
         shard = shards[i]
-        prompts = [chat(tokenizer, fill(template, p["question"])) if tokenizer else fill(template, p["question"]) for p in shard]
+        prompts = [render(tokenizer, fill(template, p["question"])) for p in shard]
         params = SamplingParams(n=rc.samples_per_problem, temperature=rc.temperature, top_p=rc.top_p,
                                 max_new_tokens=rc.max_new_tokens, seed=rc.seed + i)
         t0 = time.time()

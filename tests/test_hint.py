@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 import tasks.rollouts as rollouts_mod
