@@ -63,6 +63,10 @@ def _describe(result: dict) -> str:
     if result["stage"] == "filter":
         lo, hi = s.get("band", [None, None])
         return f"kept {s.get('kept')} of {s.get('rolled_out')} problems with pass rate in [{lo}, {hi}] {s.get('kept_by_level')}"
+    if result["stage"] == "explain":
+        return (f"ExPO explained {s.get('unlocked_problems')} of {s.get('stuck_problems')} stuck problems "
+                f"({s.get('unlocked_fraction', 0):.1%}) with a verified explanation; {s.get('kept')} kept, "
+                f"{s.get('kept_with_all_steps_right')} with every step right")
     if result["stage"] == "hint":
         return (f"LTE unlocked {s.get('unlocked_problems')} of {s.get('stuck_problems')} stuck problems "
                 f"({s.get('unlocked_fraction', 0):.1%}) with a verified hinted sample; {s.get('kept')} kept, "

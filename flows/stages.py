@@ -18,12 +18,12 @@ from typing import Any, Optional
 from prefect import task
 from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 
-from tasks import curate, filter as filter_stage, hint, rollouts
+from tasks import curate, explain, filter as filter_stage, hint, rollouts
 from tasks.config import Config, parse_config
 from tasks.store import StageOutput, Store, read_manifest
 
 #: stage name -> module exposing STAGE, STAGE_VERSION, key_for(config, upstream), run(config, store, upstream, force)
-STAGE_MODULES: dict[str, ModuleType] = {"curate": curate, "rollouts": rollouts, "filter": filter_stage, "hint": hint}
+STAGE_MODULES: dict[str, ModuleType] = {"curate": curate, "rollouts": rollouts, "filter": filter_stage, "explain": explain, "hint": hint}
 
 
 def _config(raw_config: dict, base_dir: str) -> Config:

@@ -23,9 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 STAGES = ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "grpo", "eval")
 #: stages that exist in this version of guidedrl; the others are still to come.
-IMPLEMENTED_STAGES = ("curate", "rollouts", "filter", "hint")
+IMPLEMENTED_STAGES = ("curate", "rollouts", "filter", "explain", "hint")
 #: what each stage reads: its upstream stages
-UPSTREAM = {"curate": (), "rollouts": ("curate",), "filter": ("curate", "rollouts"), "hint": ("curate", "rollouts")}
+UPSTREAM = {"curate": (), "rollouts": ("curate",), "filter": ("curate", "rollouts"), "explain": ("curate", "rollouts"), "hint": ("curate", "rollouts")}
 
 _SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|secret[_-]?key|access[_-]?key|token|secret|password|passwd)$", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
@@ -174,6 +174,19 @@ class FilterConfig(_Strict):
         return self
 
 
+class ExplainConfig(_Strict):
+    """ExPO: the policy explains how to reach the ground-truth answer it is shown."""
+
+    problems: Literal["stuck", "all"] = Field("stuck", description="stuck: only problems whose rollouts all failed; all: every rolled-out problem")
+    samples_per_problem: int = Field(4, gt=0, description="explanations sampled per problem (m)")
+    temperature: float | None = Field(None, ge=0, description="default: rollouts.temperature")
+    max_new_tokens: int | None = Field(None, gt=0, description="default: rollouts.max_new_tokens")
+    seed: int = 0
+    select: Literal["loglik", "answer_gain", "all"] = Field(
+        "loglik", description="per problem keep the correct explanation with the highest per-token log-likelihood, the highest answer gain, or all"
+    )
+
+
 class HintConfig(_Strict):
     """LTE: re-prompt the stuck problems with a hint built from the policy's own mistakes."""
 
@@ -209,6 +222,7 @@ class Config(_Strict):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     rollouts: RolloutsConfig = Field(default_factory=RolloutsConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
     hint: HintConfig = Field(default_factory=HintConfig)
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
 
@@ -231,6 +245,8 @@ class Config(_Strict):
             return {"rollouts": self.rollouts.model_dump(mode="json"), "policy": policy}
         if stage == "filter":
             return self.filter.model_dump(mode="json")
+        if stage == "explain":
+            return {"explain": self.explain.model_dump(mode="json"), **self.stage_config("rollouts")}
         if stage == "hint":
             return {"hint": self.hint.model_dump(mode="json"), **self.stage_config("rollouts")}
         raise KeyError(f"stage {stage!r} is not implemented yet")

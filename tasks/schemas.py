@@ -86,8 +86,10 @@ FILTERED_PROBLEMS = pa.schema(list(PROBLEMS) + [_f("pass_rate", pa.float64())])
 EXPLANATIONS = pa.schema(
     list(ROLLOUTS)
     + [
-        _f("explain_loglik", pa.float64(), nullable=True),
+        _f("explain_loglik", pa.float64(), nullable=True),  # per token, under the original prompt
+        _f("explain_loglik_total", pa.float64(), nullable=True),
         _f("explain_answer_gain", pa.float64(), nullable=True),
+        _f("selected", pa.bool_()),  # chosen for its problem by `explain.select`
     ]
 )
 

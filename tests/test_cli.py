@@ -118,8 +118,8 @@ def test_help_explains_commands(cli):
 
 def test_quickstart_runs_and_names_the_stages_still_to_come(tmp_path, cli):
     r = cli("quickstart", "--workspace", str(tmp_path / "ws"), cwd=tmp_path)
-    for stage in ("curate", "rollouts", "filter", "hint"):
+    for stage in ("curate", "rollouts", "filter", "explain", "hint"):
         assert any(p for p in (tmp_path / "ws" / "store" / stage).iterdir() if not p.name.startswith("."))
     assert "pass rates of the policy's rollouts" in r.stdout and "pass@8" in r.stdout
-    assert "Stages still to come (not built yet): explain, rubric" in r.stdout.replace("\n", " ")
-    assert "stuck problems" in r.stdout and "LTE unlocked" in r.stdout
+    assert "Stages still to come (not built yet): rubric, grade" in r.stdout.replace("\n", " ")
+    assert "ExPO explained" in r.stdout and "LTE unlocked" in r.stdout

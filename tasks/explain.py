@@ -1,0 +1,170 @@
+"""Stage `explain` (ExPO, self-explanation): the policy explains how to reach the
+ground-truth answer it is shown.
+
+Inputs: the curated `problems`, the plain `rollouts` of the current policy, the
+`explain` prompt template (question + answer, "explain step by step").
+
+Method:
+1. targets: the problems whose rollouts all failed (`explain.problems: stuck`),
+   or every rolled-out problem (`all`);
+2. sample m explanations from the answer-conditioned prompt; keep those whose
+   final answer checks correct;
+3. score each kept explanation on the two properties that make a useful
+   positive sample (both under the policy at temperature 1, both under the
+   *original* prompt, which never shows the answer):
+   (a) `explain_loglik` = log pi(explanation | original prompt) per token
+       (`explain_loglik_total`: summed) — likely under the current policy;
+   (b) `explain_answer_gain` = log pi(\\boxed{answer} | original prompt +
+       explanation body) - log pi(\\boxed{answer} | original prompt) — how much
+       the explanation raises the probability of the right answer;
+4. per problem, mark the explanation chosen by `explain.select` (highest (a),
+   highest (b), or all).
+
+Outputs: dataset `explanations` (rollout rows with `prompt_kind = 'explain'`,
+`guidance` = the answer shown, `loss_prompt` = the original prompt,
+`loss_logprobs` = the tokens under it, plus the scores and `selected`), and a
+summary: how many stuck problems got a verified explanation, which did not
+(listed), and how many kept explanations have every intermediate step right —
+an explanation can copy the answer it was shown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+from tasks.answers import steps_correct
+from tasks.config import Config
+from tasks.generation import SamplingParams
+from tasks.prompts import fill, load_template
+from tasks.rollouts import add_loss_logprobs, chat_tokenizer, open_backend, policy_id_for, render, sample_rows
+from tasks.schemas import to_table
+from tasks.store import Store, StageOutput, sha256_bytes, stage_key
+
+STAGE = "explain"
+STAGE_VERSION = "1"
+
+log = logging.getLogger("guidedrl.explain")
+
+
+def answer_text(answer: str) -> str:
+    """The answer as the policy is asked to end: boxed."""
+    return f"\\boxed{{{answer}}}"
+
+
+def explanation_body(completion: str) -> str:
+    """The explanation without its final boxed answer."""
+    i = completion.rfind("\\boxed")
+    return completion[:i] if i >= 0 else completion
+
+
+def score_explanations(backend, rows: list[dict], answers: list[str]) -> None:
+    """Add (a) `explain_loglik`(+`_total`) and (b) `explain_answer_gain` to kept rows."""
+    if not rows or not hasattr(backend, "score"):
+        return
+    lls = backend.score([r["loss_prompt"] for r in rows], [r["completion_token_ids"] for r in rows], 1.0)
+    tok = backend.tokenizer
+    ans_ids = [tok(answer_text(a), add_special_tokens=False)["input_ids"] for a in answers]
+    with_expl = backend.score([r["loss_prompt"] + explanation_body(r["completion"]) for r in rows], ans_ids, 1.0)
+    without = backend.score([r["loss_prompt"] for r in rows], ans_ids, 1.0)
+    for r, ll, w, wo in zip(rows, lls, with_expl, without):
+        r["explain_loglik_total"] = float(sum(ll))
+        r["explain_loglik"] = float(sum(ll) / max(1, len(ll)))
+        r["explain_answer_gain"] = float(sum(w) - sum(wo))
+
+
+def select(rows: list[dict], rule: str) -> None:
+    """Mark per problem the explanation(s) chosen by ``rule``."""
+    by_problem: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        r["selected"] = rule == "all"
+        by_problem[r["problem_id"]].append(r)
+    if rule == "all":
+        return
+    field = {"loglik": "explain_loglik", "answer_gain": "explain_answer_gain"}[rule]
+    for group in by_problem.values():
+        best = max(group, key=lambda r: (r.get(field) is not None, r.get(field) or 0.0, -r["sample_idx"]))
+        best["selected"] = True
+
+
+def key_for(config: Config, upstream: dict[str, StageOutput]) -> tuple[str, dict, dict]:
+    stage_cfg = config.stage_config(STAGE)
+    template = load_template(config.template_path("explain"))
+    inputs = {
+        "problems": upstream["curate"].fingerprints["problems"],
+        "rollouts": upstream["rollouts"].fingerprints["rollouts"],
+        "policy": policy_id_for(config),
+        "prompt:explain": "sha256:" + sha256_bytes(template.template.encode()),
+    }
+    return stage_key(STAGE, stage_cfg, inputs, STAGE_VERSION), stage_cfg, inputs
+
+
+def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
+    key, stage_cfg, inputs = key_for(config, upstream)
+    existing = store.reusable(STAGE, key, force)
+    if existing is not None:
+        return existing, True
+    ec, rc = config.explain, config.rollouts
+    problems = {p["problem_id"]: p for p in upstream["curate"].read("problems").to_pylist()}
+    by_problem: dict[str, list[dict]] = defaultdict(list)
+    for r in upstream["rollouts"].read("rollouts").to_pylist():
+        by_problem[r["problem_id"]].append(r)
+    stuck = sorted(pid for pid, rs in by_problem.items() if not any(r["correct"] for r in rs))
+    targets = stuck if ec.problems == "stuck" else sorted(by_problem)
+
+    kept: list[dict] = []
+    sampled = 0
+    if targets:
+        backend = open_backend(config)
+        tokenizer = chat_tokenizer(config, backend)
+        template = load_template(config.template_path("explain"))
+        target_problems = [problems[pid] for pid in targets]
+        prompts = [render(tokenizer, fill(template, p["question"], answer=p["answer"])) for p in target_problems]
+        plain = [by_problem[pid][0]["loss_prompt"] for pid in targets]
+        params = SamplingParams(
+            n=ec.samples_per_problem,
+            temperature=rc.temperature if ec.temperature is None else ec.temperature,
+            top_p=rc.top_p,
+            max_new_tokens=ec.max_new_tokens or rc.max_new_tokens,
+            seed=ec.seed,
+        )
+        samples = backend.generate(prompts, params)
+        rows = sample_rows(target_problems, samples, prompts, backend.policy_id, prompt_kind="explain",
+                           guidance=[p["answer"] for p in target_problems], loss_prompts=plain)
+        sampled = len(rows)
+        kept = [r for r in rows if r["correct"]]  # the final answer must verify
+        add_loss_logprobs(backend, kept, params.temperature)
+        score_explanations(backend, kept, [problems[r["problem_id"]]["answer"] for r in kept])
+    for r in kept:
+        r.setdefault("explain_loglik", None)
+        r.setdefault("explain_loglik_total", None)
+        r.setdefault("explain_answer_gain", None)
+    select(kept, ec.select)
+
+    explained = sorted({r["problem_id"] for r in kept})
+    stuck_explained = [pid for pid in explained if pid in set(stuck)]
+    selected = [r for r in kept if r["selected"]]
+    levels = sorted({str(problems[pid]["level"]) for pid in stuck})
+    summary = {
+        "target_problems": len(targets),
+        "stuck_problems": len(stuck),
+        "sampled": sampled,
+        "kept": len(kept),
+        "explained_problems": len(explained),
+        "unlocked_problems": len(stuck_explained),
+        "unlocked_fraction": round(len(stuck_explained) / len(stuck), 4) if stuck else 0.0,
+        "unlocked_by_level": {lvl: sum(1 for pid in stuck_explained if str(problems[pid]["level"]) == lvl) for lvl in levels},
+        "unexplained_problems": [pid for pid in targets if pid not in set(explained)],
+        "kept_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept),
+        "selected_with_all_steps_right": sum(steps_correct(r["completion"]) for r in selected),
+        "select": ec.select,
+    }
+    out = store.write(STAGE, key, {"explanations": ("explanations", to_table(kept, "explanations", "explain/explanations"))},
+                      config=stage_cfg, inputs=inputs, stage_version=STAGE_VERSION, summary=summary, replace=force,
+                      dataset_summaries={"explanations": summary})
+    log.info("explain: %d of %d stuck problems got a verified explanation (%d kept, %d with every step right); "
+             "%d target problems without one -> %s", len(stuck_explained), len(stuck), len(kept),
+             summary["kept_with_all_steps_right"], len(summary["unexplained_problems"]), out.path)
+    return out, False
+
+

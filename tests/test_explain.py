@@ -1,0 +1,91 @@
+import torch
+
+import tasks.rollouts as rollouts_mod
+from tasks import curate, explain
+from tasks.config import parse_config
+from tasks.explain import answer_text, explanation_body, select
+from tasks.generation import TransformersBackend
+from tasks.store import Store
+
+
+def _config(checkpoint, tmp_path, **explain_cfg):
+    return parse_config({
+        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 8, "seed": 4, "level": "hard",
+                                                    "config": {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2}}}],
+                     "eval_fraction": 0.0},
+        "policy": {"model": str(checkpoint), "batch_size": 16},
+        "prompts": {"plain": "tiny_plain", "explain": "tiny_explain"},
+        "rollouts": {"samples_per_problem": 2, "max_new_tokens": 6, "temperature": 0.8},
+        "explain": {"samples_per_problem": 3, **explain_cfg},
+    }, base_dir=tmp_path)
+
+
+def _stage(config, ws, monkeypatch, explain_correct):
+    """curate -> rollouts -> explain with the random policy; the checker is replaced so
+    that plain samples are wrong and explanations are right when `explain_correct`."""
+    store = Store(ws)
+    cur, _ = curate.run(config, store)
+    monkeypatch.setattr(rollouts_mod, "check", lambda t, p: ("0", False))
+    ro, _ = rollouts_mod.run(config, store, {"curate": cur})
+    monkeypatch.setattr(rollouts_mod, "check", lambda t, p: (p["answer"], explain_correct))
+    out, _ = explain.run(config, store, {"curate": cur, "rollouts": ro})
+    return cur, ro, out
+
+
+def _logp(model, tok, prompt: str, ids: list[int], temperature=1.0) -> torch.Tensor:
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([p_ids + ids])).logits[0, len(p_ids) - 1 : -1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+
+
+def test_scores_and_loss_logprobs_match_a_direct_computation(tmp_path, random_checkpoint, monkeypatch):
+    config = _config(random_checkpoint, tmp_path)
+    cur, ro, out = _stage(config, tmp_path / "ws", monkeypatch, explain_correct=True)
+    rows = out.read("explanations").to_pylist()
+    problems = {p["problem_id"]: p for p in cur.read("problems").to_pylist()}
+    assert len(rows) == 3 * len(problems)
+    be = TransformersBackend(random_checkpoint)
+    plain = {r["problem_id"]: r["prompt"] for r in ro.read("rollouts").to_pylist()}
+    for r in rows[:6]:
+        ans = problems[r["problem_id"]]["answer"]
+        assert r["prompt_kind"] == "explain" and r["guidance"] == ans
+        assert f"Answer: {ans}." in r["prompt"] and r["loss_prompt"] == plain[r["problem_id"]] and "Answer:" not in r["loss_prompt"]
+        # loss side: the same tokens under the answer-free prompt, at the sampling temperature
+        direct = _logp(be.model, be.tokenizer, r["loss_prompt"], r["completion_token_ids"], 0.8)
+        assert torch.allclose(torch.tensor(r["loss_logprobs"]), direct, atol=1e-4)
+        # (a) log-likelihood of the explanation under the original prompt, temperature 1
+        ll = _logp(be.model, be.tokenizer, r["loss_prompt"], r["completion_token_ids"])
+        assert abs(r["explain_loglik_total"] - ll.sum().item()) < 1e-3
+        assert abs(r["explain_loglik"] - ll.mean().item()) < 1e-4
+        # (b) how much the explanation raises log p(\boxed{answer})
+        a_ids = be.tokenizer(answer_text(ans), add_special_tokens=False)["input_ids"]
+        with_e = _logp(be.model, be.tokenizer, r["loss_prompt"] + explanation_body(r["completion"]), a_ids).sum().item()
+        without = _logp(be.model, be.tokenizer, r["loss_prompt"], a_ids).sum().item()
+        assert abs(r["explain_answer_gain"] - (with_e - without)) < 1e-3
+    # one selected per problem: the highest per-token log-likelihood
+    for pid in problems:
+        group = [r for r in rows if r["problem_id"] == pid]
+        (chosen,) = [r for r in group if r["selected"]]
+        assert chosen["explain_loglik"] == max(r["explain_loglik"] for r in group)
+
+
+def test_wrong_explanations_are_not_kept_and_are_listed(tmp_path, random_checkpoint, monkeypatch):
+    config = _config(random_checkpoint, tmp_path)
+    cur, _, out = _stage(config, tmp_path / "ws", monkeypatch, explain_correct=False)
+    assert out.read("explanations").num_rows == 0
+    s = out.summary
+    assert s["sampled"] == 3 * cur.read("problems").num_rows and s["kept"] == 0 and s["unlocked_fraction"] == 0.0
+    assert sorted(s["unexplained_problems"]) == sorted(cur.read("problems").column("problem_id").to_pylist())
+
+
+def test_selection_rules():
+    rows = [{"problem_id": "p", "sample_idx": i, "explain_loglik": ll, "explain_answer_gain": g}
+            for i, (ll, g) in enumerate([(-1.0, 0.5), (-0.5, 0.1), (-2.0, 3.0)])]
+    select(rows, "loglik")
+    assert [r["selected"] for r in rows] == [False, True, False]
+    select(rows, "answer_gain")
+    assert [r["selected"] for r in rows] == [False, False, True]
+    select(rows, "all")
+    assert all(r["selected"] for r in rows)
+    assert explanation_body("1 + 2 = 3\n\\boxed{3}") == "1 + 2 = 3\n"
