@@ -33,13 +33,13 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
+from tasks import guidance
 from tasks.answers import steps_correct
 from tasks.config import Config
-from tasks.generation import SamplingParams
 from tasks.prompts import fill, load_template
-from tasks.rollouts import add_loss_logprobs, chat_tokenizer, open_backend, policy_id_for, render, sample_rows
+from tasks.rollouts import add_loss_logprobs, chat_tokenizer, open_backend, render, sample_rows
 from tasks.schemas import to_table
-from tasks.store import Store, StageOutput, sha256_bytes, stage_key
+from tasks.store import Store, StageOutput
 
 STAGE = "explain"
 STAGE_VERSION = "1"
@@ -88,15 +88,7 @@ def select(rows: list[dict], rule: str) -> None:
 
 
 def key_for(config: Config, upstream: dict[str, StageOutput]) -> tuple[str, dict, dict]:
-    stage_cfg = config.stage_config(STAGE)
-    template = load_template(config.template_path("explain"))
-    inputs = {
-        "problems": upstream["curate"].fingerprints["problems"],
-        "rollouts": upstream["rollouts"].fingerprints["rollouts"],
-        "policy": policy_id_for(config),
-        "prompt:explain": "sha256:" + sha256_bytes(template.template.encode()),
-    }
-    return stage_key(STAGE, stage_cfg, inputs, STAGE_VERSION), stage_cfg, inputs
+    return guidance.key_for(STAGE, STAGE_VERSION, config, upstream)
 
 
 def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
@@ -104,12 +96,8 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
     existing = store.reusable(STAGE, key, force)
     if existing is not None:
         return existing, True
-    ec, rc = config.explain, config.rollouts
-    problems = {p["problem_id"]: p for p in upstream["curate"].read("problems").to_pylist()}
-    by_problem: dict[str, list[dict]] = defaultdict(list)
-    for r in upstream["rollouts"].read("rollouts").to_pylist():
-        by_problem[r["problem_id"]].append(r)
-    stuck = sorted(pid for pid, rs in by_problem.items() if not any(r["correct"] for r in rs))
+    ec = config.explain
+    problems, by_problem, stuck = guidance.load_groups(STAGE, config, upstream)
     targets = stuck if ec.problems == "stuck" else sorted(by_problem)
 
     kept: list[dict] = []
@@ -121,13 +109,7 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
         target_problems = [problems[pid] for pid in targets]
         prompts = [render(tokenizer, fill(template, p["question"], answer=p["answer"])) for p in target_problems]
         plain = [by_problem[pid][0]["loss_prompt"] for pid in targets]
-        params = SamplingParams(
-            n=ec.samples_per_problem,
-            temperature=rc.temperature if ec.temperature is None else ec.temperature,
-            top_p=rc.top_p,
-            max_new_tokens=ec.max_new_tokens or rc.max_new_tokens,
-            seed=ec.seed,
-        )
+        params = guidance.sampling_params(ec, config)
         samples = backend.generate(prompts, params)
         rows = sample_rows(target_problems, samples, prompts, backend.policy_id, prompt_kind="explain",
                            guidance=[p["answer"] for p in target_problems], loss_prompts=plain)
@@ -142,18 +124,13 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
     select(kept, ec.select)
 
     explained = sorted({r["problem_id"] for r in kept})
-    stuck_explained = [pid for pid in explained if pid in set(stuck)]
     selected = [r for r in kept if r["selected"]]
-    levels = sorted({str(problems[pid]["level"]) for pid in stuck})
     summary = {
         "target_problems": len(targets),
-        "stuck_problems": len(stuck),
         "sampled": sampled,
         "kept": len(kept),
         "explained_problems": len(explained),
-        "unlocked_problems": len(stuck_explained),
-        "unlocked_fraction": round(len(stuck_explained) / len(stuck), 4) if stuck else 0.0,
-        "unlocked_by_level": {lvl: sum(1 for pid in stuck_explained if str(problems[pid]["level"]) == lvl) for lvl in levels},
+        **guidance.unlocked_summary(stuck, explained, problems),
         "unexplained_problems": [pid for pid in targets if pid not in set(explained)],
         "kept_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept),
         "selected_with_all_steps_right": sum(steps_correct(r["completion"]) for r in selected),
@@ -163,7 +140,7 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
                       config=stage_cfg, inputs=inputs, stage_version=STAGE_VERSION, summary=summary, replace=force,
                       dataset_summaries={"explanations": summary})
     log.info("explain: %d of %d stuck problems got a verified explanation (%d kept, %d with every step right); "
-             "%d target problems without one -> %s", len(stuck_explained), len(stuck), len(kept),
+             "%d target problems without one -> %s", summary["unlocked_problems"], len(stuck), len(kept),
              summary["kept_with_all_steps_right"], len(summary["unexplained_problems"]), out.path)
     return out, False
 

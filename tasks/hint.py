@@ -23,15 +23,15 @@ hinted sample, and how many kept samples have every intermediate step right.
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 
+from tasks import guidance
 from tasks.answers import steps_correct
 from tasks.config import Config
-from tasks.generation import SamplingParams
 from tasks.prompts import fill, load_template
-from tasks.rollouts import add_loss_logprobs, chat_tokenizer, open_backend, policy_id_for, render, sample_rows
+from tasks.rollouts import add_loss_logprobs, chat_tokenizer, open_backend, render, sample_rows
 from tasks.schemas import to_table
-from tasks.store import Store, StageOutput, sha256_bytes, stage_key
+from tasks.store import Store, StageOutput
 
 STAGE = "hint"
 STAGE_VERSION = "1"
@@ -78,15 +78,7 @@ def mentions_hint(completion: str, hint: str) -> bool:
 
 
 def key_for(config: Config, upstream: dict[str, StageOutput]) -> tuple[str, dict, dict]:
-    stage_cfg = config.stage_config(STAGE)
-    template = load_template(config.template_path("hint"))
-    inputs = {
-        "problems": upstream["curate"].fingerprints["problems"],
-        "rollouts": upstream["rollouts"].fingerprints["rollouts"],
-        "policy": policy_id_for(config),
-        "prompt:hint": "sha256:" + sha256_bytes(template.template.encode()),
-    }
-    return stage_key(STAGE, stage_cfg, inputs, STAGE_VERSION), stage_cfg, inputs
+    return guidance.key_for(STAGE, STAGE_VERSION, config, upstream)
 
 
 def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
@@ -94,18 +86,8 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
     existing = store.reusable(STAGE, key, force)
     if existing is not None:
         return existing, True
-    hc, rc = config.hint, config.rollouts
-    problems = {p["problem_id"]: p for p in upstream["curate"].read("problems").to_pylist()}
-    by_problem: dict[str, list[dict]] = defaultdict(list)
-    for r in upstream["rollouts"].read("rollouts").to_pylist():
-        by_problem[r["problem_id"]].append(r)
-    policy_id = policy_id_for(config)
-    seen = {r["policy_id"] for rs in by_problem.values() for r in rs}
-    if seen != {policy_id}:
-        raise ValueError(f"hint: the rollouts were sampled by {sorted(seen)}, the configured policy is {policy_id}; "
-                         "LTE hints must come from the current policy's own mistakes")
-
-    stuck = sorted(pid for pid, rs in by_problem.items() if not any(r["correct"] for r in rs))
+    hc = config.hint
+    problems, by_problem, stuck = guidance.load_groups(STAGE, config, upstream)
     targets, hints, kinds = [], [], Counter()
     for pid in stuck:
         built = build_hint(by_problem[pid], hc.max_wrong_answers)
@@ -123,13 +105,7 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
         target_problems = [problems[pid] for pid in targets]
         hinted = [render(tokenizer, fill(template, p["question"], hint=h)) for p, h in zip(target_problems, hints)]
         plain = [by_problem[pid][0]["loss_prompt"] for pid in targets]
-        params = SamplingParams(
-            n=hc.samples_per_problem or rc.samples_per_problem,
-            temperature=rc.temperature if hc.temperature is None else hc.temperature,
-            top_p=rc.top_p,
-            max_new_tokens=hc.max_new_tokens or rc.max_new_tokens,
-            seed=hc.seed,
-        )
+        params = guidance.sampling_params(hc, config)
         samples = backend.generate(hinted, params)
         rows = sample_rows(target_problems, samples, hinted, backend.policy_id, prompt_kind="hint",
                            guidance=hints, loss_prompts=plain)
@@ -143,24 +119,18 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
             kept.append(r)
         add_loss_logprobs(backend, kept, params.temperature)  # the same tokens under the hint-free prompt
 
-    unlocked = sorted({r["problem_id"] for r in kept})
-    levels = Counter(str(problems[pid]["level"]) for pid in stuck)
     summary = {
-        "stuck_problems": len(stuck),
         "hinted_problems": len(targets),
         "hint_kinds": dict(sorted(kinds.items())),
         "sampled": sampled,
         "kept": len(kept),
         "leaks_rejected": leaks,
-        "unlocked_problems": len(unlocked),
-        "unlocked_fraction": round(len(unlocked) / len(stuck), 4) if stuck else 0.0,
-        "unlocked_by_level": {lvl: sum(1 for pid in unlocked if str(problems[pid]["level"]) == lvl) for lvl in sorted(levels)},
-        "stuck_by_level": dict(sorted(levels.items())),
+        **guidance.unlocked_summary(stuck, [r["problem_id"] for r in kept], problems),
         "kept_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept),
     }
     out = store.write(STAGE, key, {"hints": ("rollouts", to_table(kept, "rollouts", "hint/hints"))}, config=stage_cfg,
                       inputs=inputs, stage_version=STAGE_VERSION, summary=summary, replace=force,
                       dataset_summaries={"hints": summary})
     log.info("hint: %d of %d stuck problems unlocked by a verified hinted sample (%d kept, %d with every step right) -> %s",
-             len(unlocked), len(stuck), len(kept), summary["kept_with_all_steps_right"], out.path)
+             summary["unlocked_problems"], len(stuck), len(kept), summary["kept_with_all_steps_right"], out.path)
     return out, False

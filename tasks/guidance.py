@@ -1,0 +1,68 @@
+"""What the guidance stages (`explain`, `hint`) share: their store key, the
+current policy's plain rollouts grouped by problem, the sampling parameters of
+a guided pass, and the "unlocked" counts of their summaries."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from tasks.config import Config
+from tasks.generation import SamplingParams
+from tasks.prompts import load_template
+from tasks.rollouts import policy_id_for
+from tasks.store import StageOutput, sha256_bytes, stage_key
+
+
+def key_for(stage: str, stage_version: str, config: Config, upstream: dict[str, StageOutput]) -> tuple[str, dict, dict]:
+    """Store key of a guidance stage: problems, rollouts, policy and its template (`prompts.<stage>`)."""
+    stage_cfg = config.stage_config(stage)
+    template = load_template(config.template_path(stage))
+    inputs = {
+        "problems": upstream["curate"].fingerprints["problems"],
+        "rollouts": upstream["rollouts"].fingerprints["rollouts"],
+        "policy": policy_id_for(config),
+        f"prompt:{stage}": "sha256:" + sha256_bytes(template.template.encode()),
+    }
+    return stage_key(stage, stage_cfg, inputs, stage_version), stage_cfg, inputs
+
+
+def load_groups(stage: str, config: Config, upstream: dict[str, StageOutput]) -> tuple[dict[str, dict], dict[str, list[dict]], list[str]]:
+    """(problems by id, plain rollout rows by problem, stuck problem ids). The
+    rollouts must come from the configured policy: guidance is built from, and
+    sampled by, the current policy."""
+    problems = {p["problem_id"]: p for p in upstream["curate"].read("problems").to_pylist()}
+    by_problem: dict[str, list[dict]] = defaultdict(list)
+    for r in upstream["rollouts"].read("rollouts").to_pylist():
+        by_problem[r["problem_id"]].append(r)
+    policy_id = policy_id_for(config)
+    seen = {r["policy_id"] for rs in by_problem.values() for r in rs}
+    if seen and seen != {policy_id}:
+        raise ValueError(f"{stage}: the rollouts were sampled by {sorted(seen)}, the configured policy is {policy_id}; "
+                         "guidance must come from the current policy")
+    stuck = sorted(pid for pid, rs in by_problem.items() if not any(r["correct"] for r in rs))
+    return problems, by_problem, stuck
+
+
+def sampling_params(section, config: Config) -> SamplingParams:
+    """A guided pass samples like the rollouts unless its config section says otherwise."""
+    rc = config.rollouts
+    return SamplingParams(
+        n=getattr(section, "samples_per_problem", None) or rc.samples_per_problem,
+        temperature=rc.temperature if section.temperature is None else section.temperature,
+        top_p=rc.top_p,
+        max_new_tokens=section.max_new_tokens or rc.max_new_tokens,
+        seed=section.seed,
+    )
+
+
+def unlocked_summary(stuck: list[str], unlocked: list[str], problems: dict[str, dict]) -> dict:
+    """How many stuck problems a guidance method turned into a verified positive sample."""
+    stuck_set, unlocked = set(stuck), sorted(set(unlocked) & set(stuck))
+    levels = sorted({str(problems[pid]["level"]) for pid in stuck_set})
+    return {
+        "stuck_problems": len(stuck),
+        "unlocked_problems": len(unlocked),
+        "unlocked_fraction": round(len(unlocked) / len(stuck), 4) if stuck else 0.0,
+        "unlocked_by_level": {lvl: sum(str(problems[p]["level"]) == lvl for p in unlocked) for lvl in levels},
+        "stuck_by_level": {lvl: sum(str(problems[p]["level"]) == lvl for p in stuck) for lvl in levels},
+    }
