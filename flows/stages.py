@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 
 from tasks import curate, explain, filter as filter_stage, hint, rollouts
 from tasks.config import Config, parse_config
-from tasks.store import StageOutput, Store, read_manifest
+from tasks.store import StageOutput, Store
 
 #: stage name -> module exposing STAGE, STAGE_VERSION, key_for(config, upstream), run(config, store, upstream, force)
 STAGE_MODULES: dict[str, ModuleType] = {"curate": curate, "rollouts": rollouts, "filter": filter_stage, "explain": explain, "hint": hint}
@@ -32,11 +32,7 @@ def _config(raw_config: dict, base_dir: str) -> Config:
 
 def load_upstream(upstream: dict[str, str]) -> dict[str, StageOutput]:
     """Upstream stage outputs from their store paths."""
-    outs = {}
-    for stage, path in upstream.items():
-        p = Path(path)
-        outs[stage] = StageOutput(stage, p.name, p, read_manifest(p))
-    return outs
+    return {stage: StageOutput.open(path) for stage, path in upstream.items()}
 
 
 def _module_source_hash(module: ModuleType) -> str:

@@ -34,7 +34,7 @@ from tasks.generation import GenerationBackend, SamplingParams, checkpoint_finge
 from tasks.metrics import pass_table
 from tasks.prompts import chat, fill, load_template
 from tasks.schemas import to_table, validate_table
-from tasks.store import Store, StageOutput, read_dataset, sha256_bytes, stage_key
+from tasks.store import Store, StageOutput, read_dataset, sha256_bytes, stage_key, write_parquet
 
 STAGE = "rollouts"
 STAGE_VERSION = "1"
@@ -138,9 +138,7 @@ def add_loss_logprobs(backend: GenerationBackend, rows: list[dict], temperature:
 
 def _write_shard(path: Path, table: pa.Table) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
+    write_parquet(table, tmp)
     os.rename(tmp, path)
 
 

@@ -132,6 +132,13 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(fh.fileno())
 
 
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """Write one Parquet file and flush it to disk (callers rename it into place)."""
+    pq.write_table(table, path)
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
 def write_dataset_files(
     dataset_dir: Path,
     kind: str,
@@ -148,9 +155,7 @@ def write_dataset_files(
     for i, table in enumerate(tables):
         path = dataset_dir / DATA_DIR / f"part-{i:05d}.parquet"
         validate_table(table, kind, path)
-        pq.write_table(table, path)
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        write_parquet(table, path)
         num_rows += table.num_rows
         schema = schema or table.schema
     manifest = {
@@ -222,6 +227,12 @@ class StageOutput:
     path: Path
     manifest: dict
 
+    @classmethod
+    def open(cls, path: Path | str) -> "StageOutput":
+        """The finished stage output in directory ``<store>/<stage>/<key>``."""
+        path = Path(path)
+        return cls(path.parent.name, path.name, path, read_manifest(path))
+
     def dataset_path(self, name: str) -> Path:
         if name not in self.manifest.get("datasets", {}):
             raise KeyError(f"{self.path}: stage {self.stage!r} has no dataset {name!r}; it has {sorted(self.manifest.get('datasets', {}))}")
@@ -254,7 +265,7 @@ class Store:
         path = self.path(stage, key)
         if not (path / MANIFEST).is_file():
             return None
-        return StageOutput(stage, key, path, read_manifest(path))
+        return StageOutput.open(path)
 
     def reusable(self, stage: str, key: str, force: bool = False) -> StageOutput | None:
         """The finished output at (stage, key) unless a rerun is forced; says so in the log."""
@@ -272,7 +283,7 @@ class Store:
             for kdir in sorted(sdir.glob("*")):
                 if kdir.name.startswith(TMP_PREFIX) or not (kdir / MANIFEST).is_file():
                     continue
-                found.append(StageOutput(sdir.name, kdir.name, kdir, read_manifest(kdir)))
+                found.append(StageOutput.open(kdir))
         return found
 
     def clean_temporaries(self, stage: str) -> list[Path]:
