@@ -18,12 +18,13 @@ from typing import Any, Optional
 from prefect import task
 from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 
-from tasks import curate, explain, filter as filter_stage, hint, rollouts
-from tasks.config import Config, parse_config
+from tasks import curate, explain, filter as filter_stage, grade, hint, rollouts, rubric
+from tasks.config import UPSTREAM, Config, parse_config
 from tasks.store import StageOutput, Store
 
 #: stage name -> module exposing STAGE, STAGE_VERSION, key_for(config, upstream), run(config, store, upstream, force)
-STAGE_MODULES: dict[str, ModuleType] = {"curate": curate, "rollouts": rollouts, "filter": filter_stage, "explain": explain, "hint": hint}
+STAGE_MODULES: dict[str, ModuleType] = {"curate": curate, "rollouts": rollouts, "filter": filter_stage, "explain": explain, "hint": hint,
+                                     "rubric": rubric, "grade": grade}
 
 
 def _config(raw_config: dict, base_dir: str) -> Config:
@@ -87,3 +88,16 @@ def stage_task(stage: str, config: Config, workspace: str, upstream: dict[str, s
         cache_policy=StoreCache() if config.prefect.cache else NO_CACHE,
         refresh_cache=force or not in_store,
     )
+
+
+def stored_outputs(config: Config, workspace: str, stages: list[str]) -> tuple[dict[str, StageOutput], str | None]:
+    """The finished outputs of ``stages`` (in pipeline order) for this config,
+    looked up in the store without running anything; stops at the first stage
+    whose output is not there and returns its name."""
+    store, found = Store(workspace), {}
+    for stage in stages:
+        out = store.get(stage, STAGE_MODULES[stage].key_for(config, {u: found[u] for u in UPSTREAM[stage]})[0])
+        if out is None:
+            return found, stage
+        found[stage] = out
+    return found, None

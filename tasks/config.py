@@ -23,9 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 STAGES = ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "grpo", "eval")
 #: stages that exist in this version of guidedrl; the others are still to come.
-IMPLEMENTED_STAGES = ("curate", "rollouts", "filter", "explain", "hint")
+IMPLEMENTED_STAGES = ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade")
 #: what each stage reads: its upstream stages
-UPSTREAM = {"curate": (), "rollouts": ("curate",), "filter": ("curate", "rollouts"), "explain": ("curate", "rollouts"), "hint": ("curate", "rollouts")}
+UPSTREAM = {"curate": (), "rollouts": ("curate",), "filter": ("curate", "rollouts"), "explain": ("curate", "rollouts"), "hint": ("curate", "rollouts"),
+            "rubric": ("curate", "rollouts"), "grade": ("curate", "rollouts", "rubric")}
 
 _SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|secret[_-]?key|access[_-]?key|token|secret|password|passwd)$", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
@@ -147,6 +148,10 @@ class PromptsConfig(_Strict):
     plain: str = "plain"
     explain: str = "explain"
     hint: str = "hint"
+    judge_outcome: str = "judge_outcome"
+    judge_process: str = "judge_process"
+    judge_items: str = "judge_items"
+    rubric: str = "rubric"
 
 
 class RolloutsConfig(_Strict):
@@ -198,6 +203,29 @@ class HintConfig(_Strict):
     leak_check: bool = Field(False, description="reject hinted samples that mention the hint")
 
 
+class JudgeConfig(_Strict):
+    """ExpRL: grade each trace against the reference solution the policy never saw."""
+
+    backend: Literal["rule", "openai"] = Field("rule", description="rule: the reference's checkable intermediate results; openai: an LLM judge")
+    mode: Literal["outcome", "process"] = Field("process", description="outcome: one score per trace; process: one score per step")
+    rubric: bool = Field(False, description="openai: an LLM turns each reference into weighted checkpoint items (stage `rubric`), which the judge scores")
+    step_split: Literal["auto", "headers", "paragraphs", "lines"] = Field(
+        "auto", description="auto: `###` headers, else blank-line paragraphs, else lines of a single paragraph")
+    # openai
+    model: str | None = Field(None, description="judge model (default: OPENAI_MODEL)")
+    base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. http://127.0.0.1:8001/v1 (default: OPENAI_BASE_URL)")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(1024, gt=0, description="longest judge reply")
+    concurrency: int = Field(16, gt=0, description="requests in flight")
+    timeout_seconds: float = Field(60.0, gt=0, description="per request")
+    max_retries: int = Field(5, ge=0, description="retries with exponential backoff and jitter on 429, 5xx, time-outs, dropped connections")
+    max_requests: int | None = Field(None, gt=0, description="spending guard: a stage that would send more requests than this sends none")
+    max_failed_fraction: float = Field(
+        0.0, ge=0, le=1, description="traces whose request failed after retries, as a fraction, above which the stage fails "
+        "(answers already received stay cached; a re-run sends only the missing requests)")
+
+
 class PrefectConfig(_Strict):
     retries: int = Field(1, ge=0, description="retries of a failed stage")
     retry_delay_seconds: float = Field(2.0, ge=0)
@@ -224,6 +252,7 @@ class Config(_Strict):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     hint: HintConfig = Field(default_factory=HintConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
 
     #: directory that relative paths in the config are resolved against
@@ -249,6 +278,10 @@ class Config(_Strict):
             return {"explain": self.explain.model_dump(mode="json"), **self.stage_config("rollouts")}
         if stage == "hint":
             return {"hint": self.hint.model_dump(mode="json"), **self.stage_config("rollouts")}
+        if stage == "rubric":
+            return {"judge": self.judge.model_dump(mode="json", include={"backend", "rubric", "model", "temperature", "max_tokens"})}
+        if stage == "grade":
+            return {"judge": self.judge.model_dump(mode="json", include={"backend", "mode", "rubric", "step_split", "model", "temperature", "max_tokens"})}
         raise KeyError(f"stage {stage!r} is not implemented yet")
 
     def template_path(self, kind: str) -> str | Path:

@@ -1,13 +1,29 @@
-"""A real local HTTP server that speaks the OpenAI Completions protocol, for tests.
+"""A real local HTTP server that speaks the OpenAI protocol, for tests and benchmarks.
 
-It can be told to be slow, to fail (500 / 429) some requests, or to answer
-garbage. Completions are deterministic: the prompt's length and the choice
-index, with vLLM-style ``token_id:N`` tokens and log-probabilities.
+``/v1/completions`` (the policy backend): deterministic completions from the
+prompt's length and the choice index, with vLLM-style ``token_id:N`` tokens and
+log-probabilities.
+
+``/v1/chat/completions`` (the judge): it grades from the request itself — it
+reads the reference solution and the student's reasoning out of the prompt
+(the tags of tasks/prompts/judge_*.txt) and scores the reasoning against the
+reference's intermediate results and answer, so a client that sends the wrong
+text gets the wrong scores. Rubric requests get the reference's lines as items.
+
+Told to misbehave through ``Behaviour`` (all requests) or markers in the
+request text (one trace): slow, 500 / 429 for the first N attempts, always 500
+(``ALWAYS-FAIL``), non-JSON bodies (``GARBAGE``), an unparseable judge reply
+(``JUDGE-NONSENSE``; ``JUDGE-NONSENSE-ONCE``: until reminded of the format),
+hang (``JUDGE-HANG``), or a dropped connection (``JUDGE-DROP``).
+
+    python -m tests.openai_server --port 8123 --delay 0.5   # standalone (bench/judge.py)
 """
 
 from __future__ import annotations
 
 import json
+import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -22,13 +38,63 @@ class Behaviour:
         self.always_fail = "ALWAYS-FAIL"  # prompts containing this always get 500
         self.garbage = "GARBAGE"  # prompts containing this get a non-JSON 200
         self.no_token_ids = False  # answer like a server without return_tokens_as_token_ids
+        self.hang_seconds = 30.0  # how long JUDGE-HANG requests hang
+        self.drop_first = 0  # drop the connection for the first N attempts of each request
         self.attempts: Counter = Counter()
         self.requests: list[dict] = []
         self.lock = threading.Lock()
 
 
+_EQ = re.compile(r"-?\d+ [-+*/] -?\d+ = -?\d+")
+
+
+def _between(text: str, tag: str) -> str | None:
+    m = re.search(rf"<{tag}>\n?(.*?)\n?</{tag}>", text, re.S)
+    return m.group(1) if m else None
+
+
+def _answer(text: str) -> str | None:
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed:
+        return boxed[-1].strip()
+    nums = re.findall(r"-?\d+", text)
+    return nums[-1] if nums else None
+
+
+def judge_reply(messages: list[dict]) -> str:
+    """What a careful judge would answer to one of guidedrl's judge prompts."""
+    user = messages[0]["content"]
+    reminded = len(messages) > 1
+    if "JUDGE-NONSENSE" in user and not ("JUDGE-NONSENSE-ONCE" in user and reminded):
+        return "The reasoning looks quite good to me overall, nice work!"
+    reference = _between(user, "reference_solution") or ""
+    ref_eqs, ref_answer = _EQ.findall(reference), _answer(reference)
+    if "ITEM: <weight>" in user:  # rubric generation
+        return "\n".join([f"ITEM: 1 | {e}" for e in ref_eqs] + [f"ITEM: 2 | final answer {ref_answer}"])
+    rubric = _between(user, "rubric")
+    if rubric is not None:
+        trace = _between(user, "student_reasoning") or ""
+        items = [re.sub(r"^\d+\. \(weight [^)]*\) ", "", line) for line in rubric.splitlines() if line.strip()]
+        scores = [5 if (it.removeprefix("final answer ") == _answer(trace) if it.startswith("final answer") else it in trace) else 1
+                  for it in items]
+        return "Checked each item.\n" + "\n".join(f"ITEM {k}: {s}" for k, s in enumerate(scores, 1))
+    steps_block = _between(user, "student_steps")
+    if steps_block is not None:
+        steps = re.split(r"\[step \d+\]\n", steps_block)[1:]
+        lines, seen = [], ""
+        for k, step in enumerate(steps, 1):
+            seen += step
+            frac = (sum(e in seen for e in ref_eqs) / len(ref_eqs)) if ref_eqs else float(_answer(seen) == ref_answer)
+            lines.append(f"STEP {k}: {1 + round(4 * frac)}")
+        return "Checkpoints: " + ", ".join(ref_eqs) + "\n" + "\n".join(lines)
+    trace = _between(user, "student_reasoning") or ""
+    return f"The reference's answer is {ref_answer}.\nSCORE: {5 if _answer(trace) == ref_answer else 1}"
+
+
 def _handler(b: Behaviour):
     class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as real servers
+
         def log_message(self, *a):  # quiet
             pass
 
@@ -41,19 +107,32 @@ def _handler(b: Behaviour):
 
         def do_POST(self):
             req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-            prompt = req.get("prompt", "")
+            chat = "messages" in req
+            prompt = json.dumps(req["messages"]) if chat else req.get("prompt", "")
             with b.lock:
                 b.requests.append(req)
                 b.attempts[prompt] += 1
                 attempt = b.attempts[prompt]
             if b.slow_seconds:
                 time.sleep(b.slow_seconds)
+            if "JUDGE-HANG" in prompt:
+                time.sleep(b.hang_seconds)
+            if "JUDGE-DROP" in prompt or attempt <= b.drop_first:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             if b.always_fail in prompt or attempt <= b.fail_first:
                 return self._send(500, json.dumps({"error": {"message": "boom", "type": "server_error"}}).encode())
             if attempt <= b.fail_first + b.rate_limit_first:
                 return self._send(429, json.dumps({"error": {"message": "slow down", "type": "rate_limit"}}).encode())
             if b.garbage in prompt:
                 return self._send(200, b"<html>this is not json", "application/json")
+            if self.path.endswith("/chat/completions"):
+                content = judge_reply(req["messages"])
+                body = {"id": "chat-x", "object": "chat.completion", "created": 0, "model": req.get("model"),
+                        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+                        "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(content) // 4, "total_tokens": 0}}
+                return self._send(200, json.dumps(body).encode())
             if not self.path.endswith("/completions"):
                 return self._send(404, b'{"error": {"message": "not found"}}')
             n = int(req.get("n", 1))
@@ -75,10 +154,21 @@ def _handler(b: Behaviour):
     return H
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # many clients connect at once (the default backlog is 5)
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # a client that gave up (time-out) is not news
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 class OpenAIServer:
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.behaviour = Behaviour()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.behaviour))
+        self.httpd = _Server(("127.0.0.1", port), _handler(self.behaviour))
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
@@ -92,3 +182,16 @@ class OpenAIServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
+    args = ap.parse_args()
+    server = OpenAIServer(port=args.port)
+    server.behaviour.slow_seconds = args.delay
+    print(server.base_url, flush=True)
+    server.httpd.serve_forever()

@@ -1,0 +1,225 @@
+"""The ExpRL judge: rule-based grading, the LLM judge over real HTTP, the grade and rubric stages."""
+
+import json
+import time
+
+import polars as pl
+import pytest
+
+from tasks import grade, judge, rubric
+from tasks.config import parse_config
+from tasks.judge import JudgeError, RuleJudge, Trace, split_steps
+from tasks.store import Store
+from tests.openai_server import OpenAIServer
+
+REF = "12 + 7 = 19\n19 - 3 = 16\nThe answer is 16."
+RIGHT = "12 + 7 = 19\n19 - 3 = 16\n\\boxed{16}"
+
+
+def _trace(completion, correct=None, sid="s", reference=REF, rubric_items=None):
+    return Trace(sid, "p1", "What is 12 + 7 - 3?", reference, completion,
+                 completion.rstrip().endswith("{16}") if correct is None else correct, rubric_items)
+
+
+# --------------------------------------------------------------------------- steps and the rule judge
+
+
+def test_split_steps_headers_then_paragraphs_then_lines():
+    assert split_steps("intro\n### One\na\n### Two\nb") == ["intro", "### One\na", "### Two\nb"]
+    assert split_steps("first para\nstill first\n\nsecond") == ["first para\nstill first", "second"]
+    assert split_steps("a = 1\nb = 2") == ["a = 1", "b = 2"]
+    assert split_steps("a = 1\nb = 2", "paragraphs") == ["a = 1\nb = 2"]
+    assert split_steps("  \n") == []
+
+
+def test_rule_judge_credits_results_of_the_matching_operation_only():
+    j = RuleJudge("process")
+    full = j.grade_one(_trace(RIGHT))
+    assert full["parse_ok"] and full["outcome_score"] == 1.0 and full["step_scores"] == [0.5, 1.0, 1.0]
+    # the final answer copied without the steps that produce it earns nothing
+    for copied in ["\\boxed{16}", "The answer is 16.\n\\boxed{16}", "We get 19, then 16.\n\\boxed{16}",
+                   "16 = 16\n\\boxed{16}", "12 + 7 - 3 = 16\n\\boxed{16}", "5 + 11 = 16\n\\boxed{16}"]:
+        g = j.grade_one(_trace(copied))
+        assert g["parse_ok"] and g["outcome_score"] == 0.0 and set(g["step_scores"]) == {0.0}, copied
+    # operands of + in either order; a wrong later step keeps only the first checkpoint
+    half = j.grade_one(_trace("7 + 12 = 19\n19 - 3 = 15\n\\boxed{15}"))
+    assert half["step_scores"] == [0.5, 0.5, 0.5] and half["outcome_score"] == 0.5
+    # a subtraction is not commutative
+    assert j.grade_one(_trace("3 - 19 = 16\n\\boxed{16}"))["outcome_score"] == 0.0
+    # every checkpoint reached but the boxed answer wrong: on the path, not there
+    assert j.grade_one(_trace("12 + 7 = 19\n19 - 3 = 16\n\\boxed{17}"))["outcome_score"] == 0.75
+    assert RuleJudge("outcome").grade_one(_trace(RIGHT))["step_scores"] is None
+
+
+def test_rule_judge_without_checkable_results_records_why_and_no_score():
+    g = RuleJudge().grade_one(_trace("\\boxed{16}", reference="The answer is 16."))
+    assert not g["parse_ok"] and g["outcome_score"] is None and g["step_scores"] is None
+    assert "no checkable intermediate results" in g["error"]
+
+
+def test_rule_judge_uses_a_given_rubric_and_its_weights():
+    items = [{"text": "12 + 7 = 19", "weight": 3.0}, {"text": "19 - 3 = 16", "weight": 1.0}]
+    g = RuleJudge().grade_one(_trace("12 + 7 = 19\n\\boxed{16}", rubric_items=items))
+    assert g["step_scores"] == [0.75, 0.75]
+
+
+# --------------------------------------------------------------------------- the LLM judge over HTTP
+
+
+@pytest.fixture()
+def server():
+    with OpenAIServer() as srv:
+        yield srv
+
+
+def _llm(server, tmp_path, mode="outcome", **kw):
+    kw = {"max_retries": 1, "timeout": 5.0, **kw}
+    client = judge.JudgeClient("judge-model", server.base_url, "GUIDEDRL_TEST_KEY", judge.RequestCache(tmp_path / "cache"), **kw)
+    prompts = judge.JudgePrompts.load({"outcome": "judge_outcome", "process": "judge_process", "items": "judge_items", "rubric": "rubric"})
+    return judge.LLMJudge(client, prompts, mode)
+
+
+def _chat_requests(server):
+    return [r for r in server.behaviour.requests if "messages" in r]
+
+
+def test_llm_judge_scores_come_from_what_the_client_sent(server, tmp_path):
+    traces = [_trace(RIGHT, sid="right"), _trace("12 + 7 = 20\n\\boxed{20}", sid="wrong")]
+    rows = _llm(server, tmp_path, "outcome").grade(traces)
+    assert [r["outcome_score"] for r in rows] == [1.0, 0.0] and all(r["parse_ok"] for r in rows)
+    sent = [r["messages"][0]["content"] for r in _chat_requests(server)]
+    assert len(sent) == 2 and all(REF in text and text.count("<reference_solution>") == 1 for text in sent)
+    assert sum(RIGHT in text for text in sent) == 1
+    rows = _llm(server, tmp_path, "process").grade(traces)
+    assert rows[0]["step_scores"] == [0.5, 1.0, 1.0] and rows[1]["step_scores"] == [0.0, 0.0]
+    assert rows[0]["outcome_score"] == 1.0 and rows[0]["steps"] == RIGHT.splitlines()
+
+
+def test_unparseable_answers_get_one_reminder_then_are_recorded_never_scored(server, tmp_path):
+    traces = [_trace("JUDGE-NONSENSE-ONCE\n\\boxed{16}", sid="once"), _trace("JUDGE-NONSENSE\n\\boxed{16}", sid="never")]
+    j = _llm(server, tmp_path)
+    once, never = j.grade(traces)
+    assert once["parse_ok"] and once["outcome_score"] == 1.0
+    assert not never["parse_ok"] and never["outcome_score"] is None and never["step_scores"] is None
+    assert "reminder" in never["error"] and "good to me" in never["judge_raw"]
+    assert j.stats["reminders"] == 2 and j.stats["requests"] == 4
+    reminder = _chat_requests(server)[-1]["messages"]
+    assert [m["role"] for m in reminder] == ["user", "assistant", "user"] and "SCORE: n" in reminder[-1]["content"]
+
+
+def test_rate_limits_and_server_errors_are_retried(server, tmp_path):
+    server.behaviour.fail_first, server.behaviour.rate_limit_first = 1, 1
+    j = _llm(server, tmp_path, max_retries=3)
+    rows = j.grade([_trace(RIGHT, sid="a"), _trace("\\boxed{3}", sid="b")])
+    assert [r["outcome_score"] for r in rows] == [1.0, 0.0]
+    assert j.stats["retries"] == 4 and j.stats["requests"] == 2 and j.stats["failed"] == 0
+
+
+def test_every_trace_ends_graded_or_failed_with_its_reason_and_a_rerun_sends_only_the_missing(server, tmp_path):
+    server.behaviour.hang_seconds = 3.0
+    traces = [_trace(RIGHT, sid="ok"), _trace("JUDGE-HANG \\boxed{16}", sid="hang"), _trace("JUDGE-DROP", sid="drop"),
+              _trace("ALWAYS-FAIL \\boxed{16}", sid="500"), _trace("JUDGE-NONSENSE", sid="garbage")]
+    j = _llm(server, tmp_path, max_retries=0, timeout=1.0)
+    t0 = time.time()
+    rows = j.grade(traces)
+    assert time.time() - t0 < 10
+    by = {r["sample_id"]: r for r in rows}
+    assert len(rows) == len(traces) and by["ok"]["parse_ok"]
+    assert "Timeout" in by["hang"]["error"] and "Connection" in by["drop"]["error"] and "500" in by["500"]["error"]
+    assert "reminder" in by["garbage"]["error"]
+    with pytest.raises(JudgeError, match=r"3 of 5 judge requests to .* failed after 0 retries"):
+        judge.check_failures("grade", rows, 0.5, j.client)
+    judge.check_failures("grade", rows, 0.6, j.client)  # within the allowed fraction
+
+    answered = len(_chat_requests(server))
+    server.behaviour.hang_seconds = 0.0
+    again = _llm(server, tmp_path, max_retries=0, timeout=1.0)
+    rows2 = again.grade(traces)
+    resent = [r["messages"][0]["content"] for r in _chat_requests(server)[answered:]]
+    # only the three failed requests went out again; "ok" and the garbage pair came from the cache
+    assert len(resent) == 3 and again.stats["cache_hits"] == 3
+    assert not any(RIGHT in text and "JUDGE" not in text for text in resent)
+    assert {r["sample_id"]: r["parse_ok"] for r in rows2} == {"ok": True, "hang": True, "drop": False, "500": False, "garbage": False}
+
+
+def test_spending_guard_refuses_before_sending_anything(server, tmp_path):
+    j = _llm(server, tmp_path, max_requests=1)
+    with pytest.raises(JudgeError, match="over judge.max_requests = 1; nothing was sent"):
+        j.grade([_trace(RIGHT, sid="a"), _trace(RIGHT + " ", sid="b")])
+    assert _chat_requests(server) == []
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def _upstream(tmp_path, completions, reference=REF):
+    """A store holding a curated problem and rollouts with the given completions."""
+    from tasks.schemas import to_table
+
+    store = Store(tmp_path / "ws")
+    problem = {"problem_id": "p1", "question": "What is 12 + 7 - 3?", "answer": "16", "reference_solution": reference,
+               "source": "test", "level": "hard", "split": "train", "metadata": "{}"}
+    cur = store.write("curate", "k-curate", {"problems": ("problems", to_table([problem], "problems"))},
+                      config={}, inputs={}, stage_version="test")
+    rows = [{"sample_id": f"s{i}", "problem_id": "p1", "sample_idx": i, "prompt": "q", "completion": c,
+             "completion_token_ids": [1], "behaviour_logprobs": [-0.1], "finish_reason": "stop",
+             "extracted_answer": None, "correct": c.endswith("{16}"), "policy_id": "pol", "prompt_kind": "plain",
+             "guidance": None, "loss_prompt": "q", "loss_logprobs": None, "level": "hard", "error": None}
+            for i, c in enumerate(completions)]
+    ro = store.write("rollouts", "k-rollouts", {"rollouts": ("rollouts", to_table(rows, "rollouts"))},
+                     config={}, inputs={}, stage_version="test")
+    return store, {"curate": cur, "rollouts": ro}
+
+
+def _config(tmp_path, **judge_cfg):
+    return parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}, "judge": judge_cfg}, base_dir=tmp_path)
+
+
+def test_grade_stage_with_the_rule_judge_writes_the_grades_dataset(tmp_path):
+    store, up = _upstream(tmp_path, [RIGHT, "\\boxed{16}", "12 + 7 = 19\n\\boxed{19}"])
+    config = _config(tmp_path, backend="rule", mode="process")
+    up["rubric"], _ = rubric.run(config, store, up)
+    assert up["rubric"].read("rubrics").to_pylist()[0]["items"] == [{"text": "12 + 7 = 19", "weight": 1.0},
+                                                                   {"text": "19 - 3 = 16", "weight": 1.0}]
+    out, reused = grade.run(config, store, up)
+    df = pl.read_parquet(out.dataset_path("grades") / "data" / "*.parquet")
+    assert df["outcome_score"].to_list() == [1.0, 0.0, 0.5] and df["step_scores"].to_list()[0] == [0.5, 1.0, 1.0]
+    s = out.summary
+    assert s["parse_rate"] == 1.0 and s["outcome_histogram"] == {"0.00": 1, "0.50": 1, "1.00": 1}
+    assert s["agreement_with_correctness"] == pytest.approx(2 / 3, abs=1e-4)  # the copied answer is right but scores 0
+    assert json.loads((out.path / "grades" / "manifest.json").read_text())["summary"]["graded"] == 3
+    assert grade.run(config, store, up)[1] is True  # reused
+
+
+def test_grade_stage_fails_when_the_judge_is_down_then_a_rerun_pays_only_for_what_is_missing(tmp_path):
+    store, up = _upstream(tmp_path, [RIGHT, "12 + 7 = 20\n\\boxed{20}"])
+    with OpenAIServer() as srv:
+        url = srv.base_url
+    config = _config(tmp_path, backend="openai", base_url=url, model="m", mode="process", max_retries=0, timeout_seconds=2)
+    up["rubric"], _ = rubric.run(config, store, up)
+    assert up["rubric"].summary["enabled"] is False and up["rubric"].read("rubrics").num_rows == 0
+    with pytest.raises(JudgeError, match=r"2 of 2 judge requests to http://127.0.0.1:\d+/v1 failed after 0 retries \(2x APIConnectionError: Connection error"):
+        grade.run(config, store, up)
+    assert store.outputs("grade") == []  # nothing half-written
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with OpenAIServer(port=port) as srv:
+        plan = grade.plan(config, store, up)
+        assert plan["requests"] == 2 and plan["cached"] == 0 and plan["prompt_tokens"] > 100
+        out, _ = grade.run(config, store, up)
+        assert [r["step_scores"] for r in out.read("grades").to_pylist()] == [[0.5, 1.0, 1.0], [0.0, 0.0]]
+        assert grade.plan(config, store, up)["requests"] == 0  # all cached now
+        grade.run(config, store, up, force=True)
+        assert len(_chat_requests(srv)) == 2  # the forced re-run came from the cache
+
+
+def test_llm_rubric_stage_feeds_item_scores_to_the_grade_stage(tmp_path):
+    store, up = _upstream(tmp_path, [RIGHT, "12 + 7 = 19\n\\boxed{19}"])
+    with OpenAIServer() as srv:
+        config = _config(tmp_path, backend="openai", base_url=srv.base_url, model="m", mode="outcome", rubric=True)
+        up["rubric"], _ = rubric.run(config, store, up)
+        items = up["rubric"].read("rubrics").to_pylist()[0]
+        assert items["rubric_model"] == "openai:m" and items["items"][-1] == {"text": "final answer 16", "weight": 2.0}
+        out, _ = grade.run(config, store, up)
+        scores = [r["outcome_score"] for r in out.read("grades").to_pylist()]
+        assert scores == [1.0, 0.25]  # weights 1, 1, 2: only the first checkpoint of the second trace
+        assert "<rubric>" in _chat_requests(srv)[-1]["messages"][0]["content"]
