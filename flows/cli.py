@@ -50,7 +50,9 @@ def _user_errors():
     from tasks.curate import SourceError
     from tasks.schemas import SchemaError
 
-    return (ConfigError, SourceError, SchemaError, FileNotFoundError, ValueError)
+    from tasks.judge import JudgeError
+
+    return (ConfigError, SourceError, SchemaError, JudgeError, FileNotFoundError, ValueError)
 
 
 def _describe(result: dict) -> str:
@@ -71,7 +73,35 @@ def _describe(result: dict) -> str:
         return (f"LTE unlocked {s.get('unlocked_problems')} of {s.get('stuck_problems')} stuck problems "
                 f"({s.get('unlocked_fraction', 0):.1%}) with a verified hinted sample; {s.get('kept')} kept, "
                 f"{s.get('kept_with_all_steps_right')} with every step right")
+    if result["stage"] == "rubric":
+        if not s.get("enabled"):
+            return "off (judge.rubric: false)"
+        return f"{s.get('rubrics')} of {s.get('problems')} problems have a rubric ({s.get('items')} items, {s.get('backend')})"
+    if result["stage"] == "grade":
+        return (f"{s.get('graded')} of {s.get('traces')} traces graded by {s.get('judge')} ({s.get('mode')} mode), "
+                f"parse rate {s.get('parse_rate')}")
     return json.dumps(s)[:120]
+
+
+def _print_grade_summary(s: dict) -> None:
+    table = Table(title=f"judge: {s.get('judge')}, {s.get('mode')} mode")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    req = s.get("judge_requests", {})
+    rows = [
+        ("traces graded / all", f"{s.get('graded')} / {s.get('traces')}"),
+        ("parse rate", str(s.get("parse_rate"))),
+        ("not graded, by reason", ", ".join(f"{k}: {v}" for k, v in s.get("not_graded_by_reason", {}).items()) or "-"),
+        ("outcome score histogram", "  ".join(f"{k}: {v}" for k, v in s.get("outcome_histogram", {}).items()) or "-"),
+        ("mean outcome score (right answer / wrong)", f"{s.get('mean_outcome_if_correct')} / {s.get('mean_outcome_if_wrong')}"),
+        ("mean step score", str(s.get("mean_step_score"))),
+        ("agreement of outcome >= 0.75 with a right answer", str(s.get("agreement_with_correctness"))),
+        ("requests sent / cache hits / retries / format reminders",
+         f"{req.get('requests', 0)} / {req.get('cache_hits', 0)} / {req.get('retries', 0)} / {req.get('reminders', 0)}"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
 
 
 def _print_pass_table(title: str, table_data: dict) -> None:
@@ -102,6 +132,8 @@ def _print_results(results: dict, todo: list[str]) -> None:
     console.print(table)
     if "rollouts" in results:
         _print_pass_table("pass rates of the policy's rollouts, by level", results["rollouts"]["summary"].get("pass", {}))
+    if "grade" in results:
+        _print_grade_summary(results["grade"]["summary"])
     for stage, r in results.items():
         if r["status"] != "computed":
             console.print(f"{stage}: output already in the store for this config and inputs — nothing was recomputed.")
@@ -119,6 +151,44 @@ def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
     console.print(f"workspace: {ws}")
     results = pipeline(raw_config=raw, base_dir=str(base_dir.resolve()), workspace=str(ws), stages=to_run)
     _print_results(results, todo)
+
+
+def _dry_run(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]]) -> None:
+    """Count what the judge stages would send; run nothing, send nothing."""
+    from flows.pipeline import select_stages
+    from flows.stages import STAGE_MODULES, stored_outputs
+    from tasks.config import UPSTREAM, parse_config
+    from tasks.store import Store
+
+    config = parse_config(raw, base_dir=base_dir)
+    ws = Path(workspace or config.resolve(config.workspace)).resolve()
+    to_run, _ = select_stages(stages)
+    judged = [s for s in to_run if hasattr(STAGE_MODULES[s], "plan")]
+    if not judged:
+        console.print("dry run: none of these stages sends judge requests; nothing to count.")
+        return
+    for stage in judged:
+        found, missing = stored_outputs(config, str(ws), list(UPSTREAM[stage]))
+        note = ""
+        if missing == "rubric":  # grading can be counted before the rubrics exist
+            missing = None
+            if config.judge.backend == "openai" and config.judge.rubric:
+                note = " (counted before the rubrics exist: their items will make the prompts somewhat longer)"
+        if missing:
+            sends = "its own count is above" if missing in judged else "it sends no judge requests"
+            console.print(f"[yellow]{stage}:[/] cannot count yet — it reads the output of `{missing}`, which has not run with this "
+                          f"config in {ws}. Run `guidedrl run CONFIG --stages {missing}` first ({sends}).")
+            continue
+        p = STAGE_MODULES[stage].plan(config, Store(ws), found)
+        if p["requests"] == 0:
+            console.print(f"{stage}: 0 requests to send ({p.get('note') or str(p.get('cached', 0)) + ' answers cached'})")
+            continue
+        over = p.get("max_requests") is not None and p["requests"] > p["max_requests"]
+        console.print(f"{stage}: would send {p['requests']} requests to {p['endpoint']} ({p['cached']} answers already cached), "
+                      f"about {p['prompt_tokens']:,} prompt tokens and at most {p['max_completion_tokens']:,} completion tokens"
+                      + (f" — [red]over judge.max_requests = {p['max_requests']}: the stage would refuse to start[/]" if over else "")
+                      + f". Parse failures add one reminder request each{note}.")
+    console.print("dry run: nothing was sent.")
 
 
 def _parse_stages(stages: Optional[str]) -> Optional[list[str]]:
@@ -147,13 +217,14 @@ def run(
     stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated stages to run (default: all). Stages: curate, rollouts, filter, explain, hint, rubric, grade, materialize, dpo, grpo, eval."),
     workspace: Optional[Path] = WorkspaceOpt,
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set problems.eval_fraction=0.3 (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print how many judge requests (and roughly how many tokens) the rubric and grade stages would send; run and send nothing."),
 ):
     """Run the pipeline (a Prefect flow) on CONFIG. Finished stage outputs are reused."""
     from tasks.config import apply_overrides, read_yaml
 
     try:
         raw = apply_overrides(read_yaml(config), set_)
-        _execute(raw, Path.cwd(), workspace, _parse_stages(stages))
+        (_dry_run if dry_run else _execute)(raw, Path.cwd(), workspace, _parse_stages(stages))
     except _user_errors() as exc:
         _fail(str(exc))
 

@@ -1,6 +1,7 @@
 """End to end through the console script and a real Prefect server."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -118,8 +119,22 @@ def test_help_explains_commands(cli):
 
 def test_quickstart_runs_and_names_the_stages_still_to_come(tmp_path, cli):
     r = cli("quickstart", "--workspace", str(tmp_path / "ws"), cwd=tmp_path)
-    for stage in ("curate", "rollouts", "filter", "explain", "hint"):
+    for stage in ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade"):
         assert any(p for p in (tmp_path / "ws" / "store" / stage).iterdir() if not p.name.startswith("."))
     assert "pass rates of the policy's rollouts" in r.stdout and "pass@8" in r.stdout
-    assert "Stages still to come (not built yet): rubric, grade" in r.stdout.replace("\n", " ")
+    assert "Stages still to come (not built yet): materialize, dpo, grpo, eval" in r.stdout.replace("\n", " ")
     assert "ExPO explained" in r.stdout and "LTE unlocked" in r.stdout
+    assert "judge: rule, process mode" in r.stdout and "parse rate" in r.stdout
+
+    # the LLM judge's dry run counts what grading would send, sends nothing
+    from tests.openai_server import OpenAIServer
+
+    with OpenAIServer() as srv:
+        cfg = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+        args = ("run", cfg, "--workspace", str(tmp_path / "ws"), "--stages", "grade", "--dry-run",
+                "--set", "judge.backend=openai", "--set", f"judge.base_url={srv.base_url}", "--set", "judge.model=m")
+        d = " ".join(cli(*args, "--set", "judge.max_requests=100").stdout.split())
+        assert re.search(r"grade: would send 1920 requests to http://127\.0\.0\.1:\d+/v1 \(m\) \(0 answers already cached\), "
+                         r"about [\d,]+ prompt tokens and at most 1,966,080 completion tokens — over judge.max_requests = 100", d), d
+        assert "rubric: 0 requests to send (judge.rubric is off" in d and "nothing was sent" in d
+        assert srv.behaviour.requests == []
