@@ -8,6 +8,10 @@
 # then in the guidedrl config:
 #   policy: {backend: openai, model: Qwen/Qwen2.5-3B-Instruct, base_url: http://HOST:8000/v1,
 #            tokenizer: /models/qwen2.5-3b-instruct}
+#
+# A judge for ExpRL grading (the chat endpoint), on another port:
+#   MODEL=/models/qwen3-4b-instruct NAME=Qwen/Qwen3-4B-Instruct-2507 PORT=8001 infra/vllm-serve.sh
+#   judge: {backend: openai, model: Qwen/Qwen3-4B-Instruct-2507, base_url: http://HOST:8001/v1}
 set -euo pipefail
 : "${MODEL:?set MODEL to a local model directory}"
 VLLM_BIN="${VLLM_BIN:-/opt/vllm/bin/vllm}"
