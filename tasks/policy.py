@@ -4,10 +4,11 @@ It stands in for a real reasoning model in the quickstart and the tests. It is
 trained on step-by-step chain sums (partial sums written out, final answer in
 ``\\boxed{}``) from reasoning-gym: the easy level (sums and differences of two
 digits) almost always, the hard level (of two 2-digit numbers) rarely — a latent
-ability that plain sampling seldom finds, while the answer-given (explain)
-prompt finds it several times as often, as ExPO assumes of real models. The
-explanation (answer given) and hint formats of the guidance stages are in the
-training mix too, so the later stages have a policy that follows them.
+ability that plain sampling seldom finds. Answer-given (explain) examples are
+of the hard level half the time, so that the policy explains a shown answer
+far more readily than it finds it, as ExPO assumes of real models. The hint
+format of LTE is in the training mix too, so the later stages have a policy
+that follows both.
 
 Everything a run depends on is in ``TinyPolicyConfig``; the same config and seed
 reproduce the checkpoint.
@@ -58,7 +59,10 @@ class TinyPolicyConfig:
     # data: reasoning-gym chain_sum levels
     easy: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
     hard: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2})
-    hard_fraction: float = 0.003  # how rarely the hard level is seen
+    hard_fraction: float = 0.003  # how rarely the hard level is seen in plain and hint examples
+    # how often explain (answer-given) examples are of the hard level: the policy
+    # learns to reach an answer it is shown far more readily than to find it
+    explain_hard_fraction: float = 0.5
     format_mix: dict = field(default_factory=lambda: {"plain": 0.7, "explain": 0.15, "hint": 0.15})
     templates: dict = field(default_factory=lambda: {"plain": "tiny_plain", "explain": "tiny_explain", "hint": "tiny_hint"})
     # training
@@ -130,11 +134,12 @@ def _examples(cfg: TinyPolicyConfig, tokenizer, rng: random.Random):
     kinds, weights = zip(*cfg.format_mix.items())
     counters = {"easy": 0, "hard": 0}
     while True:
-        level = "hard" if rng.random() < cfg.hard_fraction else "easy"
+        kind = rng.choices(kinds, weights)[0]
+        fraction = cfg.explain_hard_fraction if kind == "explain" else cfg.hard_fraction
+        level = "hard" if rng.random() < fraction else "easy"
         entry = gens[level][counters[level] % 100_000]
         counters[level] += 1
         expr, answer = entry["metadata"]["expression"], entry["answer"]
-        kind = rng.choices(kinds, weights)[0]
         if kind == "plain":
             user = fill(templates["plain"], entry["question"])
         elif kind == "explain":
