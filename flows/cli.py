@@ -80,7 +80,37 @@ def _describe(result: dict) -> str:
     if result["stage"] == "grade":
         return (f"{s.get('graded')} of {s.get('traces')} traces graded by {s.get('judge')} ({s.get('mode')} mode), "
                 f"parse rate {s.get('parse_rate')}")
+    if result["stage"] == "materialize":
+        g = s.get("grpo", {})
+        return (f"dpo: {s.get('dpo', {}).get('pairs')} pairs {s.get('dpo', {}).get('by_kind')}; grpo: {g.get('rows')} rows in "
+                f"{g.get('groups_kept')} groups ({g.get('uniform_groups_dropped')} uniform groups dropped, "
+                f"{g.get('lte_replaced_samples')} samples replaced by LTE); sft: {s.get('sft', {}).get('rows')} rows")
+    if result["stage"] == "dpo":
+        b, a = s.get("heldout_before", {}), s.get("heldout_after", {})
+        if not b.get("pairs"):
+            return f"trained on {s.get('train_pairs')} pairs"
+        return (f"trained on {s.get('train_pairs')} pairs; held-out DPO loss {b.get('loss'):.3f} -> {a.get('loss'):.3f}, "
+                f"log-ratio margin {b.get('log_ratio_margin'):.2f} -> {a.get('log_ratio_margin'):.2f}")
+    if result["stage"] == "eval":
+        return f"{s.get('problems')} eval problems x {s.get('n')} samples: see the before/after table"
     return json.dumps(s)[:120]
+
+
+def _print_eval_table(s: dict) -> None:
+    """pass@1 / pass@n by level, base policy vs the trained checkpoint."""
+    tables = s.get("pass", {})
+    if not tables:
+        return
+    n = s.get("n")
+    table = Table(title=f"eval split, before/after training (pass@1 / pass@{n}, {n} samples per problem)")
+    table.add_column("level")
+    table.add_column("problems", justify="right")
+    for label in tables:
+        table.add_column(f"{label}  pass@1 / pass@{n}", justify="right")
+    for level in next(iter(tables.values())):
+        cells = [f"{t[level]['pass@1']:.3f} / {t[level][f'pass@{n}']:.3f}" if level in t else "-" for t in tables.values()]
+        table.add_row(level, str(next(iter(tables.values()))[level]["problems"]), *cells)
+    console.print(table)
 
 
 def _print_grade_summary(s: dict) -> None:
@@ -134,6 +164,8 @@ def _print_results(results: dict, todo: list[str]) -> None:
         _print_pass_table("pass rates of the policy's rollouts, by level", results["rollouts"]["summary"].get("pass", {}))
     if "grade" in results:
         _print_grade_summary(results["grade"]["summary"])
+    if "eval" in results:
+        _print_eval_table(results["eval"]["summary"])
     for stage, r in results.items():
         if r["status"] != "computed":
             console.print(f"{stage}: output already in the store for this config and inputs — nothing was recomputed.")

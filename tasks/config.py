@@ -23,10 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 STAGES = ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "grpo", "eval")
 #: stages that exist in this version of guidedrl; the others are still to come.
-IMPLEMENTED_STAGES = ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade")
+IMPLEMENTED_STAGES = ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "eval")
 #: what each stage reads: its upstream stages
 UPSTREAM = {"curate": (), "rollouts": ("curate",), "filter": ("curate", "rollouts"), "explain": ("curate", "rollouts"), "hint": ("curate", "rollouts"),
-            "rubric": ("curate", "rollouts"), "grade": ("curate", "rollouts", "rubric")}
+            "rubric": ("curate", "rollouts"), "grade": ("curate", "rollouts", "rubric"),
+            "materialize": ("curate", "rollouts", "explain", "hint", "grade"), "dpo": ("materialize",),
+            "eval": ("curate", "dpo")}
 
 _SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|secret[_-]?key|access[_-]?key|token|secret|password|passwd)$", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
@@ -226,6 +228,50 @@ class JudgeConfig(_Strict):
         "(answers already received stay cached; a re-run sends only the missing requests)")
 
 
+class MaterializeConfig(_Strict):
+    """How rollouts, guidance samples and grades become the dpo, grpo and sft datasets."""
+
+    reward: Literal["verify", "judge"] = Field("verify", description="verify: the checked answer (1/0); judge: the judge's outcome score (+ token advantages in process mode)")
+    advantage: Literal["grpo", "dr_grpo"] = Field("grpo", description="grpo: (r - mean) / std in the group; dr_grpo: r - mean")
+    keep_uniform_groups: bool = Field(False, description="keep groups whose rewards are all equal (no signal); default: drop them (dynamic sampling)")
+    lte_replace: bool = Field(True, description="LTE: in all-failed groups, replace failed samples by correct hinted ones (at most G - 1)")
+    include_explanations: bool = Field(True, description="ExPO: selected explanations ride along in grpo (null advantage, for the beta-NLL term)")
+    pairs_per_problem: int = Field(2, gt=0, description="DPO pairs per problem and pair kind")
+
+
+class DPOTrainConfig(_Strict):
+    """Offline DPO with TRL's DPOTrainer on the materialised `dpo` dataset."""
+
+    beta: float = Field(0.1, gt=0)
+    learning_rate: float = Field(1e-6, gt=0)
+    max_steps: int = Field(200, gt=0)
+    batch_size: int = Field(8, gt=0, description="pairs per device step")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_length: int = Field(1024, gt=0, description="prompt + completion tokens")
+    max_pairs: int | None = Field(None, gt=0, description="train on at most this many pairs (a seeded sample)")
+    sft_weight: float = Field(0.0, ge=0, description="weight of an NLL term on the chosen completion (TRL loss_type sft; RPO); 0: plain DPO")
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="pairs held out (whole problems) to measure the DPO loss before/after")
+    lora: bool = Field(False, description="train LoRA adapters (peft) and merge them into the saved checkpoint")
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    seed: int = 0
+
+
+class TrainConfig(_Strict):
+    dpo: DPOTrainConfig = Field(default_factory=DPOTrainConfig)
+
+
+class EvalConfig(_Strict):
+    """pass@1 and pass@k on the evaluation split, by level, for the base policy and each trained checkpoint."""
+
+    samples_per_problem: int = Field(8, gt=0, description="n samples per problem; pass@k for k = 1 and n (unbiased estimator)")
+    temperature: float = Field(1.0, ge=0)
+    max_new_tokens: int | None = Field(None, gt=0, description="default: rollouts.max_new_tokens")
+    levels: list[str] | None = Field(None, description="only these levels (default: all)")
+    max_problems: int | None = Field(None, gt=0, description="at most this many eval problems (first by problem_id)")
+    seed: int = 1234
+
+
 class PrefectConfig(_Strict):
     retries: int = Field(1, ge=0, description="retries of a failed stage")
     retry_delay_seconds: float = Field(2.0, ge=0)
@@ -253,6 +299,9 @@ class Config(_Strict):
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     hint: HintConfig = Field(default_factory=HintConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
 
     #: directory that relative paths in the config are resolved against
@@ -282,6 +331,14 @@ class Config(_Strict):
             return {"judge": self.judge.model_dump(mode="json", include={"backend", "rubric", "model", "temperature", "max_tokens"})}
         if stage == "grade":
             return {"judge": self.judge.model_dump(mode="json", include={"backend", "mode", "rubric", "step_split", "model", "temperature", "max_tokens"})}
+        if stage == "materialize":
+            return {"materialize": self.materialize.model_dump(mode="json"), "step_split": self.judge.step_split,
+                    "tokenizer": self.policy.tokenizer or self.policy.model}
+        if stage == "dpo":
+            return self.train.dpo.model_dump(mode="json")
+        if stage == "eval":
+            return {"eval": self.eval.model_dump(mode="json"), "max_new_tokens": self.eval.max_new_tokens or self.rollouts.max_new_tokens,
+                    "top_p": self.rollouts.top_p}
         raise KeyError(f"stage {stage!r} is not implemented yet")
 
     def template_path(self, kind: str) -> str | Path:

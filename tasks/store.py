@@ -22,6 +22,7 @@ directory; temporaries start with ``.tmp-``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -286,6 +287,18 @@ class Store:
                 found.append(StageOutput.open(kdir))
         return found
 
+    @contextlib.contextmanager
+    def scratch(self, stage: str) -> Iterator[Path]:
+        """A scratch directory beside the stage's outputs (same file system, so
+        ``write(directories=...)`` moves rather than copies); removed afterwards,
+        and by ``clean_temporaries`` if its process died."""
+        path = self.root / stage / f"{TMP_PREFIX}scratch-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
     def clean_temporaries(self, stage: str) -> list[Path]:
         """Remove temporaries left by writers that are no longer running."""
         removed = []
@@ -314,11 +327,16 @@ class Store:
         summary: Mapping[str, Any] | None = None,
         dataset_summaries: Mapping[str, Mapping[str, Any]] | None = None,
         replace: bool = False,
+        cards: Mapping[str, str] | None = None,
+        directories: Mapping[str, Path] | None = None,
     ) -> StageOutput:
         """Write a stage output atomically: ``datasets`` maps a dataset name to
-        (kind, table or list of part tables). If another writer finished the same
-        key first, its output is kept and returned. With ``replace`` an existing
-        output is swapped out only once the new one is complete."""
+        (kind, table or list of part tables); ``cards`` a dataset name to its
+        dataset card (README.md in the dataset directory); ``directories`` a name
+        to a finished directory (a checkpoint) moved into the output, its file
+        fingerprint recorded. If another writer finished the same key first, its
+        output is kept and returned. With ``replace`` an existing output is
+        swapped out only once the new one is complete."""
         final = self.path(stage, key)
         existing = self.get(stage, key)
         if existing and not replace:
@@ -344,12 +362,19 @@ class Store:
                     {**common, "name": name, "summary": dict((dataset_summaries or {}).get(name, {}))},
                 )
                 entries[name] = {"kind": kind, "fingerprint": m["fingerprint"], "num_rows": m["num_rows"]}
+                if cards and name in cards:
+                    (tmp / name / "README.md").write_text(cards[name])
+            dirs = {}
+            for name, src in (directories or {}).items():
+                shutil.move(str(src), tmp / name)
+                dirs[name] = {"fingerprint": fingerprint_files([f for f in (tmp / name).rglob("*") if f.is_file()], root=tmp / name)}
             _write_json(
                 tmp / MANIFEST,
                 {
                     **common,
                     "schema_version": SCHEMA_VERSION,
                     "datasets": entries,
+                    **({"directories": dirs} if dirs else {}),
                     "summary": dict(summary or {}),
                     "package_version": package_version(),
                     "created": _now(),

@@ -1,0 +1,103 @@
+"""The materialize stage: dpo, grpo and sft rows from rollouts, guidance and grades."""
+
+from collections import defaultdict
+
+import pytest
+
+from tasks.config import parse_config
+from tasks.materialize import build, group_advantages, step_advantages, token_step_index
+
+PLAIN = "<|user|>What is {q}?<|end|><|assistant|>"
+HINTED = "<|user|>What is {q}?\nHint: These answers are wrong: 5.<|end|><|assistant|>"
+EXPLAIN = "<|user|>What is {q}? The correct answer is 7.<|end|><|assistant|>"
+
+
+def _row(pid, idx, completion, correct, kind="plain", **extra):
+    prompt = {"plain": PLAIN, "hint": HINTED, "explain": EXPLAIN}[kind].format(q=pid)
+    return {"sample_id": f"{pid}-{kind}-{idx}", "problem_id": pid, "sample_idx": idx, "prompt": prompt,
+            "completion": completion, "completion_token_ids": [ord(c) for c in completion],
+            "behaviour_logprobs": [-0.5] * len(completion), "finish_reason": "stop", "correct": correct,
+            "prompt_kind": kind, "loss_prompt": PLAIN.format(q=pid),
+            "loss_logprobs": None if kind == "plain" else [-1.5] * len(completion), **extra}
+
+
+def _config(tmp_path, **mat):
+    return parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}, "materialize": mat}, base_dir=tmp_path)
+
+
+@pytest.fixture()
+def data():
+    rollouts = [
+        _row("A", 0, "3 + 4 = 7\n\\boxed{7}", True), _row("A", 1, "3 + 4 = 8\n\\boxed{8}", False),
+        _row("A", 2, "3 + 4 = 7\n\\boxed{7} ", True), _row("A", 3, "\\boxed{5}", False),
+        *[_row("B", i, f"wrong {i}\n\\boxed{{{i}}}", False) for i in range(4)],
+        *[_row("C", i, "1 + 1 = 2\n\\boxed{2}", True) for i in range(4)],
+    ]
+    hints = [_row("B", i, f"3 + 4 = 7 (hinted {i})\n\\boxed{{7}}", True, kind="hint") for i in range(5)]
+    explanations = [_row("B", 0, "3 + 4 = 7\n\\boxed{7}", True, kind="explain", selected=True),
+                    _row("B", 1, "so 7\n\\boxed{7}", True, kind="explain", selected=False)]
+    return rollouts, explanations, hints
+
+
+def test_guided_prompts_never_reach_prompt_or_loss_prompt(tmp_path, data):
+    out, _ = build(_config(tmp_path), *data, grades={})
+    assert out["dpo"] and out["grpo"] and out["sft"]
+    for row in out["dpo"]:
+        assert row["prompt"] == PLAIN.format(q=row["problem_id"])
+    for row in out["grpo"]:
+        assert row["loss_prompt"] == PLAIN.format(q=row["problem_id"])
+    for row in out["sft"]:
+        assert row["prompt"] == PLAIN.format(q=row["problem_id"])
+    kinds = {(r["problem_id"], r["chosen_kind"]) for r in out["dpo"]}
+    assert kinds == {("A", "plain"), ("B", "explain"), ("B", "hint")}
+    assert all(r["rejected_kind"] == "plain" and r["chosen"] != r["rejected"] for r in out["dpo"])
+
+
+def test_grpo_groups_lte_replacement_explanations_and_dynamic_sampling(tmp_path, data):
+    out, counts = build(_config(tmp_path), *data, grades={})
+    groups = defaultdict(list)
+    for r in out["grpo"]:
+        groups[r["group_id"]].append(r)
+    assert set(groups) == {"g-A", "g-B"} and counts["dropped_groups"] == 1  # C: every sample right, no signal
+    for rows in groups.values():  # outcome mode: advantages sum to zero in every group
+        assert sum(r["advantage"] for r in rows if r["advantage"] is not None) == pytest.approx(0.0, abs=1e-9)
+    b = groups["g-B"]
+    guided = [r for r in b if r["prompt_kind"] == "hint"]
+    assert len(guided) == 3 and counts["lte_replaced_samples"] == 3  # at most G - 1 of 4
+    assert all(r["is_guided"] and r["reward"] == 1.0 and r["advantage"] > 0 for r in guided)
+    assert all(r["loss_logprobs"] == [-1.5] * len(r["completion"]) and r["behaviour_logprobs"][0] == -0.5 for r in guided)
+    expl = [r for r in b if r["prompt_kind"] == "explain"]
+    assert len(expl) == 1 and expl[0]["advantage"] is None and expl[0]["reward"] is None  # only the selected one
+    a = sorted(groups["g-A"], key=lambda r: r["sample_id"])
+    assert [round(r["advantage"], 4) for r in a] == [1.0, -1.0, 1.0, -1.0]
+
+    kept, counts = build(_config(tmp_path, keep_uniform_groups=True, advantage="dr_grpo", lte_replace=False), *data, grades={})
+    c = [r for r in kept["grpo"] if r["group_id"] == "g-C"]
+    assert len(c) == 4 and {r["advantage"] for r in c} == {0.0} and counts["uniform_groups"] == 2  # B is uniform too now
+    assert [r["advantage"] for r in kept["grpo"] if r["group_id"] == "g-A"] == [0.5, -0.5, 0.5, -0.5]
+
+
+def test_judge_rewards_mask_unparsed_grades_and_give_token_advantages(tmp_path, data):
+    from tasks.policy import build_tokenizer
+
+    rollouts = data[0][:4]
+    grades = {
+        "A-plain-0": {"parse_ok": True, "outcome_score": 1.0, "step_scores": [0.5, 1.0], "steps": ["3 + 4 = 7", "\\boxed{7}"]},
+        "A-plain-1": {"parse_ok": True, "outcome_score": 0.25, "step_scores": [0.25, 0.25], "steps": ["3 + 4 = 8", "\\boxed{8}"]},
+        "A-plain-2": {"parse_ok": False, "outcome_score": None, "step_scores": None, "steps": []},
+        "A-plain-3": {"parse_ok": True, "outcome_score": 0.0, "step_scores": [0.0], "steps": ["\\boxed{5}"]},
+    }
+    out, counts = build(_config(tmp_path, reward="judge"), rollouts, [], [], grades, tokenizer=build_tokenizer())
+    rows = {r["sample_id"]: r for r in out["grpo"]}
+    assert rows["A-plain-2"]["reward"] is None and rows["A-plain-2"]["advantage"] is None and counts["masked_samples"] == 1
+    assert sum(r["advantage"] for r in rows.values() if r["advantage"] is not None) == pytest.approx(0.0, abs=1e-9)
+    ta = rows["A-plain-0"]["token_advantages"]
+    assert len(ta) == len(rollouts[0]["completion"])
+    # "3 + 4 = 7\n" belongs to step 1 (s_1 - s_T = -0.5), "\boxed{7}" to step 2 (s_2 - s_1 = 0.5)
+    assert ta[:9] == [-0.5] * 9 and ta[-9:] == [0.5] * 9
+
+
+def test_step_and_token_helpers():
+    assert step_advantages([0.25, 0.5, 1.0]) == [-0.75, 0.25, 0.5]
+    assert token_step_index("ab\ncd", ["a", "b", "\n", "c", "d"], ["ab", "cd"]) == [0, 0, 0, 1, 1]
+    assert group_advantages([1.0, 0.0, None]) == pytest.approx([1.0, -1.0, None], abs=1e-5)
