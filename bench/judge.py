@@ -1,9 +1,10 @@
 """Benchmark: the LLM judge's throughput against a slow OpenAI-compatible server.
 
-    python bench/judge.py [--traces 1280] [--concurrency 64] [--delay 0.5]
+    python bench/judge.py [--traces 2560] [--concurrency 64] [--delay 0.5]
 
-Starts the test suite's OpenAI-compatible server (tests/openai_server.py) in its
-own process, answering every request after a fixed delay, and grades N traces
+Starts the lean asyncio OpenAI-compatible server of tests/openai_server.py in
+its own process, answering every request after a fixed delay (it grades from
+the request like the test server), and grades N traces
 with guidedrl's judge (process mode, empty request cache, real `openai` client
 over HTTP). The ideal rate is concurrency / delay requests per second; the
 benchmark prints the achieved rate over the ideal, measured in the same run
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--traces", type=int, default=1280)
+    ap.add_argument("--traces", type=int, default=2560, help="traces to grade (2560 = 20 s of ideal time, start-up amortised)")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--delay", type=float, default=0.5, help="server-side seconds per answer")
     args = ap.parse_args()
@@ -50,16 +51,18 @@ def main() -> None:
                 client = judge.JudgeClient("bench-judge", base_url, "OPENAI_API_KEY", judge.RequestCache(Path(tmp)),
                                            concurrency=args.concurrency, timeout=30.0, max_retries=2)
                 j = judge.LLMJudge(client, prompts, "process")
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 rows = j.grade(traces)
-                return time.perf_counter() - t0, rows, client.stats
+                seconds = time.perf_counter() - t0
+                client.stats["cpu_ms_per_request"] = round(1000 * (time.process_time() - c0) / max(1, len(traces)), 2)
+                return seconds, rows, client.stats
 
             seconds, rows, stats = run()
             ok = sum(r["parse_ok"] for r in rows)
             ideal = args.concurrency / args.delay
             achieved = stats["requests"] / seconds
             print(f"graded {ok}/{len(rows)} traces: {stats['requests']} requests in {seconds:.2f}s, "
-                  f"{stats['retries']} retries, {stats['failed']} failed")
+                  f"{stats['retries']} retries, {stats['failed']} failed; client CPU {stats['cpu_ms_per_request']} ms per trace")
             print(f"achieved {achieved:.1f} requests/s; ideal {args.concurrency} / {args.delay}s = {ideal:.1f} requests/s")
             print(f"ratio achieved/ideal: {achieved / ideal:.3f}  (goal >= 0.9)")
             seconds2, rows2, stats2 = run()

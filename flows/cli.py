@@ -5,6 +5,7 @@
     guidedrl config show CONFIG [--set key=value ...]
     guidedrl datasets ls [--workspace DIR]
     guidedrl datasets show PATH [--rows N]
+    guidedrl datasets publish PATH URL | pull URL PATH | diff A B
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def _user_errors():
     from tasks.schemas import SchemaError
 
     from tasks.judge import JudgeError
+    from tasks.share import ShareError
 
-    return (ConfigError, SourceError, SchemaError, JudgeError, FileNotFoundError, ValueError)
+    return (ConfigError, SourceError, SchemaError, JudgeError, ShareError, FileNotFoundError, ValueError)
 
 
 def _describe(result: dict) -> str:
@@ -318,6 +320,71 @@ def datasets_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace",
         for name, d in out.manifest.get("datasets", {}).items():
             table.add_row(out.stage, out.key, name, d["kind"], str(d["num_rows"]), out.manifest.get("created", ""), str(out.path / name))
     console.print(table)
+
+
+@datasets_app.command("publish")
+def datasets_publish(
+    path: Path = typer.Argument(..., help="A dataset directory (manifest.json, README.md, data/), e.g. <workspace>/store/materialize/<key>/dpo."),
+    url: str = typer.Argument(..., help="Where to: a directory, file://, or an fsspec URL (s3://... with s3fs installed)."),
+):
+    """Copy a dataset to a shared location (verified first; the manifest is written last)."""
+    from tasks.share import publish
+
+    try:
+        m = publish(path, url)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    console.print(f"published {path} ({m.get('kind')}, {m.get('num_rows')} rows, {m.get('fingerprint')}) to {url}")
+    console.print(f'load it without guidedrl: datasets.load_dataset("parquet", data_files="{url.rstrip("/")}/data/*.parquet")')
+
+
+@datasets_app.command("pull")
+def datasets_pull(
+    url: str = typer.Argument(..., help="A published dataset: directory, file:// or fsspec URL."),
+    path: Path = typer.Argument(..., help="A new local directory to put it in."),
+    force: bool = typer.Option(False, "--force", help="Replace PATH if it exists."),
+):
+    """Fetch a published dataset; refused unless its bytes match its manifest's fingerprint. Only Parquet and JSON are read."""
+    from tasks.share import pull
+
+    try:
+        m = pull(url, path, force=force)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    console.print(f"pulled {url} into {path} ({m.get('kind')}, {m.get('num_rows')} rows, fingerprint verified)")
+
+
+@datasets_app.command("diff")
+def datasets_diff(a: Path = typer.Argument(..., help="A dataset directory."), b: Path = typer.Argument(..., help="Another one.")):
+    """Rows, schema and per-column statistics of two datasets, side by side."""
+    from tasks.share import describe
+
+    try:
+        da, db = describe(a), describe(b)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    table = Table(title=f"A = {a}\nB = {b}")
+    for col in ("", "A", "B"):
+        table.add_column(col)
+
+    def row(label, va, vb):
+        mark = "" if va == vb else "[yellow]"
+        table.add_row(f"{mark}{label}", str(va), str(vb))
+
+    row("kind", da["kind"], db["kind"])
+    row("rows", da["rows"], db["rows"])
+    row("fingerprint", da["fingerprint"], db["fingerprint"])
+    for name in dict.fromkeys([*da["schema"], *db["schema"]]):
+        row(f"{name}: type", da["schema"].get(name, "(missing)"), db["schema"].get(name, "(missing)"))
+        sa, sb = da["stats"].get(name, {}), db["stats"].get(name, {})
+        for stat in dict.fromkeys([*sa, *sb]):
+            fa, fb = sa.get(stat), sb.get(stat)
+            fmt = (lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
+            row(f"{name}: {stat}", fmt(fa), fmt(fb))
+    console.print(table)
+    if da["summary"] != db["summary"]:
+        console.print("summaries differ:")
+        console.print_json(json.dumps({"A": da["summary"], "B": db["summary"]}, default=str))
 
 
 @datasets_app.command("show")

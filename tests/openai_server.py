@@ -16,7 +16,7 @@ request text (one trace): slow, 500 / 429 for the first N attempts, always 500
 (``JUDGE-NONSENSE``; ``JUDGE-NONSENSE-ONCE``: until reminded of the format),
 hang (``JUDGE-HANG``), or a dropped connection (``JUDGE-DROP``).
 
-    python -m tests.openai_server --port 8123 --delay 0.5   # standalone (bench/judge.py)
+    python -m tests.openai_server --port 8123 --delay 0.5   # standalone, lean asyncio server (bench/judge.py)
 """
 
 from __future__ import annotations
@@ -184,14 +184,52 @@ class OpenAIServer:
         self.httpd.server_close()
 
 
+async def serve_fast(port: int, delay: float) -> None:
+    """A lean asyncio HTTP/1.1 server for the judge benchmark: chat completions
+    answered by ``judge_reply`` after ``delay`` seconds, keep-alive, no threads
+    (a thread per connection would measure the server, not the client)."""
+    import asyncio
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                req = json.loads(await reader.readexactly(length) or b"{}")
+                await asyncio.sleep(delay)
+                content = judge_reply(req.get("messages") or [{"content": ""}])
+                body = json.dumps({"id": "chat-x", "object": "chat.completion", "created": 0, "model": req.get("model"),
+                                   "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+                                   "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+    print(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
 if __name__ == "__main__":
     import argparse
+    import asyncio
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
+    ap.add_argument("--threaded", action="store_true", help="the threaded test server (all behaviours) instead of the lean one")
     args = ap.parse_args()
-    server = OpenAIServer(port=args.port)
-    server.behaviour.slow_seconds = args.delay
-    print(server.base_url, flush=True)
-    server.httpd.serve_forever()
+    if args.threaded:
+        server = OpenAIServer(port=args.port)
+        server.behaviour.slow_seconds = args.delay
+        print(server.base_url, flush=True)
+        server.httpd.serve_forever()
+    else:
+        asyncio.run(serve_fast(args.port, args.delay))
