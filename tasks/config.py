@@ -257,8 +257,26 @@ class DPOTrainConfig(_Strict):
     seed: int = 0
 
 
+class GRPOTrainConfig(_Strict):
+    """The policy update over a `grpo` dataset, and the online rounds."""
+
+    rounds: int = Field(1, gt=0, description="online rounds of rollouts -> guidance -> grading -> materialize -> update -> eval")
+    learning_rate: float = Field(1e-6, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    epochs: int = Field(1, gt=0, description="passes over each round's grpo dataset")
+    batch_size: int = Field(16, gt=0, description="samples per update step")
+    clip_low: float = Field(0.2, ge=0, description="epsilon below 1 of the clipped ratio")
+    clip_high: float = Field(0.28, ge=0, description="epsilon above 1 (clip-higher)")
+    gamma: float = Field(0.1, gt=0, description="LTE's policy shaping f(r) = r / (r + gamma) on guided samples")
+    expo_beta: float = Field(0.04, ge=0, description="ExPO's weight of the explanation NLL term")
+    kl: float = Field(0.0, ge=0, description="weight of the KL to the round's starting policy (0: off)")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+
+
 class TrainConfig(_Strict):
     dpo: DPOTrainConfig = Field(default_factory=DPOTrainConfig)
+    grpo: GRPOTrainConfig = Field(default_factory=GRPOTrainConfig)
 
 
 class EvalConfig(_Strict):
@@ -336,6 +354,8 @@ class Config(_Strict):
                     "tokenizer": self.policy.tokenizer or self.policy.model}
         if stage == "dpo":
             return self.train.dpo.model_dump(mode="json")
+        if stage == "grpo":
+            return self.train.grpo.model_dump(mode="json", exclude={"rounds"})
         if stage == "eval":
             return {"eval": self.eval.model_dump(mode="json"), "max_new_tokens": self.eval.max_new_tokens or self.rollouts.max_new_tokens,
                     "top_p": self.rollouts.top_p}

@@ -112,6 +112,7 @@ def train(base_model: str | Path, dataset_dir: Path, out_dir: Path, cfg) -> dict
             per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             lr_scheduler_type="constant", warmup_steps=0, logging_steps=max(1, cfg.max_steps // 10), save_strategy="no",
             report_to=[], seed=cfg.seed, max_length=cfg.max_length, use_cpu=not torch.cuda.is_available(),
+            bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), fp16=False,  # no bf16 autocast on CPU
             disable_tqdm=not progress.enabled(), dataloader_num_workers=0,
             # RPO: an NLL term on the chosen completion keeps its likelihood from falling with the rejected one
             loss_type=["sigmoid", "sft"] if cfg.sft_weight > 0 else ["sigmoid"],

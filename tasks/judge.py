@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -344,7 +345,7 @@ class JudgeClient:
         self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
         self.max_requests = max_requests
         self.stats: Counter = Counter()  # requests, cache_hits, retries, failed
-        import openai  # noqa: F401  (imported here, once, not inside the first batch of requests)
+        importlib.import_module("openai")  # imported here, once, not inside the first batch of requests
 
     def key(self, messages: list[dict]) -> str:
         return RequestCache.key(self.model, messages, self.params)

@@ -1,0 +1,143 @@
+"""The policy update: loss pieces against hand-computed values, the LTE one-step
+test, and one SGD step against TRL's GRPOTrainer on the same on-policy group."""
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tasks.config import GRPOTrainConfig, parse_config
+from tasks.grpo import (clipped_surrogate, completion_logps, kl_k3, make_batch, nll, sequence_mean, shaped_surrogate,
+                        train_update, update_loss)
+from tasks.materialize import build
+from tasks.prompts import chat, fill, load_template
+
+TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
+
+
+def test_loss_pieces_match_hand_computed_values():
+    t = torch.tensor
+    # r = 1.5 > 1 + 0.28 with A > 0: clipped to 1.28; with A < 0 the unclipped (larger) loss wins
+    assert clipped_surrogate(t([math.log(1.5)]), t([0.0]), t([1.0]), 0.2, 0.28).item() == pytest.approx(-1.28)
+    assert clipped_surrogate(t([math.log(1.5)]), t([0.0]), t([-1.0]), 0.2, 0.28).item() == pytest.approx(1.5)
+    assert clipped_surrogate(t([math.log(0.5)]), t([0.0]), t([1.0]), 0.2, 0.28).item() == pytest.approx(-0.5)
+    # LTE shaping: f(1) = 1/1.1, and d f / d logp = gamma r / (r + gamma)^2, unclipped at large r
+    logp = t([0.0], requires_grad=True)
+    loss = shaped_surrogate(logp, t([0.0]), t([1.0]), 0.1)
+    loss.backward()
+    assert loss.item() == pytest.approx(-1 / 1.1) and logp.grad.item() == pytest.approx(-0.1 / 1.21)
+    assert shaped_surrogate(t([math.log(50.0)]), t([0.0]), t([1.0]), 0.1).item() == pytest.approx(-50 / 50.1)
+    assert nll(t([-2.0]), 0.04).item() == pytest.approx(0.08)
+    assert kl_k3(t([0.0]), t([0.0])).item() == 0.0
+    assert kl_k3(t([0.0]), t([math.log(0.5)])).item() == pytest.approx(0.5 - math.log(0.5) - 1)
+    assert sequence_mean(t([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]]), t([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])).item() == pytest.approx(2.75)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return AutoModelForCausalLM.from_pretrained(str(TINY)).eval(), AutoTokenizer.from_pretrained(str(TINY))
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_one_step_on_a_group_whose_only_correct_sample_is_hinted_raises_it_under_the_plain_prompt(tiny, tmp_path):
+    """One update per group; six groups of the policy's own (wrong) samples. The hinted
+    sample rises on most and on average. It can fall on a group whose failures share
+    its uncertain tokens: their negative advantages push those down, and the shaped
+    term weighs a guided token at most 1/4 of a plain one (f'(r) r <= 1/4)."""
+    from tasks.generation import SamplingParams, TransformersBackend
+
+    base, tok = tiny
+    backend = TransformersBackend(str(TINY))
+    q = "State the final answer to the following arithmetic problem: 47 + 38 ="
+    plain = chat(tok, fill(load_template("tiny_plain"), q))
+    hinted = chat(tok, fill(load_template("tiny_hint"), q, hint="These answers are wrong: 84."))
+    right = "47 + 38 = 85\n\\boxed{85}"
+    ids = _ids(tok, right)
+    # a correct sample under the hint: behaviour log-probs under the hinted prompt, loss side under the plain one
+    hints = [{"sample_id": "hint0", "problem_id": "p", "sample_idx": 0, "prompt": hinted, "completion": right,
+              "completion_token_ids": ids, "behaviour_logprobs": backend.score([hinted], [ids])[0], "finish_reason": "stop",
+              "correct": True, "prompt_kind": "hint", "loss_prompt": plain, "loss_logprobs": backend.score([plain], [ids])[0]}]
+    assert sum(hints[0]["behaviour_logprobs"]) < sum(hints[0]["loss_logprobs"]) - 1  # the two prompts really differ
+    config = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}}, base_dir=tmp_path)
+    changes = []
+    for seed in range(6):
+        samples = backend.generate([plain], SamplingParams(n=8, temperature=1.0, max_new_tokens=40, seed=seed))[0]
+        rollouts = [{"sample_id": f"plain{i}", "problem_id": "p", "sample_idx": i, "prompt": plain, "completion": s.text,
+                     "completion_token_ids": s.token_ids, "behaviour_logprobs": s.logprobs, "finish_reason": "stop",
+                     "correct": s.text.strip().endswith("{85}"), "prompt_kind": "plain", "loss_prompt": plain, "loss_logprobs": None}
+                    for i, s in enumerate(samples)]
+        assert not any(r["correct"] for r in rollouts)  # the policy cannot do this level: a stuck group
+        data, counts = build(config, rollouts, [], hints, grades={})
+        assert counts["lte_replaced_samples"] == 1 and sum(r["is_guided"] for r in data["grpo"]) == 1
+        model = copy.deepcopy(base)
+        probe = make_batch([r for r in data["grpo"] if r["is_guided"]], tok)
+        with torch.no_grad():
+            before = completion_logps(model, probe).sum().item()
+        assert before == pytest.approx(sum(hints[0]["loss_logprobs"]), abs=1e-3)  # measured under the plain prompt
+        train_update(model, tok, data["grpo"], GRPOTrainConfig(learning_rate=1e-3, optimizer="sgd", batch_size=16, max_grad_norm=None))
+        with torch.no_grad():
+            changes.append(completion_logps(model, probe).sum().item() - before)
+    assert sum(c > 0 for c in changes) >= 4 and sum(changes) / len(changes) > 0.2, changes
+
+
+def test_one_sgd_step_matches_trls_grpo_trainer_on_an_on_policy_group(tiny, tmp_path):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    base, tok = tiny
+    G, lr = 4, 0.5
+    prompt = chat(tok, fill(load_template("tiny_plain"), "State the final answer to the following arithmetic problem: 23 + 45 ="))
+    completions = [_ids(tok, t) + [tok.eos_token_id] for t in  # one of another length: padding and masks matter
+                   ("23 + 45 = 68\n\\boxed{68}", "23 + 45 = 67\n\\boxed{67}", "23 + 45 = 78\n\\boxed{78}", "23 + 45 = 68\n\\boxed{68} ")]
+    rewards = [1.0, 0.0, 0.0, 1.0]
+    by_ids = {tuple(c): r for c, r in zip(completions, rewards)}
+
+    # ours: rows of a materialised group (advantage r - mean, as TRL's scale_rewards="none"), behaviour = current policy
+    ours = copy.deepcopy(base)
+    rows = [{"loss_prompt": prompt, "completion_token_ids": c, "prompt_kind": "plain", "is_guided": False,
+             "advantage": r - sum(rewards) / G, "token_advantages": None, "behaviour_logprobs": None} for c, r in zip(completions, rewards)]
+    with torch.no_grad():
+        beh = completion_logps(ours, make_batch(rows, tok))
+    for i, r in enumerate(rows):
+        r["behaviour_logprobs"] = beh[i, : len(r["completion_token_ids"])].tolist()
+    cfg = GRPOTrainConfig(learning_rate=lr, optimizer="sgd", batch_size=G, max_grad_norm=None, kl=0.0)
+    batch = make_batch(rows, tok)
+    ours.train()
+    loss, _ = update_loss(ours, batch, cfg)
+    loss.backward()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p -= lr * p.grad
+
+    # TRL: one GRPOTrainer step, plain SGD, beta 0, the same completions through rollout_func
+    theirs = copy.deepcopy(base)
+
+    def rollout_func(prompts, trainer):
+        return {"prompt_ids": [_ids(tok, p) for p in prompts], "completion_ids": [completions[i % G] for i in range(len(prompts))],
+                "logprobs": [[0.0] * len(completions[i % G]) for i in range(len(prompts))]}
+
+    def reward(prompts, completions, completion_ids, **kw):
+        return [by_ids[tuple(ids)] for ids in completion_ids]
+
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), learning_rate=lr, optim="sgd", max_steps=1, per_device_train_batch_size=G,
+                      num_generations=G, gradient_accumulation_steps=1, beta=0.0, loss_type="grpo", scale_rewards="none",
+                      max_grad_norm=1e9, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, report_to=[],
+                      save_strategy="no", logging_steps=1, use_cpu=True, temperature=1.0, max_completion_length=32,
+                      seed=0, num_iterations=1, epsilon=0.2, epsilon_high=0.28, disable_tqdm=True, bf16=False, fp16=False)
+    trainer = GRPOTrainer(model=theirs, reward_funcs=reward, args=args, train_dataset=Dataset.from_dict({"prompt": [prompt] * 4}),
+                          processing_class=tok, rollout_func=rollout_func)
+    trainer.train()
+
+    d_ours = torch.cat([(p - q).flatten() for p, q in zip(ours.parameters(), base.parameters())])
+    d_trl = torch.cat([(p.detach() - q).flatten() for p, q in zip(trainer.model.parameters(), base.parameters())])
+    assert d_ours.abs().max() > 1e-4  # the step did something
+    # the same parameter change, to float32 rounding: within 1e-4 of its largest element. (TRL must run in
+    # float32: on CPU the Trainer otherwise autocasts to bf16, which alone moves the change by ~1%.)
+    err = (d_ours - d_trl).abs().max().item() / d_ours.abs().max().item()
+    assert err <= 1e-4, err
