@@ -2,6 +2,7 @@
 
     guidedrl quickstart [--workspace DIR]
     guidedrl run CONFIG [--stages a,b] [--workspace DIR] [--set key=value ...]
+    guidedrl online CONFIG [--rounds N] [--workspace DIR] [--set key=value ...]
     guidedrl config show CONFIG [--set key=value ...]
     guidedrl datasets ls [--workspace DIR]
     guidedrl datasets show PATH [--rows N]
@@ -93,6 +94,10 @@ def _describe(result: dict) -> str:
             return f"trained on {s.get('train_pairs')} pairs"
         return (f"trained on {s.get('train_pairs')} pairs; held-out DPO loss {b.get('loss'):.3f} -> {a.get('loss'):.3f}, "
                 f"log-ratio margin {b.get('log_ratio_margin'):.2f} -> {a.get('log_ratio_margin'):.2f}")
+    if result["stage"] == "grpo":
+        k = s.get("rows_by_kind", {})
+        return (f"{s.get('steps')} update steps over {s.get('rows')} samples ({k.get('plain')} plain, {k.get('guided')} guided, "
+                f"{k.get('explain')} explanations, {k.get('masked')} masked); loss {s.get('first_loss', 0):.4f} -> {s.get('last_loss', 0):.4f}")
     if result["stage"] == "eval":
         return f"{s.get('problems')} eval problems x {s.get('n')} samples: see the before/after table"
     return json.dumps(s)[:120]
@@ -153,6 +158,8 @@ def _print_pass_table(title: str, table_data: dict) -> None:
 
 
 def _print_results(results: dict, todo: list[str]) -> None:
+    from tasks.config import STAGES as STAGES_ALL
+
     table = Table(title="stages", show_lines=False)
     table.add_column("stage", style="bold")
     table.add_column("status")
@@ -166,6 +173,10 @@ def _print_results(results: dict, todo: list[str]) -> None:
         _print_pass_table("pass rates of the policy's rollouts, by level", results["rollouts"]["summary"].get("pass", {}))
     if "grade" in results:
         _print_grade_summary(results["grade"]["summary"])
+    if "grpo" in results:
+        g = results["grpo"]["summary"]
+        console.print(f"online GRPO round: {g.get('steps')} update steps on {g.get('rows')} samples {g.get('rows_by_kind')} "
+                      f"-> {results['grpo']['path']}/checkpoint")
     if "eval" in results:
         _print_eval_table(results["eval"]["summary"])
     for stage, r in results.items():
@@ -173,6 +184,8 @@ def _print_results(results: dict, todo: list[str]) -> None:
             console.print(f"{stage}: output already in the store for this config and inputs — nothing was recomputed.")
     if todo:
         console.print(f"[yellow]Stages still to come (not built yet):[/] {', '.join(todo)}")
+    elif set(results) >= set(STAGES_ALL):
+        console.print("Every stage of the pipeline ran (none is still to come).")
 
 
 def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]]) -> None:
@@ -261,6 +274,47 @@ def run(
         (_dry_run if dry_run else _execute)(raw, Path.cwd(), workspace, _parse_stages(stages))
     except _user_errors() as exc:
         _fail(str(exc))
+
+
+@app.command()
+def online(
+    config: Path = typer.Argument(..., help="YAML config file (see configs/quickstart.yaml)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds of rollouts -> guidance -> grading -> materialize -> update -> eval (default: train.grpo.rounds)."),
+    workspace: Optional[Path] = WorkspaceOpt,
+    set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+):
+    """Online GRPO with guidance: each round a Prefect subflow; the new checkpoint feeds the next round.
+
+    A run that was killed resumes at the round (and the stage) where it stopped: finished stage outputs are reused.
+    """
+    from flows.online import online as online_flow
+    from tasks.config import apply_overrides, parse_config, read_yaml
+
+    try:
+        raw = apply_overrides(read_yaml(config), set_)
+        cfg = parse_config(raw, base_dir=Path.cwd())
+        ws = Path(workspace or cfg.resolve(cfg.workspace)).resolve()
+        console.print(f"workspace: {ws}")
+        history = online_flow(raw_config=raw, base_dir=str(Path.cwd().resolve()), workspace=str(ws), rounds=rounds)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    table = Table(title="online GRPO: eval split after each round (pass@1 / pass@n)")
+    table.add_column("round")
+    table.add_column("stages computed / reused")
+    levels = sorted({lvl for h in history for lvl in h["results"]["eval"]["summary"]["pass"].get("grpo", {})})
+    for lvl in levels:
+        table.add_column(lvl, justify="right")
+    for h in history:
+        res = h["results"]
+        n = res["eval"]["summary"]["n"]
+        done = sum(r["status"] == "computed" for r in res.values())
+        cells = []
+        for lvl in levels:
+            t = res["eval"]["summary"]["pass"].get("grpo", {}).get(lvl)
+            cells.append(f"{t['pass@1']:.3f} / {t[f'pass@{n}']:.3f}" if t else "-")
+        table.add_row(str(h["round"]), f"{done} / {len(res) - done}", *cells)
+    console.print(table)
+    console.print(f"last checkpoint: {history[-1]['policy']}")
 
 
 @app.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.stages import stage_task
-from tasks.config import IMPLEMENTED_STAGES, STAGES, UPSTREAM, parse_config
+from tasks.config import IMPLEMENTED_STAGES, OPTIONAL_UPSTREAM, STAGES, UPSTREAM, parse_config
 
 
 def select_stages(requested: list[str] | None) -> tuple[list[str], list[str]]:
@@ -33,6 +33,7 @@ def pipeline(raw_config: dict, base_dir: str, workspace: str, stages: list[str] 
     results: dict[str, dict] = {}
     for stage in to_run:
         upstream = {u: results[u]["path"] for u in UPSTREAM[stage]}
+        upstream.update({u: results[u]["path"] for u in OPTIONAL_UPSTREAM.get(stage, ()) if u in results})
         forced = stage in (force or []) or not config.prefect.cache
         state = stage_task(stage, config, workspace, upstream, forced)(
             stage, raw_config, base_dir, workspace, upstream, force=forced, return_state=True

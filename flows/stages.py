@@ -18,14 +18,14 @@ from typing import Any, Optional
 from prefect import task
 from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 
-from tasks import curate, dpo, evaluate, explain, filter as filter_stage, grade, hint, materialize, rollouts, rubric
+from tasks import curate, dpo, evaluate, explain, filter as filter_stage, grade, grpo, hint, materialize, rollouts, rubric
 from tasks.config import UPSTREAM, Config, parse_config
 from tasks.store import StageOutput, Store
 
 #: stage name -> module exposing STAGE, STAGE_VERSION, key_for(config, upstream), run(config, store, upstream, force)
 STAGE_MODULES: dict[str, ModuleType] = {"curate": curate, "rollouts": rollouts, "filter": filter_stage, "explain": explain, "hint": hint,
                                      "rubric": rubric, "grade": grade, "materialize": materialize,
-                                     "dpo": dpo, "eval": evaluate}
+                                     "dpo": dpo, "grpo": grpo, "eval": evaluate}
 
 
 def _config(raw_config: dict, base_dir: str) -> Config:

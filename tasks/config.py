@@ -23,12 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 STAGES = ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "grpo", "eval")
 #: stages that exist in this version of guidedrl; the others are still to come.
-IMPLEMENTED_STAGES = ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "eval")
+IMPLEMENTED_STAGES = STAGES
 #: what each stage reads: its upstream stages
 UPSTREAM = {"curate": (), "rollouts": ("curate",), "filter": ("curate", "rollouts"), "explain": ("curate", "rollouts"), "hint": ("curate", "rollouts"),
             "rubric": ("curate", "rollouts"), "grade": ("curate", "rollouts", "rubric"),
             "materialize": ("curate", "rollouts", "explain", "hint", "grade"), "dpo": ("materialize",),
-            "eval": ("curate", "dpo")}
+            "grpo": ("materialize",), "eval": ("curate",)}
+#: what a stage also reads when it ran in the same run (eval measures the checkpoints trained there)
+OPTIONAL_UPSTREAM = {"eval": ("dpo", "grpo")}
 
 _SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|secret[_-]?key|access[_-]?key|token|secret|password|passwd)$", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)

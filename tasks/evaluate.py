@@ -1,11 +1,11 @@
 """Stage `eval`: pass@1 and pass@k on the evaluation split, by level, for the
-base policy and the checkpoint the `dpo` stage trained.
+base policy and the checkpoints the `dpo` and `grpo` stages trained.
 
 n samples per problem (`eval.samples_per_problem`) at `eval.temperature` with
 the plain prompt; answers checked like the rollouts'; pass@k is the unbiased
 estimator over the n samples (k = 1 and k = n). Output: dataset `eval`
-(`policy_id`, `level`, `n`, `pass_at_1`, `pass_at_k`, `k`, plus `policy` — base
-or dpo — and `problems`) and `charts/eval.png`.
+(`policy_id`, `level`, `n`, `pass_at_1`, `pass_at_k`, `k`, plus `policy` — base,
+dpo or grpo — and `problems`) and `charts/eval.png`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ log = logging.getLogger("guidedrl.eval")
 def policies(config: Config, upstream: dict[str, StageOutput]) -> list[tuple[str, str, Path | None]]:
     """(label, policy_id, local checkpoint or None for the configured backend) of every policy to evaluate."""
     out = [("base", policy_id_for(config), None)]
-    if "dpo" in upstream:
-        ckpt = upstream["dpo"].path / "checkpoint"
-        out.append(("dpo", checkpoint_fingerprint(ckpt), ckpt))
+    for stage in ("dpo", "grpo"):  # the checkpoints the training stages wrote
+        if stage in upstream:
+            ckpt = upstream[stage].path / "checkpoint"
+            out.append((stage, checkpoint_fingerprint(ckpt), ckpt))
     return out
 
 

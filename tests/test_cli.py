@@ -119,11 +119,12 @@ def test_help_explains_commands(cli):
 
 def test_quickstart_runs_and_names_the_stages_still_to_come(tmp_path, cli):
     r = cli("quickstart", "--workspace", str(tmp_path / "ws"), cwd=tmp_path)
-    for stage in ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "eval"):
+    for stage in ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "grpo", "eval"):
         assert any(p for p in (tmp_path / "ws" / "store" / stage).iterdir() if not p.name.startswith("."))
     assert "pass rates of the policy's rollouts" in r.stdout and "pass@8" in r.stdout
-    assert "Stages still to come (not built yet): grpo" in r.stdout.replace("\n", " ")
-    assert "before/after training" in r.stdout and "dpo  pass@1 / pass@8" in r.stdout
+    assert "Every stage of the pipeline ran (none is still to come)." in r.stdout.replace("\n", " ")
+    assert "before/after training" in r.stdout and "dpo  pass@1 / pass@8" in r.stdout and "grpo  pass@1" in r.stdout
+    assert "online GRPO round:" in r.stdout
     assert "ExPO explained" in r.stdout and "LTE unlocked" in r.stdout
     assert "judge: rule, process mode" in r.stdout and "parse rate" in r.stdout
 

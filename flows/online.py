@@ -1,0 +1,49 @@
+"""The `guidedrl online` flow: rounds of sample → guide → grade → update.
+
+Each round is a Prefect subflow (the `guidedrl-run` flow) over the stages
+rollouts → explain, hint → rubric, grade → materialize → grpo → eval, with
+`policy.model` set to the checkpoint the previous round's `grpo` stage wrote
+(round 1 starts from the configured policy). Every round's datasets and
+checkpoint are stage outputs in the store, keyed by what they are made of — so
+a run killed in round k, started again, finds rounds 1..k−1 and the finished
+stages of round k in the store and resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from prefect import flow
+
+from flows.pipeline import pipeline
+from tasks.config import parse_config
+
+ROUND_STAGES = ["rollouts", "explain", "hint", "rubric", "grade", "materialize", "grpo", "eval"]
+
+
+def round_config(raw_config: dict, policy: str | None, round_idx: int) -> dict:
+    """The run config of one round: the previous round's checkpoint as the policy,
+    and sampling seeds moved on (round 1 is exactly the configured run)."""
+    raw = copy.deepcopy(raw_config)
+    if policy is not None:
+        raw.setdefault("policy", {})["model"] = policy
+    if round_idx > 1:
+        for section in ("rollouts", "explain", "hint"):
+            raw.setdefault(section, {})["seed"] = int(raw.get(section, {}).get("seed", 0)) + 1000 * (round_idx - 1)
+    return raw
+
+
+@flow(name="guidedrl-online", log_prints=True)
+def online(raw_config: dict, base_dir: str, workspace: str, rounds: int | None = None) -> list[dict]:
+    config = parse_config(raw_config, where="run config", base_dir=base_dir)
+    rounds = rounds or config.train.grpo.rounds
+    policy: str | None = None
+    history = []
+    for r in range(1, rounds + 1):
+        raw = round_config(raw_config, policy, r)
+        results = pipeline.with_options(name="guidedrl-round", flow_run_name=f"round-{r}")(
+            raw_config=raw, base_dir=base_dir, workspace=workspace, stages=ROUND_STAGES)
+        policy = results["grpo"]["path"] + "/checkpoint"
+        history.append({"round": r, "policy": policy, "results": results})
+        print(f"round {r}/{rounds}: checkpoint {policy}")
+    return history

@@ -1,0 +1,34 @@
+"""The small version of bench/learning.py: every method runs a round and feeds its update what it should."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("learning_bench", ROOT / "bench" / "learning.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_small_learning_study_runs_every_method_with_its_own_training_signal(tmp_path, monkeypatch):
+    monkeypatch.setenv("GUIDEDRL_PROGRESS", "0")
+    bench = _bench()
+    rows = bench.study(rounds=1, train_per_level=8, eval_per_level=8, samples=4, eval_samples=4, seed=0,
+                       methods=list(bench.METHODS), workspace=tmp_path)
+    by = {(r["method"], r["round"]): r for r in rows}
+    assert set(by) == {(m, r) for m in bench.METHODS for r in (0, 1)}
+    # the same start for everyone, measured on the same eval problems
+    starts = {m: by[(m, 0)]["pass"] for m in bench.METHODS}
+    assert all(p == starts["grpo"] for p in starts.values())
+    assert starts["grpo"]["easy"]["pass@1"] > 0.8 and starts["grpo"]["hard"]["pass@4"] < 0.5
+    # what reaches each update: explanations only for ExPO, hinted samples only for LTE (when it unlocked any)
+    assert by[("expo", 1)]["update"]["explain"] > 0
+    assert all(by[(m, 1)]["update"]["explain"] == 0 for m in ("grpo", "lte", "exprl"))
+    assert all(by[(m, 1)]["update"]["guided"] == 0 for m in ("grpo", "expo", "exprl"))
+    # plain GRPO spends at least the guided methods' policy samples
+    assert by[("grpo", 1)]["samples"] >= max(by[(m, 1)]["samples"] for m in ("expo", "lte"))
+    table = bench.table(rows, 4)
+    assert table.count("\n") == 1 + len(rows) and "| expo | 1 |" in table

@@ -1,0 +1,61 @@
+"""Online GRPO rounds as Prefect subflows: a round killed mid-update resumes from that round."""
+
+from pathlib import Path
+
+import pytest
+
+import tasks.grpo as grpo_mod
+from flows.online import online
+from tasks.store import Store
+
+TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
+
+
+def _raw():
+    levels = {"easy": {"min_digits": 1, "max_digits": 1}, "hard": {"min_digits": 2, "max_digits": 2}}
+    return {
+        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 8, "seed": 11 + i, "level": lvl,
+                                                    "config": {"min_terms": 2, "max_terms": 2, **c}}}
+                                 for i, (lvl, c) in enumerate(levels.items())],
+                     "eval_fraction": 0.25},
+        "policy": {"model": str(TINY), "batch_size": 64},
+        "prompts": {"plain": "tiny_plain", "explain": "tiny_explain", "hint": "tiny_hint"},
+        "rollouts": {"samples_per_problem": 4, "max_new_tokens": 40},
+        "explain": {"samples_per_problem": 2},
+        "train": {"grpo": {"learning_rate": 1e-4, "batch_size": 8}},
+        "eval": {"samples_per_problem": 2},
+        "prefect": {"retries": 0, "retry_delay_seconds": 0},
+    }
+
+
+def test_a_round_killed_mid_update_resumes_from_that_round(prefect_server, tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    real = grpo_mod.train_update
+    calls = []
+
+    def killed_in_round_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed mid-update")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(grpo_mod, "train_update", killed_in_round_2)
+    with pytest.raises(RuntimeError, match="killed mid-update"):
+        online(raw_config=_raw(), base_dir=str(tmp_path), workspace=str(ws), rounds=2)
+    store = Store(ws)
+    assert len(store.outputs("grpo")) == 1  # round 1's checkpoint; round 2 left nothing half-written
+    assert len(store.outputs("materialize")) == 2  # round 2 got as far as its datasets
+    created = {o.path: o.manifest["created"] for o in store.outputs()}
+
+    monkeypatch.setattr(grpo_mod, "train_update", real)
+    history = online(raw_config=_raw(), base_dir=str(tmp_path), workspace=str(ws), rounds=2)
+    round1, round2 = (h["results"] for h in history)
+    assert all(r["status"] != "computed" for r in round1.values())  # round 1: nothing redone
+    assert {s for s, r in round2.items() if r["status"] == "computed"} == {"grpo", "eval"}  # round 2 resumed at the update
+    assert len(calls) == 2  # the first run's two updates, the resumed one went to the real function
+    assert all(o.manifest["created"] == created[o.path] for o in Store(ws).outputs() if o.path in created)
+    # round 2 started from round 1's checkpoint
+    assert round2["rollouts"]["path"] != round1["rollouts"]["path"]
+    assert history[0]["policy"] == round1["grpo"]["path"] + "/checkpoint"
+    assert Store(ws).get("grpo", Path(round2["grpo"]["path"]).name).manifest["inputs"]["policy"] != \
+        Store(ws).get("grpo", Path(round1["grpo"]["path"]).name).manifest["inputs"]["policy"]
