@@ -7,6 +7,8 @@
     guidedrl datasets ls [--workspace DIR]
     guidedrl datasets show PATH [--rows N]
     guidedrl datasets publish PATH URL | pull URL PATH | diff A B
+    guidedrl runs ls | runs show ID        guidedrl rerun ID --stage NAME [--downstream]
+    guidedrl gc --keep N [--dry-run]
 """
 
 from __future__ import annotations
@@ -188,16 +190,36 @@ def _print_results(results: dict, todo: list[str]) -> None:
         console.print("Every stage of the pipeline ran (none is still to come).")
 
 
-def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]]) -> None:
+def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]], command: str = "run",
+             force: Optional[list[str]] = None, rerun_of: Optional[str] = None) -> None:
+    """Run the pipeline flow with a run record; a failure ends in one line that names the stage and the fix."""
     from flows.pipeline import pipeline, select_stages
     from tasks.config import parse_config
+    from tasks.report import write_report
+    from tasks.runs import RunRecord, one_line
 
     config = parse_config(raw, base_dir=base_dir)
     ws = Path(workspace or config.resolve(config.workspace)).resolve()
     to_run, todo = select_stages(stages)
-    console.print(f"workspace: {ws}")
-    results = pipeline(raw_config=raw, base_dir=str(base_dir.resolve()), workspace=str(ws), stages=to_run)
+    record = RunRecord.create(ws, command, raw, str(base_dir.resolve()), to_run, rerun_of=rerun_of)
+    console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
+    try:
+        results = pipeline(raw_config=raw, base_dir=str(base_dir.resolve()), workspace=str(ws), stages=to_run,
+                           force=force, run_record=str(record.path))
+    except BaseException as exc:
+        fresh = RunRecord.load(ws, record.run_id)
+        fresh.finish("failed", error=one_line(exc))
+        write_report(fresh)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        stage = fresh.data.get("failed_stage")
+        hint = f" — after fixing the cause: guidedrl rerun {record.run_id} --stage {stage} --downstream --workspace {ws}" if stage else ""
+        _fail(f"run {record.run_id} failed: {fresh.data['error']}{hint}")
+    fresh = RunRecord.load(ws, record.run_id)
+    fresh.finish("completed")
+    report = write_report(fresh)
     _print_results(results, todo)
+    console.print(f"run {record.run_id} completed; report: {report}")
 
 
 def _dry_run(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]]) -> None:
@@ -276,6 +298,101 @@ def run(
         _fail(str(exc))
 
 
+runs_app = typer.Typer(help="Run records: what each run did, kept after its process is gone.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("ls")
+def runs_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory.")):
+    """Runs of the workspace, newest first."""
+    from tasks.runs import list_runs
+
+    runs = list_runs(workspace)
+    if not runs:
+        console.print(f"no runs in {Path(workspace).resolve() / 'runs'}")
+        return
+    table = Table(title=f"runs in {Path(workspace).resolve() / 'runs'}")
+    for col in ("run", "command", "status", "started", "stages", "error"):
+        table.add_column(col)
+    for r in runs:
+        d = r.data
+        done = sum(s.get("status") in ("computed", "reused", "cached") for s in d["stages"].values())
+        table.add_row(r.run_id, d["command"] + (f" (rerun of {d['rerun_of']})" if d.get("rerun_of") else ""), d["status"],
+                      d["started"], f"{done}/{len(d['stages'])}", d.get("error") or "")
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str = typer.Argument(..., help="A run id (guidedrl runs ls)."),
+              workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory.")):
+    """One run: each stage's status, time, output and error."""
+    from tasks.runs import RunRecord
+
+    try:
+        r = RunRecord.load(workspace, run_id)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    d = r.data
+    console.print(f"[bold]run {r.run_id}[/] — {d['command']}, {d['status']}; started {d['started']}, finished {d.get('finished')}")
+    if d.get("rerun_of"):
+        console.print(f"rerun of {d['rerun_of']}")
+    if d.get("error"):
+        console.print(f"[red]error:[/] {d['error']}")
+    table = Table()
+    for col in ("stage", "status", "seconds", "output", "error"):
+        table.add_column(col)
+    for name, s in d["stages"].items():
+        table.add_row(name, s.get("status", ""), str(s.get("seconds", "")), s.get("path", ""), s.get("error", ""))
+    console.print(table)
+    report = r.dir / "report.html"
+    if report.is_file():
+        console.print(f"report: {report}")
+
+
+@app.command()
+def rerun(
+    run_id: str = typer.Argument(..., help="The run to take the config and inputs from (guidedrl runs ls)."),
+    stage: str = typer.Option(..., "--stage", help="The stage to run again."),
+    downstream: bool = typer.Option(False, "--downstream", help="Also run again the stages of that run that depend on it."),
+    workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory."),
+):
+    """Run one stage of an earlier run again (and, with --downstream, what depends on it), reusing every other
+    finished stage output. Works in a fresh process long after the run: everything comes from its run record."""
+    from tasks.config import STAGES
+    from tasks.runs import RunRecord, downstream_of
+
+    try:
+        r = RunRecord.load(workspace, run_id)
+        requested = [s.split("/")[-1] for s in r.data["stages_requested"]]
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
+        if stage not in requested:
+            raise ValueError(f"run {run_id} did not run stage {stage!r}; it ran: {', '.join(requested)}")
+        again = [stage] + (downstream_of(stage, requested) if downstream else [])
+        console.print(f"rerun of {run_id}: running {', '.join(again)} again; other stages come from the store")
+        _execute(r.data["config"], Path(r.data["base_dir"]), Path(r.data["workspace"]), again, command="rerun",
+                 force=again, rerun_of=run_id)
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def gc(
+    workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory."),
+    keep: int = typer.Option(..., "--keep", help="Keep the outputs of this many newest runs (and of runs still going)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
+):
+    """Remove stage outputs that no kept run refers to, and what crashed writers left behind."""
+    from tasks.runs import gc as gc_store
+
+    out = gc_store(workspace, keep, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"kept {out['outputs_kept']} outputs of runs {', '.join(out['runs_kept']) or '(none)'}; {verb} "
+                  f"{len(out['outputs_removed'])} outputs ({out['bytes_freed'] / 1e6:.1f} MB) and {len(out['leftovers_removed'])} leftovers")
+    for p in out["outputs_removed"] + out["leftovers_removed"]:
+        console.print(f"  {p}")
+
+
 @app.command()
 def online(
     config: Path = typer.Argument(..., help="YAML config file (see configs/quickstart.yaml)."),
@@ -289,15 +406,30 @@ def online(
     """
     from flows.online import online as online_flow
     from tasks.config import apply_overrides, parse_config, read_yaml
+    from tasks.report import write_report
+    from tasks.runs import RunRecord, one_line
 
     try:
         raw = apply_overrides(read_yaml(config), set_)
         cfg = parse_config(raw, base_dir=Path.cwd())
         ws = Path(workspace or cfg.resolve(cfg.workspace)).resolve()
-        console.print(f"workspace: {ws}")
-        history = online_flow(raw_config=raw, base_dir=str(Path.cwd().resolve()), workspace=str(ws), rounds=rounds)
+        record = RunRecord.create(ws, "online", raw, str(Path.cwd().resolve()), [])
+        console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
     except _user_errors() as exc:
         _fail(str(exc))
+    try:
+        history = online_flow(raw_config=raw, base_dir=str(Path.cwd().resolve()), workspace=str(ws), rounds=rounds,
+                              run_record=str(record.path))
+    except BaseException as exc:
+        fresh = RunRecord.load(ws, record.run_id)
+        fresh.finish("failed", error=one_line(exc))
+        write_report(fresh)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        _fail(f"run {record.run_id} failed: {fresh.data['error']} — `guidedrl online` again resumes where it stopped")
+    fresh = RunRecord.load(ws, record.run_id)
+    fresh.finish("completed")
+    write_report(fresh)
     table = Table(title="online GRPO: eval split after each round (pass@1 / pass@n)")
     table.add_column("round")
     table.add_column("stages computed / reused")
@@ -314,7 +446,7 @@ def online(
             cells.append(f"{t['pass@1']:.3f} / {t[f'pass@{n}']:.3f}" if t else "-")
         table.add_row(str(h["round"]), f"{done} / {len(res) - done}", *cells)
     console.print(table)
-    console.print(f"last checkpoint: {history[-1]['policy']}")
+    console.print(f"last checkpoint: {history[-1]['policy']}\nrun {record.run_id} completed; report: {record.dir / 'report.html'}")
 
 
 @app.command()

@@ -34,7 +34,7 @@ def round_config(raw_config: dict, policy: str | None, round_idx: int) -> dict:
 
 
 @flow(name="guidedrl-online", log_prints=True)
-def online(raw_config: dict, base_dir: str, workspace: str, rounds: int | None = None) -> list[dict]:
+def online(raw_config: dict, base_dir: str, workspace: str, rounds: int | None = None, run_record: str | None = None) -> list[dict]:
     config = parse_config(raw_config, where="run config", base_dir=base_dir)
     rounds = rounds or config.train.grpo.rounds
     policy: str | None = None
@@ -42,7 +42,8 @@ def online(raw_config: dict, base_dir: str, workspace: str, rounds: int | None =
     for r in range(1, rounds + 1):
         raw = round_config(raw_config, policy, r)
         results = pipeline.with_options(name="guidedrl-round", flow_run_name=f"round-{r}")(
-            raw_config=raw, base_dir=base_dir, workspace=workspace, stages=ROUND_STAGES)
+            raw_config=raw, base_dir=base_dir, workspace=workspace, stages=ROUND_STAGES, run_record=run_record,
+            record_prefix=f"round-{r}/")
         policy = results["grpo"]["path"] + "/checkpoint"
         history.append({"round": r, "policy": policy, "results": results})
         print(f"round {r}/{rounds}: checkpoint {policy}")

@@ -6,10 +6,14 @@ stage brings its upstream stages along (finished ones cost nothing).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from prefect import flow
 
 from flows.stages import stage_task
 from tasks.config import IMPLEMENTED_STAGES, OPTIONAL_UPSTREAM, STAGES, UPSTREAM, parse_config
+from tasks.runs import RunRecord
 
 
 def select_stages(requested: list[str] | None) -> tuple[list[str], list[str]]:
@@ -27,18 +31,31 @@ def select_stages(requested: list[str] | None) -> tuple[list[str], list[str]]:
 
 
 @flow(name="guidedrl-run", log_prints=True)
-def pipeline(raw_config: dict, base_dir: str, workspace: str, stages: list[str] | None = None, force: list[str] | None = None) -> dict:
+def pipeline(raw_config: dict, base_dir: str, workspace: str, stages: list[str] | None = None, force: list[str] | None = None,
+             run_record: str | None = None, record_prefix: str = "") -> dict:
+    """The stages in order; with ``run_record`` (a run.json path) each stage's
+    status, timing, output and error are written to that run record as they happen."""
     config = parse_config(raw_config, where="run config", base_dir=base_dir)
     to_run, _ = select_stages(stages)
+    record = RunRecord(Path(run_record), json.loads(Path(run_record).read_text())) if run_record else None
     results: dict[str, dict] = {}
     for stage in to_run:
         upstream = {u: results[u]["path"] for u in UPSTREAM[stage]}
         upstream.update({u: results[u]["path"] for u in OPTIONAL_UPSTREAM.get(stage, ()) if u in results})
         forced = stage in (force or []) or not config.prefect.cache
+        if record:
+            record.stage_started(record_prefix + stage)
         state = stage_task(stage, config, workspace, upstream, forced)(
             stage, raw_config, base_dir, workspace, upstream, force=forced, return_state=True
         )
-        result = state.result()  # raises the stage's error once its retries are spent
+        try:
+            result = state.result()  # raises the stage's error once its retries are spent
+        except BaseException as exc:
+            if record:
+                record.stage_failed(record_prefix + stage, exc)
+            raise
         result["status"] = "cached" if state.name == "Cached" else "reused" if result["reused"] else "computed"
         results[stage] = result
+        if record:
+            record.stage_finished(record_prefix + stage, result)
     return results

@@ -1,0 +1,95 @@
+"""Run records, re-running one failed stage in a new process, the run report, gc."""
+
+import json
+from pathlib import Path
+
+import yaml
+
+from tasks.runs import RunRecord, downstream_of, gc, list_runs
+from tasks.store import Store
+from tests.openai_server import OpenAIServer
+
+
+def _config(tmp_path: Path, checkpoint: Path, judge_url: str) -> Path:
+    cfg = {
+        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 8, "seed": 21, "level": "hard",
+                                                    "config": {"min_terms": 3, "max_terms": 3}}}], "eval_fraction": 0.0},
+        "policy": {"model": str(checkpoint), "batch_size": 32},
+        "prompts": {"plain": "tiny_plain", "explain": "tiny_explain", "hint": "tiny_hint"},
+        "rollouts": {"samples_per_problem": 2, "max_new_tokens": 8},
+        "explain": {"samples_per_problem": 1},
+        "judge": {"backend": "openai", "base_url": judge_url, "model": "judge-m", "mode": "process", "max_retries": 0,
+                  "timeout_seconds": 2},
+        "prefect": {"retries": 0, "retry_delay_seconds": 0},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_rerun_of_the_failed_grading_stage_in_a_new_process_redoes_only_grading_and_what_follows(tmp_path, cli, random_checkpoint):
+    with OpenAIServer() as srv:  # a free port, then nobody listening on it: the judge is down
+        url = srv.base_url
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    ws = tmp_path / "ws"
+    cfg = _config(tmp_path, random_checkpoint, url)
+    failed = cli("run", str(cfg), "--stages", "materialize", "--workspace", str(ws), check=False)
+    assert failed.returncode == 1
+    err = " ".join(failed.stderr.split())
+    assert "failed: stage grade failed: JudgeError: grade: 16 of 16 judge requests" in err and "guidedrl rerun" in err
+
+    [run] = list_runs(ws)
+    d = run.data
+    assert d["status"] == "failed" and d["failed_stage"] == "grade" and "JudgeError" in d["error"] and "\n" not in d["error"]
+    assert {s: v["status"] for s, v in d["stages"].items()} == {
+        "curate": "computed", "rollouts": "computed", "explain": "computed", "hint": "computed", "rubric": "computed",
+        "grade": "failed", "materialize": "pending"}
+    assert (run.dir / "report.html").is_file() and "Failed." in (run.dir / "report.html").read_text()
+    created = {o.path: o.manifest["created"] for o in Store(ws).outputs()}
+    shown = cli("runs", "show", run.run_id, "--workspace", str(ws)).stdout
+    assert "grade" in shown and "failed" in shown and "JudgeError" in shown
+
+    with OpenAIServer(port=port) as srv:
+        out = cli("rerun", run.run_id, "--stage", "grade", "--downstream", "--workspace", str(ws))
+        assert len([r for r in srv.behaviour.requests if "messages" in r]) == 16
+    assert "running grade, materialize again" in " ".join(out.stdout.split())
+    newest = list_runs(ws)[0]
+    assert newest.data["rerun_of"] == run.run_id and newest.data["status"] == "completed"
+    statuses = {s: v["status"] for s, v in newest.data["stages"].items()}
+    assert statuses["grade"] == "computed" and statuses["materialize"] == "computed"
+    assert all(statuses[s] in ("reused", "cached") for s in ("curate", "rollouts", "explain", "hint", "rubric"))
+    # the upstream outputs are the very same files, untouched
+    assert all(o.manifest["created"] == created[o.path] for o in Store(ws).outputs() if o.path in created)
+    assert len(Store(ws).outputs("grade")) == 1 and len(Store(ws).outputs("materialize")) == 1
+    report = (newest.dir / "report.html").read_text()
+    assert "Judge" in report and "parse rate" in report and "judge.png" in report and (newest.dir / "judge.png").is_file()
+    assert "runs" in cli("runs", "ls", "--workspace", str(ws)).stdout
+
+
+def test_downstream_follows_the_stage_graph():
+    stages = ["curate", "rollouts", "explain", "hint", "rubric", "grade", "materialize", "dpo", "eval"]
+    assert downstream_of("grade", stages) == ["materialize", "dpo", "eval"]
+    assert downstream_of("hint", stages) == ["materialize", "dpo", "eval"]
+    assert downstream_of("rubric", ["curate", "rollouts", "rubric", "grade"]) == ["grade"]
+    assert downstream_of("eval", stages) == []
+
+
+def test_gc_keeps_what_the_newest_runs_use_and_removes_the_rest(tmp_path):
+    from tasks.schemas import to_table
+
+    ws = tmp_path / "ws"
+    store = Store(ws)
+    table = to_table([{"source": "s", "row": "{}", "reason": "x"}], "rejected")
+    outs = [store.write("curate", f"k{i}", {"rejected": ("rejected", table)}, config={}, inputs={}, stage_version="t")
+            for i in range(3)]
+    (store.root / "rollouts" / ".work-deadbeef").mkdir(parents=True)  # a crashed rollout stage's shards
+    for i, out in enumerate(outs):
+        rec = RunRecord.create(ws, "run", {}, str(tmp_path), ["curate"], run_id=f"2026010{i}-000000-aaaaa{i}")
+        rec.stage_finished("curate", {"status": "computed", "key": out.key, "path": str(out.path)})
+        rec.finish("completed")
+    dry = gc(ws, keep=2, dry_run=True)
+    assert dry["outputs_removed"] == [str(outs[0].path)] and outs[0].path.exists()
+    done = gc(ws, keep=2)
+    assert not outs[0].path.exists() and outs[1].path.exists() and outs[2].path.exists()
+    assert done["leftovers_removed"] == [str(store.root / "rollouts" / ".work-deadbeef")]
+    assert json.loads((ws / "runs" / "20260102-000000-aaaaa2" / "run.json").read_text())["status"] == "completed"
