@@ -9,6 +9,7 @@
     guidedrl datasets publish PATH URL | pull URL PATH | diff A B
     guidedrl runs ls | runs show ID        guidedrl rerun ID --stage NAME [--downstream]
     guidedrl gc --keep N [--dry-run]
+    guidedrl deploy CONFIG [--work-pool P] [--cron "0 2 * * *"]
 """
 
 from __future__ import annotations
@@ -296,6 +297,34 @@ def run(
         (_dry_run if dry_run else _execute)(raw, Path.cwd(), workspace, _parse_stages(stages))
     except _user_errors() as exc:
         _fail(str(exc))
+
+
+@app.command()
+def deploy(
+    config: Path = typer.Argument(..., help="The YAML config the scheduled runs use (read at each run, so edits take effect)."),
+    work_pool: str = typer.Option("guidedrl", "--work-pool", help="Process work pool to create or use."),
+    cron: str = typer.Option("0 2 * * *", "--cron", help="Schedule of the nightly data-generation deployment."),
+    timezone: str = typer.Option("UTC", "--timezone"),
+    workspace: Optional[Path] = WorkspaceOpt,
+    stages: Optional[str] = typer.Option(None, "--stages", help="Stages of the data deployment (default: curate .. materialize)."),
+):
+    """Register the deployments (nightly data generation, on-demand training) on the Prefect server in PREFECT_API_URL.
+
+    Then start a worker: prefect worker start --pool <work-pool>. Schedules need a real server
+    (prefect server start, or Prefect Cloud); the temporary one of a plain `guidedrl run` does not run them."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.deployments import register
+
+    if not PREFECT_API_URL.value():
+        _fail("no Prefect server configured: start one (prefect server start) and set PREFECT_API_URL, e.g. "
+              "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api — schedules do not run on a temporary server")
+    try:
+        names = register(config, work_pool, cron, str(workspace) if workspace else None, timezone, _parse_stages(stages))
+    except _user_errors() as exc:
+        _fail(str(exc))
+    console.print(f"registered on {PREFECT_API_URL.value()}: {', '.join(names)} (work pool {work_pool}, nightly cron {cron!r} {timezone})")
+    console.print(f"start a worker to run them: prefect worker start --pool {work_pool}")
 
 
 runs_app = typer.Typer(help="Run records: what each run did, kept after its process is gone.", no_args_is_help=True)

@@ -38,6 +38,11 @@ os.environ.update(
         "GUIDEDRL_PROGRESS": "0",
         "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
         "HF_DATASETS_CACHE": str(_HOME / "hf-datasets-cache"),
+        # the session server's scheduler and the test workers poll every second or two (tests/test_deploy.py)
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "5",
     }
 )
 
