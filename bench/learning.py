@@ -46,7 +46,8 @@ METHODS = {
 ROUND_STAGES = ["curate", "rollouts", "explain", "hint", "rubric", "grade", "materialize", "grpo", "eval"]
 
 
-def base_config(train_per_level: int, eval_per_level: int, samples: int, eval_samples: int, seed: int) -> dict:
+def base_config(train_per_level: int, eval_per_level: int, samples: int, eval_samples: int, seed: int,
+                lr: float = 3e-4, expo_beta: float = 0.04, epochs: int = 2) -> dict:
     levels = {"easy": {"min_digits": 1, "max_digits": 1}, "hard": {"min_digits": 2, "max_digits": 2}}
     n_total = train_per_level + eval_per_level
     return {
@@ -60,7 +61,7 @@ def base_config(train_per_level: int, eval_per_level: int, samples: int, eval_sa
         "explain": {"samples_per_problem": samples, "seed": seed},
         "hint": {"seed": seed},
         "judge": {"backend": "rule", "mode": "process"},
-        "train": {"grpo": {"learning_rate": 3e-4, "batch_size": 16, "epochs": 2, "expo_beta": 0.04, "gamma": 0.1, "seed": seed}},
+        "train": {"grpo": {"learning_rate": lr, "batch_size": 16, "epochs": epochs, "expo_beta": expo_beta, "gamma": 0.1, "seed": seed}},
         "eval": {"samples_per_problem": eval_samples, "seed": 4242},
     }
 
@@ -119,8 +120,8 @@ def table(rows: list[dict], k: int) -> str:
 
 
 def study(rounds: int, train_per_level: int, eval_per_level: int, samples: int, eval_samples: int, seed: int,
-          methods: list[str], workspace: Path) -> list[dict]:
-    raw = base_config(train_per_level, eval_per_level, samples, eval_samples, seed)
+          methods: list[str], workspace: Path, **update) -> list[dict]:
+    raw = base_config(train_per_level, eval_per_level, samples, eval_samples, seed, **update)
     rows = []
     for method in methods:
         print(f"{method}:", flush=True)
@@ -137,6 +138,9 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=32, help="samples per eval problem (pass@k at k = this)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--lr", type=float, default=3e-4, help="learning rate of the update (AdamW)")
+    ap.add_argument("--epochs", type=int, default=2, help="passes over each round's grpo dataset")
+    ap.add_argument("--expo-beta", type=float, default=0.04, help="ExPO's weight of the explanation NLL term")
     ap.add_argument("--small", action="store_true", help="1 round, 8 problems per level: the test suite's version")
     ap.add_argument("--workspace", type=Path, default=None, help="keep the stage outputs here (default: a temporary directory)")
     ap.add_argument("--out", type=Path, default=None, help="also write the table (Markdown) and the rows (JSON) here")
@@ -150,8 +154,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ws = args.workspace or Path(tmp)
         rows = study(args.rounds, args.train_per_level, args.eval_per_level, args.samples, args.eval_samples, args.seed,
-                     args.methods.split(","), ws)
-    md = table(rows, args.eval_samples)
+                     args.methods.split(","), ws, lr=args.lr, expo_beta=args.expo_beta, epochs=args.epochs)
+    md = (f"lr {args.lr}, epochs {args.epochs}, expo_beta {args.expo_beta}, G {args.samples}, rounds {args.rounds}, "
+          f"{args.train_per_level} train / {args.eval_per_level} eval problems per level\n\n" + table(rows, args.eval_samples))
     print(md)
     print(f"total {time.time() - t0:.0f}s")
     if args.out:

@@ -196,8 +196,7 @@ def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
     """Run the pipeline flow with a run record; a failure ends in one line that names the stage and the fix."""
     from flows.pipeline import pipeline, select_stages
     from tasks.config import parse_config
-    from tasks.report import write_report
-    from tasks.runs import RunRecord, one_line
+    from tasks.runs import RunRecord
 
     config = parse_config(raw, base_dir=base_dir)
     ws = Path(workspace or config.resolve(config.workspace)).resolve()
@@ -208,19 +207,15 @@ def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
         results = pipeline(raw_config=raw, base_dir=str(base_dir.resolve()), workspace=str(ws), stages=to_run,
                            force=force, run_record=str(record.path))
     except BaseException as exc:
-        fresh = RunRecord.load(ws, record.run_id)
-        fresh.finish("failed", error=one_line(exc))
-        write_report(fresh)
+        fresh = record.close(exc)
         if isinstance(exc, KeyboardInterrupt):
             raise
         stage = fresh.data.get("failed_stage")
         hint = f" — after fixing the cause: guidedrl rerun {record.run_id} --stage {stage} --downstream --workspace {ws}" if stage else ""
         _fail(f"run {record.run_id} failed: {fresh.data['error']}{hint}")
-    fresh = RunRecord.load(ws, record.run_id)
-    fresh.finish("completed")
-    report = write_report(fresh)
+    record.close()
     _print_results(results, todo)
-    console.print(f"run {record.run_id} completed; report: {report}")
+    console.print(f"run {record.run_id} completed; report: {record.dir / 'report.html'}")
 
 
 def _dry_run(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]]) -> None:
@@ -233,7 +228,7 @@ def _dry_run(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
     config = parse_config(raw, base_dir=base_dir)
     ws = Path(workspace or config.resolve(config.workspace)).resolve()
     to_run, _ = select_stages(stages)
-    judged = [s for s in to_run if hasattr(STAGE_MODULES[s], "plan")]
+    judged = [s for s in to_run if hasattr(STAGE_MODULES[s], "dry_run")]
     if not judged:
         console.print("dry run: none of these stages sends judge requests; nothing to count.")
         return
@@ -249,7 +244,7 @@ def _dry_run(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
             console.print(f"[yellow]{stage}:[/] cannot count yet — it reads the output of `{missing}`, which has not run with this "
                           f"config in {ws}. Run `guidedrl run CONFIG --stages {missing}` first ({sends}).")
             continue
-        p = STAGE_MODULES[stage].plan(config, Store(ws), found)
+        p = STAGE_MODULES[stage].dry_run(config, Store(ws), found)
         if p["requests"] == 0:
             console.print(f"{stage}: 0 requests to send ({p.get('note') or str(p.get('cached', 0)) + ' answers cached'})")
             continue
@@ -435,8 +430,7 @@ def online(
     """
     from flows.online import online as online_flow
     from tasks.config import apply_overrides, parse_config, read_yaml
-    from tasks.report import write_report
-    from tasks.runs import RunRecord, one_line
+    from tasks.runs import RunRecord
 
     try:
         raw = apply_overrides(read_yaml(config), set_)
@@ -450,15 +444,11 @@ def online(
         history = online_flow(raw_config=raw, base_dir=str(Path.cwd().resolve()), workspace=str(ws), rounds=rounds,
                               run_record=str(record.path))
     except BaseException as exc:
-        fresh = RunRecord.load(ws, record.run_id)
-        fresh.finish("failed", error=one_line(exc))
-        write_report(fresh)
+        fresh = record.close(exc)
         if isinstance(exc, KeyboardInterrupt):
             raise
         _fail(f"run {record.run_id} failed: {fresh.data['error']} — `guidedrl online` again resumes where it stopped")
-    fresh = RunRecord.load(ws, record.run_id)
-    fresh.finish("completed")
-    write_report(fresh)
+    record.close()
     table = Table(title="online GRPO: eval split after each round (pass@1 / pass@n)")
     table.add_column("round")
     table.add_column("stages computed / reused")

@@ -26,8 +26,7 @@ TRAINING_STAGES = ["dpo", "grpo", "eval"]
 def _run(config_path: str, base_dir: str | None, workspace: str | None, stages: list[str], command: str) -> dict:
     from flows.pipeline import pipeline, select_stages
     from tasks.config import parse_config, read_yaml
-    from tasks.report import write_report
-    from tasks.runs import RunRecord, one_line
+    from tasks.runs import RunRecord
 
     path = Path(config_path).resolve()
     base = str(Path(base_dir or path.parent).resolve())
@@ -39,14 +38,10 @@ def _run(config_path: str, base_dir: str | None, workspace: str | None, stages: 
     try:
         results = pipeline(raw_config=raw, base_dir=base, workspace=str(ws), stages=to_run, run_record=str(record.path))
     except BaseException as exc:
-        fresh = RunRecord.load(ws, record.run_id)
-        fresh.finish("failed", error=one_line(exc))
-        write_report(fresh)
+        record.close(exc)
         raise
-    fresh = RunRecord.load(ws, record.run_id)
-    fresh.finish("completed")
-    write_report(fresh)
-    print(f"run {record.run_id} completed; report {fresh.dir / 'report.html'}")
+    record.close()
+    print(f"run {record.run_id} completed; report {record.dir / 'report.html'}")
     return {"run_id": record.run_id, "outputs": {s: r["path"] for s, r in results.items()}}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.stages import stage_task
+from flows.stages import SHARDED, run_sharded_stage, stage_task
 from tasks.config import IMPLEMENTED_STAGES, OPTIONAL_UPSTREAM, STAGES, UPSTREAM, parse_config
 from tasks.runs import RunRecord
 
@@ -45,16 +45,20 @@ def pipeline(raw_config: dict, base_dir: str, workspace: str, stages: list[str] 
         forced = stage in (force or []) or not config.prefect.cache
         if record:
             record.stage_started(record_prefix + stage)
-        state = stage_task(stage, config, workspace, upstream, forced)(
-            stage, raw_config, base_dir, workspace, upstream, force=forced, return_state=True
-        )
         try:
-            result = state.result()  # raises the stage's error once its retries are spent
+            if stage in SHARDED and config.prefect.fan_out:
+                result = run_sharded_stage(stage, config, raw_config, base_dir, workspace, upstream, forced)
+                result["status"] = "reused" if result["reused"] else "computed"
+            else:
+                state = stage_task(stage, config, workspace, upstream, forced)(
+                    stage, raw_config, base_dir, workspace, upstream, force=forced, return_state=True
+                )
+                result = state.result()  # raises the stage's error once its retries are spent
+                result["status"] = "cached" if state.name == "Cached" else "reused" if result["reused"] else "computed"
         except BaseException as exc:
             if record:
                 record.stage_failed(record_prefix + stage, exc)
             raise
-        result["status"] = "cached" if state.name == "Cached" else "reused" if result["reused"] else "computed"
         results[stage] = result
         if record:
             record.stage_finished(record_prefix + stage, result)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +22,8 @@ from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 from tasks import curate, dpo, evaluate, explain, filter as filter_stage, grade, grpo, hint, materialize, rollouts, rubric
 from tasks.config import UPSTREAM, Config, parse_config
 from tasks.store import StageOutput, Store
+
+log = logging.getLogger("guidedrl.stages")
 
 #: stage name -> module exposing STAGE, STAGE_VERSION, key_for(config, upstream), run(config, store, upstream, force)
 STAGE_MODULES: dict[str, ModuleType] = {"curate": curate, "rollouts": rollouts, "filter": filter_stage, "explain": explain, "hint": hint,
@@ -102,3 +105,64 @@ def stored_outputs(config: Config, workspace: str, stages: list[str]) -> tuple[d
             return found, stage
         found[stage] = out
     return found, None
+
+
+# --------------------------------------------------------------------------- shards as tasks
+
+#: stages whose work is cut into shards that can run as separate tasks
+SHARDED = {"rollouts": rollouts}
+
+
+@task(name="shard", cache_policy=NO_CACHE)
+def run_shard(stage: str, raw_config: dict, base_dir: str, workspace: str, upstream: dict[str, str], index: int) -> dict:
+    """Generate one shard of a sharded stage into the stage's work directory (a finished shard is skipped)."""
+    import os
+    import socket
+
+    module = SHARDED[stage]
+    config = _config(raw_config, base_dir)
+    shard_plan = module.plan(config, Store(workspace), load_upstream(upstream))
+    seconds = module.generate_shard(config, shard_plan, index)
+    return {"seconds": seconds, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def task_runner_for(config: Config):
+    """The task runner of shard tasks: threads (default) or Ray through prefect-ray."""
+    pc = config.prefect
+    if pc.task_runner == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise ValueError("prefect.task_runner: ray needs prefect-ray and ray: pip install -e '.[ray]'") from None
+        return RayTaskRunner(address=pc.ray_address, init_kwargs=dict(pc.ray_init) or None)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=pc.max_workers)
+
+
+def run_sharded_stage(stage: str, config: Config, raw_config: dict, base_dir: str, workspace: str, upstream: dict[str, str],
+                      force: bool = False) -> dict:
+    """A sharded stage inside a flow: its unfinished shards fan out as `shard` tasks on
+    the configured task runner, then the shards become the stage output. Shards
+    finished by an earlier (killed) run are not redone."""
+    module = SHARDED[stage]
+    store, up = Store(workspace), load_upstream(upstream)
+    key = module.key_for(config, up)[0]
+    existing = store.reusable(stage, key, force)
+    if existing is None:
+        shard_plan = module.plan(config, store, up)
+        todo = [i for i in range(len(shard_plan.shards)) if not shard_plan.path(i).exists()]
+        shard = run_shard.with_options(retries=config.prefect.retries_for(stage), retry_delay_seconds=config.prefect.retry_delay_seconds)
+        with task_runner_for(config) as runner:
+            futures = [runner.submit(shard.with_options(task_run_name=f"{stage}-shard-{i:05d}"),
+                                     parameters={"stage": stage, "raw_config": raw_config, "base_dir": base_dir,
+                                                 "workspace": workspace, "upstream": upstream, "index": i})
+                       for i in todo]
+            done = [f.result() for f in futures]
+        out = module.assemble(store, shard_plan, force, sum(d["seconds"] for d in done) if todo else None)
+        workers = sorted({d["worker"] for d in done})
+        log.info("%s: %d shards as tasks on %s (%d worker processes)", stage, len(todo), config.prefect.task_runner, len(workers))
+    else:
+        out, workers = existing, []
+    return {"stage": stage, "key": out.key, "path": str(out.path), "reused": existing is not None,
+            "datasets": out.manifest.get("datasets", {}), "summary": out.summary, "shard_workers": workers}

@@ -297,6 +297,11 @@ class PrefectConfig(_Strict):
     retry_delay_seconds: float = Field(2.0, ge=0)
     stage_retries: dict[str, int] = Field(default_factory=dict, description="per-stage override of retries")
     cache: bool = Field(True, description="reuse finished stage outputs (store + Prefect task cache)")
+    fan_out: bool = Field(True, description="shardable stages (rollouts) run each shard as its own Prefect task on the task runner")
+    task_runner: Literal["threads", "ray"] = Field("threads", description="where shard tasks run: a thread pool, or Ray through prefect-ray")
+    max_workers: int = Field(1, gt=0, description="threads: shard tasks at once (they share one model per process)")
+    ray_address: str | None = Field(None, description="ray: cluster address, e.g. ray://head:10001 (default: start a local Ray)")
+    ray_init: dict[str, Any] = Field(default_factory=dict, description="ray: extra ray.init() arguments, e.g. {num_cpus: 2}")
 
     @model_validator(mode="after")
     def _known_stages(self):

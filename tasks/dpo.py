@@ -22,7 +22,7 @@ import torch
 
 from tasks import progress
 from tasks.config import Config
-from tasks.rollouts import policy_id_for
+from tasks.rollouts import local_policy_dir, policy_id_for
 from tasks.store import StageOutput, Store, read_manifest, stage_key
 
 STAGE = "dpo"
@@ -145,10 +145,7 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
     existing = store.reusable(STAGE, key, force)
     if existing is not None:
         return existing, True
-    base = config.resolve(config.policy.model)
-    if config.policy.backend != "transformers" or not base.is_dir():
-        raise ValueError(f"dpo: trains a local checkpoint; policy.model ({config.policy.model}) must be a model directory "
-                         "with policy.backend transformers")
+    base = local_policy_dir(config, STAGE)
     with store.scratch(STAGE) as work:
         metrics = train(base, upstream["materialize"].dataset_path("dpo"), work / "checkpoint", config.train.dpo)
         summary = {"base_policy": inputs["policy"], "data": inputs["dpo"], **metrics}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -106,7 +107,13 @@ class TransformersBackend:
         self.device, self.batch_size = next(model.parameters()).device, batch_size
         return self
 
+    _lock = threading.Lock()  # seeding is global in torch: one generate at a time per process keeps runs reproducible
+
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
+        with self._lock:
+            return self._generate(prompts, params)
+
+    def _generate(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
         import torch
 
         tok = self.tokenizer

@@ -59,7 +59,7 @@ def make_judge(config: Config, store: Store):
     return judge.LLMJudge(judge.open_client(config, store.workspace), judge.judge_prompts(config), jc.mode, jc.step_split)
 
 
-def plan(config: Config, store: Store, upstream: dict[str, StageOutput]) -> dict:
+def dry_run(config: Config, store: Store, upstream: dict[str, StageOutput]) -> dict:
     """What grading would send, counted before anything is sent (``--dry-run``)."""
     traces = [t for t in load_traces(upstream) if not t.error]
     if config.judge.backend == "rule":

@@ -35,7 +35,7 @@ import torch
 
 from tasks import progress
 from tasks.config import Config
-from tasks.rollouts import policy_id_for
+from tasks.rollouts import local_policy_dir, policy_id_for
 from tasks.store import StageOutput, Store, stage_key
 
 STAGE = "grpo"
@@ -199,10 +199,7 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
     existing = store.reusable(STAGE, key, force)
     if existing is not None:
         return existing, True
-    base = config.resolve(config.policy.model)
-    if config.policy.backend != "transformers" or not base.is_dir():
-        raise ValueError(f"grpo: updates a local checkpoint; policy.model ({config.policy.model}) must be a model directory "
-                         "with policy.backend transformers")
+    base = local_policy_dir(config, STAGE)
     gc = config.train.grpo
     torch.manual_seed(gc.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base))

@@ -18,10 +18,13 @@ the G samples), the number of all-fail problems, and generation time.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -57,6 +60,15 @@ def policy_id_for(config: Config) -> str:
     if p.backend == "vllm":
         return p.policy_id or f"vllm:{p.model}"
     raise FileNotFoundError(f"{path}: policy checkpoint not found (policy.model)")
+
+
+def local_policy_dir(config: Config, stage: str) -> Path:
+    """The policy checkpoint directory a training stage starts from (it must be a local transformers model)."""
+    base = config.resolve(config.policy.model)
+    if config.policy.backend != "transformers" or not base.is_dir():
+        raise ValueError(f"{stage}: trains a local checkpoint; policy.model ({config.policy.model}) must be a model directory "
+                         "with policy.backend transformers")
+    return base
 
 
 def open_backend(config: Config) -> GenerationBackend:
@@ -170,11 +182,26 @@ def key_for(config: Config, upstream: dict[str, StageOutput]) -> tuple[str, dict
     return stage_key(STAGE, stage_cfg, inputs, STAGE_VERSION), stage_cfg, inputs
 
 
-def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
+@dataclass
+class ShardPlan:
+    """The rollout stage cut into shards: each a file in the stage's work directory
+    that a crashed or fanned-out run finds finished."""
+
+    key: str
+    stage_cfg: dict
+    inputs: dict
+    work: Path
+    shards: list[list[dict]]
+
+    def path(self, i: int) -> Path:
+        return self.work / f"shard-{i:05d}.parquet"
+
+    def done(self) -> int:
+        return sum(self.path(i).exists() for i in range(len(self.shards)))
+
+
+def plan(config: Config, store: Store, upstream: dict[str, StageOutput]) -> ShardPlan:
     key, stage_cfg, inputs = key_for(config, upstream)
-    existing = store.reusable(STAGE, key, force)
-    if existing is not None:
-        return existing, True
     rc = config.rollouts
     problems = select_problems(upstream["curate"].read("problems"), rc.split, rc.levels, rc.max_problems)
     if not problems:
@@ -182,42 +209,77 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
     work = store.root / STAGE / f".work-{key}"
     work.mkdir(parents=True, exist_ok=True)
     shards = [problems[i : i + rc.shard_size] for i in range(0, len(problems), rc.shard_size)]
-    done = sum((work / f"shard-{i:05d}.parquet").exists() for i in range(len(shards)))
-    if done:
-        log.info("rollouts: resuming at shard %d of %d (%s)", done, len(shards), work)
-    backend = None
+    return ShardPlan(key, stage_cfg, inputs, work, shards)
+
+
+_BACKENDS: dict[str, GenerationBackend] = {}
+_BACKENDS_LOCK = threading.Lock()
+
+
+def shared_backend(config: Config) -> GenerationBackend:
+    """One backend per process and policy config: shard tasks on threads (or on one Ray
+    worker) load the model once."""
+    key = json.dumps(config.policy.model_dump(mode="json"), sort_keys=True) + str(config.resolve(config.policy.model))
+    with _BACKENDS_LOCK:
+        if key not in _BACKENDS:
+            _BACKENDS[key] = open_backend(config)
+        return _BACKENDS[key]
+
+
+def generate_shard(config: Config, shard_plan: ShardPlan, i: int, backend=None) -> float:
+    """Sample shard ``i`` (unless its file is already there); the seconds spent generating."""
+    path = shard_plan.path(i)
+    if path.exists():
+        return 0.0
+    rc = config.rollouts
+    backend = backend or shared_backend(config)
+    tokenizer = chat_tokenizer(config, backend)
     template = load_template(config.template_path("plain"))
-    gen_seconds = 0.0
-    for i in progress.track(range(len(shards)), f"rollouts: {len(problems)} problems x {rc.samples_per_problem}"):
-        path = work / f"shard-{i:05d}.parquet"
-        if path.exists():
-            continue
-        if backend is None:
-            backend = open_backend(config)
-            tokenizer = chat_tokenizer(config, backend)
-        shard = shards[i]
-        prompts = [render(tokenizer, fill(template, p["question"])) for p in shard]
-        params = SamplingParams(n=rc.samples_per_problem, temperature=rc.temperature, top_p=rc.top_p,
-                                max_new_tokens=rc.max_new_tokens, seed=rc.seed + i)
-        t0 = time.time()
-        samples = backend.generate(prompts, params)
-        gen_seconds += time.time() - t0
-        table = to_table(sample_rows(shard, samples, prompts, backend.policy_id), "rollouts", str(path))
-        _write_shard(path, table)
+    shard = shard_plan.shards[i]
+    prompts = [render(tokenizer, fill(template, p["question"])) for p in shard]
+    params = SamplingParams(n=rc.samples_per_problem, temperature=rc.temperature, top_p=rc.top_p,
+                            max_new_tokens=rc.max_new_tokens, seed=rc.seed + i)
+    t0 = time.time()
+    samples = backend.generate(prompts, params)
+    seconds = time.time() - t0
+    _write_shard(path, to_table(sample_rows(shard, samples, prompts, backend.policy_id), "rollouts", str(path)))
+    return seconds
+
+
+def assemble(store: Store, shard_plan: ShardPlan, force: bool = False, gen_seconds: float | None = None) -> StageOutput:
+    """The finished shards as the stage output (written atomically); the work directory goes."""
     parts = []
-    for i in range(len(shards)):
-        path = work / f"shard-{i:05d}.parquet"
+    for i in range(len(shard_plan.shards)):
+        path = shard_plan.path(i)
         table = pq.read_table(path)
         validate_table(table, "rollouts", path)
         parts.append(table)
-    summary = summarize(pa.concat_tables(parts), gen_seconds if backend is not None else None)
-    out = store.write(STAGE, key, {"rollouts": ("rollouts", parts)}, config=stage_cfg, inputs=inputs,
-                      stage_version=STAGE_VERSION, summary=summary, replace=force,
+    summary = summarize(pa.concat_tables(parts), gen_seconds)
+    out = store.write(STAGE, shard_plan.key, {"rollouts": ("rollouts", parts)}, config=shard_plan.stage_cfg,
+                      inputs=shard_plan.inputs, stage_version=STAGE_VERSION, summary=summary, replace=force,
                       dataset_summaries={"rollouts": summary})
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(shard_plan.work, ignore_errors=True)
     log.info("rollouts: %d samples of %d problems, pass@1 %s, %d all-fail -> %s", summary["samples"], summary["problems"],
              {lvl: v["pass@1"] for lvl, v in summary["pass"].items()}, summary["all_fail_problems"], out.path)
-    return out, False
+    return out
+
+
+def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
+    key, _, _ = key_for(config, upstream)
+    existing = store.reusable(STAGE, key, force)
+    if existing is not None:
+        return existing, True
+    shard_plan = plan(config, store, upstream)
+    if shard_plan.done():
+        log.info("rollouts: resuming at shard %d of %d (%s)", shard_plan.done(), len(shard_plan.shards), shard_plan.work)
+    backend, gen_seconds = None, 0.0
+    for i in progress.track(range(len(shard_plan.shards)), f"rollouts: {sum(map(len, shard_plan.shards))} problems x "
+                                                           f"{config.rollouts.samples_per_problem}"):
+        if shard_plan.path(i).exists():
+            continue
+        backend = backend or open_backend(config)
+        gen_seconds += generate_shard(config, shard_plan, i, backend)
+    return assemble(store, shard_plan, force, gen_seconds if backend is not None else None), False
 
 
 def read_rollouts(out: StageOutput) -> pa.Table:

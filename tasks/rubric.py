@@ -87,7 +87,7 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
     return out, False
 
 
-def plan(config: Config, store: Store, upstream: dict[str, StageOutput]) -> dict:
+def dry_run(config: Config, store: Store, upstream: dict[str, StageOutput]) -> dict:
     """What the rubric stage would send, counted before anything is sent (``--dry-run``)."""
     problems = target_problems(upstream)
     if config.judge.backend == "rule" or not config.judge.rubric:

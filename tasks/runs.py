@@ -104,6 +104,16 @@ class RunRecord:
             self.data["error"] = error
         self.save()
 
+    def close(self, exc: BaseException | None = None) -> "RunRecord":
+        """End the run (completed, or failed with ``exc`` in one line) and write its report.
+        Reloads the record first: the flow updated it on disk as the stages went."""
+        from tasks.report import write_report
+
+        fresh = RunRecord(self.path, json.loads(self.path.read_text()))
+        fresh.finish("completed" if exc is None else "failed", error=None if exc is None else one_line(exc))
+        write_report(fresh)
+        return fresh
+
     def outputs(self) -> list[str]:
         """The store paths of the stage outputs this run used or made."""
         return [s["path"] for s in self.data["stages"].values() if s.get("path")]

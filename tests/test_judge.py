@@ -203,11 +203,11 @@ def test_grade_stage_fails_when_the_judge_is_down_then_a_rerun_pays_only_for_wha
     assert store.outputs("grade") == []  # nothing half-written
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     with OpenAIServer(port=port) as srv:
-        plan = grade.plan(config, store, up)
+        plan = grade.dry_run(config, store, up)
         assert plan["requests"] == 2 and plan["cached"] == 0 and plan["prompt_tokens"] > 100
         out, _ = grade.run(config, store, up)
         assert [r["step_scores"] for r in out.read("grades").to_pylist()] == [[0.5, 1.0, 1.0], [0.0, 0.0]]
-        assert grade.plan(config, store, up)["requests"] == 0  # all cached now
+        assert grade.dry_run(config, store, up)["requests"] == 0  # all cached now
         grade.run(config, store, up, force=True)
         assert len(_chat_requests(srv)) == 2  # the forced re-run came from the cache
 
