@@ -118,7 +118,7 @@ def test_help_explains_commands(cli):
 
 
 def test_quickstart_runs_and_names_the_stages_still_to_come(tmp_path, cli):
-    r = cli("quickstart", "--workspace", str(tmp_path / "ws"), cwd=tmp_path)
+    r = cli("quickstart", "--workspace", str(tmp_path / "ws"), cwd=tmp_path, timeout=900)
     for stage in ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "grpo", "eval"):
         assert any(p for p in (tmp_path / "ws" / "store" / stage).iterdir() if not p.name.startswith("."))
     assert "pass rates of the policy's rollouts" in r.stdout and "pass@8" in r.stdout
