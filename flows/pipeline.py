@@ -6,9 +6,6 @@ stage brings its upstream stages along (finished ones cost nothing).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from prefect import flow
 
 from flows.stages import SHARDED, run_sharded_stage, stage_task
@@ -37,7 +34,7 @@ def pipeline(raw_config: dict, base_dir: str, workspace: str, stages: list[str] 
     status, timing, output and error are written to that run record as they happen."""
     config = parse_config(raw_config, where="run config", base_dir=base_dir)
     to_run, _ = select_stages(stages)
-    record = RunRecord(Path(run_record), json.loads(Path(run_record).read_text())) if run_record else None
+    record = RunRecord.open(run_record) if run_record else None
     results: dict[str, dict] = {}
     for stage in to_run:
         upstream = {u: results[u]["path"] for u in UPSTREAM[stage]}

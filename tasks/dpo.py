@@ -158,6 +158,3 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
     return out, False
 
 
-def checkpoint_of(out: StageOutput) -> Path:
-    return out.path / "checkpoint"
-

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -90,6 +89,7 @@ class Batch:
 
 
 KIND_PLAIN, KIND_GUIDED, KIND_EXPLAIN, KIND_MASKED = 0, 1, 2, -1
+KINDS = {"plain": KIND_PLAIN, "guided": KIND_GUIDED, "explain": KIND_EXPLAIN, "masked": KIND_MASKED}
 
 
 def row_kind(row: dict) -> int:
@@ -132,8 +132,8 @@ def completion_logps(model, batch: Batch, temperature: float = 1.0) -> torch.Ten
     return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
 
 
-def update_loss(model, batch: Batch, cfg, ref_model=None) -> tuple[torch.Tensor, dict]:
-    """The loss of one batch and its parts (see module doc)."""
+def update_loss(model, batch: Batch, cfg, ref_model=None) -> torch.Tensor:
+    """The loss of one batch (see module doc)."""
     logp = completion_logps(model, batch)
     mask = batch.completion_mask
     kind = batch.kind[:, None]
@@ -148,9 +148,7 @@ def update_loss(model, batch: Batch, cfg, ref_model=None) -> tuple[torch.Tensor,
             ref = completion_logps(ref_model, batch)
         per_token = per_token + cfg.kl * kl_k3(logp, ref)
     live = mask * (kind != KIND_MASKED).float()
-    loss = sequence_mean(per_token, live)
-    parts = {k: int((batch.kind == v).sum()) for k, v in (("plain", KIND_PLAIN), ("guided", KIND_GUIDED), ("explain", KIND_EXPLAIN), ("masked", KIND_MASKED))}
-    return loss, parts
+    return sequence_mean(per_token, live)
 
 
 def train_update(model, tokenizer, rows: list[dict], cfg, ref_model=None, device: str = "cpu") -> dict:
@@ -170,7 +168,7 @@ def train_update(model, tokenizer, rows: list[dict], cfg, ref_model=None, device
         batches += [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     for idx in progress.track(batches, f"grpo: updating on {len(rows)} samples"):
         batch = make_batch([rows[i] for i in idx], tokenizer, device)
-        loss, _ = update_loss(model, batch, cfg, ref_model)
+        loss = update_loss(model, batch, cfg, ref_model)
         loss.backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -211,15 +209,11 @@ def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: b
         model.save_pretrained(work / "checkpoint")
         tokenizer.save_pretrained(work / "checkpoint")
         summary = {"base_policy": inputs["policy"], "data": inputs["grpo"], **metrics,
-                   "rows_by_kind": {k: sum(row_kind(r) == v for r in rows) for k, v in
-                                    (("plain", KIND_PLAIN), ("guided", KIND_GUIDED), ("explain", KIND_EXPLAIN), ("masked", KIND_MASKED))}}
+                   "rows_by_kind": {k: sum(row_kind(r) == v for r in rows) for k, v in KINDS.items()}}
         out = store.write(STAGE, key, {}, config=stage_cfg, inputs=inputs, stage_version=STAGE_VERSION, summary=summary,
                           replace=force, directories={"checkpoint": work / "checkpoint"})
     log.info("grpo: %d steps over %d samples %s, loss %s -> %s -> %s", metrics["steps"], metrics["rows"],
              summary["rows_by_kind"], metrics.get("first_loss"), metrics.get("last_loss"), out.path / "checkpoint")
     return out, False
 
-
-def checkpoint_of(out: StageOutput) -> Path:
-    return out.path / "checkpoint"
 

@@ -350,9 +350,6 @@ class JudgeClient:
     def key(self, messages: list[dict]) -> str:
         return RequestCache.key(self.model, messages, self.params)
 
-    def missing(self, batch: list[list[dict]]) -> int:
-        return sum(self.cache.get(self.key(m)) is None for m in batch)
-
     def complete(self, batch: list[list[dict]]) -> list[Reply]:
         """One reply per message list, from the cache where it is there."""
         replies: list[Reply | None] = []

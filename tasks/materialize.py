@@ -96,8 +96,10 @@ def token_advantages(row: dict, grade: dict, tokenizer, step_split: str) -> list
 
 
 def _pairs(chosen: list[dict], rejected: list[dict], n: int, kinds: tuple[str, str]) -> list[dict]:
+    if not chosen or not rejected:
+        return []
     out = []
-    for i in range(min(n, max(len(chosen), len(rejected)) if chosen and rejected else 0)):
+    for i in range(min(n, max(len(chosen), len(rejected)))):
         c, r = chosen[i % len(chosen)], rejected[i % len(rejected)]
         if c["completion"] == r["completion"]:
             continue

@@ -20,16 +20,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.store import _now
+
 RUNS_DIR = "runs"
 RECORD = "run.json"
 
 
 def new_run_id() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def one_line(exc: BaseException) -> str:
@@ -67,10 +65,15 @@ class RunRecord:
         return rec
 
     @classmethod
+    def open(cls, path: Path | str) -> "RunRecord":
+        """The record in a run.json file, as it is on disk now."""
+        return cls(Path(path), json.loads(Path(path).read_text()))
+
+    @classmethod
     def load(cls, workspace: Path, run_id: str) -> "RunRecord":
         path = Path(workspace) / RUNS_DIR / run_id / RECORD
         try:
-            return cls(path, json.loads(path.read_text()))
+            return cls.open(path)
         except FileNotFoundError:
             known = [r.run_id for r in list_runs(workspace)][:5]
             raise FileNotFoundError(f"no run {run_id!r} in {Path(workspace).resolve() / RUNS_DIR}"
@@ -109,7 +112,7 @@ class RunRecord:
         Reloads the record first: the flow updated it on disk as the stages went."""
         from tasks.report import write_report
 
-        fresh = RunRecord(self.path, json.loads(self.path.read_text()))
+        fresh = RunRecord.open(self.path)
         fresh.finish("completed" if exc is None else "failed", error=None if exc is None else one_line(exc))
         write_report(fresh)
         return fresh
@@ -125,7 +128,7 @@ def list_runs(workspace: Path) -> list[RunRecord]:
     runs = []
     for path in root.glob(f"*/{RECORD}"):
         try:
-            runs.append(RunRecord(path, json.loads(path.read_text())))
+            runs.append(RunRecord.open(path))
         except (json.JSONDecodeError, OSError):
             continue
     return sorted(runs, key=lambda r: (r.data.get("started", ""), r.run_id), reverse=True)

@@ -109,7 +109,7 @@ def test_one_sgd_step_matches_trls_grpo_trainer_on_an_on_policy_group(tiny, tmp_
     cfg = GRPOTrainConfig(learning_rate=lr, optimizer="sgd", batch_size=G, max_grad_norm=None, kl=0.0)
     batch = make_batch(rows, tok)
     ours.train()
-    loss, _ = update_loss(ours, batch, cfg)
+    loss = update_loss(ours, batch, cfg)
     loss.backward()
     with torch.no_grad():
         for p in ours.parameters():
