@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 
 from tasks import curate, dpo, evaluate, explain, filter as filter_stage, grade, grpo, hint, materialize, rollouts, rubric
 from tasks.config import UPSTREAM, Config, parse_config
+from tasks.shards import release_backends
 from tasks.store import StageOutput, Store
 
 log = logging.getLogger("guidedrl.stages")
@@ -109,21 +110,24 @@ def stored_outputs(config: Config, workspace: str, stages: list[str]) -> tuple[d
 
 # --------------------------------------------------------------------------- shards as tasks
 
-#: stages whose work is cut into shards that can run as separate tasks
-SHARDED = {"rollouts": rollouts}
+#: stages whose work is cut into shards that can run as separate tasks (tasks/shards.py)
+SHARDED = {"rollouts": rollouts, "explain": explain, "hint": hint, "grade": grade}
 
 
 @task(name="shard", cache_policy=NO_CACHE)
 def run_shard(stage: str, raw_config: dict, base_dir: str, workspace: str, upstream: dict[str, str], index: int) -> dict:
-    """Generate one shard of a sharded stage into the stage's work directory (a finished shard is skipped)."""
+    """Do one shard of a sharded stage into the stage's work directory (a finished shard is skipped).
+
+    The shard plan is recomputed here from the stage's inputs rather than sent
+    along: it is deterministic, and a Ray worker reads the inputs from the store."""
     import os
     import socket
 
     module = SHARDED[stage]
     config = _config(raw_config, base_dir)
     shard_plan = module.plan(config, Store(workspace), load_upstream(upstream))
-    seconds = module.generate_shard(config, shard_plan, index)
-    return {"seconds": seconds, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    meta = {} if shard_plan.finished(index) else module.run_shard(config, shard_plan, index)
+    return {**meta, "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def task_runner_for(config: Config):
@@ -151,17 +155,21 @@ def run_sharded_stage(stage: str, config: Config, raw_config: dict, base_dir: st
     existing = store.reusable(stage, key, force)
     if existing is None:
         shard_plan = module.plan(config, store, up)
-        todo = [i for i in range(len(shard_plan.shards)) if not shard_plan.path(i).exists()]
+        todo = shard_plan.todo()
         shard = run_shard.with_options(retries=config.prefect.retries_for(stage), retry_delay_seconds=config.prefect.retry_delay_seconds)
-        with task_runner_for(config) as runner:
-            futures = [runner.submit(shard.with_options(task_run_name=f"{stage}-shard-{i:05d}"),
-                                     parameters={"stage": stage, "raw_config": raw_config, "base_dir": base_dir,
-                                                 "workspace": workspace, "upstream": upstream, "index": i})
-                       for i in todo]
-            done = [f.result() for f in futures]
-        out = module.assemble(store, shard_plan, force, sum(d["seconds"] for d in done) if todo else None)
+        try:
+            with task_runner_for(config) as runner:
+                futures = [runner.submit(shard.with_options(task_run_name=f"{stage}-shard-{i:05d}"),
+                                         parameters={"stage": stage, "raw_config": raw_config, "base_dir": base_dir,
+                                                     "workspace": workspace, "upstream": upstream, "index": i})
+                           for i in todo]
+                done = [f.result() for f in futures]  # the first failed shard's error, after its retries, fails the stage
+        finally:
+            release_backends()
+        out = module.assemble(store, shard_plan, force)
         workers = sorted({d["worker"] for d in done})
-        log.info("%s: %d shards as tasks on %s (%d worker processes)", stage, len(todo), config.prefect.task_runner, len(workers))
+        log.info("%s: %d of %d shards as tasks on %s (%d worker processes)", stage, len(todo), len(shard_plan.shards),
+                 config.prefect.task_runner, len(workers))
     else:
         out, workers = existing, []
     return {"stage": stage, "key": out.key, "path": str(out.path), "reused": existing is not None,

@@ -194,6 +194,7 @@ class ExplainConfig(_Strict):
     select: Literal["loglik", "answer_gain", "all"] = Field(
         "loglik", description="per problem keep the correct explanation with the highest per-token log-likelihood, the highest answer gain, or all"
     )
+    shard_size: int = Field(32, gt=0, description="problems per shard (sampled with seed + shard index); a crash resumes at the first unfinished shard")
 
 
 class HintConfig(_Strict):
@@ -205,6 +206,7 @@ class HintConfig(_Strict):
     seed: int = 0
     max_wrong_answers: int = Field(5, gt=0, description="at most this many distinct wrong answers in a hint")
     leak_check: bool = Field(False, description="reject hinted samples that mention the hint")
+    shard_size: int = Field(32, gt=0, description="problems per shard (sampled with seed + shard index); a crash resumes at the first unfinished shard")
 
 
 class JudgeConfig(_Strict):
@@ -227,7 +229,8 @@ class JudgeConfig(_Strict):
     max_requests: int | None = Field(None, gt=0, description="spending guard: a stage that would send more requests than this sends none")
     max_failed_fraction: float = Field(
         0.0, ge=0, le=1, description="traces whose request failed after retries, as a fraction, above which the stage fails "
-        "(answers already received stay cached; a re-run sends only the missing requests)")
+        "(answers already received stay cached; a re-run sends only the missing requests); checked for each grade shard")
+    shard_size: int = Field(512, gt=0, description="traces per grade shard (grades do not depend on it); a crash resumes at the first unfinished shard")
 
 
 class MaterializeConfig(_Strict):
@@ -297,7 +300,7 @@ class PrefectConfig(_Strict):
     retry_delay_seconds: float = Field(2.0, ge=0)
     stage_retries: dict[str, int] = Field(default_factory=dict, description="per-stage override of retries")
     cache: bool = Field(True, description="reuse finished stage outputs (store + Prefect task cache)")
-    fan_out: bool = Field(True, description="shardable stages (rollouts) run each shard as its own Prefect task on the task runner")
+    fan_out: bool = Field(True, description="sharded stages (rollouts, explain, hint, grade) run each shard as its own Prefect task on the task runner")
     task_runner: Literal["threads", "ray"] = Field("threads", description="where shard tasks run: a thread pool, or Ray through prefect-ray")
     max_workers: int = Field(1, gt=0, description="threads: shard tasks at once (they share one model per process)")
     ray_address: str | None = Field(None, description="ray: cluster address, e.g. ray://head:10001 (default: start a local Ray)")

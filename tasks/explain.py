@@ -6,7 +6,8 @@ Inputs: the curated `problems`, the plain `rollouts` of the current policy, the
 
 Method:
 1. targets: the problems whose rollouts all failed (`explain.problems: stuck`),
-   or every rolled-out problem (`all`);
+   or every rolled-out problem (`all`), in shards of `explain.shard_size`
+   (shard i samples with seed + i; tasks/shards.py);
 2. sample m explanations from the answer-conditioned prompt; keep those whose
    final answer checks correct;
 3. score each kept explanation on the two properties that make a useful
@@ -31,14 +32,18 @@ an explanation can copy the answer it was shown.
 from __future__ import annotations
 
 import logging
+import sys
 from collections import defaultdict
+
+import pyarrow as pa
 
 from tasks import guidance
 from tasks.answers import steps_correct
 from tasks.config import Config
 from tasks.prompts import fill, load_template
-from tasks.rollouts import add_loss_logprobs, chat_tokenizer, open_backend, render, sample_rows
+from tasks.rollouts import add_loss_logprobs, chat_tokenizer, render, sample_rows, shared_backend
 from tasks.schemas import to_table
+from tasks.shards import ShardPlan, make_plan, run_stage
 from tasks.store import Store, StageOutput
 
 STAGE = "explain"
@@ -91,57 +96,69 @@ def key_for(config: Config, upstream: dict[str, StageOutput]) -> tuple[str, dict
     return guidance.key_for(STAGE, STAGE_VERSION, config, upstream)
 
 
-def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
-    key, stage_cfg, inputs = key_for(config, upstream)
-    existing = store.reusable(STAGE, key, force)
-    if existing is not None:
-        return existing, True
-    ec = config.explain
+def plan(config: Config, store: Store, upstream: dict[str, StageOutput]) -> ShardPlan:
+    """The target problems (stuck, or all) in shards of `explain.shard_size`."""
     problems, by_problem, stuck = guidance.load_groups(STAGE, config, upstream)
-    targets = stuck if ec.problems == "stuck" else sorted(by_problem)
+    targets = stuck if config.explain.problems == "stuck" else sorted(by_problem)
+    context = {"problems": problems, "stuck": stuck, "plain": {pid: by_problem[pid][0]["loss_prompt"] for pid in targets}}
+    return make_plan(STAGE, store, key_for(config, upstream), targets, config.explain.shard_size, context)
 
-    kept: list[dict] = []
-    sampled = 0
-    if targets:
-        backend = open_backend(config)
-        tokenizer = chat_tokenizer(config, backend)
-        template = load_template(config.template_path("explain"))
-        target_problems = [problems[pid] for pid in targets]
-        prompts = [render(tokenizer, fill(template, p["question"], answer=p["answer"])) for p in target_problems]
-        plain = [by_problem[pid][0]["loss_prompt"] for pid in targets]
-        params = guidance.sampling_params(ec, config)
-        samples = backend.generate(prompts, params)
-        rows = sample_rows(target_problems, samples, prompts, backend.policy_id, prompt_kind="explain",
-                           guidance=[p["answer"] for p in target_problems], loss_prompts=plain)
-        sampled = len(rows)
-        kept = [r for r in rows if r["correct"]]  # the final answer must verify
-        add_loss_logprobs(backend, kept, params.temperature)
-        score_explanations(backend, kept, [problems[r["problem_id"]]["answer"] for r in kept])
+
+def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
+    """Sample, verify, score and select the explanations of shard ``i``'s problems, and write them."""
+    ec, problems = config.explain, shard_plan.context["problems"]
+    targets = shard_plan.shards[i]
+    backend = shared_backend(config)
+    tokenizer = chat_tokenizer(config, backend)
+    template = load_template(config.template_path("explain"))
+    target_problems = [problems[pid] for pid in targets]
+    prompts = [render(tokenizer, fill(template, p["question"], answer=p["answer"])) for p in target_problems]
+    plain = [shard_plan.context["plain"][pid] for pid in targets]
+    params = guidance.sampling_params(ec, config, i)
+    samples = backend.generate(prompts, params)
+    rows = sample_rows(target_problems, samples, prompts, backend.policy_id, prompt_kind="explain",
+                       guidance=[p["answer"] for p in target_problems], loss_prompts=plain)
+    kept = [r for r in rows if r["correct"]]  # the final answer must verify
+    add_loss_logprobs(backend, kept, params.temperature)
+    score_explanations(backend, kept, [problems[r["problem_id"]]["answer"] for r in kept])
     for r in kept:
         r.setdefault("explain_loglik", None)
         r.setdefault("explain_loglik_total", None)
         r.setdefault("explain_answer_gain", None)
-    select(kept, ec.select)
+    select(kept, ec.select)  # per problem: a shard holds whole problems
+    meta = {"sampled": len(rows)}
+    shard_plan.write(i, to_table(kept, "explanations", str(shard_plan.path(i))), meta)
+    return meta
 
+
+def assemble(store: Store, shard_plan: ShardPlan, force: bool = False) -> StageOutput:
+    """The shards' kept explanations as dataset `explanations`, with the unlock summary."""
+    parts = shard_plan.tables("explanations")
+    kept = pa.concat_tables(parts).select(["problem_id", "completion", "selected"]).to_pylist()
+    targets = [pid for shard in shard_plan.shards for pid in shard]
+    stuck = shard_plan.context["stuck"]
     explained = sorted({r["problem_id"] for r in kept})
-    selected = [r for r in kept if r["selected"]]
     summary = {
         "target_problems": len(targets),
-        "sampled": sampled,
+        "sampled": int(shard_plan.total("sampled")),
         "kept": len(kept),
         "explained_problems": len(explained),
-        **guidance.unlocked_summary(stuck, explained, problems),
+        **guidance.unlocked_summary(stuck, explained, shard_plan.context["problems"]),
         "unexplained_problems": [pid for pid in targets if pid not in set(explained)],
         "kept_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept),
-        "selected_with_all_steps_right": sum(steps_correct(r["completion"]) for r in selected),
-        "select": ec.select,
+        "selected_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept if r["selected"]),
+        "select": shard_plan.stage_cfg["explain"]["select"],
     }
-    out = store.write(STAGE, key, {"explanations": ("explanations", to_table(kept, "explanations", "explain/explanations"))},
-                      config=stage_cfg, inputs=inputs, stage_version=STAGE_VERSION, summary=summary, replace=force,
+    out = store.write(STAGE, shard_plan.key, {"explanations": ("explanations", parts)}, config=shard_plan.stage_cfg,
+                      inputs=shard_plan.inputs, stage_version=STAGE_VERSION, summary=summary, replace=force,
                       dataset_summaries={"explanations": summary})
+    shard_plan.clean()
     log.info("explain: %d of %d stuck problems got a verified explanation (%d kept, %d with every step right); "
              "%d target problems without one -> %s", summary["unlocked_problems"], len(stuck), len(kept),
              summary["kept_with_all_steps_right"], len(summary["unexplained_problems"]), out.path)
-    return out, False
+    return out
 
 
+def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
+    return run_stage(sys.modules[__name__], config, store, upstream, force,
+                     describe=f"explain: {config.explain.samples_per_problem} explanations per problem")

@@ -10,25 +10,36 @@ Output: dataset `grades` (`sample_id`, `outcome_score` and `step_scores` on the
 of outcome scores with answer correctness, and the judge's request count, cache
 hits, retries and format reminders.
 
-A trace whose judge request failed after its retries is recorded with its
-reason; if more than `judge.max_failed_fraction` of them failed the stage fails
-(nothing written, the answers received stay cached for the re-run).
+The traces are graded in shards of `judge.shard_size` (tasks/shards.py). A
+trace whose judge request failed after its retries is recorded with its
+reason; if more than `judge.max_failed_fraction` of a shard's traces failed,
+the shard fails and so does the stage (nothing written for that shard, the
+answers received stay cached for the re-run; finished shards are kept).
+`judge.max_requests` is checked for the whole stage before anything is sent.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
 
 from tasks import judge
 from tasks.config import Config
 from tasks.schemas import to_table
+from tasks.shards import ShardPlan, make_plan, run_stage
 from tasks.store import StageOutput, Store, stage_key
 
 STAGE = "grade"
 STAGE_VERSION = "1"
 
 log = logging.getLogger("guidedrl.grade")
+
+#: the judge client's counts a grade summary reports
+JUDGE_COUNTS = ("requests", "cache_hits", "retries", "reminders", "failed")
 
 
 def key_for(config: Config, upstream: dict[str, StageOutput]) -> tuple[str, dict, dict]:
@@ -52,11 +63,16 @@ def load_traces(upstream: dict[str, StageOutput]) -> list[judge.Trace]:
     return traces
 
 
-def make_judge(config: Config, store: Store):
+def make_judge(config: Config, workspace: Path):
     jc = config.judge
     if jc.backend == "rule":
         return judge.RuleJudge(jc.mode, jc.step_split)
-    return judge.LLMJudge(judge.open_client(config, store.workspace), judge.judge_prompts(config), jc.mode, jc.step_split)
+    return judge.LLMJudge(judge.open_client(config, workspace), judge.judge_prompts(config), jc.mode, jc.step_split)
+
+
+def _request_plan(j: judge.LLMJudge, traces: list[judge.Trace]) -> dict:
+    texts = [text for _, text, n, _ in j.requests(traces) if n > 0]
+    return judge.request_plan(j.client, texts)
 
 
 def dry_run(config: Config, store: Store, upstream: dict[str, StageOutput]) -> dict:
@@ -64,9 +80,7 @@ def dry_run(config: Config, store: Store, upstream: dict[str, StageOutput]) -> d
     traces = [t for t in load_traces(upstream) if not t.error]
     if config.judge.backend == "rule":
         return {"stage": STAGE, "traces": len(traces), "requests": 0, "cached": 0, "note": "rule judge: no requests"}
-    j = make_judge(config, store)
-    texts = [text for _, text, n, _ in j.requests(traces) if n > 0]
-    return {"stage": STAGE, "traces": len(traces), **judge.request_plan(j.client, texts)}
+    return {"stage": STAGE, "traces": len(traces), **_request_plan(make_judge(config, store.workspace), traces)}
 
 
 def summarize(rows: list[dict], stats: Counter) -> dict:
@@ -88,24 +102,53 @@ def summarize(rows: list[dict], stats: Counter) -> dict:
         "agreement_with_correctness": mean([float((r["outcome_score"] >= 0.75) == r["correct"]) for r in ok]),
         "mean_outcome_if_correct": mean(right),
         "mean_outcome_if_wrong": mean(wrong),
-        "judge_requests": {k: stats.get(k, 0) for k in ("requests", "cache_hits", "retries", "reminders", "failed")},
+        "judge_requests": {k: stats.get(k, 0) for k in JUDGE_COUNTS},
     }
 
 
-def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
-    key, stage_cfg, inputs = key_for(config, upstream)
-    existing = store.reusable(STAGE, key, force)
-    if existing is not None:
-        return existing, True
+def plan(config: Config, store: Store, upstream: dict[str, StageOutput]) -> ShardPlan:
+    """The traces in shards of `judge.shard_size`. An LLM judge's `judge.max_requests`
+    is checked here, for the whole stage, before any shard sends anything."""
     traces = load_traces(upstream)
-    j = make_judge(config, store)
-    rows = j.grade(traces)
+    jc = config.judge
+    if jc.backend != "rule" and jc.max_requests is not None:
+        p = _request_plan(make_judge(config, store.workspace), [t for t in traces if not t.error])
+        if p["requests"] > jc.max_requests:
+            raise judge.JudgeError(f"{STAGE}: the judge would send {p['requests']} requests ({p['cached']} more are cached), over "
+                                   f"judge.max_requests = {jc.max_requests}; nothing was sent. Raise the limit or grade fewer traces.")
+    return make_plan(STAGE, store, key_for(config, upstream), traces, jc.shard_size, {"workspace": str(store.workspace)})
+
+
+def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
+    """Grade shard ``i``'s traces and write them. Too many failed requests fail the
+    shard (nothing written for it; the answers received stay cached)."""
+    j = make_judge(config, Path(shard_plan.context["workspace"]))
+    rows = j.grade(shard_plan.shards[i])
     if isinstance(j, judge.LLMJudge):
-        judge.check_failures(STAGE, rows, config.judge.max_failed_fraction, j.client)
-    summary = {"judge": j.name, "mode": config.judge.mode, **summarize(rows, j.stats)}
-    out = store.write(STAGE, key, {"grades": ("grades", to_table(rows, "grades", "grade/grades"))}, config=stage_cfg,
-                      inputs=inputs, stage_version=STAGE_VERSION, summary=summary, replace=force, dataset_summaries={"grades": summary})
+        where = STAGE if len(shard_plan.shards) == 1 else f"{STAGE} shard {i + 1} of {len(shard_plan.shards)}"
+        judge.check_failures(where, rows, config.judge.max_failed_fraction, j.client)
+    meta = {"judge": j.name, **{k: j.stats.get(k, 0) for k in JUDGE_COUNTS}}
+    shard_plan.write(i, to_table(rows, "grades", str(shard_plan.path(i))), meta)
+    return meta
+
+
+def assemble(store: Store, shard_plan: ShardPlan, force: bool = False) -> StageOutput:
+    """The shards' grades as dataset `grades`, with the parse rate, histograms and judge request counts."""
+    parts = shard_plan.tables("grades")
+    rows = pa.concat_tables(parts).select(["correct", "outcome_score", "step_scores", "parse_ok", "error"]).to_pylist()
+    metas = shard_plan.metas()
+    stats = Counter({k: sum(m.get(k, 0) for m in metas) for k in JUDGE_COUNTS})
+    mode = shard_plan.stage_cfg["judge"]["mode"]
+    name = next((m["judge"] for m in metas), shard_plan.stage_cfg["judge"]["backend"])
+    summary = {"judge": name, "mode": mode, **summarize(rows, stats)}
+    out = store.write(STAGE, shard_plan.key, {"grades": ("grades", parts)}, config=shard_plan.stage_cfg, inputs=shard_plan.inputs,
+                      stage_version=STAGE_VERSION, summary=summary, replace=force, dataset_summaries={"grades": summary})
+    shard_plan.clean()
     log.info("grade: %d of %d traces graded by %s (%s mode; parse rate %s, mean outcome %s, agreement with correctness %s; "
-             "requests %s) -> %s", summary["graded"], summary["traces"], j.name, config.judge.mode, summary["parse_rate"],
+             "requests %s) -> %s", summary["graded"], summary["traces"], name, mode, summary["parse_rate"],
              summary["mean_outcome_score"], summary["agreement_with_correctness"], summary["judge_requests"], out.path)
-    return out, False
+    return out
+
+
+def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
+    return run_stage(sys.modules[__name__], config, store, upstream, force, describe="grade: traces")

@@ -43,15 +43,16 @@ def load_groups(stage: str, config: Config, upstream: dict[str, StageOutput]) ->
     return problems, by_problem, stuck
 
 
-def sampling_params(section, config: Config) -> SamplingParams:
-    """A guided pass samples like the rollouts unless its config section says otherwise."""
+def sampling_params(section, config: Config, shard: int = 0) -> SamplingParams:
+    """A guided pass samples like the rollouts unless its config section says
+    otherwise; shard ``i`` with seed `seed + i`."""
     rc = config.rollouts
     return SamplingParams(
         n=getattr(section, "samples_per_problem", None) or rc.samples_per_problem,
         temperature=rc.temperature if section.temperature is None else section.temperature,
         top_p=rc.top_p,
         max_new_tokens=section.max_new_tokens or rc.max_new_tokens,
-        seed=section.seed,
+        seed=section.seed + shard,
     )
 
 

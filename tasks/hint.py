@@ -3,7 +3,8 @@
 Inputs: the curated `problems`, the plain `rollouts` of the current policy, the
 `hint` prompt template.
 
-Method, only for problems where every one of the G rollouts failed:
+Method, only for problems where every one of the G rollouts failed (in shards of
+`hint.shard_size`, shard i sampled with seed + i; tasks/shards.py):
 1. collect the distinct wrong extracted answers and whether samples were
    truncated (`finish_reason == 'length'`), and build one of three hints: the
    answers that are wrong; "be concise" (all truncated); both (some truncated);
@@ -23,14 +24,18 @@ hinted sample, and how many kept samples have every intermediate step right.
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
+
+import pyarrow as pa
 
 from tasks import guidance
 from tasks.answers import steps_correct
 from tasks.config import Config
 from tasks.prompts import fill, load_template
-from tasks.rollouts import add_loss_logprobs, chat_tokenizer, open_backend, render, sample_rows
+from tasks.rollouts import add_loss_logprobs, chat_tokenizer, render, sample_rows, shared_backend
 from tasks.schemas import to_table
+from tasks.shards import ShardPlan, make_plan, run_stage
 from tasks.store import Store, StageOutput
 
 STAGE = "hint"
@@ -81,56 +86,71 @@ def key_for(config: Config, upstream: dict[str, StageOutput]) -> tuple[str, dict
     return guidance.key_for(STAGE, STAGE_VERSION, config, upstream)
 
 
-def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
-    key, stage_cfg, inputs = key_for(config, upstream)
-    existing = store.reusable(STAGE, key, force)
-    if existing is not None:
-        return existing, True
-    hc = config.hint
+def plan(config: Config, store: Store, upstream: dict[str, StageOutput]) -> ShardPlan:
+    """The stuck problems LTE fires on, each with its hint, in shards of `hint.shard_size`."""
     problems, by_problem, stuck = guidance.load_groups(STAGE, config, upstream)
-    targets, hints, kinds = [], [], Counter()
+    targets, hints, kinds = [], {}, Counter()
     for pid in stuck:
-        built = build_hint(by_problem[pid], hc.max_wrong_answers)
+        built = build_hint(by_problem[pid], config.hint.max_wrong_answers)
         if built is not None:
             targets.append(pid)
-            hints.append(built[0])
+            hints[pid] = built[0]
             kinds[built[1]] += 1
+    context = {"problems": problems, "stuck": stuck, "hints": hints, "hint_kinds": dict(sorted(kinds.items())),
+               "plain": {pid: by_problem[pid][0]["loss_prompt"] for pid in targets}}
+    return make_plan(STAGE, store, key_for(config, upstream), targets, config.hint.shard_size, context)
 
-    kept: list[dict] = []
-    leaks = sampled = 0
-    if targets:
-        backend = open_backend(config)
-        tokenizer = chat_tokenizer(config, backend)
-        template = load_template(config.template_path("hint"))
-        target_problems = [problems[pid] for pid in targets]
-        hinted = [render(tokenizer, fill(template, p["question"], hint=h)) for p, h in zip(target_problems, hints)]
-        plain = [by_problem[pid][0]["loss_prompt"] for pid in targets]
-        params = guidance.sampling_params(hc, config)
-        samples = backend.generate(hinted, params)
-        rows = sample_rows(target_problems, samples, hinted, backend.policy_id, prompt_kind="hint",
-                           guidance=hints, loss_prompts=plain)
-        sampled = len(rows)
-        for r in rows:
-            if not r["correct"]:
-                continue
-            if hc.leak_check and mentions_hint(r["completion"], r["guidance"]):
-                leaks += 1
-                continue
-            kept.append(r)
-        add_loss_logprobs(backend, kept, params.temperature)  # the same tokens under the hint-free prompt
 
+def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
+    """Sample shard ``i``'s problems with their hints, keep the verified samples, and write them."""
+    hc, problems, hints = config.hint, shard_plan.context["problems"], shard_plan.context["hints"]
+    targets = shard_plan.shards[i]
+    backend = shared_backend(config)
+    tokenizer = chat_tokenizer(config, backend)
+    template = load_template(config.template_path("hint"))
+    target_problems = [problems[pid] for pid in targets]
+    hinted = [render(tokenizer, fill(template, problems[pid]["question"], hint=hints[pid])) for pid in targets]
+    plain = [shard_plan.context["plain"][pid] for pid in targets]
+    params = guidance.sampling_params(hc, config, i)
+    samples = backend.generate(hinted, params)
+    rows = sample_rows(target_problems, samples, hinted, backend.policy_id, prompt_kind="hint",
+                       guidance=[hints[pid] for pid in targets], loss_prompts=plain)
+    kept, leaks = [], 0
+    for r in rows:
+        if not r["correct"]:
+            continue
+        if hc.leak_check and mentions_hint(r["completion"], r["guidance"]):
+            leaks += 1
+            continue
+        kept.append(r)
+    add_loss_logprobs(backend, kept, params.temperature)  # the same tokens under the hint-free prompt
+    meta = {"sampled": len(rows), "leaks_rejected": leaks}
+    shard_plan.write(i, to_table(kept, "rollouts", str(shard_plan.path(i))), meta)
+    return meta
+
+
+def assemble(store: Store, shard_plan: ShardPlan, force: bool = False) -> StageOutput:
+    """The shards' kept hinted samples as dataset `hints`, with the unlock summary."""
+    parts = shard_plan.tables("rollouts")
+    kept = pa.concat_tables(parts).select(["problem_id", "completion"]).to_pylist()
+    stuck = shard_plan.context["stuck"]
     summary = {
-        "hinted_problems": len(targets),
-        "hint_kinds": dict(sorted(kinds.items())),
-        "sampled": sampled,
+        "hinted_problems": sum(map(len, shard_plan.shards)),
+        "hint_kinds": shard_plan.context["hint_kinds"],
+        "sampled": int(shard_plan.total("sampled")),
         "kept": len(kept),
-        "leaks_rejected": leaks,
-        **guidance.unlocked_summary(stuck, [r["problem_id"] for r in kept], problems),
+        "leaks_rejected": int(shard_plan.total("leaks_rejected")),
+        **guidance.unlocked_summary(stuck, [r["problem_id"] for r in kept], shard_plan.context["problems"]),
         "kept_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept),
     }
-    out = store.write(STAGE, key, {"hints": ("rollouts", to_table(kept, "rollouts", "hint/hints"))}, config=stage_cfg,
-                      inputs=inputs, stage_version=STAGE_VERSION, summary=summary, replace=force,
+    out = store.write(STAGE, shard_plan.key, {"hints": ("rollouts", parts)}, config=shard_plan.stage_cfg,
+                      inputs=shard_plan.inputs, stage_version=STAGE_VERSION, summary=summary, replace=force,
                       dataset_summaries={"hints": summary})
+    shard_plan.clean()
     log.info("hint: %d of %d stuck problems unlocked by a verified hinted sample (%d kept, %d with every step right) -> %s",
              summary["unlocked_problems"], len(stuck), len(kept), summary["kept_with_all_steps_right"], out.path)
-    return out, False
+    return out
+
+
+def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
+    return run_stage(sys.modules[__name__], config, store, upstream, force, describe="hint: hinted samples of the stuck problems")

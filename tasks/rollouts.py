@@ -20,24 +20,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
+import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from tasks import progress
 from tasks.answers import check
 from tasks.config import Config
 from tasks.generation import GenerationBackend, SamplingParams, checkpoint_fingerprint, make_backend
 from tasks.metrics import pass_table
 from tasks.prompts import chat, fill, load_template
-from tasks.schemas import to_table, validate_table
-from tasks.store import Store, StageOutput, read_dataset, sha256_bytes, stage_key, write_parquet
+from tasks.schemas import to_table
+from tasks.shards import ShardPlan, make_plan, run_stage
+from tasks.store import Store, StageOutput, read_dataset, sha256_bytes, stage_key
 
 STAGE = "rollouts"
 STAGE_VERSION = "1"
@@ -148,12 +145,6 @@ def add_loss_logprobs(backend: GenerationBackend, rows: list[dict], temperature:
             r["loss_logprobs"] = lp
 
 
-def _write_shard(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write_parquet(table, tmp)
-    os.rename(tmp, path)
-
-
 def summarize(table: pa.Table, seconds: float | None = None) -> dict:
     groups: dict[str, tuple[str | None, list[bool]]] = {}
     for pid, level, correct in zip(table.column("problem_id").to_pylist(), table.column("level").to_pylist(), table.column("correct").to_pylist()):
@@ -182,34 +173,13 @@ def key_for(config: Config, upstream: dict[str, StageOutput]) -> tuple[str, dict
     return stage_key(STAGE, stage_cfg, inputs, STAGE_VERSION), stage_cfg, inputs
 
 
-@dataclass
-class ShardPlan:
-    """The rollout stage cut into shards: each a file in the stage's work directory
-    that a crashed or fanned-out run finds finished."""
-
-    key: str
-    stage_cfg: dict
-    inputs: dict
-    work: Path
-    shards: list[list[dict]]
-
-    def path(self, i: int) -> Path:
-        return self.work / f"shard-{i:05d}.parquet"
-
-    def done(self) -> int:
-        return sum(self.path(i).exists() for i in range(len(self.shards)))
-
-
 def plan(config: Config, store: Store, upstream: dict[str, StageOutput]) -> ShardPlan:
-    key, stage_cfg, inputs = key_for(config, upstream)
+    """The selected problems, by `problem_id`, in shards of `rollouts.shard_size`."""
     rc = config.rollouts
     problems = select_problems(upstream["curate"].read("problems"), rc.split, rc.levels, rc.max_problems)
     if not problems:
         raise ValueError(f"rollouts: no problems in split {rc.split!r} with levels {rc.levels} in {upstream['curate'].path}")
-    work = store.root / STAGE / f".work-{key}"
-    work.mkdir(parents=True, exist_ok=True)
-    shards = [problems[i : i + rc.shard_size] for i in range(0, len(problems), rc.shard_size)]
-    return ShardPlan(key, stage_cfg, inputs, work, shards)
+    return make_plan(STAGE, store, key_for(config, upstream), problems, rc.shard_size)
 
 
 _BACKENDS: dict[str, GenerationBackend] = {}
@@ -217,8 +187,8 @@ _BACKENDS_LOCK = threading.Lock()
 
 
 def shared_backend(config: Config) -> GenerationBackend:
-    """One backend per process and policy config: shard tasks on threads (or on one Ray
-    worker) load the model once."""
+    """One backend per process and policy config: the shards of a stage (in a loop,
+    on threads or on one Ray worker) load the model once."""
     key = json.dumps(config.policy.model_dump(mode="json"), sort_keys=True) + str(config.resolve(config.policy.model))
     with _BACKENDS_LOCK:
         if key not in _BACKENDS:
@@ -226,13 +196,16 @@ def shared_backend(config: Config) -> GenerationBackend:
         return _BACKENDS[key]
 
 
-def generate_shard(config: Config, shard_plan: ShardPlan, i: int, backend=None) -> float:
-    """Sample shard ``i`` (unless its file is already there); the seconds spent generating."""
-    path = shard_plan.path(i)
-    if path.exists():
-        return 0.0
+def release_backends() -> None:
+    """Forget this process's shared backends (a stage is done with them)."""
+    with _BACKENDS_LOCK:
+        _BACKENDS.clear()
+
+
+def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
+    """Sample and check shard ``i`` (seed `rollouts.seed + i`) and write it; its generation time."""
     rc = config.rollouts
-    backend = backend or shared_backend(config)
+    backend = shared_backend(config)
     tokenizer = chat_tokenizer(config, backend)
     template = load_template(config.template_path("plain"))
     shard = shard_plan.shards[i]
@@ -241,45 +214,27 @@ def generate_shard(config: Config, shard_plan: ShardPlan, i: int, backend=None) 
                             max_new_tokens=rc.max_new_tokens, seed=rc.seed + i)
     t0 = time.time()
     samples = backend.generate(prompts, params)
-    seconds = time.time() - t0
-    _write_shard(path, to_table(sample_rows(shard, samples, prompts, backend.policy_id), "rollouts", str(path)))
-    return seconds
+    meta = {"generation_seconds": time.time() - t0}
+    shard_plan.write(i, to_table(sample_rows(shard, samples, prompts, backend.policy_id), STAGE, str(shard_plan.path(i))), meta)
+    return meta
 
 
-def assemble(store: Store, shard_plan: ShardPlan, force: bool = False, gen_seconds: float | None = None) -> StageOutput:
+def assemble(store: Store, shard_plan: ShardPlan, force: bool = False) -> StageOutput:
     """The finished shards as the stage output (written atomically); the work directory goes."""
-    parts = []
-    for i in range(len(shard_plan.shards)):
-        path = shard_plan.path(i)
-        table = pq.read_table(path)
-        validate_table(table, "rollouts", path)
-        parts.append(table)
-    summary = summarize(pa.concat_tables(parts), gen_seconds)
+    parts = shard_plan.tables("rollouts")
+    summary = summarize(pa.concat_tables(parts), shard_plan.total("generation_seconds"))
     out = store.write(STAGE, shard_plan.key, {"rollouts": ("rollouts", parts)}, config=shard_plan.stage_cfg,
                       inputs=shard_plan.inputs, stage_version=STAGE_VERSION, summary=summary, replace=force,
                       dataset_summaries={"rollouts": summary})
-    shutil.rmtree(shard_plan.work, ignore_errors=True)
+    shard_plan.clean()
     log.info("rollouts: %d samples of %d problems, pass@1 %s, %d all-fail -> %s", summary["samples"], summary["problems"],
              {lvl: v["pass@1"] for lvl, v in summary["pass"].items()}, summary["all_fail_problems"], out.path)
     return out
 
 
 def run(config: Config, store: Store, upstream: dict[str, StageOutput], force: bool = False) -> tuple[StageOutput, bool]:
-    key, _, _ = key_for(config, upstream)
-    existing = store.reusable(STAGE, key, force)
-    if existing is not None:
-        return existing, True
-    shard_plan = plan(config, store, upstream)
-    if shard_plan.done():
-        log.info("rollouts: resuming at shard %d of %d (%s)", shard_plan.done(), len(shard_plan.shards), shard_plan.work)
-    backend, gen_seconds = None, 0.0
-    for i in progress.track(range(len(shard_plan.shards)), f"rollouts: {sum(map(len, shard_plan.shards))} problems x "
-                                                           f"{config.rollouts.samples_per_problem}"):
-        if shard_plan.path(i).exists():
-            continue
-        backend = backend or open_backend(config)
-        gen_seconds += generate_shard(config, shard_plan, i, backend)
-    return assemble(store, shard_plan, force, gen_seconds if backend is not None else None), False
+    return run_stage(sys.modules[__name__], config, store, upstream, force,
+                     describe=f"rollouts: {config.rollouts.samples_per_problem} samples per problem")
 
 
 def read_rollouts(out: StageOutput) -> pa.Table:

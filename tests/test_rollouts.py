@@ -1,6 +1,7 @@
 import pytest
 
 import tasks.rollouts as rollouts_mod
+import tasks.shards as shards_mod
 from tasks import curate, filter as filter_stage
 from tasks.config import parse_config
 from tasks.metrics import pass_at_k, pass_table
@@ -61,7 +62,7 @@ def test_killed_rollout_resumes_with_exactly_the_rows_of_an_uninterrupted_run(tm
     _, _, clean, _ = _run_all(config, tmp_path / "clean")
     expected = clean.read("rollouts")
 
-    real = rollouts_mod._write_shard
+    real = shards_mod.write_shard
     written = []
 
     def crash_after_two(path, table):
@@ -70,7 +71,7 @@ def test_killed_rollout_resumes_with_exactly_the_rows_of_an_uninterrupted_run(tm
         real(path, table)
         written.append(path.name)
 
-    monkeypatch.setattr(rollouts_mod, "_write_shard", crash_after_two)
+    monkeypatch.setattr(shards_mod, "write_shard", crash_after_two)
     store = Store(tmp_path / "crash")
     cur, _ = curate.run(config, store)
     with pytest.raises(KeyboardInterrupt):
@@ -79,7 +80,7 @@ def test_killed_rollout_resumes_with_exactly_the_rows_of_an_uninterrupted_run(tm
     (work,) = [p for p in (store.root / "rollouts").iterdir() if p.name.startswith(".work-")]
     assert sorted(p.name for p in work.glob("shard-*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
 
-    monkeypatch.setattr(rollouts_mod, "_write_shard", lambda p, t: (written.append(p.name), real(p, t)))
+    monkeypatch.setattr(shards_mod, "write_shard", lambda p, t: (written.append(p.name), real(p, t)))
     written.clear()
     out, _ = rollouts_mod.run(config, store, {"curate": cur})
     shards = -(-cur.read("problems").num_rows // 7)

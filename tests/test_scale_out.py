@@ -1,4 +1,5 @@
-"""Shard tasks: the rollout stage's shards fan out as Prefect tasks on threads, or on a local Ray."""
+"""Shard tasks: the shards of rollouts, guidance (explain, hint) and grading fan out as
+Prefect tasks on threads, or on a local Ray."""
 
 import os
 import socket
@@ -24,17 +25,66 @@ def _raw(checkpoint, **prefect):
     }
 
 
-def _shard_runs():
+def _shard_runs(stage: str = "rollouts", flow_run_id=None):
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
 
     async def read():
         async with get_client() as client:
-            return await client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="rollouts-shard-")))
+            flows = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])) if flow_run_id else None
+            return await client.read_task_runs(flow_run_filter=flows,
+                                               task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=f"{stage}-shard-")))
 
     return asyncio.run(read())
+
+
+def _guided_raw(checkpoint, **prefect):
+    """Easy problems the tiny policy solves and 2-digit ones it is stuck on, every stage in small shards."""
+    raw = _raw(checkpoint, **prefect)
+    raw["problems"]["sources"].append({"reasoning_gym": {"task": "chain_sum", "size": 10, "seed": 32, "level": "hard",
+                                                         "config": {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2}}})
+    raw["prompts"].update({"explain": "tiny_explain", "hint": "tiny_hint"})
+    raw["explain"] = {"problems": "all", "samples_per_problem": 2, "shard_size": 5}
+    raw["hint"] = {"samples_per_problem": 2, "shard_size": 2}
+    raw["judge"] = {"backend": "rule", "mode": "process", "shard_size": 10}
+    return raw
+
+
+def test_guidance_and_grading_fan_out_and_match_the_sequential_stages(prefect_server, tmp_path):
+    from prefect import flow
+
+    from tasks.config import parse_config
+
+    raw = _guided_raw(TINY, max_workers=2)
+
+    @flow(name="fan-out-test")
+    def fanned(raw_config: dict):
+        from prefect.runtime import flow_run
+
+        return flow_run.id, pipeline.fn(raw_config=raw_config, base_dir=str(tmp_path), workspace=str(tmp_path / "ws"),
+                                        stages=["explain", "hint", "grade"])
+
+    flow_run_id, out = fanned(raw)
+    # the same stages, each shard after shard in one stage task (fan_out off), in another workspace
+    seq_raw = {**raw, "prefect": {**raw["prefect"], "fan_out": False}}
+    seq = pipeline(raw_config=seq_raw, base_dir=str(tmp_path), workspace=str(tmp_path / "seq"), stages=["explain", "hint", "grade"])
+    config = parse_config(raw, base_dir=tmp_path)
+    stuck = out["hint"]["summary"]["hinted_problems"]
+    planned = {"explain": -(-out["explain"]["summary"]["target_problems"] // 5), "hint": -(-stuck // 2),
+               "grade": -(-out["rollouts"]["summary"]["samples"] // 10)}
+    assert planned["explain"] >= 3 and planned["hint"] >= 2 and planned["grade"] >= 4, planned
+    for stage, dataset in {"explain": "explanations", "hint": "hints", "grade": "grades"}.items():
+        got = Store(tmp_path / "ws").get(stage, Path(out[stage]["path"]).name).read(dataset)
+        want = Store(tmp_path / "seq").get(stage, Path(seq[stage]["path"]).name).read(dataset)
+        assert got.num_rows == want.num_rows and got.equals(want), stage
+        assert out[stage]["summary"] == seq[stage]["summary"], stage
+        names = {r.name for r in _shard_runs(stage, flow_run_id) if r.state and r.state.is_completed()}
+        assert names == {f"{stage}-shard-{i:05d}" for i in range(planned[stage])}, (stage, names)
+        assert not any(p.name.startswith(".work-") for p in (tmp_path / "ws" / "store" / stage).iterdir())
+    assert out["grade"]["summary"]["traces"] == out["rollouts"]["summary"]["samples"]
+    assert out["explain"]["summary"]["kept"] > 0 and config.explain.shard_size == 5
 
 
 def test_threads_fan_out_shards_and_the_output_matches_the_sequential_stage(prefect_server, tmp_path):
@@ -56,10 +106,14 @@ def test_threads_fan_out_shards_and_the_output_matches_the_sequential_stage(pref
 @pytest.mark.filterwarnings("ignore")
 def test_ray_runs_the_shard_tasks_on_a_local_cluster(prefect_server, tmp_path):
     pytest.importorskip("prefect_ray")
-    raw = _raw(TINY, task_runner="ray", ray_init={"num_cpus": 2, "include_dashboard": False, "log_to_driver": False})
-    out = pipeline(raw_config=raw, base_dir=str(tmp_path), workspace=str(tmp_path / "ws"), stages=["rollouts"])
-    assert out["rollouts"]["status"] == "computed" and out["rollouts"]["summary"]["samples"] == 24
-    # 12 problems in shards of 4: three shard tasks, run by Ray worker processes, not by this one
-    workers = out["rollouts"]["shard_workers"]
-    assert workers and all(not w.endswith(f":{os.getpid()}") for w in workers)
-    assert {r.name for r in _shard_runs() if r.state and r.state.is_completed()} >= {f"rollouts-shard-{i:05d}" for i in range(3)}
+    raw = _guided_raw(TINY, task_runner="ray", ray_init={"num_cpus": 2, "include_dashboard": False, "log_to_driver": False})
+    out = pipeline(raw_config=raw, base_dir=str(tmp_path), workspace=str(tmp_path / "ws"), stages=["explain", "grade"])
+    assert out["rollouts"]["status"] == "computed" and out["rollouts"]["summary"]["samples"] == 44
+    # each sharded stage's shard tasks ran in Ray worker processes, not in this one
+    for stage in ("rollouts", "explain", "grade"):
+        workers = out[stage]["shard_workers"]
+        assert workers and all(not w.endswith(f":{os.getpid()}") for w in workers), (stage, workers)
+    # 22 problems in shards of 4: six rollout shard tasks; 44 traces in shards of 10: five grade shard tasks
+    assert {r.name for r in _shard_runs() if r.state and r.state.is_completed()} >= {f"rollouts-shard-{i:05d}" for i in range(6)}
+    assert {r.name for r in _shard_runs("grade") if r.state and r.state.is_completed()} >= {f"grade-shard-{i:05d}" for i in range(5)}
+    assert out["grade"]["summary"]["traces"] == 44 and out["explain"]["summary"]["kept"] > 0

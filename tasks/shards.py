@@ -1,0 +1,146 @@
+"""Sharded stages: the work of `rollouts`, `explain`, `hint` and `grade` cut into
+shards that a crashed run resumes from and that a flow can fan out as Prefect tasks.
+
+A sharded stage module exposes, besides ``key_for`` and ``run``:
+
+- ``plan(config, store, upstream) -> ShardPlan``: what is to be done, cut into
+  shards (deterministic: every process that computes it gets the same plan);
+- ``run_shard(config, shard_plan, i) -> dict``: do shard ``i`` and write it
+  with ``shard_plan.write`` (its rows, and a small JSON of counts the summary
+  needs); returns those counts;
+- ``assemble(store, shard_plan, force) -> StageOutput``: the finished shards as
+  the stage output.
+
+A shard is written as ``<store>/<stage>/.work-<key>/shard-NNNNN.json`` then
+``shard-NNNNN.parquet``, each to a temporary name and renamed; a shard is
+finished when its Parquet file exists. The work directory goes once the stage
+output is written; ``guidedrl gc`` removes the ones crashed runs left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks import progress
+from tasks.schemas import to_table, validate_table
+from tasks.store import StageOutput, Store, write_parquet
+
+log = logging.getLogger("guidedrl.shards")
+
+
+@dataclass
+class ShardPlan:
+    """One stage's work cut into shards of ``items`` (problems, problem ids, traces)."""
+
+    stage: str
+    key: str
+    stage_cfg: dict
+    inputs: dict
+    work: Path
+    shards: list[list[Any]]
+    #: what every shard needs that the plan read once (problems by id, prompts, ...)
+    context: dict = field(default_factory=dict)
+
+    def path(self, i: int) -> Path:
+        return self.work / f"shard-{i:05d}.parquet"
+
+    def meta_path(self, i: int) -> Path:
+        return self.work / f"shard-{i:05d}.json"
+
+    def finished(self, i: int) -> bool:
+        return self.path(i).exists()
+
+    def todo(self) -> list[int]:
+        return [i for i in range(len(self.shards)) if not self.finished(i)]
+
+    def done(self) -> int:
+        return len(self.shards) - len(self.todo())
+
+    def write(self, i: int, table: pa.Table, meta: dict | None = None) -> None:
+        """Shard ``i``'s rows and counts, each written to a temporary name and renamed (counts first)."""
+        meta_tmp = self.meta_path(i).with_name(f".{self.meta_path(i).name}.{os.getpid()}.tmp")
+        meta_tmp.write_text(json.dumps(meta or {}, sort_keys=True))
+        os.rename(meta_tmp, self.meta_path(i))
+        write_shard(self.path(i), table)
+
+    def tables(self, schema: str) -> list[pa.Table]:
+        """The finished shards' rows, each checked against ``schema``, all with one
+        Arrow schema (a shard without rows has no extra columns; they come back as
+        nulls); one empty table when there are no shards."""
+        parts = []
+        for i in range(len(self.shards)):
+            table = pq.read_table(self.path(i))
+            validate_table(table, schema, self.path(i))
+            parts.append(table)
+        return aligned(parts) if parts else [to_table([], schema, f"{self.stage}/{schema}")]
+
+    def metas(self) -> list[dict]:
+        return [json.loads(self.meta_path(i).read_text()) for i in range(len(self.shards))]
+
+    def total(self, name: str) -> float:
+        """A count summed over the shards' metas."""
+        return sum(m.get(name, 0) for m in self.metas())
+
+    def clean(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def aligned(parts: list[pa.Table]) -> list[pa.Table]:
+    """The tables with the union of their columns, in the first one's order (missing ones null)."""
+    schema = pa.unify_schemas([p.schema for p in parts], promote_options="permissive")
+    return [pa.Table.from_arrays([p.column(f.name).cast(f.type) if f.name in p.column_names else pa.nulls(p.num_rows, f.type)
+                                  for f in schema], schema=schema) for p in parts]
+
+
+def write_shard(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_parquet(table, tmp)
+    os.rename(tmp, path)
+
+
+def make_plan(stage: str, store: Store, key_info: tuple[str, dict, dict], items: list, shard_size: int | None,
+              context: dict | None = None) -> ShardPlan:
+    """``items`` cut into shards of ``shard_size`` (None: one shard), in ``<store>/<stage>/.work-<key>``."""
+    key, stage_cfg, inputs = key_info
+    work = store.root / stage / f".work-{key}"
+    work.mkdir(parents=True, exist_ok=True)
+    size = shard_size or max(1, len(items))
+    shards = [items[i : i + size] for i in range(0, len(items), size)]
+    return ShardPlan(stage, key, stage_cfg, inputs, work, shards, context or {})
+
+
+def run_stage(module: ModuleType, config, store: Store, upstream: dict[str, StageOutput], force: bool = False,
+              describe: str | None = None) -> tuple[StageOutput, bool]:
+    """A sharded stage in this process, shard after shard (finished shards are not redone)."""
+    key = module.key_for(config, upstream)[0]
+    existing = store.reusable(module.STAGE, key, force)
+    if existing is not None:
+        return existing, True
+    shard_plan = module.plan(config, store, upstream)
+    if shard_plan.done():
+        log.info("%s: resuming at shard %d of %d (%s)", module.STAGE, shard_plan.done(), len(shard_plan.shards), shard_plan.work)
+    items = sum(map(len, shard_plan.shards))
+    try:
+        for i in progress.track(range(len(shard_plan.shards)), describe or f"{module.STAGE}: {items} in {len(shard_plan.shards)} shards"):
+            if not shard_plan.finished(i):
+                module.run_shard(config, shard_plan, i)
+    finally:
+        release_backends()
+    return module.assemble(store, shard_plan, force), False
+
+
+def release_backends() -> None:
+    """Let go of the models the shards of a stage shared in this process."""
+    from tasks.rollouts import release_backends as release  # rollouts builds on this module
+
+    release()
