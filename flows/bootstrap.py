@@ -30,7 +30,7 @@ def evaluate(out_dir: str, cfg: dict, problems_per_level: int, n: int) -> dict:
     return evaluate_policy(backend, {"easy": c.easy, "hard": c.hard}, problems_per_level=problems_per_level, n=n)
 
 
-@flow(name="guidedrl-bootstrap", log_prints=True)
+@flow(name="guidedrl-bootstrap")
 def bootstrap(out_dir: str, cfg: dict | None = None, problems_per_level: int = 40, n: int = 64) -> dict:
     cfg = asdict(TinyPolicyConfig(**(cfg or {})))
     info = train(cfg, out_dir)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_STAGES = ["curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize"]
@@ -41,17 +41,17 @@ def _run(config_path: str, base_dir: str | None, workspace: str | None, stages: 
         record.close(exc)
         raise
     record.close()
-    print(f"run {record.run_id} completed; report {record.dir / 'report.html'}")
+    get_run_logger().info("run %s completed; report %s", record.run_id, record.dir / "report.html")
     return {"run_id": record.run_id, "outputs": {s: r["path"] for s, r in results.items()}}
 
 
-@flow(name="guidedrl-data", log_prints=True)
+@flow(name="guidedrl-data")
 def data_generation(config_path: str, base_dir: str | None = None, workspace: str | None = None, stages: list[str] | None = None) -> dict:
     """Nightly data generation: curation → rollouts → guidance → grading → training datasets."""
     return _run(config_path, base_dir, workspace, stages or DATA_STAGES, "deployment:data")
 
 
-@flow(name="guidedrl-training", log_prints=True)
+@flow(name="guidedrl-training")
 def training(config_path: str, base_dir: str | None = None, workspace: str | None = None, stages: list[str] | None = None) -> dict:
     """DPO, an online GRPO round and eval on the latest datasets (their upstream stages come from the store)."""
     return _run(config_path, base_dir, workspace, stages or TRAINING_STAGES, "deployment:training")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from flows.pipeline import pipeline
 from tasks.config import parse_config
@@ -33,7 +33,7 @@ def round_config(raw_config: dict, policy: str | None, round_idx: int) -> dict:
     return raw
 
 
-@flow(name="guidedrl-online", log_prints=True)
+@flow(name="guidedrl-online")
 def online(raw_config: dict, base_dir: str, workspace: str, rounds: int | None = None, run_record: str | None = None) -> list[dict]:
     config = parse_config(raw_config, where="run config", base_dir=base_dir)
     rounds = rounds or config.train.grpo.rounds
@@ -46,5 +46,5 @@ def online(raw_config: dict, base_dir: str, workspace: str, rounds: int | None =
             record_prefix=f"round-{r}/")
         policy = results["grpo"]["path"] + "/checkpoint"
         history.append({"round": r, "policy": policy, "results": results})
-        print(f"round {r}/{rounds}: checkpoint {policy}")
+        get_run_logger().info("round %d/%d: checkpoint %s", r, rounds, policy)
     return history

@@ -27,7 +27,7 @@ def select_stages(requested: list[str] | None) -> tuple[list[str], list[str]]:
     return run, todo
 
 
-@flow(name="guidedrl-run", log_prints=True)
+@flow(name="guidedrl-run")
 def pipeline(raw_config: dict, base_dir: str, workspace: str, stages: list[str] | None = None, force: list[str] | None = None,
              run_record: str | None = None, record_prefix: str = "") -> dict:
     """The stages in order; with ``run_record`` (a run.json path) each stage's

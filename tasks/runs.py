@@ -81,7 +81,7 @@ class RunRecord:
 
     def save(self) -> None:
         tmp = self.path.with_name(f".{RECORD}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")  # stages in the order they run
         tmp.replace(self.path)
 
     def stage_started(self, stage: str) -> None:
