@@ -152,25 +152,26 @@ def run_sharded_stage(stage: str, config: Config, raw_config: dict, base_dir: st
     module = SHARDED[stage]
     store, up = Store(workspace), load_upstream(upstream)
     key = module.key_for(config, up)[0]
-    existing = store.reusable(stage, key, force)
-    if existing is None:
-        shard_plan = module.plan(config, store, up)
-        todo = shard_plan.todo()
-        shard = run_shard.with_options(retries=config.prefect.retries_for(stage), retry_delay_seconds=config.prefect.retry_delay_seconds)
-        try:
-            with task_runner_for(config) as runner:
-                futures = [runner.submit(shard.with_options(task_run_name=f"{stage}-shard-{i:05d}"),
-                                         parameters={"stage": stage, "raw_config": raw_config, "base_dir": base_dir,
-                                                     "workspace": workspace, "upstream": upstream, "index": i})
-                           for i in todo]
-                done = [f.result() for f in futures]  # the first failed shard's error, after its retries, fails the stage
-        finally:
-            release_backends()
-        out = module.assemble(store, shard_plan, force)
-        workers = sorted({d["worker"] for d in done})
-        log.info("%s: %d of %d shards as tasks on %s (%d worker processes)", stage, len(todo), len(shard_plan.shards),
-                 config.prefect.task_runner, len(workers))
-    else:
-        out, workers = existing, []
+    with store.lock(stage, key):  # a concurrent run of the same output waits, then reuses it
+        existing = store.reusable(stage, key, force)
+        if existing is None:
+            shard_plan = module.plan(config, store, up)
+            todo = shard_plan.todo()
+            shard = run_shard.with_options(retries=config.prefect.retries_for(stage), retry_delay_seconds=config.prefect.retry_delay_seconds)
+            try:
+                with task_runner_for(config) as runner:
+                    futures = [runner.submit(shard.with_options(task_run_name=f"{stage}-shard-{i:05d}"),
+                                             parameters={"stage": stage, "raw_config": raw_config, "base_dir": base_dir,
+                                                         "workspace": workspace, "upstream": upstream, "index": i})
+                               for i in todo]
+                    done = [f.result() for f in futures]  # the first failed shard's error, after its retries, fails the stage
+            finally:
+                release_backends()
+            out = module.assemble(store, shard_plan, force)
+            workers = sorted({d["worker"] for d in done})
+            log.info("%s: %d of %d shards as tasks on %s (%d worker processes)", stage, len(todo), len(shard_plan.shards),
+                     config.prefect.task_runner, len(workers))
+        else:
+            out, workers = existing, []
     return {"stage": stage, "key": out.key, "path": str(out.path), "reused": existing is not None,
             "datasets": out.manifest.get("datasets", {}), "summary": out.summary, "shard_workers": workers}

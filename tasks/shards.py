@@ -11,6 +11,10 @@ A sharded stage module exposes, besides ``key_for`` and ``run``:
 - ``assemble(store, shard_plan, force) -> StageOutput``: the finished shards as
   the stage output.
 
+The process that runs a sharded stage holds the store's lock on its output
+(``Store.lock``) from the reuse check to the assembled output, so two runs of
+the same output never share a work directory: the second waits and reuses.
+
 A shard is written as ``<store>/<stage>/.work-<key>/shard-NNNNN.json`` then
 ``shard-NNNNN.parquet``, each to a temporary name and renamed; a shard is
 finished when its Parquet file exists. The work directory goes once the stage
@@ -121,22 +125,25 @@ def make_plan(stage: str, store: Store, key_info: tuple[str, dict, dict], items:
 
 def run_stage(module: ModuleType, config, store: Store, upstream: dict[str, StageOutput], force: bool = False,
               describe: str | None = None) -> tuple[StageOutput, bool]:
-    """A sharded stage in this process, shard after shard (finished shards are not redone)."""
+    """A sharded stage in this process, shard after shard (finished shards are not
+    redone). Holds the store's lock on the output: a concurrent run of the same
+    output waits and reuses it."""
     key = module.key_for(config, upstream)[0]
-    existing = store.reusable(module.STAGE, key, force)
-    if existing is not None:
-        return existing, True
-    shard_plan = module.plan(config, store, upstream)
-    if shard_plan.done():
-        log.info("%s: resuming at shard %d of %d (%s)", module.STAGE, shard_plan.done(), len(shard_plan.shards), shard_plan.work)
-    items = sum(map(len, shard_plan.shards))
-    try:
-        for i in progress.track(range(len(shard_plan.shards)), describe or f"{module.STAGE}: {items} in {len(shard_plan.shards)} shards"):
-            if not shard_plan.finished(i):
-                module.run_shard(config, shard_plan, i)
-    finally:
-        release_backends()
-    return module.assemble(store, shard_plan, force), False
+    with store.lock(module.STAGE, key):
+        existing = store.reusable(module.STAGE, key, force)
+        if existing is not None:
+            return existing, True
+        shard_plan = module.plan(config, store, upstream)
+        if shard_plan.done():
+            log.info("%s: resuming at shard %d of %d (%s)", module.STAGE, shard_plan.done(), len(shard_plan.shards), shard_plan.work)
+        items = sum(map(len, shard_plan.shards))
+        try:
+            for i in progress.track(range(len(shard_plan.shards)), describe or f"{module.STAGE}: {items} in {len(shard_plan.shards)} shards"):
+                if not shard_plan.finished(i):
+                    module.run_shard(config, shard_plan, i)
+        finally:
+            release_backends()
+        return module.assemble(store, shard_plan, force), False
 
 
 def release_backends() -> None:

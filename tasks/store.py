@@ -268,6 +268,27 @@ class Store:
             return None
         return StageOutput.open(path)
 
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str) -> Iterator[None]:
+        """Held while one process works towards (stage, key) in steps (the shards of a
+        sharded stage): a second run of the same output waits, then finds it finished
+        and reuses it. An advisory ``flock`` on ``<store>/<stage>/.lock-<key>``,
+        released when the holder ends, however it ends."""
+        import fcntl
+
+        path = self.root / stage / f".lock-{key}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logging.getLogger(f"guidedrl.{stage}").info("%s: another run is computing this output; waiting for it (%s)", stage, path)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def reusable(self, stage: str, key: str, force: bool = False) -> StageOutput | None:
         """The finished output at (stage, key) unless a rerun is forced; says so in the log."""
         existing = self.get(stage, key)

@@ -92,6 +92,44 @@ def test_killed_rollout_resumes_with_exactly_the_rows_of_an_uninterrupted_run(tm
     assert out.fingerprints == clean.fingerprints
 
 
+def test_two_runs_of_one_output_at_once_compute_it_once(tmp_path, random_checkpoint, monkeypatch):
+    """The second run waits on the store's lock on the output, then reuses the first one's."""
+    import threading
+    import time
+
+    config = _config(random_checkpoint)
+    store = Store(tmp_path / "ws")
+    cur, _ = curate.run(config, store)
+    real, written = shards_mod.write_shard, []
+
+    def slow_write(path, table):
+        time.sleep(0.2)  # the other run arrives while this one is mid-stage
+        real(path, table)
+        written.append(path.name)
+
+    monkeypatch.setattr(shards_mod, "write_shard", slow_write)
+    start, results, errors = threading.Barrier(2), [], []
+
+    def go():
+        start.wait()
+        try:
+            results.append(rollouts_mod.run(config, Store(tmp_path / "ws"), {"curate": cur}))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(reused for _, reused in results) == [False, True]  # one computed it, the other reused it
+    assert results[0][0].path == results[1][0].path
+    shards = -(-cur.read("problems").num_rows // 7)
+    assert sorted(written) == [f"shard-{i:05d}.parquet" for i in range(shards)]  # every shard written once
+    assert [p.name for p in (store.root / "rollouts").iterdir() if not p.name.startswith(".lock-")] == [results[0][0].key]
+
+
 def test_filter_keeps_the_band_and_records_every_rate():
     problems = [{"problem_id": p, "question": p, "answer": "1", "reference_solution": None, "source": "s",
                  "level": "easy", "split": "train", "metadata": "{}"} for p in "abcd"]
