@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any, Optional
 
 from prefect import task
+from prefect.futures import wait
 from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 
 from tasks import curate, dpo, evaluate, explain, filter as filter_stage, grade, grpo, hint, materialize, rollouts, rubric
@@ -164,7 +165,8 @@ def run_sharded_stage(stage: str, config: Config, raw_config: dict, base_dir: st
                                              parameters={"stage": stage, "raw_config": raw_config, "base_dir": base_dir,
                                                          "workspace": workspace, "upstream": upstream, "index": i})
                                for i in todo]
-                    done = [f.result() for f in futures]  # the first failed shard's error, after its retries, fails the stage
+                    wait(futures)  # every shard ends (done or failed after its retries) before a failure ends the stage
+                    done = [f.result() for f in futures]  # raises the first failed shard's error
             finally:
                 release_backends()
             out = module.assemble(store, shard_plan, force)

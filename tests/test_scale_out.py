@@ -117,3 +117,33 @@ def test_ray_runs_the_shard_tasks_on_a_local_cluster(prefect_server, tmp_path):
     assert {r.name for r in _shard_runs() if r.state and r.state.is_completed()} >= {f"rollouts-shard-{i:05d}" for i in range(6)}
     assert {r.name for r in _shard_runs("grade") if r.state and r.state.is_completed()} >= {f"grade-shard-{i:05d}" for i in range(5)}
     assert out["grade"]["summary"]["traces"] == 44 and out["explain"]["summary"]["kept"] > 0
+
+
+def test_a_failed_shard_is_retried_alone_with_the_stage_retries_of_the_config(prefect_server, tmp_path, monkeypatch):
+    from tasks import judge
+
+    raw = _raw(TINY, stage_retries={"grade": 1}, retry_delay_seconds=0)
+    raw["judge"] = {"backend": "rule", "shard_size": 8}
+    real, calls = judge.RuleJudge.grade, []
+
+    def flaky(self, traces):
+        calls.append(traces[0].sample_id)
+        if len(calls) == 2:
+            raise ConnectionError("judge went away")  # the second shard, once
+        return real(self, traces)
+
+    monkeypatch.setattr(judge.RuleJudge, "grade", flaky)
+    out = pipeline(raw_config=raw, base_dir=str(tmp_path), workspace=str(tmp_path / "ws"), stages=["grade"])
+    assert out["grade"]["status"] == "computed" and out["grade"]["summary"]["traces"] == 24
+    # 24 traces in shards of 8: three shards, the second graded twice (its retry), the others once
+    assert len(calls) == 4 and calls[1] == calls[2] and len(set(calls)) == 3
+
+    raw["prefect"]["stage_retries"] = {"grade": 0}
+    raw["judge"]["mode"] = "outcome"  # another output: graded again, and this time the failure is final
+    calls.clear()
+    with pytest.raises(ConnectionError, match="judge went away"):
+        pipeline(raw_config=raw, base_dir=str(tmp_path), workspace=str(tmp_path / "ws"), stages=["grade"])
+    assert len(calls) == 3  # the other shards still ran to the end
+    # the finished shards wait in the work directory for the re-run; the failed one left nothing
+    (work,) = (tmp_path / "ws" / "store" / "grade").glob(".work-*")
+    assert sorted(p.name for p in work.iterdir()) == [f"shard-0000{i}.{ext}" for i in (0, 2) for ext in ("json", "parquet")]
