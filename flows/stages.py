@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 
 from tasks import curate, dpo, evaluate, explain, filter as filter_stage, grade, grpo, hint, materialize, rollouts, rubric
 from tasks.config import UPSTREAM, Config, parse_config
-from tasks.shards import release_backends
+from tasks.shards import ShardPlan, release_backends
 from tasks.store import StageOutput, Store
 
 log = logging.getLogger("guidedrl.stages")
@@ -116,18 +116,15 @@ SHARDED = {"rollouts": rollouts, "explain": explain, "hint": hint, "grade": grad
 
 
 @task(name="shard", cache_policy=NO_CACHE)
-def run_shard(stage: str, raw_config: dict, base_dir: str, workspace: str, upstream: dict[str, str], index: int) -> dict:
-    """Do one shard of a sharded stage into the stage's work directory (a finished shard is skipped).
-
-    The shard plan is recomputed here from the stage's inputs rather than sent
-    along: it is deterministic, and a Ray worker reads the inputs from the store."""
+def run_shard(stage: str, raw_config: dict, base_dir: str, shard_plan: ShardPlan, index: int) -> dict:
+    """Do one shard of a sharded stage into the stage's work directory (a finished
+    shard is skipped). ``shard_plan`` holds this shard's items only
+    (``ShardPlan.for_shard``): the task reads nothing else from the store."""
     import os
     import socket
 
     module = SHARDED[stage]
-    config = _config(raw_config, base_dir)
-    shard_plan = module.plan(config, Store(workspace), load_upstream(upstream))
-    meta = {} if shard_plan.finished(index) else module.run_shard(config, shard_plan, index)
+    meta = {} if shard_plan.finished(index) else module.run_shard(_config(raw_config, base_dir), shard_plan, index)
     return {**meta, "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
@@ -163,7 +160,7 @@ def run_sharded_stage(stage: str, config: Config, raw_config: dict, base_dir: st
                 with task_runner_for(config) as runner:
                     futures = [runner.submit(shard.with_options(task_run_name=f"{stage}-shard-{i:05d}"),
                                              parameters={"stage": stage, "raw_config": raw_config, "base_dir": base_dir,
-                                                         "workspace": workspace, "upstream": upstream, "index": i})
+                                                         "shard_plan": shard_plan.for_shard(i), "index": i})
                                for i in todo]
                     wait(futures)  # every shard ends (done or failed after its retries) before a failure ends the stage
                     done = [f.result() for f in futures]  # raises the first failed shard's error

@@ -97,30 +97,30 @@ def key_for(config: Config, upstream: dict[str, StageOutput]) -> tuple[str, dict
 
 
 def plan(config: Config, store: Store, upstream: dict[str, StageOutput]) -> ShardPlan:
-    """The target problems (stuck, or all) in shards of `explain.shard_size`."""
+    """The target problems (stuck, or all), each with its original prompt, in shards of `explain.shard_size`."""
     problems, by_problem, stuck = guidance.load_groups(STAGE, config, upstream)
     targets = stuck if config.explain.problems == "stuck" else sorted(by_problem)
-    context = {"problems": problems, "stuck": stuck, "plain": {pid: by_problem[pid][0]["loss_prompt"] for pid in targets}}
-    return make_plan(STAGE, store, key_for(config, upstream), targets, config.explain.shard_size, context)
+    items = [{"problem": problems[pid], "loss_prompt": by_problem[pid][0]["loss_prompt"]} for pid in targets]
+    context = {"stuck": stuck, "levels": {pid: problems[pid]["level"] for pid in stuck}}
+    return make_plan(STAGE, store, key_for(config, upstream), items, config.explain.shard_size, context)
 
 
 def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
     """Sample, verify, score and select the explanations of shard ``i``'s problems, and write them."""
-    ec, problems = config.explain, shard_plan.context["problems"]
-    targets = shard_plan.shards[i]
+    ec, items = config.explain, shard_plan.shards[i]
     backend = shared_backend(config)
     tokenizer = chat_tokenizer(config, backend)
     template = load_template(config.template_path("explain"))
-    target_problems = [problems[pid] for pid in targets]
+    target_problems = [it["problem"] for it in items]
     prompts = [render(tokenizer, fill(template, p["question"], answer=p["answer"])) for p in target_problems]
-    plain = [shard_plan.context["plain"][pid] for pid in targets]
     params = guidance.sampling_params(ec, config, i)
     samples = backend.generate(prompts, params)
     rows = sample_rows(target_problems, samples, prompts, backend.policy_id, prompt_kind="explain",
-                       guidance=[p["answer"] for p in target_problems], loss_prompts=plain)
+                       guidance=[p["answer"] for p in target_problems], loss_prompts=[it["loss_prompt"] for it in items])
     kept = [r for r in rows if r["correct"]]  # the final answer must verify
     add_loss_logprobs(backend, kept, params.temperature)
-    score_explanations(backend, kept, [problems[r["problem_id"]]["answer"] for r in kept])
+    answers = {p["problem_id"]: p["answer"] for p in target_problems}
+    score_explanations(backend, kept, [answers[r["problem_id"]] for r in kept])
     for r in kept:
         r.setdefault("explain_loglik", None)
         r.setdefault("explain_loglik_total", None)
@@ -135,7 +135,7 @@ def assemble(store: Store, shard_plan: ShardPlan, force: bool = False) -> StageO
     """The shards' kept explanations as dataset `explanations`, with the unlock summary."""
     parts = shard_plan.tables("explanations")
     kept = pa.concat_tables(parts).select(["problem_id", "completion", "selected"]).to_pylist()
-    targets = [pid for shard in shard_plan.shards for pid in shard]
+    targets = [it["problem"]["problem_id"] for shard in shard_plan.shards for it in shard]
     stuck = shard_plan.context["stuck"]
     explained = sorted({r["problem_id"] for r in kept})
     summary = {
@@ -143,7 +143,7 @@ def assemble(store: Store, shard_plan: ShardPlan, force: bool = False) -> StageO
         "sampled": int(shard_plan.total("sampled")),
         "kept": len(kept),
         "explained_problems": len(explained),
-        **guidance.unlocked_summary(stuck, explained, shard_plan.context["problems"]),
+        **guidance.unlocked_summary(stuck, explained, shard_plan.context["levels"]),
         "unexplained_problems": [pid for pid in targets if pid not in set(explained)],
         "kept_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept),
         "selected_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept if r["selected"]),

@@ -116,13 +116,13 @@ def plan(config: Config, store: Store, upstream: dict[str, StageOutput]) -> Shar
         if p["requests"] > jc.max_requests:
             raise judge.JudgeError(f"{STAGE}: the judge would send {p['requests']} requests ({p['cached']} more are cached), over "
                                    f"judge.max_requests = {jc.max_requests}; nothing was sent. Raise the limit or grade fewer traces.")
-    return make_plan(STAGE, store, key_for(config, upstream), traces, jc.shard_size, {"workspace": str(store.workspace)})
+    return make_plan(STAGE, store, key_for(config, upstream), traces, jc.shard_size)
 
 
 def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
     """Grade shard ``i``'s traces and write them. Too many failed requests fail the
     shard (nothing written for it; the answers received stay cached)."""
-    j = make_judge(config, Path(shard_plan.context["workspace"]))
+    j = make_judge(config, shard_plan.workspace)
     rows = j.grade(shard_plan.shards[i])
     if isinstance(j, judge.LLMJudge):
         where = STAGE if len(shard_plan.shards) == 1 else f"{STAGE} shard {i + 1} of {len(shard_plan.shards)}"

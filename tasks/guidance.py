@@ -56,14 +56,15 @@ def sampling_params(section, config: Config, shard: int = 0) -> SamplingParams:
     )
 
 
-def unlocked_summary(stuck: list[str], unlocked: list[str], problems: dict[str, dict]) -> dict:
-    """How many stuck problems a guidance method turned into a verified positive sample."""
-    stuck_set, unlocked = set(stuck), sorted(set(unlocked) & set(stuck))
-    levels = sorted({str(problems[pid]["level"]) for pid in stuck_set})
+def unlocked_summary(stuck: list[str], unlocked: list[str], levels: dict[str, str | None]) -> dict:
+    """How many stuck problems a guidance method turned into a verified positive sample
+    (``levels``: each stuck problem's level)."""
+    unlocked = sorted(set(unlocked) & set(stuck))
+    names = sorted({str(levels[pid]) for pid in stuck})
     return {
         "stuck_problems": len(stuck),
         "unlocked_problems": len(unlocked),
         "unlocked_fraction": round(len(unlocked) / len(stuck), 4) if stuck else 0.0,
-        "unlocked_by_level": {lvl: sum(str(problems[p]["level"]) == lvl for p in unlocked) for lvl in levels},
-        "stuck_by_level": {lvl: sum(str(problems[p]["level"]) == lvl for p in stuck) for lvl in levels},
+        "unlocked_by_level": {lvl: sum(str(levels[p]) == lvl for p in unlocked) for lvl in names},
+        "stuck_by_level": {lvl: sum(str(levels[p]) == lvl for p in stuck) for lvl in names},
     }

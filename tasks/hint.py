@@ -87,34 +87,30 @@ def key_for(config: Config, upstream: dict[str, StageOutput]) -> tuple[str, dict
 
 
 def plan(config: Config, store: Store, upstream: dict[str, StageOutput]) -> ShardPlan:
-    """The stuck problems LTE fires on, each with its hint, in shards of `hint.shard_size`."""
+    """The stuck problems LTE fires on, each with its hint and original prompt, in shards of `hint.shard_size`."""
     problems, by_problem, stuck = guidance.load_groups(STAGE, config, upstream)
-    targets, hints, kinds = [], {}, Counter()
+    items, kinds = [], Counter()
     for pid in stuck:
         built = build_hint(by_problem[pid], config.hint.max_wrong_answers)
         if built is not None:
-            targets.append(pid)
-            hints[pid] = built[0]
+            items.append({"problem": problems[pid], "hint": built[0], "loss_prompt": by_problem[pid][0]["loss_prompt"]})
             kinds[built[1]] += 1
-    context = {"problems": problems, "stuck": stuck, "hints": hints, "hint_kinds": dict(sorted(kinds.items())),
-               "plain": {pid: by_problem[pid][0]["loss_prompt"] for pid in targets}}
-    return make_plan(STAGE, store, key_for(config, upstream), targets, config.hint.shard_size, context)
+    context = {"stuck": stuck, "levels": {pid: problems[pid]["level"] for pid in stuck}, "hint_kinds": dict(sorted(kinds.items()))}
+    return make_plan(STAGE, store, key_for(config, upstream), items, config.hint.shard_size, context)
 
 
 def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
     """Sample shard ``i``'s problems with their hints, keep the verified samples, and write them."""
-    hc, problems, hints = config.hint, shard_plan.context["problems"], shard_plan.context["hints"]
-    targets = shard_plan.shards[i]
+    hc, items = config.hint, shard_plan.shards[i]
     backend = shared_backend(config)
     tokenizer = chat_tokenizer(config, backend)
     template = load_template(config.template_path("hint"))
-    target_problems = [problems[pid] for pid in targets]
-    hinted = [render(tokenizer, fill(template, problems[pid]["question"], hint=hints[pid])) for pid in targets]
-    plain = [shard_plan.context["plain"][pid] for pid in targets]
+    target_problems = [it["problem"] for it in items]
+    hinted = [render(tokenizer, fill(template, it["problem"]["question"], hint=it["hint"])) for it in items]
     params = guidance.sampling_params(hc, config, i)
     samples = backend.generate(hinted, params)
     rows = sample_rows(target_problems, samples, hinted, backend.policy_id, prompt_kind="hint",
-                       guidance=[hints[pid] for pid in targets], loss_prompts=plain)
+                       guidance=[it["hint"] for it in items], loss_prompts=[it["loss_prompt"] for it in items])
     kept, leaks = [], 0
     for r in rows:
         if not r["correct"]:
@@ -140,7 +136,7 @@ def assemble(store: Store, shard_plan: ShardPlan, force: bool = False) -> StageO
         "sampled": int(shard_plan.total("sampled")),
         "kept": len(kept),
         "leaks_rejected": int(shard_plan.total("leaks_rejected")),
-        **guidance.unlocked_summary(stuck, [r["problem_id"] for r in kept], shard_plan.context["problems"]),
+        **guidance.unlocked_summary(stuck, [r["problem_id"] for r in kept], shard_plan.context["levels"]),
         "kept_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept),
     }
     out = store.write(STAGE, shard_plan.key, {"hints": ("rollouts", parts)}, config=shard_plan.stage_cfg,

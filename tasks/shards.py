@@ -4,8 +4,10 @@ shards that a crashed run resumes from and that a flow can fan out as Prefect ta
 A sharded stage module exposes, besides ``key_for`` and ``run``:
 
 - ``plan(config, store, upstream) -> ShardPlan``: what is to be done, cut into
-  shards (deterministic: every process that computes it gets the same plan);
-- ``run_shard(config, shard_plan, i) -> dict``: do shard ``i`` and write it
+  shards whose items carry everything a shard needs (deterministic: a re-run
+  after a crash gets the same plan and finds its finished shards);
+- ``run_shard(config, shard_plan, i) -> dict``: do shard ``i`` (from its items
+  alone: a shard task is sent ``shard_plan.for_shard(i)``) and write it
   with ``shard_plan.write`` (its rows, and a small JSON of counts the summary
   needs); returns those counts;
 - ``assemble(store, shard_plan, force) -> StageOutput``: the finished shards as
@@ -27,7 +29,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -50,10 +52,16 @@ class ShardPlan:
     key: str
     stage_cfg: dict
     inputs: dict
+    workspace: Path
     work: Path
+    #: each shard's items carry everything the shard needs (a shard task gets only its own)
     shards: list[list[Any]]
-    #: what every shard needs that the plan read once (problems by id, prompts, ...)
+    #: what ``assemble`` needs beyond the shards' rows (stuck problems, levels, ...); shard tasks do not get it
     context: dict = field(default_factory=dict)
+
+    def for_shard(self, i: int) -> "ShardPlan":
+        """This plan with only shard ``i``'s items and no context: what a shard task is sent."""
+        return replace(self, shards=[items if j == i else [] for j, items in enumerate(self.shards)], context={})
 
     def path(self, i: int) -> Path:
         return self.work / f"shard-{i:05d}.parquet"
@@ -120,7 +128,7 @@ def make_plan(stage: str, store: Store, key_info: tuple[str, dict, dict], items:
     work.mkdir(parents=True, exist_ok=True)
     size = shard_size or max(1, len(items))
     shards = [items[i : i + size] for i in range(0, len(items), size)]
-    return ShardPlan(stage, key, stage_cfg, inputs, work, shards, context or {})
+    return ShardPlan(stage, key, stage_cfg, inputs, store.workspace, work, shards, context or {})
 
 
 def run_stage(module: ModuleType, config, store: Store, upstream: dict[str, StageOutput], force: bool = False,
