@@ -46,7 +46,7 @@ log = logging.getLogger("guidedrl.shards")
 
 @dataclass
 class ShardPlan:
-    """One stage's work cut into shards of ``items`` (problems, problem ids, traces)."""
+    """One stage's work cut into shards of items (problem rows; problems with their prompts and hints; traces)."""
 
     stage: str
     key: str
