@@ -168,8 +168,8 @@ def run_sharded_stage(stage: str, config: Config, raw_config: dict, base_dir: st
                 release_backends()
             out = module.assemble(store, shard_plan, force)
             workers = sorted({d["worker"] for d in done})
-            log.info("%s: %d of %d shards as tasks on %s (%d worker processes)", stage, len(todo), len(shard_plan.shards),
-                     config.prefect.task_runner, len(workers))
+            log.info("%s: %d of %d shards as tasks on %s (%d worker process%s)", stage, len(todo), len(shard_plan.shards),
+                     config.prefect.task_runner, len(workers), "" if len(workers) == 1 else "es")
         else:
             out, workers = existing, []
     return {"stage": stage, "key": out.key, "path": str(out.path), "reused": existing is not None,
