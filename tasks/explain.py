@@ -40,8 +40,7 @@ import pyarrow as pa
 from tasks import guidance
 from tasks.answers import steps_correct
 from tasks.config import Config
-from tasks.prompts import fill, load_template
-from tasks.rollouts import add_loss_logprobs, chat_tokenizer, render, sample_rows, shared_backend
+from tasks.rollouts import add_loss_logprobs
 from tasks.schemas import to_table
 from tasks.shards import ShardPlan, make_plan, run_stage
 from tasks.store import Store, StageOutput
@@ -100,32 +99,23 @@ def plan(config: Config, store: Store, upstream: dict[str, StageOutput]) -> Shar
     """The target problems (stuck, or all), each with its original prompt, in shards of `explain.shard_size`."""
     problems, by_problem, stuck = guidance.load_groups(STAGE, config, upstream)
     targets = stuck if config.explain.problems == "stuck" else sorted(by_problem)
-    items = [{"problem": problems[pid], "loss_prompt": by_problem[pid][0]["loss_prompt"]} for pid in targets]
+    items = [{"problem": problems[pid], "guidance": problems[pid]["answer"], "loss_prompt": by_problem[pid][0]["loss_prompt"]}
+             for pid in targets]
     context = {"stuck": stuck, "levels": {pid: problems[pid]["level"] for pid in stuck}}
     return make_plan(STAGE, store, key_for(config, upstream), items, config.explain.shard_size, context)
 
 
 def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
     """Sample, verify, score and select the explanations of shard ``i``'s problems, and write them."""
-    ec, items = config.explain, shard_plan.shards[i]
-    backend = shared_backend(config)
-    tokenizer = chat_tokenizer(config, backend)
-    template = load_template(config.template_path("explain"))
-    target_problems = [it["problem"] for it in items]
-    prompts = [render(tokenizer, fill(template, p["question"], answer=p["answer"])) for p in target_problems]
-    params = guidance.sampling_params(ec, config, i)
-    samples = backend.generate(prompts, params)
-    rows = sample_rows(target_problems, samples, prompts, backend.policy_id, prompt_kind="explain",
-                       guidance=[p["answer"] for p in target_problems], loss_prompts=[it["loss_prompt"] for it in items])
+    backend, rows, params = guidance.sample_guided(STAGE, config.explain, config, shard_plan.shards[i], i)
     kept = [r for r in rows if r["correct"]]  # the final answer must verify
     add_loss_logprobs(backend, kept, params.temperature)
-    answers = {p["problem_id"]: p["answer"] for p in target_problems}
-    score_explanations(backend, kept, [answers[r["problem_id"]] for r in kept])
+    score_explanations(backend, kept, [r["guidance"] for r in kept])  # the answer it was shown
     for r in kept:
         r.setdefault("explain_loglik", None)
         r.setdefault("explain_loglik_total", None)
         r.setdefault("explain_answer_gain", None)
-    select(kept, ec.select)  # per problem: a shard holds whole problems
+    select(kept, config.explain.select)  # per problem: a shard holds whole problems
     meta = {"sampled": len(rows)}
     shard_plan.write(i, to_table(kept, "explanations", str(shard_plan.path(i))), meta)
     return meta

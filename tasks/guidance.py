@@ -1,15 +1,15 @@
 """What the guidance stages (`explain`, `hint`) share: their store key, the
-current policy's plain rollouts grouped by problem, the sampling parameters of
-a guided pass, and the "unlocked" counts of their summaries."""
+current policy's plain rollouts grouped by problem, the sampling of a shard of
+guided prompts, and the "unlocked" counts of their summaries."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
 from tasks.config import Config
-from tasks.generation import SamplingParams
-from tasks.prompts import load_template
-from tasks.rollouts import policy_id_for
+from tasks.generation import GenerationBackend, SamplingParams
+from tasks.prompts import fill, load_template
+from tasks.rollouts import chat_tokenizer, policy_id_for, render, sample_rows, shared_backend
 from tasks.store import StageOutput, sha256_bytes, stage_key
 
 
@@ -54,6 +54,26 @@ def sampling_params(section, config: Config, shard: int = 0) -> SamplingParams:
         max_new_tokens=section.max_new_tokens or rc.max_new_tokens,
         seed=section.seed + shard,
     )
+
+
+#: the template placeholder that shows a guidance stage's `guidance` (the answer, the hint)
+PLACEHOLDER = {"explain": "answer", "hint": "hint"}
+
+
+def sample_guided(stage: str, section, config: Config, items: list[dict], shard: int) -> tuple[GenerationBackend, list[dict], SamplingParams]:
+    """Sample a shard of guided prompts. Each item: `problem`, `guidance` (shown through
+    the stage's template) and `loss_prompt` (the original prompt, for the loss side).
+    Returns the backend, the checked rollout rows and the sampling parameters."""
+    backend = shared_backend(config)
+    tokenizer = chat_tokenizer(config, backend)
+    template = load_template(config.template_path(stage))
+    problems = [it["problem"] for it in items]
+    prompts = [render(tokenizer, fill(template, it["problem"]["question"], **{PLACEHOLDER[stage]: it["guidance"]})) for it in items]
+    params = sampling_params(section, config, shard)
+    samples = backend.generate(prompts, params)
+    rows = sample_rows(problems, samples, prompts, backend.policy_id, prompt_kind=stage,
+                       guidance=[it["guidance"] for it in items], loss_prompts=[it["loss_prompt"] for it in items])
+    return backend, rows, params
 
 
 def unlocked_summary(stuck: list[str], unlocked: list[str], levels: dict[str, str | None]) -> dict:

@@ -32,8 +32,7 @@ import pyarrow as pa
 from tasks import guidance
 from tasks.answers import steps_correct
 from tasks.config import Config
-from tasks.prompts import fill, load_template
-from tasks.rollouts import add_loss_logprobs, chat_tokenizer, render, sample_rows, shared_backend
+from tasks.rollouts import add_loss_logprobs
 from tasks.schemas import to_table
 from tasks.shards import ShardPlan, make_plan, run_stage
 from tasks.store import Store, StageOutput
@@ -93,7 +92,7 @@ def plan(config: Config, store: Store, upstream: dict[str, StageOutput]) -> Shar
     for pid in stuck:
         built = build_hint(by_problem[pid], config.hint.max_wrong_answers)
         if built is not None:
-            items.append({"problem": problems[pid], "hint": built[0], "loss_prompt": by_problem[pid][0]["loss_prompt"]})
+            items.append({"problem": problems[pid], "guidance": built[0], "loss_prompt": by_problem[pid][0]["loss_prompt"]})
             kinds[built[1]] += 1
     context = {"stuck": stuck, "levels": {pid: problems[pid]["level"] for pid in stuck}, "hint_kinds": dict(sorted(kinds.items()))}
     return make_plan(STAGE, store, key_for(config, upstream), items, config.hint.shard_size, context)
@@ -101,16 +100,8 @@ def plan(config: Config, store: Store, upstream: dict[str, StageOutput]) -> Shar
 
 def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
     """Sample shard ``i``'s problems with their hints, keep the verified samples, and write them."""
-    hc, items = config.hint, shard_plan.shards[i]
-    backend = shared_backend(config)
-    tokenizer = chat_tokenizer(config, backend)
-    template = load_template(config.template_path("hint"))
-    target_problems = [it["problem"] for it in items]
-    hinted = [render(tokenizer, fill(template, it["problem"]["question"], hint=it["hint"])) for it in items]
-    params = guidance.sampling_params(hc, config, i)
-    samples = backend.generate(hinted, params)
-    rows = sample_rows(target_problems, samples, hinted, backend.policy_id, prompt_kind="hint",
-                       guidance=[it["hint"] for it in items], loss_prompts=[it["loss_prompt"] for it in items])
+    hc = config.hint
+    backend, rows, params = guidance.sample_guided(STAGE, hc, config, shard_plan.shards[i], i)
     kept, leaks = [], 0
     for r in rows:
         if not r["correct"]:
