@@ -199,21 +199,21 @@ def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
     from tasks.runs import RunRecord
 
     config = parse_config(raw, base_dir=base_dir)
-    ws = Path(workspace or config.resolve(config.workspace)).resolve()
+    ws = config.workspace_dir(workspace)
     to_run, todo = select_stages(stages)
     record = RunRecord.create(ws, command, raw, str(base_dir.resolve()), to_run, rerun_of=rerun_of)
     console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
     try:
-        results = pipeline(raw_config=raw, base_dir=str(base_dir.resolve()), workspace=str(ws), stages=to_run,
-                           force=force, run_record=str(record.path))
+        with record.running():
+            results = pipeline(raw_config=raw, base_dir=str(base_dir.resolve()), workspace=str(ws), stages=to_run,
+                               force=force, run_record=str(record.path))
     except BaseException as exc:
-        fresh = record.close(exc)
         if isinstance(exc, KeyboardInterrupt):
             raise
-        stage = fresh.data.get("failed_stage")
+        closed = RunRecord.open(record.path)
+        stage = closed.data.get("failed_stage")
         hint = f" — after fixing the cause: guidedrl rerun {record.run_id} --stage {stage} --downstream --workspace {ws}" if stage else ""
-        _fail(f"run {record.run_id} failed: {fresh.data['error']}{hint}")
-    record.close()
+        _fail(f"run {record.run_id} failed: {closed.data['error']}{hint}")
     _print_results(results, todo)
     console.print(f"run {record.run_id} completed; report: {record.dir / 'report.html'}")
 
@@ -226,7 +226,7 @@ def _dry_run(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
     from tasks.store import Store
 
     config = parse_config(raw, base_dir=base_dir)
-    ws = Path(workspace or config.resolve(config.workspace)).resolve()
+    ws = config.workspace_dir(workspace)
     to_run, _ = select_stages(stages)
     judged = [s for s in to_run if hasattr(STAGE_MODULES[s], "dry_run")]
     if not judged:
@@ -435,20 +435,19 @@ def online(
     try:
         raw = apply_overrides(read_yaml(config), set_)
         cfg = parse_config(raw, base_dir=Path.cwd())
-        ws = Path(workspace or cfg.resolve(cfg.workspace)).resolve()
+        ws = cfg.workspace_dir(workspace)
         record = RunRecord.create(ws, "online", raw, str(Path.cwd().resolve()), [])
         console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
     except _user_errors() as exc:
         _fail(str(exc))
     try:
-        history = online_flow(raw_config=raw, base_dir=str(Path.cwd().resolve()), workspace=str(ws), rounds=rounds,
-                              run_record=str(record.path))
+        with record.running():
+            history = online_flow(raw_config=raw, base_dir=str(Path.cwd().resolve()), workspace=str(ws), rounds=rounds,
+                                  run_record=str(record.path))
     except BaseException as exc:
-        fresh = record.close(exc)
         if isinstance(exc, KeyboardInterrupt):
             raise
-        _fail(f"run {record.run_id} failed: {fresh.data['error']} — `guidedrl online` again resumes where it stopped")
-    record.close()
+        _fail(f"run {record.run_id} failed: {RunRecord.open(record.path).data['error']} — `guidedrl online` again resumes where it stopped")
     table = Table(title="online GRPO: eval split after each round (pass@1 / pass@n)")
     table.add_column("round")
     table.add_column("stages computed / reused")

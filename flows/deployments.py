@@ -32,15 +32,11 @@ def _run(config_path: str, base_dir: str | None, workspace: str | None, stages: 
     base = str(Path(base_dir or path.parent).resolve())
     raw = read_yaml(path)
     config = parse_config(raw, where=str(path), base_dir=Path(base))
-    ws = Path(workspace or config.resolve(config.workspace)).resolve()
+    ws = config.workspace_dir(workspace)
     to_run, _ = select_stages(stages)
     record = RunRecord.create(ws, command, raw, base, to_run)
-    try:
+    with record.running():
         results = pipeline(raw_config=raw, base_dir=base, workspace=str(ws), stages=to_run, run_record=str(record.path))
-    except BaseException as exc:
-        record.close(exc)
-        raise
-    record.close()
     get_run_logger().info("run %s completed; report %s", record.run_id, record.dir / "report.html")
     return {"run_id": record.run_id, "outputs": {s: r["path"] for s, r in results.items()}}
 

@@ -339,6 +339,10 @@ class Config(_Strict):
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self._base_dir / p)
 
+    def workspace_dir(self, override: str | Path | None = None) -> Path:
+        """The workspace a run uses: ``override`` (``--workspace``) or the config's `workspace`, absolute."""
+        return Path(override or self.resolve(self.workspace)).resolve()
+
     def stage_config(self, stage: str) -> dict:
         """The part of the config a stage's output depends on (it enters the store key).
 

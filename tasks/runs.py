@@ -11,6 +11,7 @@ after every change, so a killed run leaves a record that says how far it got.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -19,6 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from tasks.store import _now
 
@@ -116,6 +118,17 @@ class RunRecord:
         fresh.finish("completed" if exc is None else "failed", error=None if exc is None else one_line(exc))
         write_report(fresh)
         return fresh
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["RunRecord"]:
+        """Close the record when the block ends: completed, or failed with the block's
+        error in one line (the error goes on up)."""
+        try:
+            yield self
+        except BaseException as exc:
+            self.close(exc)
+            raise
+        self.close()
 
     def outputs(self) -> list[str]:
         """The store paths of the stage outputs this run used or made."""
