@@ -20,9 +20,9 @@ from prefect import task
 from prefect.futures import wait
 from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 
-from tasks import curate, dpo, evaluate, explain, filter as filter_stage, grade, grpo, hint, materialize, rollouts, rubric
+from tasks import curate, dpo, evaluate, explain, filter as filter_stage, grade, grpo, hint, materialize, rollouts, rubric, shards
 from tasks.config import UPSTREAM, Config, parse_config
-from tasks.shards import ShardPlan, release_backends
+from tasks.shards import ShardPlan
 from tasks.store import StageOutput, Store
 
 log = logging.getLogger("guidedrl.stages")
@@ -144,33 +144,25 @@ def task_runner_for(config: Config):
 
 def run_sharded_stage(stage: str, config: Config, raw_config: dict, base_dir: str, workspace: str, upstream: dict[str, str],
                       force: bool = False) -> dict:
-    """A sharded stage inside a flow: its unfinished shards fan out as `shard` tasks on
-    the configured task runner, then the shards become the stage output. Shards
-    finished by an earlier (killed) run are not redone."""
-    module = SHARDED[stage]
-    store, up = Store(workspace), load_upstream(upstream)
-    key = module.key_for(config, up)[0]
-    with store.lock(stage, key):  # a concurrent run of the same output waits, then reuses it
-        existing = store.reusable(stage, key, force)
-        if existing is None:
-            shard_plan = module.plan(config, store, up)
-            todo = shard_plan.todo()
-            shard = run_shard.with_options(retries=config.prefect.retries_for(stage), retry_delay_seconds=config.prefect.retry_delay_seconds)
-            try:
-                with task_runner_for(config) as runner:
-                    futures = [runner.submit(shard.with_options(task_run_name=f"{stage}-shard-{i:05d}"),
-                                             parameters={"stage": stage, "raw_config": raw_config, "base_dir": base_dir,
-                                                         "shard_plan": shard_plan.for_shard(i), "index": i})
-                               for i in todo]
-                    wait(futures)  # every shard ends (done or failed after its retries) before a failure ends the stage
-                    done = [f.result() for f in futures]  # raises the first failed shard's error
-            finally:
-                release_backends()
-            out = module.assemble(store, shard_plan, force)
-            workers = sorted({d["worker"] for d in done})
-            log.info("%s: %d of %d shards as tasks on %s (%d worker process%s)", stage, len(todo), len(shard_plan.shards),
-                     config.prefect.task_runner, len(workers), "" if len(workers) == 1 else "es")
-        else:
-            out, workers = existing, []
-    return {"stage": stage, "key": out.key, "path": str(out.path), "reused": existing is not None,
+    """A sharded stage inside a flow (``tasks.shards.run_stage``): its unfinished shards
+    fan out as `shard` tasks on the configured task runner, then the shards become
+    the stage output. Shards finished by an earlier (killed) run are not redone."""
+    module, workers = SHARDED[stage], []
+
+    def fan_out(shard_plan: ShardPlan) -> None:
+        todo = shard_plan.todo()
+        shard = run_shard.with_options(retries=config.prefect.retries_for(stage), retry_delay_seconds=config.prefect.retry_delay_seconds)
+        with task_runner_for(config) as runner:
+            futures = [runner.submit(shard.with_options(task_run_name=f"{stage}-shard-{i:05d}"),
+                                     parameters={"stage": stage, "raw_config": raw_config, "base_dir": base_dir,
+                                                 "shard_plan": shard_plan.for_shard(i), "index": i})
+                       for i in todo]
+            wait(futures)  # every shard ends (done or failed after its retries) before a failure ends the stage
+            done = [f.result() for f in futures]  # raises the first failed shard's error
+        workers.extend(sorted({d["worker"] for d in done}))
+        log.info("%s: %d of %d shards as tasks on %s (%d worker process%s)", stage, len(todo), len(shard_plan.shards),
+                 config.prefect.task_runner, len(workers), "" if len(workers) == 1 else "es")
+
+    out, reused = shards.run_stage(module, config, Store(workspace), load_upstream(upstream), force, run_shards=fan_out)
+    return {"stage": stage, "key": out.key, "path": str(out.path), "reused": reused,
             "datasets": out.manifest.get("datasets", {}), "summary": out.summary, "shard_workers": workers}

@@ -32,7 +32,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -132,10 +132,11 @@ def make_plan(stage: str, store: Store, key_info: tuple[str, dict, dict], items:
 
 
 def run_stage(module: ModuleType, config, store: Store, upstream: dict[str, StageOutput], force: bool = False,
-              describe: str | None = None) -> tuple[StageOutput, bool]:
-    """A sharded stage in this process, shard after shard (finished shards are not
-    redone). Holds the store's lock on the output: a concurrent run of the same
-    output waits and reuses it."""
+              describe: str | None = None, run_shards: Callable[[ShardPlan], None] | None = None) -> tuple[StageOutput, bool]:
+    """A sharded stage: its unfinished shards done by ``run_shards`` (default: one
+    after another in this process, with a progress bar; a flow fans them out as
+    Prefect tasks), then assembled. Finished shards are not redone. Holds the
+    store's lock on the output: a concurrent run of the same output waits and reuses it."""
     key = module.key_for(config, upstream)[0]
     with store.lock(module.STAGE, key):
         existing = store.reusable(module.STAGE, key, force)
@@ -144,11 +145,15 @@ def run_stage(module: ModuleType, config, store: Store, upstream: dict[str, Stag
         shard_plan = module.plan(config, store, upstream)
         if shard_plan.done():
             log.info("%s: resuming at shard %d of %d (%s)", module.STAGE, shard_plan.done(), len(shard_plan.shards), shard_plan.work)
-        items = sum(map(len, shard_plan.shards))
-        try:
+
+        def in_turn(shard_plan: ShardPlan) -> None:
+            items = sum(map(len, shard_plan.shards))
             for i in progress.track(range(len(shard_plan.shards)), describe or f"{module.STAGE}: {items} in {len(shard_plan.shards)} shards"):
                 if not shard_plan.finished(i):
                     module.run_shard(config, shard_plan, i)
+
+        try:
+            (run_shards or in_turn)(shard_plan)
         finally:
             release_backends()
         return module.assemble(store, shard_plan, force), False
