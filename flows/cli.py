@@ -192,15 +192,20 @@ def _print_results(results: dict, todo: list[str]) -> None:
 
 
 def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]], command: str = "run",
-             force: Optional[list[str]] = None, rerun_of: Optional[str] = None) -> None:
-    """Run the pipeline flow with a run record; a failure ends in one line that names the stage and the fix."""
-    from flows.pipeline import pipeline, select_stages
+             force: Optional[list[str]] = None, rerun_of: Optional[str] = None, present: Optional[list[str]] = None) -> None:
+    """Run the pipeline flow with a run record; a failure ends in one line that names the stage and the fix.
+
+    ``present``: the stages of the run being re-run (an optional upstream stage such as
+    dpo for eval comes along when it ran); default: those whose output is in the store."""
+    from flows.pipeline import pipeline, select_stages, stored_optional
     from tasks.config import parse_config
     from tasks.runs import RunRecord
 
     config = parse_config(raw, base_dir=base_dir)
     ws = config.workspace_dir(workspace)
-    to_run, todo = select_stages(stages)
+    if present is None:
+        present = stored_optional(stages, config, str(ws))
+    to_run, todo = select_stages(stages, present)
     record = RunRecord.create(ws, command, raw, str(base_dir.resolve()), to_run, rerun_of=rerun_of)
     console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
     try:
@@ -394,8 +399,8 @@ def rerun(
             raise ValueError(f"run {run_id} did not run stage {stage!r}; it ran: {', '.join(requested)}")
         again = [stage] + (downstream_of(stage, requested) if downstream else [])
         console.print(f"rerun of {run_id}: running {', '.join(again)} again; other stages come from the store")
-        _execute(r.data["config"], Path(r.data["base_dir"]), Path(r.data["workspace"]), again, command="rerun",
-                 force=again, rerun_of=run_id)
+        _execute(r.data["config"], Path(r.data["base_dir"]), workspace, again, command="rerun",
+                 force=again, rerun_of=run_id, present=requested)
     except _user_errors() as exc:
         _fail(str(exc))
 

@@ -13,18 +13,52 @@ from tasks.config import IMPLEMENTED_STAGES, OPTIONAL_UPSTREAM, STAGES, UPSTREAM
 from tasks.runs import RunRecord
 
 
-def select_stages(requested: list[str] | None) -> tuple[list[str], list[str]]:
-    """(stages to run with their upstream stages, requested stages still to come), in pipeline order."""
+def upstream_closure(stages, with_optional=()) -> set[str]:
+    """``stages`` and every stage they read, transitively: required upstream always,
+    optional upstream (eval reads dpo, grpo) only when it is in ``with_optional``."""
+    wanted, todo = set(), list(stages)
+    while todo:
+        s = todo.pop()
+        if s in wanted:
+            continue
+        wanted.add(s)
+        todo.extend(UPSTREAM[s])
+        todo.extend(u for u in OPTIONAL_UPSTREAM.get(s, ()) if u in with_optional)
+    return wanted
+
+
+def select_stages(requested: list[str] | None, present=()) -> tuple[list[str], list[str]]:
+    """(stages to run with all their upstream stages, requested stages still to come), in pipeline order.
+
+    A stage brings along what it reads, transitively. An optional upstream stage
+    (eval measures the dpo and grpo checkpoints) comes along when it is requested
+    too or is in ``present``: it ran in the run being re-run, or its output for
+    this config is in the store (``stored_optional``). Resolving a resolved list
+    gives the same list."""
     requested = list(requested or STAGES)
     unknown = [s for s in requested if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
     wanted = {s for s in requested if s in IMPLEMENTED_STAGES}
-    for s in list(wanted):
-        wanted.update(UPSTREAM[s])
+    wanted = upstream_closure(wanted, with_optional={*wanted, *present})
     run = [s for s in STAGES if s in wanted]
     todo = [s for s in STAGES if s in requested and s not in IMPLEMENTED_STAGES]
     return run, todo
+
+
+def stored_optional(requested: list[str] | None, config, workspace: str) -> set[str]:
+    """The optional upstream stages of ``requested`` whose output for this config is
+    already in the store (with everything they read): they ran, so a stage that
+    reads them when they ran (eval) reads them again."""
+    from flows.stages import stored_outputs
+
+    wanted = upstream_closure(requested or STAGES)
+    present = set()
+    for opt in sorted({u for s in wanted for u in OPTIONAL_UPSTREAM.get(s, ())} - wanted):
+        chain = [s for s in STAGES if s in upstream_closure([opt])]
+        if stored_outputs(config, workspace, chain)[1] is None:
+            present.add(opt)
+    return present
 
 
 @flow(name="guidedrl-run")

@@ -85,22 +85,34 @@ def prefect_server():
     log.close()
 
 
+def _cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("guidedrl")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
+    proc = subprocess.run(
+        cmd + list(args), cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"guidedrl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 @pytest.fixture
 def cli(prefect_server):
     """Run the `guidedrl` console script in a subprocess against the session server."""
+    return _cli
 
-    def run(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-        exe = Path(sys.executable).with_name("guidedrl")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
-        proc = subprocess.run(
-            cmd + list(args), cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
-            env={**os.environ, "COLUMNS": "200"},
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"guidedrl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        return proc
 
-    return run
+@pytest.fixture(scope="session")
+def finished_quickstart(prefect_server, tmp_path_factory):
+    """`guidedrl quickstart` run once per test session: its workspace, run id and output.
+    Tests that change the workspace work on a copy."""
+    from tasks.runs import list_runs
+
+    cwd = tmp_path_factory.mktemp("quickstart")
+    proc = _cli("quickstart", "--workspace", str(cwd / "ws"), cwd=cwd, timeout=900)
+    [record] = list_runs(cwd / "ws")
+    return {"workspace": cwd / "ws", "run_id": record.run_id, "stdout": proc.stdout, "cwd": cwd}
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

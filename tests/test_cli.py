@@ -117,23 +117,23 @@ def test_help_explains_commands(cli):
     assert "--set" in cli("run", "--help").stdout
 
 
-def test_quickstart_runs_and_names_the_stages_still_to_come(tmp_path, cli):
-    r = cli("quickstart", "--workspace", str(tmp_path / "ws"), cwd=tmp_path, timeout=900)
+def test_quickstart_runs_and_names_the_stages_still_to_come(finished_quickstart, cli):
+    ws, stdout = finished_quickstart["workspace"], finished_quickstart["stdout"]
     for stage in ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "grpo", "eval"):
-        assert any(p for p in (tmp_path / "ws" / "store" / stage).iterdir() if not p.name.startswith("."))
-    assert "pass rates of the policy's rollouts" in r.stdout and "pass@8" in r.stdout
-    assert "Every stage of the pipeline ran (none is still to come)." in r.stdout.replace("\n", " ")
-    assert "before/after training" in r.stdout and "dpo  pass@1 / pass@8" in r.stdout and "grpo  pass@1" in r.stdout
-    assert "online GRPO round:" in r.stdout
-    assert "ExPO explained" in r.stdout and "LTE unlocked" in r.stdout
-    assert "judge: rule, process mode" in r.stdout and "parse rate" in r.stdout
+        assert any(p for p in (ws / "store" / stage).iterdir() if not p.name.startswith("."))
+    assert "pass rates of the policy's rollouts" in stdout and "pass@8" in stdout
+    assert "Every stage of the pipeline ran (none is still to come)." in stdout.replace("\n", " ")
+    assert "before/after training" in stdout and "dpo  pass@1 / pass@8" in stdout and "grpo  pass@1" in stdout
+    assert "online GRPO round:" in stdout
+    assert "ExPO explained" in stdout and "LTE unlocked" in stdout
+    assert "judge: rule, process mode" in stdout and "parse rate" in stdout
 
     # the LLM judge's dry run counts what grading would send, sends nothing
     from tests.openai_server import OpenAIServer
 
     with OpenAIServer() as srv:
         cfg = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
-        args = ("run", cfg, "--workspace", str(tmp_path / "ws"), "--stages", "grade", "--dry-run",
+        args = ("run", cfg, "--workspace", str(ws), "--stages", "grade", "--dry-run",
                 "--set", "judge.backend=openai", "--set", f"judge.base_url={srv.base_url}", "--set", "judge.model=m")
         d = " ".join(cli(*args, "--set", "judge.max_requests=100").stdout.split())
         assert re.search(r"grade: would send 1920 requests to http://127\.0\.0\.1:\d+/v1 \(m\) \(0 answers already cached\), "
