@@ -7,7 +7,7 @@ On the quickstart's problems and rollouts (the tiny policy, 8 samples per
 problem), two stages: `explain` (generation: 8 explanations for each stuck
 problem, shards of 32 problems, as in the quickstart) and `grade` with the rule
 judge (almost no work per trace, shards of 64 traces: Prefect's cost laid bare).
-Baseline: `tasks.shards.run_stage` (shard after shard, no Prefect). Fan-out:
+Baseline: `Stage.run` (shard after shard, no Prefect). Fan-out:
 `flows.stages.run_sharded_stage` inside a Prefect flow on the thread runner
 with one worker, so the difference is Prefect's per-task bookkeeping, not
 parallelism. Both recompute the output (force); best of `--repeats`. Prints
@@ -40,11 +40,12 @@ def main() -> None:
     from prefect import flow
 
     from flows.stages import load_upstream, run_sharded_stage
-    from flows.stages import SHARDED
-    from tasks import curate, rollouts, rubric
-    from tasks.config import read_yaml, parse_config
-    from tasks.shards import run_stage
-    from tasks.store import Store
+    from tasks.core.config import read_yaml
+    from tasks.core.stage import Job
+    from tasks.core.store import Store
+    from tasks.registry import REGISTRY, parse_config
+    from tasks.stages import curate, rollouts, rubric
+    from tasks.stages import filter as filter_stage
 
     raw = read_yaml(ROOT / "configs" / "quickstart.yaml")
     raw["rollouts"]["max_problems"] = args.problems
@@ -54,27 +55,30 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as ws:
         store = Store(ws)
-        cur, _ = curate.run(config, store)
-        roll, _ = rollouts.run(config, store, {"curate": cur})
-        rub, _ = rubric.run(config, store, {"curate": cur, "rollouts": roll})
-        upstream = {"curate": cur, "rollouts": roll, "rubric": rub}
+        cur, _ = curate.STAGE.run(config, store)
+        roll, _ = rollouts.STAGE.run(config, store, {"curate": cur})
+        rub, _ = rubric.STAGE.run(config, store, {"curate": cur, "rollouts": roll})
+        fil, _ = filter_stage.STAGE.run(config, store, {"curate": cur, "rollouts": roll})
+        upstream = {"curate": cur, "rollouts": roll, "rubric": rub, "filter": fil}
         paths = {s: str(o.path) for s, o in upstream.items()}
 
         @flow(name="bench-fanout")
         def timed(stage: str, repeats: int) -> tuple[float, float, int]:
-            module, seq, fan = SHARDED[stage], [], []
+            stage_def, seq, fan = REGISTRY[stage], [], []
+
             def sequential():
-                run_stage(module, config, store, load_upstream(paths), force=True)
+                stage_def.run(config, store, {u: load_upstream(paths)[u] for u in stage_def.upstream}, force=True)
 
             def fanned_out():
-                run_sharded_stage(stage, config, raw, str(ROOT), ws, paths, force=True)
+                run_sharded_stage(stage, config, raw, str(ROOT), ws, {u: paths[u] for u in stage_def.upstream}, force=True)
 
             for r in range(repeats):  # alternate which goes first: this machine's speed drifts
                 for fn, times in ([(sequential, seq), (fanned_out, fan)] if r % 2 == 0 else [(fanned_out, fan), (sequential, seq)]):
                     t0 = time.perf_counter()
                     fn()
                     times.append(time.perf_counter() - t0)
-            shards = len(module.plan(config, store, load_upstream(paths)).shards)
+            up = {u: load_upstream(paths)[u] for u in stage_def.upstream}
+            shards = len(stage_def.impl.plan(Job(stage_def, config, store, up, *stage_def.key_for(config, up))).shards)
             return min(seq), min(fan), shards
 
         results = {stage: timed(stage, args.repeats) for stage in ("explain", "grade")}

@@ -32,8 +32,8 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.5, help="server-side seconds per answer")
     args = ap.parse_args()
 
-    from tasks import judge
-    from tasks.curate import chain_sum_reference
+    from tasks.models import judge
+    from tasks.stages.curate import chain_sum_reference
 
     server = subprocess.Popen([sys.executable, "-m", "tests.openai_server", "--delay", str(args.delay)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)

@@ -43,7 +43,6 @@ METHODS = {
     "lte": {"materialize": {"include_explanations": False, "lte_replace": True, "reward": "verify"}},
     "exprl": {"materialize": {"include_explanations": False, "lte_replace": False, "reward": "judge"}},
 }
-ROUND_STAGES = ["curate", "rollouts", "explain", "hint", "rubric", "grade", "materialize", "grpo", "eval"]
 
 
 def base_config(train_per_level: int, eval_per_level: int, samples: int, eval_samples: int, seed: int,
@@ -77,9 +76,8 @@ def method_config(raw: dict, method: str, samples: int) -> dict:
 
 def run_method(method: str, raw: dict, rounds: int, workspace: Path) -> list[dict]:
     from flows.online import round_config
-    from flows.stages import STAGE_MODULES
-    from tasks.config import OPTIONAL_UPSTREAM, UPSTREAM, parse_config
-    from tasks.store import Store
+    from tasks.core.store import Store
+    from tasks.registry import REGISTRY, parse_config, round_stages, select_stages, upstream_of
 
     store = Store(workspace)
     policy, rows, spent = None, [], 0
@@ -87,10 +85,8 @@ def run_method(method: str, raw: dict, rounds: int, workspace: Path) -> list[dic
         config = parse_config(round_config(raw, policy, r), where=f"{method} round {r}", base_dir=ROOT)
         outs = {}
         t0 = time.time()
-        for stage in ROUND_STAGES:
-            up = {u: outs[u] for u in UPSTREAM[stage]}
-            up.update({u: outs[u] for u in OPTIONAL_UPSTREAM.get(stage, ()) if u in outs})
-            outs[stage], _ = STAGE_MODULES[stage].run(config, store, up)
+        for stage in select_stages(round_stages()):  # the online round, with curate it reads
+            outs[stage], _ = REGISTRY[stage].run(config, store, upstream_of(stage, outs))
         spent += outs["rollouts"].summary["samples"]
         if method == "expo":
             spent += outs["explain"].summary["sampled"]

@@ -36,10 +36,10 @@ def main() -> None:
     import reasoning_gym
     import torch
 
-    from tasks.generation import SamplingParams, TransformersBackend
-    from tasks.prompts import chat, fill, load_template
-    from tasks.rollouts import sample_rows
-    from tasks.schemas import to_table
+    from tasks.core.schemas import to_table
+    from tasks.models.generation import SamplingParams, TransformersBackend
+    from tasks.models.prompts import chat, fill, load_template
+    from tasks.stages.rollouts import sample_rows
 
     backend = TransformersBackend(args.model, batch_size=args.batch_size)
     tok, model = backend.tokenizer, backend.model

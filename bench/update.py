@@ -5,7 +5,7 @@ forward/backward loop on the same batches, in one run.
 
 Rows: a GRPO dataset of plain, hinted (guided) and explanation samples of the
 tiny policy's chain sums (completion tokens sampled by the policy). Ours:
-`tasks.grpo.train_update` (batching, the three loss pieces, clipping, AdamW).
+`tasks.stages.grpo.train_update` (batching, the three loss pieces, clipping, AdamW).
 Baseline: the same batches pre-built as tensors, `model(...)`, log-softmax of
 the completion tokens, a summed loss, backward, clip and AdamW — the least an
 update must do. Prints completion tokens/s of each and the ratio (goal >= 0.8).
@@ -36,10 +36,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.config import GRPOTrainConfig
-    from tasks.generation import SamplingParams, TransformersBackend
-    from tasks.grpo import completion_logps, make_batch, train_update
-    from tasks.prompts import chat, fill, load_template
+    from tasks.models.generation import SamplingParams, TransformersBackend
+    from tasks.models.prompts import chat, fill, load_template
+    from tasks.stages.grpo import GRPOTrainConfig, completion_logps, make_batch, train_update
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)

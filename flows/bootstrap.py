@@ -3,7 +3,7 @@
     guidedrl bootstrap [--out data/models/tiny-policy] [--seed 0] [--steps N]
 
 The checkpoint committed under data/models/tiny-policy was made by this flow
-with the defaults of tasks.policy.TinyPolicyConfig; the same seed reproduces it.
+with the defaults of tasks.models.tiny_policy.TinyPolicyConfig; the same seed reproduces it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from tasks.generation import TransformersBackend
-from tasks.policy import TinyPolicyConfig, evaluate_policy, train_tiny_policy
+from tasks.models.generation import TransformersBackend
+from tasks.models.tiny_policy import TinyPolicyConfig, evaluate_policy, train_tiny_policy
 
 
 @task(name="train-tiny-policy", cache_policy=None)

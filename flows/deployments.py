@@ -19,21 +19,24 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DATA_STAGES = ["curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize"]
+#: the nightly job: everything up to the training datasets (materialize brings what it reads along)
+DATA_STAGES = ["materialize"]
+#: on demand: the training stages and eval (their data stages come from the store)
 TRAINING_STAGES = ["dpo", "grpo", "eval"]
 
 
 def _run(config_path: str, base_dir: str | None, workspace: str | None, stages: list[str], command: str) -> dict:
-    from flows.pipeline import pipeline, select_stages
-    from tasks.config import parse_config, read_yaml
-    from tasks.runs import RunRecord
+    from flows.pipeline import pipeline
+    from tasks.core.config import read_yaml
+    from tasks.registry import parse_config, select_stages
+    from tasks.report.runs import RunRecord
 
     path = Path(config_path).resolve()
     base = str(Path(base_dir or path.parent).resolve())
     raw = read_yaml(path)
     config = parse_config(raw, where=str(path), base_dir=Path(base))
     ws = config.workspace_dir(workspace)
-    to_run, _ = select_stages(stages)
+    to_run = select_stages(stages)
     record = RunRecord.create(ws, command, raw, base, to_run)
     with record.running():
         results = pipeline(raw_config=raw, base_dir=base, workspace=str(ws), stages=to_run, run_record=str(record.path))

@@ -1,7 +1,8 @@
 """The `guidedrl online` flow: rounds of sample → guide → grade → update.
 
-Each round is a Prefect subflow (the `guidedrl-run` flow) over the stages
-rollouts → explain, hint → rubric, grade → materialize → grpo → eval, with
+Each round is a Prefect subflow (the `guidedrl-run` flow) over the stages the
+registry marks as online (rollouts → filter → explain, hint → rubric, grade →
+materialize → grpo → eval; tasks/registry.py: `round_stages`), with
 `policy.model` set to the checkpoint the previous round's `grpo` stage wrote
 (round 1 starts from the configured policy). Every round's datasets and
 checkpoint are stage outputs in the store, keyed by what they are made of — so
@@ -16,9 +17,7 @@ import copy
 from prefect import flow, get_run_logger
 
 from flows.pipeline import pipeline
-from tasks.config import parse_config
-
-ROUND_STAGES = ["rollouts", "explain", "hint", "rubric", "grade", "materialize", "grpo", "eval"]
+from tasks.registry import parse_config, round_stages
 
 
 def round_config(raw_config: dict, policy: str | None, round_idx: int) -> dict:
@@ -42,7 +41,7 @@ def online(raw_config: dict, base_dir: str, workspace: str, rounds: int | None =
     for r in range(1, rounds + 1):
         raw = round_config(raw_config, policy, r)
         results = pipeline.with_options(name="guidedrl-round", flow_run_name=f"round-{r}")(
-            raw_config=raw, base_dir=base_dir, workspace=workspace, stages=ROUND_STAGES, run_record=run_record,
+            raw_config=raw, base_dir=base_dir, workspace=workspace, stages=round_stages(), run_record=run_record,
             record_prefix=f"round-{r}/")
         policy = results["grpo"]["path"] + "/checkpoint"
         history.append({"round": r, "policy": policy, "results": results})

@@ -1,9 +1,11 @@
-"""Each stage as a Prefect task: retries and caching declared here, logic in tasks/.
+"""Each stage as a Prefect task: retries and caching declared here, logic in tasks/stages.
 
-Cache keys come from the dataset store: a stage's key is the hash of (stage,
-stage config, input fingerprints, STAGE_VERSION), combined with the source of
-the task and of the stage module. DataFrames are never hashed: tasks receive
-the raw config and the paths of their upstream outputs only.
+Which stages exist, what they read and whether they are sharded comes from the
+registry (tasks/registry.py). Cache keys come from the dataset store: a stage's
+key is the hash of (stage, the stage's settings, input fingerprints, its version),
+combined with the source of the task and of the stage module. DataFrames are
+never hashed: tasks receive the raw config and the paths of their upstream
+outputs only.
 """
 
 from __future__ import annotations
@@ -17,20 +19,14 @@ from types import ModuleType
 from typing import Any, Optional
 
 from prefect import task
-from prefect.futures import wait
 from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
+from prefect.futures import wait
 
-from tasks import curate, dpo, evaluate, explain, filter as filter_stage, grade, grpo, hint, materialize, rollouts, rubric, shards
-from tasks.config import UPSTREAM, Config, parse_config
-from tasks.shards import ShardPlan
-from tasks.store import StageOutput, Store
+from tasks.core.shards import ShardPlan
+from tasks.core.store import StageOutput, Store
+from tasks.registry import REGISTRY, Config, parse_config
 
 log = logging.getLogger("guidedrl.stages")
-
-#: stage name -> module exposing STAGE, STAGE_VERSION, key_for(config, upstream), run(config, store, upstream, force)
-STAGE_MODULES: dict[str, ModuleType] = {"curate": curate, "rollouts": rollouts, "filter": filter_stage, "explain": explain, "hint": hint,
-                                     "rubric": rubric, "grade": grade, "materialize": materialize,
-                                     "dpo": dpo, "grpo": grpo, "eval": evaluate}
 
 
 def _config(raw_config: dict, base_dir: str) -> Config:
@@ -46,6 +42,12 @@ def _module_source_hash(module: ModuleType) -> str:
     return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()
 
 
+def _result(stage: str, out: StageOutput, reused: bool, **extra: Any) -> dict:
+    """What a stage task hands the flow (and the run record): where its output is and its summary."""
+    return {"stage": stage, "key": out.key, "path": str(out.path), "reused": reused,
+            "datasets": out.manifest.get("datasets", {}), "summary": out.summary, **extra}
+
+
 @dataclass
 class StoreCache(CachePolicy):
     """Prefect cache key = the stage's store key + the task's and stage module's source."""
@@ -53,28 +55,18 @@ class StoreCache(CachePolicy):
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs: Any) -> Optional[str]:
         if not task_ctx:
             return None
-        stage = inputs["stage"]
-        module = STAGE_MODULES[stage]
+        stage = REGISTRY[inputs["stage"]]
         config = _config(inputs["raw_config"], inputs["base_dir"])
-        key = module.key_for(config, load_upstream(inputs.get("upstream") or {}))[0]
+        key = stage.key_for(config, load_upstream(inputs.get("upstream") or {}))[0]
         source = TaskSource().compute_key(task_ctx, inputs, flow_parameters, **kwargs)
-        return hashlib.sha256(f"{stage}:{key}:{source}:{_module_source_hash(module)}".encode()).hexdigest()
+        return hashlib.sha256(f"{stage.name}:{key}:{source}:{_module_source_hash(stage.impl)}".encode()).hexdigest()
 
 
 @task(name="stage", cache_policy=StoreCache(), persist_result=True)
 def run_stage(stage: str, raw_config: dict, base_dir: str, workspace: str, upstream: dict[str, str], force: bool = False) -> dict:
     """Run one stage (or return its stored output) and describe the result."""
-    module = STAGE_MODULES[stage]
-    config = _config(raw_config, base_dir)
-    out, reused = module.run(config, Store(workspace), load_upstream(upstream), force=force)
-    return {
-        "stage": stage,
-        "key": out.key,
-        "path": str(out.path),
-        "reused": reused,
-        "datasets": out.manifest.get("datasets", {}),
-        "summary": out.summary,
-    }
+    out, reused = REGISTRY[stage].run(_config(raw_config, base_dir), Store(workspace), load_upstream(upstream), force=force)
+    return _result(stage, out, reused)
 
 
 def stage_task(stage: str, config: Config, workspace: str, upstream: dict[str, str], force: bool = False):
@@ -84,7 +76,7 @@ def stage_task(stage: str, config: Config, workspace: str, upstream: dict[str, s
     not in the store — deleted, or another workspace — so a cache hit never
     hands back a path that does not exist; ``force`` recomputes the stage.
     """
-    key = STAGE_MODULES[stage].key_for(config, load_upstream(upstream))[0]
+    key = REGISTRY[stage].key_for(config, load_upstream(upstream))[0]
     in_store = Store(workspace).get(stage, key) is not None
     return run_stage.with_options(
         name=stage,
@@ -96,23 +88,7 @@ def stage_task(stage: str, config: Config, workspace: str, upstream: dict[str, s
     )
 
 
-def stored_outputs(config: Config, workspace: str, stages: list[str]) -> tuple[dict[str, StageOutput], str | None]:
-    """The finished outputs of ``stages`` (in pipeline order) for this config,
-    looked up in the store without running anything; stops at the first stage
-    whose output is not there and returns its name."""
-    store, found = Store(workspace), {}
-    for stage in stages:
-        out = store.get(stage, STAGE_MODULES[stage].key_for(config, {u: found[u] for u in UPSTREAM[stage]})[0])
-        if out is None:
-            return found, stage
-        found[stage] = out
-    return found, None
-
-
 # --------------------------------------------------------------------------- shards as tasks
-
-#: stages whose work is cut into shards that can run as separate tasks (tasks/shards.py)
-SHARDED = {"rollouts": rollouts, "explain": explain, "hint": hint, "grade": grade}
 
 
 @task(name="shard", cache_policy=NO_CACHE)
@@ -123,7 +99,7 @@ def run_shard(stage: str, raw_config: dict, base_dir: str, shard_plan: ShardPlan
     import os
     import socket
 
-    module = SHARDED[stage]
+    module = REGISTRY[stage].impl
     meta = {} if shard_plan.finished(index) else module.run_shard(_config(raw_config, base_dir), shard_plan, index)
     return {**meta, "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
@@ -144,10 +120,10 @@ def task_runner_for(config: Config):
 
 def run_sharded_stage(stage: str, config: Config, raw_config: dict, base_dir: str, workspace: str, upstream: dict[str, str],
                       force: bool = False) -> dict:
-    """A sharded stage inside a flow (``tasks.shards.run_stage``): its unfinished shards
-    fan out as `shard` tasks on the configured task runner, then the shards become
-    the stage output. Shards finished by an earlier (killed) run are not redone."""
-    module, workers = SHARDED[stage], []
+    """A sharded stage inside a flow (``Stage.run`` with ``run_shards``): its unfinished
+    shards fan out as `shard` tasks on the configured task runner, then the shards
+    become the stage output. Shards finished by an earlier (killed) run are not redone."""
+    workers: list[str] = []
 
     def fan_out(shard_plan: ShardPlan) -> None:
         todo = shard_plan.todo()
@@ -163,6 +139,5 @@ def run_sharded_stage(stage: str, config: Config, raw_config: dict, base_dir: st
         log.info("%s: %d of %d shards as tasks on %s (%d worker process%s)", stage, len(todo), len(shard_plan.shards),
                  config.prefect.task_runner, len(workers), "" if len(workers) == 1 else "es")
 
-    out, reused = shards.run_stage(module, config, Store(workspace), load_upstream(upstream), force, run_shards=fan_out)
-    return {"stage": stage, "key": out.key, "path": str(out.path), "reused": reused,
-            "datasets": out.manifest.get("datasets", {}), "summary": out.summary, "shard_workers": workers}
+    out, reused = REGISTRY[stage].run(config, Store(workspace), load_upstream(upstream), force, run_shards=fan_out)
+    return _result(stage, out, reused, shard_workers=workers)

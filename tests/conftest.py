@@ -107,7 +107,7 @@ def cli(prefect_server):
 def finished_quickstart(prefect_server, tmp_path_factory):
     """`guidedrl quickstart` run once per test session: its workspace, run id and output.
     Tests that change the workspace work on a copy."""
-    from tasks.runs import list_runs
+    from tasks.report.runs import list_runs
 
     cwd = tmp_path_factory.mktemp("quickstart")
     proc = _cli("quickstart", "--workspace", str(cwd / "ws"), cwd=cwd, timeout=900)
@@ -127,7 +127,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 @pytest.fixture(scope="session")
 def random_checkpoint(tmp_path_factory):
     """A random (untrained) tiny Llama + character tokenizer saved to disk: fast to sample from."""
-    from tasks.policy import TinyPolicyConfig, build_model, build_tokenizer
+    from tasks.models.tiny_policy import TinyPolicyConfig, build_model, build_tokenizer
 
     path = tmp_path_factory.mktemp("random-policy")
     tok = build_tokenizer()

@@ -6,7 +6,7 @@ log-probabilities.
 
 ``/v1/chat/completions`` (the judge): it grades from the request itself — it
 reads the reference solution and the student's reasoning out of the prompt
-(the tags of tasks/prompts/judge_*.txt) and scores the reasoning against the
+(the tags of tasks/models/prompts/judge_*.txt) and scores the reasoning against the
 reference's intermediate results and answer, so a client that sends the wrong
 text gets the wrong scores. Rubric requests get the reference's lines as items.
 

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-import tasks.answers as answers
-from tasks.answers import check, last_boxed
+import tasks.models.answers as answers
+from tasks.models.answers import check, last_boxed
 
 
 def P(answer):

@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import yaml
-
 from conftest import write_jsonl
 
 
@@ -140,3 +139,18 @@ def test_quickstart_runs_and_names_the_stages_still_to_come(finished_quickstart,
                          r"about [\d,]+ prompt tokens and at most 1,966,080 completion tokens — over judge.max_requests = 100", d), d
         assert "rubric: 0 requests to send (judge.rubric is off" in d and "nothing was sent" in d
         assert srv.behaviour.requests == []
+
+
+def test_quickstart_rows_are_those_of_the_recorded_run(finished_quickstart):
+    """The quickstart's outputs, row for row, are the ones recorded in tests/quickstart_rows.json (made with
+    `python -m tests.golden WORKSPACE`): a refactoring must not change them. A change that does on purpose
+    re-makes the file and says why in its commit."""
+    import json
+
+    from tests.golden import row_digests
+
+    recorded = json.loads((Path(__file__).parent / "quickstart_rows.json").read_text())
+    now = row_digests(finished_quickstart["workspace"])
+    assert now.keys() == recorded.keys()
+    changed = {name: (recorded[name], now[name]) for name in now if now[name] != recorded[name]}
+    assert not changed, f"quickstart rows changed: {changed}"

@@ -1,6 +1,7 @@
 import pytest
 
-from tasks.config import ConfigError, apply_overrides, load_config, masked, parse_config
+from tasks.core.config import ConfigError, apply_overrides, masked
+from tasks.registry import load_config, parse_config
 
 BASE = {"problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 5}}]}}
 

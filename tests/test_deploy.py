@@ -9,13 +9,12 @@ from pathlib import Path
 
 import yaml
 
-from tasks.runs import list_runs
+from tasks.report.runs import list_runs
 
 
 async def _runs(deployment: str, state: str | None = None):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterState, \
-        FlowRunFilterStateType
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 
     async with get_client() as client:
         flow_filter = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[state]))) if state else None

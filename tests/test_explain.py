@@ -1,11 +1,12 @@
 import torch
 
-import tasks.rollouts as rollouts_mod
-from tasks import curate, explain
-from tasks.config import parse_config
-from tasks.explain import answer_text, explanation_body, select
-from tasks.generation import TransformersBackend
-from tasks.store import Store
+import tasks.stages.rollouts as rollouts_mod
+from tasks.core.store import Store
+from tasks.models.generation import TransformersBackend
+from tasks.registry import parse_config
+from tasks.stages import curate, explain
+from tasks.stages import filter as filter_stage
+from tasks.stages.explain import answer_text, explanation_body, select
 
 
 def _config(checkpoint, tmp_path, **explain_cfg):
@@ -20,15 +21,17 @@ def _config(checkpoint, tmp_path, **explain_cfg):
     }, base_dir=tmp_path)
 
 
-def _stage(config, ws, monkeypatch, explain_correct):
-    """curate -> rollouts -> explain with the random policy; the checker is replaced so
-    that plain samples are wrong and explanations are right when `explain_correct`."""
+def _stage(config, ws, monkeypatch, explain_correct, solved=()):
+    """curate -> rollouts -> filter -> explain with the random policy; the checker is replaced so
+    that plain samples are wrong (but those of the problems in `solved`) and explanations are
+    right when `explain_correct`."""
     store = Store(ws)
-    cur, _ = curate.run(config, store)
-    monkeypatch.setattr(rollouts_mod, "check", lambda t, p: ("0", False))
-    ro, _ = rollouts_mod.run(config, store, {"curate": cur})
+    cur, _ = curate.STAGE.run(config, store)
+    monkeypatch.setattr(rollouts_mod, "check", lambda t, p: ("0", p["problem_id"] in solved))
+    ro, _ = rollouts_mod.STAGE.run(config, store, {"curate": cur})
     monkeypatch.setattr(rollouts_mod, "check", lambda t, p: (p["answer"], explain_correct))
-    out, _ = explain.run(config, store, {"curate": cur, "rollouts": ro})
+    fil, _ = filter_stage.STAGE.run(config, store, {"curate": cur, "rollouts": ro})
+    out, _ = explain.STAGE.run(config, store, {"curate": cur, "rollouts": ro, "filter": fil})
     return cur, ro, out
 
 
@@ -89,3 +92,19 @@ def test_selection_rules():
     select(rows, "all")
     assert all(r["selected"] for r in rows)
     assert explanation_body("1 + 2 = 3\n\\boxed{3}") == "1 + 2 = 3\n"
+
+
+def test_explain_works_on_the_problems_filter_kept(tmp_path, random_checkpoint, monkeypatch):
+    """One concept, one place: "stuck" is filter's band, and explain follows it."""
+    config = _config(random_checkpoint, tmp_path)
+    ids = sorted(curate.STAGE.run(config, Store(tmp_path / "probe"))[0].read("problems").column("problem_id").to_pylist())
+    solved = {ids[0]}  # every plain sample of this problem is right: not stuck
+    _, _, out = _stage(config, tmp_path / "stuck", monkeypatch, explain_correct=True, solved=solved)
+    explained = {r["problem_id"] for r in out.read("explanations").to_pylist()}
+    assert explained == set(ids) - solved and out.summary["stuck_problems"] == len(ids) - 1
+
+    wide = _config(random_checkpoint, tmp_path)
+    wide.filter.max_pass_rate = 1.0  # filter keeps every problem, solved or not: explain explains them all
+    _, _, out = _stage(wide, tmp_path / "wide", monkeypatch, explain_correct=True, solved=solved)
+    assert {r["problem_id"] for r in out.read("explanations").to_pylist()} == set(ids)
+    assert out.summary["stuck_problems"] == len(ids)

@@ -2,7 +2,7 @@
 
 import pytest
 
-import tasks.curate as curate_mod
+import tasks.stages.curate as curate_mod
 from flows.pipeline import pipeline
 
 

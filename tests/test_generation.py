@@ -5,9 +5,9 @@ import types
 import pytest
 import torch
 
-from tasks.generation import BackendUnavailable, SamplingParams, TransformersBackend, VLLMBackend
-from tasks.policy import TinyPolicyConfig, build_model, build_tokenizer
-from tasks.prompts import chat
+from tasks.models.generation import BackendUnavailable, SamplingParams, TransformersBackend, VLLMBackend
+from tasks.models.prompts import chat
+from tasks.models.tiny_policy import TinyPolicyConfig, build_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tasks.config import GRPOTrainConfig, parse_config
-from tasks.grpo import (clipped_surrogate, completion_logps, kl_k3, make_batch, nll, sequence_mean, shaped_surrogate,
-                        train_update, update_loss)
-from tasks.materialize import build
-from tasks.prompts import chat, fill, load_template
+from tasks.models.prompts import chat, fill, load_template
+from tasks.registry import parse_config
+from tasks.stages.grpo import GRPOTrainConfig, clipped_surrogate, completion_logps, kl_k3, make_batch, nll, sequence_mean, shaped_surrogate, train_update, update_loss
+from tasks.stages.materialize import build
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
 
@@ -50,7 +49,7 @@ def test_one_step_on_a_group_whose_only_correct_sample_is_hinted_raises_it_under
     sample rises on most and on average. It can fall on a group whose failures share
     its uncertain tokens: their negative advantages push those down, and the shaped
     term weighs a guided token at most 1/4 of a plain one (f'(r) r <= 1/4)."""
-    from tasks.generation import SamplingParams, TransformersBackend
+    from tasks.models.generation import SamplingParams, TransformersBackend
 
     base, tok = tiny
     backend = TransformersBackend(str(TINY))

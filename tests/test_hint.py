@@ -1,11 +1,12 @@
 import torch
 
-import tasks.rollouts as rollouts_mod
-from tasks import curate, hint
-from tasks.config import parse_config
-from tasks.generation import TransformersBackend
-from tasks.hint import build_hint
-from tasks.store import Store
+import tasks.stages.rollouts as rollouts_mod
+from tasks.core.store import Store
+from tasks.models.generation import TransformersBackend
+from tasks.registry import parse_config
+from tasks.stages import curate, hint
+from tasks.stages import filter as filter_stage
+from tasks.stages.hint import build_hint
 
 
 def _row(correct=False, answer="5", finish="stop"):
@@ -35,7 +36,7 @@ def _config(checkpoint, tmp_path, **extra):
 
 
 def _stage(config, ws, monkeypatch, hinted_correct=True, plain_correct_ids=()):
-    """Run curate, rollouts and hint. The random policy never answers right, so the
+    """Run curate, rollouts, filter and hint. The random policy never answers right, so the
     checker is replaced: plain samples are wrong (except for `plain_correct_ids`), and
     hinted samples are right when `hinted_correct` — what is tested is the plumbing."""
     real = rollouts_mod.check
@@ -44,11 +45,12 @@ def _stage(config, ws, monkeypatch, hinted_correct=True, plain_correct_ids=()):
         return (real(text, problem)[0] or "0", False)
 
     store = Store(ws)
-    cur, _ = curate.run(config, store)
+    cur, _ = curate.STAGE.run(config, store)
     monkeypatch.setattr(rollouts_mod, "check", lambda t, p: (fake_check(t, p)[0], p["problem_id"] in plain_correct_ids))
-    ro, _ = rollouts_mod.run(config, store, {"curate": cur})
+    ro, _ = rollouts_mod.STAGE.run(config, store, {"curate": cur})
     monkeypatch.setattr(rollouts_mod, "check", lambda t, p: (fake_check(t, p)[0], hinted_correct))
-    out, _ = hint.run(config, store, {"curate": cur, "rollouts": ro})
+    fil, _ = filter_stage.STAGE.run(config, store, {"curate": cur, "rollouts": ro})
+    out, _ = hint.STAGE.run(config, store, {"curate": cur, "rollouts": ro, "filter": fil})
     return cur, ro, out
 
 
@@ -79,7 +81,7 @@ def test_wrong_hinted_samples_are_not_kept_and_solved_problems_get_no_hint(tmp_p
     out = _stage(config, tmp_path / "a", monkeypatch, hinted_correct=False)[2]
     assert out.read("hints").num_rows == 0 and out.summary["unlocked_problems"] == 0 and out.summary["sampled"] > 0
 
-    cur = curate.run(config, Store(tmp_path / "b"))[0]
+    cur = curate.STAGE.run(config, Store(tmp_path / "b"))[0]
     solved = {cur.read("problems").column("problem_id").to_pylist()[0]}
     out = _stage(config, tmp_path / "b", monkeypatch, plain_correct_ids=solved)[2]
     hinted = {r["problem_id"] for r in out.read("hints").to_pylist()}

@@ -6,10 +6,11 @@ import time
 import polars as pl
 import pytest
 
-from tasks import grade, judge, rubric
-from tasks.config import parse_config
-from tasks.judge import JudgeError, RuleJudge, Trace, split_steps
-from tasks.store import Store
+from tasks.core.store import Store
+from tasks.models import judge
+from tasks.models.judge import JudgeError, RuleJudge, Trace, split_steps
+from tasks.registry import parse_config
+from tasks.stages import grade, rubric
 from tests.openai_server import OpenAIServer
 
 REF = "12 + 7 = 19\n19 - 3 = 16\nThe answer is 16."
@@ -154,7 +155,7 @@ def test_spending_guard_refuses_before_sending_anything(server, tmp_path):
 
 def _upstream(tmp_path, completions, reference=REF):
     """A store holding a curated problem and rollouts with the given completions."""
-    from tasks.schemas import to_table
+    from tasks.core.schemas import to_table
 
     store = Store(tmp_path / "ws")
     problem = {"problem_id": "p1", "question": "What is 12 + 7 - 3?", "answer": "16", "reference_solution": reference,
@@ -178,17 +179,17 @@ def _config(tmp_path, **judge_cfg):
 def test_grade_stage_with_the_rule_judge_writes_the_grades_dataset(tmp_path):
     store, up = _upstream(tmp_path, [RIGHT, "\\boxed{16}", "12 + 7 = 19\n\\boxed{19}"])
     config = _config(tmp_path, backend="rule", mode="process")
-    up["rubric"], _ = rubric.run(config, store, up)
+    up["rubric"], _ = rubric.STAGE.run(config, store, up)
     assert up["rubric"].read("rubrics").to_pylist()[0]["items"] == [{"text": "12 + 7 = 19", "weight": 1.0},
                                                                    {"text": "19 - 3 = 16", "weight": 1.0}]
-    out, reused = grade.run(config, store, up)
+    out, reused = grade.STAGE.run(config, store, up)
     df = pl.read_parquet(out.dataset_path("grades") / "data" / "*.parquet")
     assert df["outcome_score"].to_list() == [1.0, 0.0, 0.5] and df["step_scores"].to_list()[0] == [0.5, 1.0, 1.0]
     s = out.summary
     assert s["parse_rate"] == 1.0 and s["outcome_histogram"] == {"0.00": 1, "0.50": 1, "1.00": 1}
     assert s["agreement_with_correctness"] == pytest.approx(2 / 3, abs=1e-4)  # the copied answer is right but scores 0
     assert json.loads((out.path / "grades" / "manifest.json").read_text())["summary"]["graded"] == 3
-    assert grade.run(config, store, up)[1] is True  # reused
+    assert grade.STAGE.run(config, store, up)[1] is True  # reused
 
 
 def test_grade_stage_fails_when_the_judge_is_down_then_a_rerun_pays_only_for_what_is_missing(tmp_path):
@@ -196,19 +197,19 @@ def test_grade_stage_fails_when_the_judge_is_down_then_a_rerun_pays_only_for_wha
     with OpenAIServer() as srv:
         url = srv.base_url
     config = _config(tmp_path, backend="openai", base_url=url, model="m", mode="process", max_retries=0, timeout_seconds=2)
-    up["rubric"], _ = rubric.run(config, store, up)
+    up["rubric"], _ = rubric.STAGE.run(config, store, up)
     assert up["rubric"].summary["enabled"] is False and up["rubric"].read("rubrics").num_rows == 0
     with pytest.raises(JudgeError, match=r"2 of 2 judge requests to http://127.0.0.1:\d+/v1 failed after 0 retries \(2x APIConnectionError: Connection error"):
-        grade.run(config, store, up)
+        grade.STAGE.run(config, store, up)
     assert store.outputs("grade") == []  # nothing half-written
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     with OpenAIServer(port=port) as srv:
         plan = grade.dry_run(config, store, up)
         assert plan["requests"] == 2 and plan["cached"] == 0 and plan["prompt_tokens"] > 100
-        out, _ = grade.run(config, store, up)
+        out, _ = grade.STAGE.run(config, store, up)
         assert [r["step_scores"] for r in out.read("grades").to_pylist()] == [[0.5, 1.0, 1.0], [0.0, 0.0]]
         assert grade.dry_run(config, store, up)["requests"] == 0  # all cached now
-        grade.run(config, store, up, force=True)
+        grade.STAGE.run(config, store, up, force=True)
         assert len(_chat_requests(srv)) == 2  # the forced re-run came from the cache
 
 
@@ -216,10 +217,10 @@ def test_llm_rubric_stage_feeds_item_scores_to_the_grade_stage(tmp_path):
     store, up = _upstream(tmp_path, [RIGHT, "12 + 7 = 19\n\\boxed{19}"])
     with OpenAIServer() as srv:
         config = _config(tmp_path, backend="openai", base_url=srv.base_url, model="m", mode="outcome", rubric=True)
-        up["rubric"], _ = rubric.run(config, store, up)
+        up["rubric"], _ = rubric.STAGE.run(config, store, up)
         items = up["rubric"].read("rubrics").to_pylist()[0]
         assert items["rubric_model"] == "openai:m" and items["items"][-1] == {"text": "final answer 16", "weight": 2.0}
-        out, _ = grade.run(config, store, up)
+        out, _ = grade.STAGE.run(config, store, up)
         scores = [r["outcome_score"] for r in out.read("grades").to_pylist()]
         assert scores == [1.0, 0.25]  # weights 1, 1, 2: only the first checkpoint of the second trace
         assert "<rubric>" in _chat_requests(srv)[-1]["messages"][0]["content"]

@@ -4,8 +4,8 @@ from collections import defaultdict
 
 import pytest
 
-from tasks.config import parse_config
-from tasks.materialize import build, group_advantages, step_advantages, token_step_index
+from tasks.registry import parse_config
+from tasks.stages.materialize import build, group_advantages, step_advantages, token_step_index
 
 PLAIN = "<|user|>What is {q}?<|end|><|assistant|>"
 HINTED = "<|user|>What is {q}?\nHint: These answers are wrong: 5.<|end|><|assistant|>"
@@ -78,7 +78,7 @@ def test_grpo_groups_lte_replacement_explanations_and_dynamic_sampling(tmp_path,
 
 
 def test_judge_rewards_mask_unparsed_grades_and_give_token_advantages(tmp_path, data):
-    from tasks.policy import build_tokenizer
+    from tasks.models.tiny_policy import build_tokenizer
 
     rollouts = data[0][:4]
     grades = {

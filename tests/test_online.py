@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-import tasks.grpo as grpo_mod
+import tasks.stages.grpo as grpo_mod
 from flows.online import online
-from tasks.store import Store
+from tasks.core.store import Store
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
 

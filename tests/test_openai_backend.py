@@ -3,9 +3,9 @@
 import time
 
 import pytest
-
 from openai_server import OpenAIServer
-from tasks.generation import BackendUnavailable, OpenAIBackend, SamplingParams
+
+from tasks.models.generation import BackendUnavailable, OpenAIBackend, SamplingParams
 
 PARAMS = SamplingParams(n=2, temperature=1.0, max_new_tokens=3, seed=0)
 

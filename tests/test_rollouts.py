@@ -1,11 +1,12 @@
 import pytest
 
-import tasks.rollouts as rollouts_mod
-import tasks.shards as shards_mod
-from tasks import curate, filter as filter_stage
-from tasks.config import parse_config
-from tasks.metrics import pass_at_k, pass_table
-from tasks.store import Store
+import tasks.core.shards as shards_mod
+import tasks.stages.rollouts as rollouts_mod
+from tasks.core.store import Store
+from tasks.registry import parse_config
+from tasks.report.metrics import pass_at_k, pass_table
+from tasks.stages import curate
+from tasks.stages import filter as filter_stage
 
 
 def _config(checkpoint, **rollouts):
@@ -21,8 +22,8 @@ def _config(checkpoint, **rollouts):
 
 def _run_all(config, ws):
     store = Store(ws)
-    cur, _ = curate.run(config, store)
-    out, reused = rollouts_mod.run(config, store, {"curate": cur})
+    cur, _ = curate.STAGE.run(config, store)
+    out, reused = rollouts_mod.STAGE.run(config, store, {"curate": cur})
     return store, cur, out, reused
 
 
@@ -53,7 +54,7 @@ def test_rollout_rows_and_summary(tmp_path, random_checkpoint):
     assert s["all_fail_problems"] == sum(1 for pid in {r["problem_id"] for r in rows}
                                          if not any(r["correct"] for r in rows if r["problem_id"] == pid))
     assert not any(p.name.startswith(".work-") for p in (store.root / "rollouts").iterdir())
-    again = rollouts_mod.run(config, store, {"curate": cur})
+    again = rollouts_mod.STAGE.run(config, store, {"curate": cur})
     assert again[1] is True and again[0].path == out.path
 
 
@@ -73,16 +74,16 @@ def test_killed_rollout_resumes_with_exactly_the_rows_of_an_uninterrupted_run(tm
 
     monkeypatch.setattr(shards_mod, "write_shard", crash_after_two)
     store = Store(tmp_path / "crash")
-    cur, _ = curate.run(config, store)
+    cur, _ = curate.STAGE.run(config, store)
     with pytest.raises(KeyboardInterrupt):
-        rollouts_mod.run(config, store, {"curate": cur})
+        rollouts_mod.STAGE.run(config, store, {"curate": cur})
     assert store.outputs("rollouts") == []
     (work,) = [p for p in (store.root / "rollouts").iterdir() if p.name.startswith(".work-")]
     assert sorted(p.name for p in work.glob("shard-*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
 
     monkeypatch.setattr(shards_mod, "write_shard", lambda p, t: (written.append(p.name), real(p, t)))
     written.clear()
-    out, _ = rollouts_mod.run(config, store, {"curate": cur})
+    out, _ = rollouts_mod.STAGE.run(config, store, {"curate": cur})
     shards = -(-cur.read("problems").num_rows // 7)
     assert shards >= 4
     assert written == [f"shard-{i:05d}.parquet" for i in range(2, shards)]  # only the unfinished ones
@@ -99,7 +100,7 @@ def test_two_runs_of_one_output_at_once_compute_it_once(tmp_path, random_checkpo
 
     config = _config(random_checkpoint)
     store = Store(tmp_path / "ws")
-    cur, _ = curate.run(config, store)
+    cur, _ = curate.STAGE.run(config, store)
     real, written = shards_mod.write_shard, []
 
     def slow_write(path, table):
@@ -113,7 +114,7 @@ def test_two_runs_of_one_output_at_once_compute_it_once(tmp_path, random_checkpo
     def go():
         start.wait()
         try:
-            results.append(rollouts_mod.run(config, Store(tmp_path / "ws"), {"curate": cur}))
+            results.append(rollouts_mod.STAGE.run(config, Store(tmp_path / "ws"), {"curate": cur}))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 

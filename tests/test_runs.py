@@ -5,8 +5,9 @@ from pathlib import Path
 
 import yaml
 
-from tasks.runs import RunRecord, downstream_of, gc, list_runs
-from tasks.store import Store
+from tasks.core.store import Store
+from tasks.registry import downstream_of
+from tasks.report.runs import RunRecord, gc, list_runs
 from tests.openai_server import OpenAIServer
 
 
@@ -42,8 +43,8 @@ def test_rerun_of_the_failed_grading_stage_in_a_new_process_redoes_only_grading_
     d = run.data
     assert d["status"] == "failed" and d["failed_stage"] == "grade" and "JudgeError" in d["error"] and "\n" not in d["error"]
     assert {s: v["status"] for s, v in d["stages"].items()} == {
-        "curate": "computed", "rollouts": "computed", "explain": "computed", "hint": "computed", "rubric": "computed",
-        "grade": "failed", "materialize": "pending"}
+        "curate": "computed", "rollouts": "computed", "filter": "computed", "explain": "computed", "hint": "computed",
+        "rubric": "computed", "grade": "failed", "materialize": "pending"}
     assert (run.dir / "report.html").is_file() and "Failed." in (run.dir / "report.html").read_text()
     created = {o.path: o.manifest["created"] for o in Store(ws).outputs()}
     shown = cli("runs", "show", run.run_id, "--workspace", str(ws)).stdout
@@ -57,7 +58,7 @@ def test_rerun_of_the_failed_grading_stage_in_a_new_process_redoes_only_grading_
     assert newest.data["rerun_of"] == run.run_id and newest.data["status"] == "completed"
     statuses = {s: v["status"] for s, v in newest.data["stages"].items()}
     assert statuses["grade"] == "computed" and statuses["materialize"] == "computed"
-    assert all(statuses[s] in ("reused", "cached") for s in ("curate", "rollouts", "explain", "hint", "rubric"))
+    assert all(statuses[s] in ("reused", "cached") for s in ("curate", "rollouts", "filter", "explain", "hint", "rubric"))
     # the upstream outputs are the very same files, untouched
     assert all(o.manifest["created"] == created[o.path] for o in Store(ws).outputs() if o.path in created)
     assert len(Store(ws).outputs("grade")) == 1 and len(Store(ws).outputs("materialize")) == 1
@@ -67,7 +68,7 @@ def test_rerun_of_the_failed_grading_stage_in_a_new_process_redoes_only_grading_
 
 
 def test_downstream_follows_the_stage_graph():
-    stages = ["curate", "rollouts", "explain", "hint", "rubric", "grade", "materialize", "dpo", "eval"]
+    stages = ["curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "eval"]
     assert downstream_of("grade", stages) == ["materialize", "dpo", "eval"]
     assert downstream_of("hint", stages) == ["materialize", "dpo", "eval"]
     assert downstream_of("rubric", ["curate", "rollouts", "rubric", "grade"]) == ["grade"]
@@ -75,7 +76,7 @@ def test_downstream_follows_the_stage_graph():
 
 
 def test_gc_keeps_what_the_newest_runs_use_and_removes_the_rest(tmp_path):
-    from tasks.schemas import to_table
+    from tasks.core.schemas import to_table
 
     ws = tmp_path / "ws"
     store = Store(ws)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.pipeline import pipeline
-from tasks.store import Store
+from tasks.core.store import Store
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
 
@@ -55,7 +55,7 @@ def _guided_raw(checkpoint, **prefect):
 def test_guidance_and_grading_fan_out_and_match_the_sequential_stages(prefect_server, tmp_path):
     from prefect import flow
 
-    from tasks.config import parse_config
+    from tasks.registry import parse_config
 
     raw = _guided_raw(TINY, max_workers=2)
 
@@ -88,8 +88,8 @@ def test_guidance_and_grading_fan_out_and_match_the_sequential_stages(prefect_se
 
 
 def test_threads_fan_out_shards_and_the_output_matches_the_sequential_stage(prefect_server, tmp_path):
-    from tasks import curate, rollouts
-    from tasks.config import parse_config
+    from tasks.registry import parse_config
+    from tasks.stages import curate, rollouts
 
     raw = _raw(TINY, max_workers=2)
     out = pipeline(raw_config=raw, base_dir=str(tmp_path), workspace=str(tmp_path / "ws"), stages=["rollouts"])
@@ -97,7 +97,7 @@ def test_threads_fan_out_shards_and_the_output_matches_the_sequential_stage(pref
     # the same stage without Prefect, shard after shard, in another workspace: the same rows
     config = parse_config(raw, base_dir=tmp_path)
     store = Store(tmp_path / "seq")
-    seq, _ = rollouts.run(config, store, {"curate": curate.run(config, store)[0]})
+    seq, _ = rollouts.STAGE.run(config, store, {"curate": curate.STAGE.run(config, store)[0]})
     assert fanned.num_rows == 24 and fanned.select(["sample_id", "completion"]).equals(seq.read("rollouts").select(["sample_id", "completion"]))
     assert not any(p.name.startswith(".work-") for p in (tmp_path / "ws" / "store" / "rollouts").iterdir())
     assert out["rollouts"]["shard_workers"] == [f"{socket.gethostname()}:{os.getpid()}"]  # threads of this process
@@ -120,7 +120,7 @@ def test_ray_runs_the_shard_tasks_on_a_local_cluster(prefect_server, tmp_path):
 
 
 def test_a_failed_shard_is_retried_alone_with_the_stage_retries_of_the_config(prefect_server, tmp_path, monkeypatch):
-    from tasks import judge
+    from tasks.models import judge
 
     raw = _raw(TINY, stage_retries={"grade": 1}, retry_delay_seconds=0)
     raw["judge"] = {"backend": "rule", "shard_size": 8}

@@ -8,9 +8,9 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.schemas import to_table
-from tasks.share import ShareError, describe, publish, pull
-from tasks.store import Store
+from tasks.core.schemas import to_table
+from tasks.core.share import ShareError, describe, publish, pull
+from tasks.core.store import Store
 
 
 def _dataset(tmp_path, rows=None, name="sft"):

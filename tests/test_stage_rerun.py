@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import select_stages
-from tasks.config import STAGES
-from tasks.runs import RunRecord, downstream_of, list_runs
-from tasks.store import Store
+from tasks.core.store import Store
+from tasks.registry import STAGES, downstream_of, select_stages
+from tasks.report.runs import RunRecord, list_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -44,18 +43,17 @@ def test_the_quickstart_record_names_every_stage(finished_quickstart):
 
 
 def test_upstream_is_the_transitive_closure():
-    run, todo = select_stages(["dpo"])
-    assert run == ["curate", "rollouts", "explain", "hint", "rubric", "grade", "materialize", "dpo"] and todo == []
-    assert select_stages(["grpo"])[0] == ["curate", "rollouts", "explain", "hint", "rubric", "grade", "materialize", "grpo"]
+    assert select_stages(["dpo"]) == ["curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo"]
+    assert select_stages(["grpo"]) == ["curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "grpo"]
     # eval reads the trained checkpoints only when their stages are requested or ran
-    assert select_stages(["eval"])[0] == ["curate", "eval"]
-    assert select_stages(["eval"], present={"dpo"})[0] == ["curate", "rollouts", "explain", "hint", "rubric", "grade",
+    assert select_stages(["eval"]) == ["curate", "eval"]
+    assert select_stages(["eval"], present={"dpo"}) == ["curate", "rollouts", "filter", "explain", "hint", "rubric", "grade",
                                                             "materialize", "dpo", "eval"]
-    assert select_stages(["curate", "dpo"])[0] == select_stages(["dpo"])[0]
+    assert select_stages(["curate", "dpo"]) == select_stages(["dpo"])
     # resolving a resolved list changes nothing (the CLI and the flow both resolve)
     for stage in STAGES:
-        resolved = select_stages([stage], present=STAGES)[0]
-        assert select_stages(resolved)[0] == resolved
+        resolved = select_stages([stage], present=STAGES)
+        assert select_stages(resolved) == resolved
 
 
 @pytest.mark.parametrize("stages", [*STAGES, "curate,dpo"])
@@ -66,7 +64,7 @@ def test_run_one_stage_reuses_every_upstream_output(finished_quickstart, tmp_pat
     record = _newest(ws)
     assert record.data["status"] == "completed", out.stdout
     ran = record.data["stages"]
-    expected = select_stages(stages.split(","), present={"dpo", "grpo"})[0]  # the quickstart trained both
+    expected = select_stages(stages.split(","), present={"dpo", "grpo"})  # the quickstart trained both
     assert list(ran) == expected
     assert all(v["status"] in ("reused", "cached") for v in ran.values()), ran
     assert _outputs(ws) == before  # nothing written, nothing replaced
@@ -92,7 +90,7 @@ def test_rerun_one_stage_computes_it_again_and_reuses_the_rest(finished_quicksta
     assert after[changed[0]][2] == before[changed[0]][2], f"{stage}: other rows when computed again"
     # eval measured the same policies as the run it re-ran (base, dpo, grpo)
     if stage == "eval":
-        assert set(record.data["stages"]) == set(STAGES) - {"filter"}
+        assert set(record.data["stages"]) == set(STAGES)
 
 
 @pytest.mark.parametrize("stage", ["grade", "dpo"])
@@ -126,7 +124,7 @@ def test_training_deployment_flow_trains_on_finished_data_stages(finished_quicks
     assert record.data["command"] == "deployment:training" and record.data["status"] == "completed"
     statuses = {s: v["status"] for s, v in record.data["stages"].items()}
     assert {s for s, v in statuses.items() if v == "computed"} == {"dpo", "grpo", "eval"}
-    assert set(out["outputs"]) == set(STAGES) - {"filter"}
+    assert set(out["outputs"]) == set(STAGES)
     after = _outputs(ws)
     assert {p: v for p, v in after.items() if p in data_outputs} == data_outputs
     assert sorted(v[0] for p, v in after.items() if p not in data_outputs) == ["dpo", "eval", "grpo"]

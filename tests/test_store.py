@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.schemas import SCHEMAS, SchemaError, to_table, validate_table
-from tasks.store import Store, fingerprint_dataset, read_dataset, stage_key
+from tasks.core.schemas import SCHEMAS, SchemaError, to_table, validate_table
+from tasks.core.store import Store, fingerprint_dataset, read_dataset, stage_key
 
 ROWS = [
     {"problem_id": "a1", "question": "1 + 1 =", "answer": "2", "reference_solution": None, "source": "s",
@@ -75,8 +75,8 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    import tasks.store as store_mod
-    from tasks.schemas import to_table
+    import tasks.core.store as store_mod
+    from tasks.core.schemas import to_table
     import pyarrow.parquet as pq
     where = sys.argv[2]
     if where == "rename":

@@ -6,13 +6,15 @@ import polars as pl
 import pytest
 from transformers import AutoModelForCausalLM
 
-from tasks import curate, dpo, evaluate
-from tasks.config import DPOTrainConfig, parse_config
-from tasks.curate import chain_sum_reference
-from tasks.policy import solution_text
-from tasks.prompts import chat, fill, load_template
-from tasks.schemas import to_table
-from tasks.store import Store
+from tasks.core.schemas import to_table
+from tasks.core.store import Store
+from tasks.models.prompts import chat, fill, load_template
+from tasks.models.tiny_policy import solution_text
+from tasks.registry import parse_config
+from tasks.stages import curate, dpo
+from tasks.stages import eval as evaluate
+from tasks.stages.curate import chain_sum_reference
+from tasks.stages.dpo import DPOTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "data" / "models" / "tiny-policy"
@@ -74,8 +76,8 @@ def test_eval_stage_writes_pass_rates_by_level_and_a_chart(tmp_path):
         "eval": {"samples_per_problem": 4},
     }, base_dir=tmp_path)
     store = Store(tmp_path / "ws")
-    cur, _ = curate.run(config, store)
-    out, _ = evaluate.run(config, store, {"curate": cur})
+    cur, _ = curate.STAGE.run(config, store)
+    out, _ = evaluate.STAGE.run(config, store, {"curate": cur})
     df = pl.read_parquet(out.path / "eval" / "data" / "*.parquet")
     by_level = {r["level"]: r for r in df.to_dicts()}
     assert set(by_level) == {"all", "easy", "hard"} and set(df["policy"]) == {"base"} and set(df["k"]) == {4}

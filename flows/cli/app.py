@@ -1,0 +1,50 @@
+"""The command-line application: the typer apps, the console and the error line every command ends with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART_CONFIG = PROJECT_ROOT / "configs" / "quickstart.yaml"
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    help="guidedrl: build guided RL training data (ExPO, LTE, ExpRL) for reasoning models, as Prefect flows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
+datasets_app = typer.Typer(help="List and inspect stage outputs (Parquet datasets with manifests).", no_args_is_help=True)
+runs_app = typer.Typer(help="Run records: what each run did, kept after its process is gone.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(runs_app, name="runs")
+
+WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace directory (store/ and runs/). Default: the config's `workspace`, else ./workspace.")
+
+
+def fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def user_errors():
+    """The errors that are the user's input, printed as one line."""
+    from tasks.core.config import ConfigError
+    from tasks.core.schemas import SchemaError
+    from tasks.core.share import ShareError
+    from tasks.models.judge import JudgeError
+    from tasks.stages.curate import SourceError
+
+    return (ConfigError, SourceError, SchemaError, JudgeError, ShareError, FileNotFoundError, ValueError)
+
+
+def parse_stages(stages: Optional[str]) -> Optional[list[str]]:
+    return [s.strip() for s in stages.split(",") if s.strip()] if stages else None

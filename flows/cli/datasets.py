@@ -1,0 +1,130 @@
+"""`datasets ls | show | publish | pull | diff`: stage outputs as datasets other teams read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from flows.cli.app import console, datasets_app, fail, user_errors
+
+
+@datasets_app.command("ls")
+def datasets_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory.")):
+    """List finished stage outputs and their datasets in the workspace store."""
+    from tasks.core.store import Store
+
+    outputs = Store(workspace).outputs()
+    if not outputs:
+        console.print(f"no stage outputs in {Path(workspace).resolve() / 'store'}")
+        return
+    table = Table(title=f"datasets in {Path(workspace).resolve() / 'store'}")
+    for col in ("stage", "key", "dataset", "kind", "rows", "created", "path"):
+        table.add_column(col)
+    for out in outputs:
+        for name, d in out.manifest.get("datasets", {}).items():
+            table.add_row(out.stage, out.key, name, d["kind"], str(d["num_rows"]), out.manifest.get("created", ""), str(out.path / name))
+    console.print(table)
+
+
+@datasets_app.command("publish")
+def datasets_publish(
+    path: Path = typer.Argument(..., help="A dataset directory (manifest.json, README.md, data/), e.g. <workspace>/store/materialize/<key>/dpo."),
+    url: str = typer.Argument(..., help="Where to: a directory, file://, or an fsspec URL (s3://... with s3fs installed)."),
+):
+    """Copy a dataset to a shared location (verified first; the manifest is written last)."""
+    from tasks.core.share import publish
+
+    try:
+        m = publish(path, url)
+    except user_errors() as exc:
+        fail(str(exc))
+    console.print(f"published {path} ({m.get('kind')}, {m.get('num_rows')} rows, {m.get('fingerprint')}) to {url}")
+    console.print(f'load it without guidedrl: datasets.load_dataset("parquet", data_files="{url.rstrip("/")}/data/*.parquet")')
+
+
+@datasets_app.command("pull")
+def datasets_pull(
+    url: str = typer.Argument(..., help="A published dataset: directory, file:// or fsspec URL."),
+    path: Path = typer.Argument(..., help="A new local directory to put it in."),
+    force: bool = typer.Option(False, "--force", help="Replace PATH if it exists."),
+):
+    """Fetch a published dataset; refused unless its bytes match its manifest's fingerprint. Only Parquet and JSON are read."""
+    from tasks.core.share import pull
+
+    try:
+        m = pull(url, path, force=force)
+    except user_errors() as exc:
+        fail(str(exc))
+    console.print(f"pulled {url} into {path} ({m.get('kind')}, {m.get('num_rows')} rows, fingerprint verified)")
+
+
+@datasets_app.command("diff")
+def datasets_diff(a: Path = typer.Argument(..., help="A dataset directory."), b: Path = typer.Argument(..., help="Another one.")):
+    """Rows, schema and per-column statistics of two datasets, side by side."""
+    from tasks.core.share import describe
+
+    try:
+        da, db = describe(a), describe(b)
+    except user_errors() as exc:
+        fail(str(exc))
+    table = Table(title=f"A = {a}\nB = {b}")
+    for col in ("", "A", "B"):
+        table.add_column(col)
+
+    def row(label, va, vb):
+        mark = "" if va == vb else "[yellow]"
+        table.add_row(f"{mark}{label}", str(va), str(vb))
+
+    row("kind", da["kind"], db["kind"])
+    row("rows", da["rows"], db["rows"])
+    row("fingerprint", da["fingerprint"], db["fingerprint"])
+    for name in dict.fromkeys([*da["schema"], *db["schema"]]):
+        row(f"{name}: type", da["schema"].get(name, "(missing)"), db["schema"].get(name, "(missing)"))
+        sa, sb = da["stats"].get(name, {}), db["stats"].get(name, {})
+        for stat in dict.fromkeys([*sa, *sb]):
+            fa, fb = sa.get(stat), sb.get(stat)
+            fmt = (lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
+            row(f"{name}: {stat}", fmt(fa), fmt(fb))
+    console.print(table)
+    if da["summary"] != db["summary"]:
+        console.print("summaries differ:")
+        console.print_json(json.dumps({"A": da["summary"], "B": db["summary"]}, default=str))
+
+
+@datasets_app.command("show")
+def datasets_show(
+    path: Path = typer.Argument(..., help="A dataset directory, or a stage output directory (shows each dataset)."),
+    rows: int = typer.Option(5, "--rows", "-n", help="How many first rows to print."),
+):
+    """Schema, row count, manifest and first rows of a dataset."""
+    import polars as pl
+
+    from tasks.core.store import read_dataset, read_manifest
+
+    try:
+        manifest = read_manifest(path)
+        if "datasets" in manifest:  # a stage output: show each dataset
+            console.print(f"[bold]stage output[/] {path} (stage {manifest['stage']}, key {manifest['stage_key']})")
+            console.print_json(json.dumps(manifest.get("summary", {})))
+            for name in manifest["datasets"]:
+                datasets_show(path / name, rows)
+            return
+        table = read_dataset(path, verify=True)
+    except user_errors() as exc:
+        fail(str(exc))
+    console.rule(f"[bold]{manifest.get('name', path.name)}[/] ({manifest.get('kind')}) — {table.num_rows} rows")
+    console.print(f"path: {Path(path).resolve()}")
+    console.print(f"fingerprint: {manifest.get('fingerprint')} (verified)")
+    console.print(f"stage: {manifest.get('stage')} key {manifest.get('stage_key')} version {manifest.get('stage_version')}; created {manifest.get('created')}; guidedrl {manifest.get('package_version')}")
+    console.print("schema:")
+    for field in table.schema:
+        console.print(f"  {field.name}: {field.type}{'' if field.nullable else ' (not null)'}", highlight=False)
+    console.print("summary:")
+    console.print_json(json.dumps(manifest.get("summary", {})))
+    console.print("inputs:")
+    console.print_json(json.dumps(manifest.get("inputs", {})))
+    with pl.Config(fmt_str_lengths=40, tbl_cols=12, tbl_width_chars=console.width):
+        print(pl.from_arrow(table.slice(0, rows)))

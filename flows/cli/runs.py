@@ -1,0 +1,75 @@
+"""Run records (`runs ls`, `runs show`) and `gc` of store outputs no kept run uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from flows.cli.app import app, console, fail, runs_app
+
+
+@runs_app.command("ls")
+def runs_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory.")):
+    """Runs of the workspace, newest first."""
+    from tasks.report.runs import list_runs
+
+    runs = list_runs(workspace)
+    if not runs:
+        console.print(f"no runs in {Path(workspace).resolve() / 'runs'}")
+        return
+    table = Table(title=f"runs in {Path(workspace).resolve() / 'runs'}")
+    for col in ("run", "command", "status", "started", "stages", "error"):
+        table.add_column(col)
+    for r in runs:
+        d = r.data
+        done = sum(s.get("status") in ("computed", "reused", "cached") for s in d["stages"].values())
+        table.add_row(r.run_id, d["command"] + (f" (rerun of {d['rerun_of']})" if d.get("rerun_of") else ""), d["status"],
+                      d["started"], f"{done}/{len(d['stages'])}", d.get("error") or "")
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str = typer.Argument(..., help="A run id (guidedrl runs ls)."),
+              workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory.")):
+    """One run: each stage's status, time, output and error."""
+    from tasks.report.runs import RunRecord
+
+    try:
+        r = RunRecord.load(workspace, run_id)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    d = r.data
+    console.print(f"[bold]run {r.run_id}[/] — {d['command']}, {d['status']}; started {d['started']}, finished {d.get('finished')}")
+    if d.get("rerun_of"):
+        console.print(f"rerun of {d['rerun_of']}")
+    if d.get("error"):
+        console.print(f"[red]error:[/] {d['error']}")
+    table = Table()
+    for col in ("stage", "status", "seconds", "output", "error"):
+        table.add_column(col)
+    for name, s in d["stages"].items():
+        table.add_row(name, s.get("status", ""), str(s.get("seconds", "")), s.get("path", ""), s.get("error", ""))
+    console.print(table)
+    report = r.dir / "report.html"
+    if report.is_file():
+        console.print(f"report: {report}")
+
+
+
+@app.command()
+def gc(
+    workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory."),
+    keep: int = typer.Option(..., "--keep", help="Keep the outputs of this many newest runs (and of runs still going)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
+):
+    """Remove stage outputs that no kept run refers to, and what crashed writers left behind."""
+    from tasks.report.runs import gc as gc_store
+
+    out = gc_store(workspace, keep, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"kept {out['outputs_kept']} outputs of runs {', '.join(out['runs_kept']) or '(none)'}; {verb} "
+                  f"{len(out['outputs_removed'])} outputs ({out['bytes_freed'] / 1e6:.1f} MB) and {len(out['leftovers_removed'])} leftovers")
+    for p in out["outputs_removed"] + out["leftovers_removed"]:
+        console.print(f"  {p}")

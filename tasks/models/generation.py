@@ -1,0 +1,314 @@
+"""Generation backends behind one interface.
+
+Rendered prompts and sampling parameters in; for each prompt ``n`` samples out,
+each with its text, token ids, the per-token log-probabilities of the sampled
+tokens under the sampling policy, and a finish reason (``stop``, ``length`` or
+``error``).
+
+- ``transformers`` (default, the test engine): batched, left-padded, prompts
+  bucketed by length, seeded. Log-probabilities are those of the distribution
+  actually sampled from: ``log_softmax(logits / temperature)`` after top-p.
+- ``openai``: any OpenAI-compatible server (vLLM, SGLang, a hosted API) through
+  the ``openai`` client's Completions endpoint; async, bounded concurrency, the
+  client's retries with exponential backoff on rate limits, 5xx and time-outs.
+  Token ids come from vLLM's ``return_tokens_as_token_ids``; a server that does
+  not give ids or log-probabilities yields samples with empty
+  ``token_ids``/``logprobs=None``, which the policy update leaves out.
+- ``vllm``: in-process ``vllm.LLM``, imported lazily; not part of the default
+  install (vLLM pins its own torch and transformers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from tasks.core.store import fingerprint_files
+
+log = logging.getLogger("guidedrl.generation")
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend whose dependencies are not installed or not configured."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 160
+    seed: int = 0
+
+
+@dataclass
+class Sample:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str  # 'stop' | 'length' | 'error'
+    error: str | None = None
+
+
+class GenerationBackend(Protocol):
+    name: str
+    policy_id: str
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
+        """``n`` samples for each prompt, in prompt order."""
+
+
+def checkpoint_fingerprint(path: Path | str) -> str:
+    """policy_id of a local checkpoint: the sha256 of its weight and config files."""
+    path = Path(path)
+    names = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt"}
+    files = [p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name in names)]
+    if not files:
+        raise FileNotFoundError(f"{path}: no checkpoint files (expected a Hugging Face model directory)")
+    return "ckpt-" + fingerprint_files(files).removeprefix("sha256:")[:16]
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, model: str | Path, batch_size: int = 64, device: str = "cpu", threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(model)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: policy checkpoint directory not found (models are loaded from disk, never from a hub)")
+        if threads:
+            torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.tokenizer.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+        self.policy_id = checkpoint_fingerprint(path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @classmethod
+    def from_objects(cls, model, tokenizer, policy_id: str, batch_size: int = 64) -> "TransformersBackend":
+        """Wrap an in-memory model (tests, the training loop) without loading from disk."""
+        self = cls.__new__(cls)
+        self.model, self.tokenizer, self.policy_id = model.eval(), tokenizer, policy_id
+        self.tokenizer.padding_side = "left"
+        self.device, self.batch_size = next(model.parameters()).device, batch_size
+        return self
+
+    _lock = threading.Lock()  # seeding is global in torch: one generate at a time per process keeps runs reproducible
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
+        with self._lock:
+            return self._generate(prompts, params)
+
+    def _generate(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
+        import torch
+
+        tok = self.tokenizer
+        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        jobs = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        jobs.sort(key=lambda ij: (len(encoded[ij[0]]), ij))  # bucket by prompt length
+        results: list[list[Sample | None]] = [[None] * params.n for _ in prompts]
+        eos = tok.eos_token_id
+        for b in range(0, len(jobs), self.batch_size):
+            chunk = jobs[b : b + self.batch_size]
+            width = max(len(encoded[i]) for i, _ in chunk)
+            pad = tok.pad_token_id
+            ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i, _ in chunk], device=self.device)
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i, _ in chunk], device=self.device)
+            torch.manual_seed(params.seed * 1_000_003 + b)
+            sample = params.temperature > 0
+            with torch.no_grad():
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=sample,
+                    temperature=params.temperature if sample else None,
+                    top_p=params.top_p if sample else None,
+                    top_k=0 if sample else None,
+                    max_new_tokens=params.max_new_tokens,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                )
+            new = out.sequences[:, width:]
+            scores = torch.stack(out.scores, dim=1).float()  # (B, T, V): processed logits actually sampled from
+            logp = torch.log_softmax(scores, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            for row, (i, j) in enumerate(chunk):
+                toks = new[row].tolist()
+                if eos in toks:
+                    end, reason = toks.index(eos) + 1, "stop"
+                else:
+                    end, reason = len(toks), "length"
+                token_ids = toks[:end]
+                results[i][j] = Sample(
+                    text=tok.decode(token_ids, skip_special_tokens=True),
+                    token_ids=token_ids,
+                    logprobs=[float(x) for x in logp[row, :end].tolist()],
+                    finish_reason=reason,
+                )
+        return results  # type: ignore[return-value]
+
+
+    def score(self, prompts: list[str], token_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        """Per-token log-probabilities of given completion tokens under given prompts:
+        ``log_softmax(logits / temperature)`` of a forward pass (what the loss side of
+        a guided sample uses: the same tokens under the prompt *without* the guidance)."""
+        import torch
+
+        tok, out = self.tokenizer, []
+        t = temperature if temperature > 0 else 1.0
+        for b in range(0, len(prompts), self.batch_size):
+            ps = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[b : b + self.batch_size]]
+            cs = token_ids[b : b + self.batch_size]
+            seqs = [p + c for p, c in zip(ps, cs)]
+            width = max(len(x) for x in seqs)
+            ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in seqs], device=self.device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], device=self.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float() / t
+            logp = torch.log_softmax(logits, dim=-1)
+            for row, (p, c) in enumerate(zip(ps, cs)):
+                start = width - len(c)  # first completion position; predicted from the one before
+                picked = logp[row, start - 1 : width - 1].gather(-1, torch.tensor(c, device=self.device)[:, None]).squeeze(-1)
+                out.append([float(x) for x in picked.tolist()])
+        return out
+
+
+# --------------------------------------------------------------------------- openai-compatible servers
+
+
+class OpenAIBackend:
+    """Completions endpoint of an OpenAI-compatible server (vLLM ``serve``, SGLang, ...)."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 16,
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        policy_id: str | None = None,
+    ):
+        self.model = model
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        if not self.base_url:
+            raise BackendUnavailable("backend openai needs `base_url` in the config or OPENAI_BASE_URL in the environment")
+        self.api_key = os.environ.get(api_key_env) or "EMPTY"  # local vLLM servers accept any key
+        self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
+        self.policy_id = policy_id or f"openai:{model}"
+
+    async def _one(self, client, sem, prompt: str, params: SamplingParams, index: int) -> list[Sample]:
+        async with sem:
+            try:
+                resp = await client.completions.create(
+                    model=self.model,
+                    prompt=prompt,
+                    n=params.n,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    max_tokens=params.max_new_tokens,
+                    logprobs=1,
+                    seed=params.seed + index,
+                    extra_body={"return_tokens_as_token_ids": True},
+                )
+                choices = sorted(resp.choices, key=lambda c: c.index)
+                if len(choices) != params.n:
+                    raise ValueError(f"server returned {len(choices)} choices, asked for {params.n}")
+                return [self._sample(c) for c in choices]
+            except Exception as exc:  # every prompt ends with a result or a recorded error
+                msg = f"{type(exc).__name__}: {exc}"[:500]
+                log.warning("prompt %d failed after retries: %s", index, msg)
+                return [Sample("", [], None, "error", msg) for _ in range(params.n)]
+
+    @staticmethod
+    def _sample(choice) -> Sample:
+        lp = getattr(choice, "logprobs", None)
+        token_ids: list[int] = []
+        logprobs = None
+        if lp is not None and lp.tokens and lp.token_logprobs:
+            if all(isinstance(t, str) and t.startswith("token_id:") for t in lp.tokens):
+                token_ids = [int(t.split(":", 1)[1]) for t in lp.tokens]
+                logprobs = [float(x) if x is not None else float("nan") for x in lp.token_logprobs]
+        finish = choice.finish_reason if choice.finish_reason in ("stop", "length") else "stop"
+        return Sample(choice.text or "", token_ids, logprobs if token_ids else None, finish)
+
+    async def _all(self, prompts, params):
+        from openai import AsyncOpenAI
+
+        sem = asyncio.Semaphore(self.concurrency)
+        async with AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=self.max_retries) as client:
+            return await asyncio.gather(*(self._one(client, sem, p, params, i) for i, p in enumerate(prompts)))
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
+        return list(asyncio.run(self._all(prompts, params)))
+
+
+# --------------------------------------------------------------------------- in-process vLLM (optional)
+
+
+class VLLMBackend:
+    """In-process ``vllm.LLM``: for a GPU environment built around vLLM."""
+
+    name = "vllm"
+
+    def __init__(self, model: str | Path, **engine_kwargs):
+        try:
+            import vllm  # noqa: F401  (optional dependency, imported only here)
+        except ImportError:
+            raise BackendUnavailable(
+                "backend vllm needs the `vllm` package, which is not installed here. vLLM pins its own torch and "
+                "transformers, so install it in a separate GPU environment, or run `vllm serve MODEL` there and use "
+                "`backend: openai` with its base_url (see infra/)."
+            ) from None
+        self._vllm = vllm
+        self.llm = vllm.LLM(model=str(model), **engine_kwargs)
+        self.policy_id = checkpoint_fingerprint(model) if Path(model).is_dir() else f"vllm:{model}"
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
+        sp = self._vllm.SamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_new_tokens,
+            seed=params.seed,
+            logprobs=0,  # the sampled token's log-probability only
+        )
+        outputs = self.llm.generate(prompts, sp)
+        results = []
+        for out in outputs:
+            samples = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)] if c.logprobs else None
+                samples.append(Sample(c.text, ids, lps, c.finish_reason if c.finish_reason in ("stop", "length") else "stop"))
+            results.append(samples)
+        return results
+
+
+def make_backend(backend: str, model: str, **options) -> GenerationBackend:
+    """The backend named in config (``transformers`` | ``openai`` | ``vllm``)."""
+    if backend == "transformers":
+        return TransformersBackend(model, **options)
+    if backend == "openai":
+        return OpenAIBackend(model, **options)
+    if backend == "vllm":
+        return VLLMBackend(model, **options)
+    raise ValueError(f"unknown generation backend {backend!r}; allowed: transformers, openai, vllm")

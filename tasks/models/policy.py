@@ -1,0 +1,89 @@
+"""The configured policy (`policy` in the config): its id, a generation backend for it,
+the tokenizer whose chat template wraps prompts, and the checkpoint a training
+stage starts from. One backend per process and policy is shared by the shards
+of a stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tasks.models.generation import GenerationBackend, checkpoint_fingerprint, make_backend
+from tasks.models.prompts import chat
+
+if TYPE_CHECKING:
+    from tasks.registry import Config
+
+log = logging.getLogger("guidedrl.policy")
+
+
+def policy_id_for(config: Config) -> str:
+    p = config.policy
+    if p.backend == "openai":
+        return p.policy_id or f"openai:{p.model}"
+    path = config.resolve(p.model)
+    if path.is_dir():
+        return checkpoint_fingerprint(path)
+    if p.backend == "vllm":
+        return p.policy_id or f"vllm:{p.model}"
+    raise FileNotFoundError(f"{path}: policy checkpoint not found (policy.model)")
+
+
+def local_policy_dir(config: Config, stage: str) -> Path:
+    """The policy checkpoint directory a training stage starts from (it must be a local transformers model)."""
+    base = config.resolve(config.policy.model)
+    if config.policy.backend != "transformers" or not base.is_dir():
+        raise ValueError(f"{stage}: trains a local checkpoint; policy.model ({config.policy.model}) must be a model directory "
+                         "with policy.backend transformers")
+    return base
+
+
+def open_backend(config: Config) -> GenerationBackend:
+    p = config.policy
+    if p.backend == "transformers":
+        return make_backend("transformers", str(config.resolve(p.model)), batch_size=p.batch_size)
+    if p.backend == "openai":
+        return make_backend("openai", p.model, base_url=p.base_url, api_key_env=p.api_key_env, concurrency=p.concurrency,
+                            timeout=p.timeout_seconds, max_retries=p.max_retries, policy_id=policy_id_for(config))
+    return make_backend("vllm", str(config.resolve(p.model)) if config.resolve(p.model).is_dir() else p.model, **p.engine)
+
+
+def chat_tokenizer(config: Config, backend: GenerationBackend):
+    """The tokenizer whose chat template wraps prompts (None: prompts go unwrapped)."""
+    if getattr(backend, "tokenizer", None) is not None:
+        return backend.tokenizer
+    path = config.resolve(config.policy.tokenizer or config.policy.model)
+    if path.is_dir():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    log.warning("no local tokenizer for %s: prompts are sent without a chat template (set policy.tokenizer)", config.policy.model)
+    return None
+
+
+def render(tokenizer, user_turn: str) -> str:
+    """A user turn wrapped in the policy's chat template (unwrapped without a tokenizer)."""
+    return chat(tokenizer, user_turn) if tokenizer is not None else user_turn
+
+
+_BACKENDS: dict[str, GenerationBackend] = {}
+_BACKENDS_LOCK = threading.Lock()
+
+
+def shared_backend(config: Config) -> GenerationBackend:
+    """One backend per process and policy config: the shards of a stage (in a loop,
+    on threads or on one Ray worker) load the model once."""
+    key = json.dumps(config.policy.model_dump(mode="json"), sort_keys=True) + str(config.resolve(config.policy.model))
+    with _BACKENDS_LOCK:
+        if key not in _BACKENDS:
+            _BACKENDS[key] = open_backend(config)
+        return _BACKENDS[key]
+
+
+def release_backends() -> None:
+    """Forget this process's shared backends (a stage is done with them)."""
+    with _BACKENDS_LOCK:
+        _BACKENDS.clear()

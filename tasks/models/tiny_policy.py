@@ -1,0 +1,243 @@
+"""The tiny policy: a character tokenizer and a small Llama trained from scratch on CPU.
+
+It stands in for a real reasoning model in the quickstart and the tests. It is
+trained on step-by-step chain sums (partial sums written out, final answer in
+``\\boxed{}``) from reasoning-gym: the easy level (sums and differences of two
+digits) almost always, the hard level (of two 2-digit numbers) rarely — a latent
+ability that plain sampling seldom finds. Answer-given (explain) examples are
+of the hard level half the time, so that the policy explains a shown answer
+far more readily than it finds it, as ExPO assumes of real models. The hint
+format of LTE is in the training mix too, so the later stages have a policy
+that follows both.
+
+Everything a run depends on is in ``TinyPolicyConfig``; the same config and seed
+reproduce the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tasks.core.store import swap_in
+from tasks.models.answers import steps_correct
+from tasks.models.prompts import chat, fill, load_template
+from tasks.report import progress
+from tasks.stages.curate import chain_sum_reference
+from tasks.stages.hint import hint_text
+
+log = logging.getLogger("guidedrl.policy")
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<|end|>"
+    "{% else %}{{ m['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@dataclass
+class TinyPolicyConfig:
+    seed: int = 0
+    # model
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    max_positions: int = 384
+    # data: reasoning-gym chain_sum levels
+    easy: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
+    hard: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2})
+    hard_fraction: float = 0.003  # how rarely the hard level is seen in plain and hint examples
+    # how often explain (answer-given) examples are of the hard level: the policy
+    # learns to reach an answer it is shown far more readily than to find it
+    explain_hard_fraction: float = 0.5
+    format_mix: dict = field(default_factory=lambda: {"plain": 0.7, "explain": 0.15, "hint": 0.15})
+    templates: dict = field(default_factory=lambda: {"plain": "tiny_plain", "explain": "tiny_explain", "hint": "tiny_hint"})
+    # training
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+
+
+def build_tokenizer():
+    """A character-level tokenizer over printable ASCII plus newline, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|end|>",
+        bos_token=None,
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_model(cfg: TinyPolicyConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+def solution_text(expression: str) -> str:
+    """The completion the tiny policy learns: partial sums, then the boxed answer."""
+    lines = chain_sum_reference(expression).splitlines()
+    answer = lines[-1].removeprefix("The answer is ").rstrip(".")
+    return "\n".join(lines[:-1] + [f"\\boxed{{{answer}}}"])
+
+
+def _examples(cfg: TinyPolicyConfig, tokenizer, rng: random.Random):
+    """An endless stream of (prompt, completion) training pairs."""
+    import reasoning_gym
+
+    templates = {k: load_template(v) for k, v in cfg.templates.items()}
+    gens = {
+        level: reasoning_gym.create_dataset("chain_sum", size=100_000, seed=10_000 + cfg.seed * 7 + i, **conf)
+        for i, (level, conf) in enumerate((("easy", cfg.easy), ("hard", cfg.hard)))
+    }
+    kinds, weights = zip(*cfg.format_mix.items())
+    counters = {"easy": 0, "hard": 0}
+    while True:
+        kind = rng.choices(kinds, weights)[0]
+        fraction = cfg.explain_hard_fraction if kind == "explain" else cfg.hard_fraction
+        level = "hard" if rng.random() < fraction else "easy"
+        entry = gens[level][counters[level] % 100_000]
+        counters[level] += 1
+        expr, answer = entry["metadata"]["expression"], entry["answer"]
+        if kind == "plain":
+            user = fill(templates["plain"], entry["question"])
+        elif kind == "explain":
+            user = fill(templates["explain"], entry["question"], answer=answer)
+        else:
+            wrong = sorted({str(int(answer) + d) for d in rng.sample([-10, -2, -1, 1, 2, 10, 11], rng.randint(1, 3))})
+            user = fill(templates["hint"], entry["question"], hint=hint_text(wrong, rng.random() < 0.3))
+        yield chat(tokenizer, user), solution_text(expr) + tokenizer.eos_token
+
+
+def _batch(pairs, tokenizer):
+    ids, labels = [], []
+    for prompt, completion in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        ids.append(p + c)
+        labels.append([-100] * len(p) + c)
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+    label_t = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
+    attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    return input_ids, attn, label_t
+
+
+def train_tiny_policy(cfg: TinyPolicyConfig, out_dir: Path) -> dict:
+    """Build and train the tiny policy; save model + tokenizer to ``out_dir``."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    tokenizer = build_tokenizer()
+    model = build_model(cfg, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("tiny policy: %.2fM parameters, %d steps of batch %d", n_params / 1e6, cfg.steps, cfg.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))),
+    )
+    stream = _examples(cfg, tokenizer, rng)
+    model.train()
+    start, losses = time.time(), []
+    for step in progress.track(range(cfg.steps), "bootstrap: training the tiny policy"):
+        input_ids, attn, labels = _batch([next(stream) for _ in range(cfg.batch_size)], tokenizer)
+        loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            log.info("step %d/%d loss %.4f (%.0fs)", step + 1, cfg.steps, sum(losses[-100:]) / 100, time.time() - start)
+    model.eval()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")  # a killed run leaves no half checkpoint
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    info = {"config": asdict(cfg), "parameters": n_params, "final_loss": sum(losses[-50:]) / min(50, len(losses)),
+            "train_seconds": round(time.time() - start, 1)}
+    (tmp / "bootstrap.json").write_text(json.dumps(info, indent=2) + "\n")
+    swap_in(tmp, out_dir)
+    return info
+
+
+def evaluate_policy(backend, levels: dict[str, dict], problems_per_level: int = 40, n: int = 64, seed: int = 777,
+                    temperature: float = 1.0, max_new_tokens: int = 48, template: str = "tiny_plain") -> dict:
+    """pass@k by level of a policy on fresh chain sums (seeds unseen in training).
+
+    Also measures, on each level, how often the answer-conditioned (explain)
+    prompt ends with the right answer: ExPO's premise is that this is easier
+    than solving.
+    """
+    import reasoning_gym
+
+    from tasks.models.answers import check
+    from tasks.report.metrics import pass_table
+
+    report = {}
+    for kind, tmpl in (("plain", template), ("explain", template.replace("plain", "explain"))):
+        t = load_template(tmpl)
+        groups = {}
+        steps: dict[str, int] = {lvl: 0 for lvl in levels}
+        total: dict[str, int] = {lvl: 0 for lvl in levels}
+        for li, (level, conf) in enumerate(levels.items()):
+            data = reasoning_gym.create_dataset("chain_sum", size=problems_per_level, seed=seed + li, **conf)
+            entries = [data[i] for i in range(len(data))]
+            problems = [{"answer": e["answer"], "question": e["question"], "metadata": json.dumps({"reasoning_gym": {"task": "chain_sum", "entry": e}})} for e in entries]
+            prompts = [chat(backend.tokenizer, fill(t, e["question"], answer=e["answer"])) for e in entries]
+            k = n if kind == "plain" else min(n, 8)
+            from tasks.models.generation import SamplingParams
+
+            out = backend.generate(prompts, SamplingParams(n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
+            for e, p, samples in zip(entries, problems, out):
+                groups[f"{level}:{e['question']}"] = (level, [check(s.text, p)[1] for s in samples])
+                steps[level] += sum(check(s.text, p)[1] and steps_correct(s.text) for s in samples)
+                total[level] += len(samples)
+        report[kind] = {lvl: v for lvl, v in pass_table(groups).items() if lvl != "all"}
+        for lvl in report[kind]:  # right answer *and* every written step right: not just a copied answer
+            report[kind][lvl]["right_answer_and_steps"] = round(steps[lvl] / total[lvl], 4)
+    return report

@@ -1,0 +1,219 @@
+"""The stage registry: every stage module under tasks/stages, in pipeline order, and
+the run config composed of their sections.
+
+A stage is found by its module declaring ``STAGE = Stage(...)`` (tasks/core/stage.py);
+modules whose name starts with ``_`` are shared helpers, not stages. The pipeline
+order is the stage graph's topological order (a stage after everything it reads,
+ties by name). Everything that needs the graph reads it here: `--stages` upstream
+resolution, `rerun --downstream`, the Prefect wiring, the online round, the report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+
+from pydantic import Field, ValidationError, create_model, model_validator
+
+import tasks.stages
+from tasks.core.config import BaseConfig, ConfigError, StrictModel, apply_overrides, read_yaml, validate
+from tasks.core.stage import Stage
+from tasks.core.store import StageOutput, Store
+
+
+def _discover() -> dict[str, Stage]:
+    found: dict[str, Stage] = {}
+    for info in pkgutil.iter_modules(tasks.stages.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"tasks.stages.{info.name}")
+        stage = getattr(module, "STAGE", None)
+        if not isinstance(stage, Stage):
+            raise TypeError(f"{module.__file__}: a stage module must declare STAGE = Stage(...)")
+        if stage.name in found:
+            raise ValueError(f"stage {stage.name!r} declared twice ({found[stage.name].module}, {stage.module})")
+        found[stage.name] = stage
+    return found
+
+
+def _pipeline_order(stages: dict[str, Stage]) -> tuple[str, ...]:
+    """Kahn's algorithm over required and optional upstream edges; ties by name."""
+    for s in stages.values():
+        unknown = [u for u in (*s.upstream, *s.optional_upstream) if u not in stages]
+        if unknown:
+            raise ValueError(f"stage {s.name} reads unknown stage(s) {unknown}")
+    order: list[str] = []
+    while len(order) < len(stages):
+        ready = sorted(n for n, s in stages.items() if n not in order and set(s.upstream) | set(s.optional_upstream) <= set(order))
+        if not ready:
+            raise ValueError(f"the stage graph has a cycle among {sorted(set(stages) - set(order))}")
+        order.append(ready[0])
+    return tuple(order)
+
+
+_FOUND = _discover()
+#: stage names in pipeline order
+STAGES: tuple[str, ...] = _pipeline_order(_FOUND)
+#: stage name -> its declaration, in pipeline order
+REGISTRY: dict[str, Stage] = {name: _FOUND[name] for name in STAGES}
+
+
+def stage(name: str) -> Stage:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}") from None
+
+
+# --------------------------------------------------------------------------- the stage graph
+
+
+def _known(stages) -> list[str]:
+    stages = list(stages)
+    unknown = [s for s in stages if s not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
+    return stages
+
+
+def upstream_closure(stages, with_optional=()) -> set[str]:
+    """``stages`` and every stage they read, transitively: required upstream always,
+    optional upstream (eval reads dpo, grpo) only when it is in ``with_optional``."""
+    wanted, todo = set(), _known(stages)
+    while todo:
+        s = todo.pop()
+        if s in wanted:
+            continue
+        wanted.add(s)
+        todo.extend(REGISTRY[s].upstream)
+        todo.extend(u for u in REGISTRY[s].optional_upstream if u in with_optional)
+    return wanted
+
+
+def select_stages(requested: list[str] | None, present=()) -> list[str]:
+    """The stages to run for ``requested`` with everything they read, in pipeline order.
+
+    A stage brings along what it reads, transitively. An optional upstream stage
+    (eval measures the dpo and grpo checkpoints) comes along when it is requested
+    too or is in ``present``: it ran in the run being re-run, or its output for
+    this config is in the store (``stored_optional``). Resolving a resolved list
+    gives the same list."""
+    requested = _known(requested or STAGES)
+    wanted = upstream_closure(requested, with_optional={*requested, *present})
+    return [s for s in STAGES if s in wanted]
+
+
+def downstream_of(name: str, stages: list[str]) -> list[str]:
+    """The stages among ``stages`` that read ``name``'s output, directly or not, in pipeline order."""
+    found = {name}
+    for s in STAGES:
+        if s in stages and ({*REGISTRY[s].upstream, *REGISTRY[s].optional_upstream} & found):
+            found.add(s)
+    return [s for s in STAGES if s in found and s != name]
+
+
+def round_stages() -> list[str]:
+    """The stages of one round of `guidedrl online`, in pipeline order."""
+    return [s for s in STAGES if REGISTRY[s].online]
+
+
+def upstream_of(name: str, outputs: dict) -> dict:
+    """What stage ``name`` reads out of ``outputs`` (stage -> output or path): its
+    required upstream, and its optional upstream where present."""
+    s = REGISTRY[name]
+    return {**{u: outputs[u] for u in s.upstream}, **{u: outputs[u] for u in s.optional_upstream if u in outputs}}
+
+
+def mermaid() -> str:
+    """The stage graph as a mermaid flowchart (ARCHITECTURE.md shows it; a test keeps them equal).
+    Solid arrows: what a stage reads; dotted: read when it ran; [[double boxes]]: sharded stages."""
+    lines = ["flowchart LR"]
+    lines += [f"    {name}[[{name}]]" if s.sharded else f"    {name}[{name}]" for name, s in REGISTRY.items()]
+    for name, s in REGISTRY.items():
+        lines += [f"    {u} --> {name}" for u in s.upstream]
+        lines += [f"    {u} -.-> {name}" for u in s.optional_upstream]
+    return "\n".join(lines)
+
+
+def stored_outputs(config, workspace: str | Path, stages: list[str]) -> tuple[dict[str, StageOutput], str | None]:
+    """The finished outputs of ``stages`` (in pipeline order) for this config, looked
+    up in the store without running anything; stops at the first stage whose output
+    is not there and returns its name."""
+    store, found = Store(workspace), {}
+    for name in stages:
+        out = store.get(name, REGISTRY[name].key_for(config, upstream_of(name, found))[0])
+        if out is None:
+            return found, name
+        found[name] = out
+    return found, None
+
+
+def stored_optional(requested: list[str] | None, config, workspace: str | Path) -> set[str]:
+    """The optional upstream stages of ``requested`` whose output for this config is
+    already in the store (with everything they read): they ran, so a stage that
+    reads them when they ran (eval) reads them again."""
+    wanted = upstream_closure(requested or STAGES)
+    present = set()
+    for opt in sorted({u for s in wanted for u in REGISTRY[s].optional_upstream} - wanted):
+        if stored_outputs(config, workspace, select_stages([opt]))[1] is None:
+            present.add(opt)
+    return present
+
+
+# --------------------------------------------------------------------------- the config
+
+
+def _section_field(model: type) -> tuple[type, object]:
+    try:
+        model()
+    except ValidationError:
+        return model, ...  # a section with required keys must be given (problems.sources)
+    return model, Field(default_factory=model)
+
+
+def _compose_config() -> type[BaseConfig]:
+    """The run config: BaseConfig's shared sections plus each stage's own section
+    (dotted sections such as `train.grpo` nest)."""
+    top: dict[str, tuple] = {}
+    nested: dict[str, dict[str, tuple]] = {}
+    for s in REGISTRY.values():
+        if s.section is None:
+            continue
+        head, _, rest = s.section.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = _section_field(s.settings_model)
+        else:
+            top[head] = _section_field(s.settings_model)
+    for head, fields in nested.items():
+        model = create_model(f"{head.title()}Config", __base__=StrictModel, **fields)
+        top[head] = (model, Field(default_factory=model))
+
+    def _known_stages(self):
+        bad = sorted(set(self.prefect.stage_retries) - set(STAGES))
+        if bad:
+            raise ValueError(f"prefect.stage_retries: unknown stage(s) {bad}; allowed: {list(STAGES)}")
+        return self
+
+    return create_model("Config", __base__=BaseConfig, __validators__={"_known_stages": model_validator(mode="after")(_known_stages)},
+                        **top)
+
+
+#: the run config (one YAML file): shared sections + every stage's section
+Config = _compose_config()
+
+
+def parse_config(raw: dict, *, where: str = "<config>", base_dir: Path | None = None):
+    """A raw config (a dict from YAML) validated; relative paths resolve against ``base_dir``."""
+    return validate(Config, raw, where=where, base_dir=base_dir)
+
+
+def load_config(path: Path | str, overrides: list[str] = (), base_dir: Path | None = None):
+    """Load, override and validate a config file. Relative paths in it resolve
+    against ``base_dir`` (default: the current directory)."""
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    return parse_config(raw, where=str(path), base_dir=base_dir)
+
+
+__all__ = ["Config", "ConfigError", "REGISTRY", "STAGES", "Stage", "downstream_of", "load_config", "mermaid", "parse_config", "round_stages",
+           "select_stages", "stage", "stored_optional", "stored_outputs", "upstream_closure", "upstream_of"]

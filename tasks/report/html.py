@@ -1,0 +1,180 @@
+"""The run report: `<workspace>/runs/<run_id>/report.html` and its PNG charts.
+
+Stage timings, pass rates by level before/after training, how many stuck
+problems each guidance method unlocked, the judge's parse rate and score
+histogram, and links to every dataset the run used or made. Written from the
+run record alone (and the stage outputs it points at), after the run ends —
+failed runs included.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("guidedrl.report")
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1f2328;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem}
+.meta{color:#59636e} table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
+th,td{border:1px solid #d0d7de;padding:.35rem .6rem;text-align:left;vertical-align:top} th{background:#f6f8fa}
+td.num{text-align:right;font-variant-numeric:tabular-nums} .ok{color:#1a7f37;font-weight:600} .bad{color:#cf222e;font-weight:600}
+.muted{color:#59636e} img{max-width:100%;border:1px solid #d0d7de;border-radius:6px;margin:.4rem 0}
+.error{background:#ffebe9;border:1px solid #ff8182;border-radius:6px;padding:.6rem .8rem} code{font-size:.85rem}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:1rem}
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _stage_name(name: str) -> str:
+    return name.split("/")[-1]
+
+
+def _charts(record, out_dir: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    charts = {}
+    stages = [(n, s.get("seconds") or 0.0, s.get("status")) for n, s in record.data["stages"].items() if "seconds" in s]
+    if stages:
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(stages) + 1))
+        colors = {"computed": "#2da44e", "failed": "#cf222e"}
+        ax.barh([n for n, _, _ in stages][::-1], [t for _, t, _ in stages][::-1],
+                color=[colors.get(st, "#8c959f") for _, _, st in stages][::-1])
+        ax.set_xlabel("seconds (grey: reused from the store)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "timings.png", dpi=110)
+        plt.close(fig)
+        charts["timings"] = "timings.png"
+    grades = [s["summary"] for n, s in record.data["stages"].items() if _stage_name(n) == "grade" and s.get("summary")]
+    if grades and grades[-1].get("outcome_histogram"):
+        hist = grades[-1]["outcome_histogram"]
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar(list(hist), list(hist.values()), color="#0969da")
+        ax.set_xlabel("outcome score (0-1)")
+        ax.set_ylabel("traces")
+        ax.set_title(f"judge scores (parse rate {grades[-1].get('parse_rate')})")
+        fig.tight_layout()
+        fig.savefig(out_dir / "judge.png", dpi=110)
+        plt.close(fig)
+        charts["judge"] = "judge.png"
+    for n, s in record.data["stages"].items():
+        png = Path(s.get("path", "")) / "charts" / "eval.png"
+        if _stage_name(n) == "eval" and png.is_file():
+            target = out_dir / f"eval-{n.replace('/', '-')}.png"
+            target.write_bytes(png.read_bytes())
+            charts.setdefault("eval", [])
+            charts["eval"].append(target.name)
+    return charts
+
+
+def _pass_table(passes: dict) -> str:
+    if not passes:
+        return ""
+    labels = list(passes)
+    levels = list(next(iter(passes.values())))
+    n = max((v.get("n", 0) for t in passes.values() for v in t.values()), default=0)
+    rows = "".join(
+        f"<tr><td>{_e(lvl)}</td>" + "".join(
+            f"<td class=num>{passes[lab][lvl]['pass@1']:.3f} / {passes[lab][lvl].get(f'pass@{n}', 0):.3f}</td>" if lvl in passes[lab]
+            else "<td>-</td>" for lab in labels) + "</tr>" for lvl in levels)
+    head = "".join(f"<th>{_e(lab)}<br><span class=muted>pass@1 / pass@{n}</span></th>" for lab in labels)
+    return f"<table><tr><th>level</th>{head}</tr>{rows}</table>"
+
+
+def render(record, charts: dict) -> str:
+    d = record.data
+    status_cls = "ok" if d["status"] == "completed" else "bad"
+    parts = [f"<!doctype html><html><head><meta charset=utf-8><title>guidedrl run {_e(record.run_id)}</title><style>{CSS}</style></head><body>",
+             f"<h1>guidedrl run <code>{_e(record.run_id)}</code></h1>",
+             f"<p class=meta>{_e(d['command'])} · <span class={status_cls}>{_e(d['status'])}</span> · started {_e(d['started'])} · "
+             f"finished {_e(d.get('finished') or '-')} · workspace <code>{_e(d['workspace'])}</code>"
+             + (f" · rerun of <code>{_e(d['rerun_of'])}</code>" if d.get("rerun_of") else "") + "</p>"]
+    if d.get("error"):
+        parts.append(f"<div class=error><b>Failed.</b> {_e(d['error'])}</div>")
+
+    from tasks.registry import REGISTRY
+
+    parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>seconds</th><th>result</th><th>output</th><th>error</th></tr>")
+    for name, s in d["stages"].items():
+        st = s.get("status", "")
+        cls = "ok" if st == "computed" else "bad" if st == "failed" else "muted"
+        path = s.get("path", "")
+        link = f"<a href='file://{_e(path)}'><code>{_e(Path(path).name)}</code></a>" if path else ""
+        stage = REGISTRY.get(_stage_name(name))
+        result = stage.describe(s["summary"]) if stage and s.get("summary") else ""
+        parts.append(f"<tr><td>{_e(name)}</td><td class={cls}>{_e(st)}</td><td class=num>{_e(s.get('seconds', ''))}</td>"
+                     f"<td>{_e(result)}</td><td>{link}</td><td>{_e(s.get('error', ''))}</td></tr>")
+    parts.append("</table>")
+    if "timings" in charts:
+        parts.append(f"<img src='{charts['timings']}' alt='stage timings'>")
+
+    summaries = {n: s.get("summary") or {} for n, s in d["stages"].items()}
+    rollouts = [(n, v) for n, v in summaries.items() if _stage_name(n) == "rollouts" and v.get("pass")]
+    evals = [(n, v) for n, v in summaries.items() if _stage_name(n) == "eval" and v.get("pass")]
+    if rollouts or evals:
+        parts.append("<h2>Pass rates by level</h2>")
+        for n, v in rollouts:
+            parts.append(f"<p>{_e(n)}: the policy's rollouts ({_e(v.get('samples'))} samples)</p>"
+                         + _pass_table({"rollouts": {k: x for k, x in v["pass"].items()}}))
+        for n, v in evals:
+            parts.append(f"<p>{_e(n)}: eval split, before/after training</p>" + _pass_table(v["pass"]))
+        for png in charts.get("eval", []):
+            parts.append(f"<img src='{png}' alt='eval chart'>")
+
+    guided = [(n, v) for n, v in summaries.items() if _stage_name(n) in ("explain", "hint") and "stuck_problems" in v]
+    if guided:
+        parts.append("<h2>Stuck problems unlocked by guidance</h2><table><tr><th>stage</th><th>stuck</th><th>unlocked</th>"
+                     "<th>fraction</th><th>kept samples</th><th>with every step right</th></tr>")
+        for n, v in guided:
+            parts.append(f"<tr><td>{_e(n)} ({'ExPO' if _stage_name(n) == 'explain' else 'LTE'})</td><td class=num>{v['stuck_problems']}</td>"
+                         f"<td class=num>{v['unlocked_problems']}</td><td class=num>{v['unlocked_fraction']:.1%}</td>"
+                         f"<td class=num>{v.get('kept')}</td><td class=num>{v.get('kept_with_all_steps_right')}</td></tr>")
+        parts.append("</table>")
+
+    grades = [(n, v) for n, v in summaries.items() if _stage_name(n) == "grade" and v]
+    if grades:
+        parts.append("<h2>Judge</h2><div class=grid><div><table>")
+        n, v = grades[-1]
+        req = v.get("judge_requests", {})
+        for k, val in [("judge", v.get("judge")), ("mode", v.get("mode")), ("traces graded", f"{v.get('graded')} / {v.get('traces')}"),
+                       ("parse rate", v.get("parse_rate")), ("mean outcome (right / wrong answer)",
+                                                             f"{v.get('mean_outcome_if_correct')} / {v.get('mean_outcome_if_wrong')}"),
+                       ("agreement with answer correctness", v.get("agreement_with_correctness")),
+                       ("requests / cache hits / retries", f"{req.get('requests', 0)} / {req.get('cache_hits', 0)} / {req.get('retries', 0)}")]:
+            parts.append(f"<tr><th>{_e(k)}</th><td>{_e(val)}</td></tr>")
+        parts.append("</table></div><div>" + (f"<img src='{charts['judge']}' alt='judge scores'>" if "judge" in charts else "") + "</div></div>")
+
+    parts.append("<h2>Datasets</h2><table><tr><th>stage</th><th>dataset</th><th>rows</th><th>path</th></tr>")
+    for name, s in d["stages"].items():
+        path = Path(s.get("path", ""))
+        manifest = path / "manifest.json"
+        if not manifest.is_file():
+            continue
+        for ds, meta in json.loads(manifest.read_text()).get("datasets", {}).items():
+            parts.append(f"<tr><td>{_e(name)}</td><td>{_e(ds)}</td><td class=num>{meta.get('num_rows')}</td>"
+                         f"<td><a href='file://{_e(path / ds)}'><code>{_e(path / ds)}</code></a></td></tr>")
+    parts.append("</table><p class=muted>Each dataset directory holds manifest.json, data/*.parquet and (training datasets) a README.md card.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(record) -> Path:
+    """Write report.html (and its charts) into the run's directory; never fails the run."""
+    out = record.dir / "report.html"
+    try:
+        charts = _charts(record, record.dir)
+        tmp = out.with_name(".report.html.tmp")
+        tmp.write_text(render(record, charts))
+        tmp.replace(out)
+    except Exception as exc:  # a report is a convenience: say so and go on
+        log.warning("could not write the run report %s: %s", out, exc)
+    return out

@@ -1,0 +1,185 @@
+"""Run records: what each `guidedrl run` (quickstart, online, rerun) did, kept
+in `<workspace>/runs/<run_id>/run.json` after its process is gone.
+
+A record holds the command, the raw config (secrets are refused at load, so it
+is safe to keep), the directory relative paths were resolved against, the
+requested stages, and per stage: status (`pending`, `running`, `computed`,
+`reused`, `cached`, `failed`), start and end time, seconds, output key and
+path, and for a failure its error in one line. It is rewritten atomically
+after every change, so a killed run leaves a record that says how far it got.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tasks.core.store import _now
+
+RUNS_DIR = "runs"
+RECORD = "run.json"
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line a person reads: its type and first line, without the traceback."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+
+
+@dataclass
+class RunRecord:
+    path: Path  # <workspace>/runs/<run_id>/run.json
+    data: dict
+
+    @property
+    def run_id(self) -> str:
+        return self.data["run_id"]
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    @classmethod
+    def create(cls, workspace: Path, command: str, raw_config: dict, base_dir: str, stages: list[str],
+               rerun_of: str | None = None, run_id: str | None = None) -> "RunRecord":
+        run_id = run_id or new_run_id()
+        path = Path(workspace) / RUNS_DIR / run_id / RECORD
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rec = cls(path, {
+            "run_id": run_id, "command": command, "status": "running", "started": _now(), "finished": None,
+            "workspace": str(Path(workspace).resolve()), "base_dir": base_dir, "config": raw_config,
+            "stages_requested": stages, "rerun_of": rerun_of, "error": None, "failed_stage": None,
+            "stages": {s: {"status": "pending"} for s in stages}, "pid": os.getpid(),
+        })
+        rec.save()
+        return rec
+
+    @classmethod
+    def open(cls, path: Path | str) -> "RunRecord":
+        """The record in a run.json file, as it is on disk now."""
+        return cls(Path(path), json.loads(Path(path).read_text()))
+
+    @classmethod
+    def load(cls, workspace: Path, run_id: str) -> "RunRecord":
+        path = Path(workspace) / RUNS_DIR / run_id / RECORD
+        try:
+            return cls.open(path)
+        except FileNotFoundError:
+            known = [r.run_id for r in list_runs(workspace)][:5]
+            raise FileNotFoundError(f"no run {run_id!r} in {Path(workspace).resolve() / RUNS_DIR}"
+                                    + (f"; recent runs: {', '.join(known)}" if known else "")) from None
+
+    def save(self) -> None:
+        tmp = self.path.with_name(f".{RECORD}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")  # stages in the order they run
+        tmp.replace(self.path)
+
+    def stage_started(self, stage: str) -> None:
+        self.data["stages"].setdefault(stage, {}).update({"status": "running", "started": _now(), "t0": time.time()})
+        self.save()
+
+    def stage_finished(self, stage: str, result: dict) -> None:
+        s = self.data["stages"].setdefault(stage, {})
+        s.update({"status": result["status"], "finished": _now(), "seconds": round(time.time() - s.pop("t0", time.time()), 2),
+                  "key": result["key"], "path": result["path"], "summary": result.get("summary", {})})
+        self.save()
+
+    def stage_failed(self, stage: str, exc: BaseException) -> None:
+        s = self.data["stages"].setdefault(stage, {})
+        s.update({"status": "failed", "finished": _now(), "seconds": round(time.time() - s.pop("t0", time.time()), 2),
+                  "error": one_line(exc)})
+        self.data.update({"status": "failed", "failed_stage": stage, "error": f"stage {stage} failed: {one_line(exc)}"})
+        self.save()
+
+    def finish(self, status: str = "completed", error: str | None = None) -> None:
+        self.data.update({"status": status, "finished": _now()})
+        if error and not self.data.get("error"):
+            self.data["error"] = error
+        self.save()
+
+    def close(self, exc: BaseException | None = None) -> "RunRecord":
+        """End the run (completed, or failed with ``exc`` in one line) and write its report.
+        Reloads the record first: the flow updated it on disk as the stages went."""
+        from tasks.report.html import write_report
+
+        fresh = RunRecord.open(self.path)
+        fresh.finish("completed" if exc is None else "failed", error=None if exc is None else one_line(exc))
+        write_report(fresh)
+        return fresh
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["RunRecord"]:
+        """Close the record when the block ends: completed, or failed with the block's
+        error in one line (the error goes on up)."""
+        try:
+            yield self
+        except BaseException as exc:
+            self.close(exc)
+            raise
+        self.close()
+
+    def outputs(self) -> list[str]:
+        """The store paths of the stage outputs this run used or made."""
+        return [s["path"] for s in self.data["stages"].values() if s.get("path")]
+
+
+def list_runs(workspace: Path) -> list[RunRecord]:
+    """Every run of the workspace, newest first."""
+    root = Path(workspace) / RUNS_DIR
+    runs = []
+    for path in root.glob(f"*/{RECORD}"):
+        try:
+            runs.append(RunRecord.open(path))
+        except (json.JSONDecodeError, OSError):
+            continue
+    return sorted(runs, key=lambda r: (r.data.get("started", ""), r.run_id), reverse=True)
+
+
+def gc(workspace: Path, keep: int, dry_run: bool = False) -> dict:
+    """Remove store outputs that none of the ``keep`` newest runs refers to, and
+    leftovers of crashed writers. Outputs of a run still going are kept."""
+    from tasks.core.store import TMP_PREFIX, Store, _pid_alive
+
+    store = Store(workspace)
+    runs = list_runs(workspace)
+    kept_runs = runs[:keep] + [r for r in runs[keep:] if r.data.get("status") == "running" and _pid_alive(int(r.data.get("pid", -1)))]
+    keep_paths = {str(Path(p).resolve()) for r in kept_runs for p in r.outputs()}
+    removed, kept, freed = [], 0, 0
+    for out in store.outputs():
+        if str(out.path.resolve()) in keep_paths:
+            kept += 1
+            continue
+        freed += sum(f.stat().st_size for f in out.path.rglob("*") if f.is_file())
+        removed.append(str(out.path))
+        if not dry_run:
+            shutil.rmtree(out.path, ignore_errors=True)
+    leftovers = []
+    for d in store.root.glob("*/*"):
+        name = d.name
+        if not d.is_dir() or not (name.startswith(".work-") or name.startswith(TMP_PREFIX)):
+            continue
+        if name.startswith(TMP_PREFIX):
+            try:
+                if _pid_alive(int(name.split("-")[-2])):
+                    continue
+            except (ValueError, IndexError):
+                pass
+        elif any(r.data.get("status") == "running" for r in kept_runs):
+            continue  # a running rollout stage may be resuming from it
+        leftovers.append(str(d))
+        if not dry_run:
+            shutil.rmtree(d, ignore_errors=True)
+    return {"runs_kept": [r.run_id for r in kept_runs], "outputs_kept": kept, "outputs_removed": removed,
+            "leftovers_removed": leftovers, "bytes_freed": freed, "dry_run": dry_run}

@@ -1,0 +1,104 @@
+"""What the guidance stages (`explain`, `hint`) share: what their key depends on,
+the current policy's plain rollouts grouped by problem, the problems `filter`
+kept (the ones guidance works on), the sampling of a shard of guided prompts,
+and the "unlocked" counts of their summaries. Not a stage (its name starts with
+an underscore)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from tasks.core.store import StageOutput, sha256_bytes
+from tasks.models.generation import GenerationBackend, SamplingParams
+from tasks.models.policy import chat_tokenizer, policy_id_for, render, shared_backend
+from tasks.models.prompts import fill, load_template
+from tasks.stages.rollouts import sample_rows
+
+if TYPE_CHECKING:
+    from tasks.registry import Config
+
+#: what a guidance stage reads
+UPSTREAM = ("curate", "rollouts", "filter")
+
+
+def settings(stage: str, config: Config) -> dict:
+    """A guidance stage's own section and the sampling settings of the rollouts it builds on."""
+    policy = config.policy.model_dump(mode="json", include={"model", "backend", "engine"})
+    return {stage: getattr(config, stage).model_dump(mode="json"), "rollouts": config.rollouts.model_dump(mode="json"), "policy": policy}
+
+
+def inputs(stage: str, config: Config, upstream: dict[str, StageOutput]) -> dict:
+    """Problems, rollouts, the problems `filter` kept, the policy and the stage's template (`prompts.<stage>`)."""
+    template = load_template(config.template_path(stage))
+    return {
+        "problems": upstream["curate"].fingerprints["problems"],
+        "rollouts": upstream["rollouts"].fingerprints["rollouts"],
+        "filtered": upstream["filter"].fingerprints["problems"],
+        "policy": policy_id_for(config),
+        f"prompt:{stage}": "sha256:" + sha256_bytes(template.template.encode()),
+    }
+
+
+def load_groups(stage: str, config: Config, upstream: dict[str, StageOutput]) -> tuple[dict[str, dict], dict[str, list[dict]], list[str]]:
+    """(problems by id, plain rollout rows by problem, the problems `filter` kept — by
+    default the stuck ones, every sample wrong). The rollouts must come from the
+    configured policy: guidance is built from, and sampled by, the current policy."""
+    problems = {p["problem_id"]: p for p in upstream["curate"].read("problems").to_pylist()}
+    by_problem: dict[str, list[dict]] = defaultdict(list)
+    for r in upstream["rollouts"].read("rollouts").to_pylist():
+        by_problem[r["problem_id"]].append(r)
+    policy_id = policy_id_for(config)
+    seen = {r["policy_id"] for rs in by_problem.values() for r in rs}
+    if seen and seen != {policy_id}:
+        raise ValueError(f"{stage}: the rollouts were sampled by {sorted(seen)}, the configured policy is {policy_id}; "
+                         "guidance must come from the current policy")
+    kept = sorted(upstream["filter"].read("problems").column("problem_id").to_pylist())
+    return problems, by_problem, kept
+
+
+def sampling_params(section, config: Config, shard: int = 0) -> SamplingParams:
+    """A guided pass samples like the rollouts unless its config section says
+    otherwise; shard ``i`` with seed `seed + i`."""
+    rc = config.rollouts
+    return SamplingParams(
+        n=getattr(section, "samples_per_problem", None) or rc.samples_per_problem,
+        temperature=rc.temperature if section.temperature is None else section.temperature,
+        top_p=rc.top_p,
+        max_new_tokens=section.max_new_tokens or rc.max_new_tokens,
+        seed=section.seed + shard,
+    )
+
+
+#: the template placeholder that shows a guidance stage's `guidance` (the answer, the hint)
+PLACEHOLDER = {"explain": "answer", "hint": "hint"}
+
+
+def sample_guided(stage: str, section, config: Config, items: list[dict], shard: int) -> tuple[GenerationBackend, list[dict], SamplingParams]:
+    """Sample a shard of guided prompts. Each item: `problem`, `guidance` (shown through
+    the stage's template) and `loss_prompt` (the original prompt, for the loss side).
+    Returns the backend, the checked rollout rows and the sampling parameters."""
+    backend = shared_backend(config)
+    tokenizer = chat_tokenizer(config, backend)
+    template = load_template(config.template_path(stage))
+    problems = [it["problem"] for it in items]
+    prompts = [render(tokenizer, fill(template, it["problem"]["question"], **{PLACEHOLDER[stage]: it["guidance"]})) for it in items]
+    params = sampling_params(section, config, shard)
+    samples = backend.generate(prompts, params)
+    rows = sample_rows(problems, samples, prompts, backend.policy_id, prompt_kind=stage,
+                       guidance=[it["guidance"] for it in items], loss_prompts=[it["loss_prompt"] for it in items])
+    return backend, rows, params
+
+
+def unlocked_summary(stuck: list[str], unlocked: list[str], levels: dict[str, str | None]) -> dict:
+    """How many stuck problems a guidance method turned into a verified positive sample
+    (``levels``: each stuck problem's level)."""
+    unlocked = sorted(set(unlocked) & set(stuck))
+    names = sorted({str(levels[pid]) for pid in stuck})
+    return {
+        "stuck_problems": len(stuck),
+        "unlocked_problems": len(unlocked),
+        "unlocked_fraction": round(len(unlocked) / len(stuck), 4) if stuck else 0.0,
+        "unlocked_by_level": {lvl: sum(str(levels[p]) == lvl for p in unlocked) for lvl in names},
+        "stuck_by_level": {lvl: sum(str(levels[p]) == lvl for p in stuck) for lvl in names},
+    }

@@ -1,0 +1,672 @@
+"""Stage `curate`: problem sources in, one problems dataset and one rejected dataset out.
+
+Inputs: the `problems` section of the config — any mix of local files
+(JSONL, JSON, CSV, Parquet, with a column mapping), Hugging Face datasets on
+local disk, and reasoning-gym generators.
+
+Method, in order:
+1. read every source into rows; a row that cannot be used (no answer, empty
+   question, unparseable line, bad split label) goes to `rejected` with a reason;
+   a file that cannot be read at all is an error naming the file;
+2. normalise the question text (Unicode NFKC, line endings, runs of spaces) and
+   give it a stable `problem_id` (sha256 of the case-folded, whitespace-collapsed
+   question);
+3. drop exact duplicates (same `problem_id`) into `rejected`, first one kept;
+4. split train/eval deterministically by id (a source or row may fix its split);
+5. decontaminate train against eval by word n-gram overlap, not counting
+   n-grams that occur in most questions of one source (a generator's template);
+6. write a worked `reference_solution` for procedural tasks whose generator gives
+   none (chain sums: the left-to-right partial sums).
+
+Outputs: datasets `problems` and `rejected` (schemas in tasks/core/schemas.py) and a
+summary of how many rows went where, per source and per reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import logging
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+from pydantic import Field, model_validator
+
+from tasks.core.config import StrictModel
+from tasks.core.schemas import to_table
+from tasks.core.stage import Job, Stage
+from tasks.core.store import StageOutput, fingerprint_files
+from tasks.report import progress
+
+# --------------------------------------------------------------------------- settings (config section `problems`)
+
+
+class ReasoningGymSpec(StrictModel):
+    task: str = Field(description="reasoning-gym dataset name, e.g. chain_sum")
+    size: int = Field(gt=0)
+    seed: int = 0
+    level: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict, description="generator config, e.g. min_terms")
+
+
+class HFSpec(StrictModel):
+    """A Hugging Face dataset on local disk: a ``save_to_disk`` directory
+    (``path``) or local data files loaded by a builder (``format`` + ``data_files``).
+    Nothing is downloaded."""
+
+    path: str | None = None
+    format: Literal["parquet", "json", "csv"] | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if bool(self.path) == bool(self.data_files):
+            raise ValueError("give either 'path' (a save_to_disk directory) or 'data_files' with 'format'")
+        if self.data_files and not self.format:
+            raise ValueError("'data_files' needs 'format': one of parquet, json, csv")
+        return self
+
+
+class SourceConfig(StrictModel):
+    """One problem source. Exactly one of ``file``, ``hf``, ``reasoning_gym``."""
+
+    file: str | None = None
+    hf: HFSpec | None = None
+    reasoning_gym: ReasoningGymSpec | None = None
+    format: Literal["jsonl", "json", "csv", "parquet"] | None = Field(
+        None, description="file format; default from the file extension"
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="contract column -> column name in the input (question, answer, reference_solution, level, split)",
+    )
+    source: str | None = Field(None, description="the value of the `source` column; default from the file or task name")
+    level: str | None = Field(None, description="level label for every row of this source")
+    split: Literal["train", "eval"] | None = Field(None, description="put every row of this source in this split")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("file", "hf", "reasoning_gym") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a source needs exactly one of 'file', 'hf', 'reasoning_gym'"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.reasoning_gym is not None and self.reasoning_gym.level and self.level:
+            raise ValueError("give 'level' once: inside reasoning_gym or beside it, not both")
+        allowed = {"question", "answer", "reference_solution", "level", "split"}
+        bad = sorted(set(self.columns) - allowed)
+        if bad:
+            raise ValueError(f"columns: unknown contract column(s) {bad}; allowed: {sorted(allowed)}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "file" if self.file is not None else "hf" if self.hf is not None else "reasoning_gym"
+
+
+class DecontaminationConfig(StrictModel):
+    enabled: bool = True
+    ngram: int = Field(8, ge=1, description="n of the word n-grams compared")
+    threshold: float = Field(
+        0.5, gt=0, le=1, description="a train problem is contaminated when this fraction of its n-grams occur in eval problems"
+    )
+    template_fraction: float = Field(
+        0.5, gt=0, le=1, description="n-grams in more than this fraction of one source's questions are template text and do not count"
+    )
+
+
+class ProblemsConfig(StrictModel):
+    sources: list[SourceConfig] = Field(min_length=1)
+    eval_fraction: float = Field(0.2, ge=0, lt=1)
+    split_seed: int = 0
+    decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
+
+
+STAGE = Stage(name="curate", version="1", module=__name__, writes={"problems": "problems", "rejected": "rejected"},
+              section="problems", settings_model=ProblemsConfig, online=False)
+
+log = logging.getLogger("guidedrl.curate")
+
+_WS = re.compile(r"[ \t\f\v\u00a0]+")
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+class SourceError(ValueError):
+    """A problem source that cannot be read at all; the message names the file."""
+
+
+# --------------------------------------------------------------------------- text and ids
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, unix line endings, runs of spaces collapsed, lines stripped at the
+    right, at most one blank line in a row, no leading/trailing blank space."""
+    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
+    lines = [_WS.sub(" ", line).rstrip() for line in text.split("\n")]
+    text = "\n".join(lines)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def _id_text(question: str) -> str:
+    return re.sub(r"\s+", " ", normalize_text(question)).strip().casefold()
+
+
+def problem_id(question: str) -> str:
+    """Stable id of a question: equal after normalisation means equal id."""
+    return hashlib.sha256(_id_text(question).encode()).hexdigest()[:16]
+
+
+def _tokens(question: str) -> list[str]:
+    return _TOKEN.findall(_id_text(question))
+
+
+def _windows(tokens: list[str], n: int) -> list[tuple[str, ...]]:
+    if len(tokens) < n:
+        return [tuple(tokens)] if tokens else []
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def _informative_ngrams(tokens: list[str], template: set, n: int) -> set[tuple[str, ...]]:
+    """The question's n-grams once its template text is cut out.
+
+    Tokens covered by a template n-gram are removed; n-grams are then taken
+    within each remaining run of tokens (a run shorter than n counts as one
+    n-gram of its own length; runs under 3 tokens left over from a template,
+    such as a lone "=", say nothing and are dropped)."""
+    if not template:
+        return set(_windows(tokens, n))
+    covered = [False] * len(tokens)
+    if len(tokens) >= n:
+        for i in range(len(tokens) - n + 1):
+            if tuple(tokens[i : i + n]) in template:
+                covered[i : i + n] = [True] * n
+    elif tuple(tokens) in template:
+        covered = [True] * len(tokens)
+    if not any(covered):
+        return set(_windows(tokens, n))
+    grams: set[tuple[str, ...]] = set()
+    run: list[str] = []
+    for tok, cov in zip(tokens + [""], covered + [True]):
+        if not cov:
+            run.append(tok)
+            continue
+        if len(run) >= min(n, 3):
+            grams.update(_windows(run, n))
+        run = []
+    return grams
+
+
+def _split_of(pid: str, seed: int, eval_fraction: float) -> str:
+    u = int(hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest()[:12], 16) / float(1 << 48)
+    return "eval" if u < eval_fraction else "train"
+
+
+# --------------------------------------------------------------------------- reference solutions
+
+
+def chain_sum_reference(expression: str) -> str:
+    """Left-to-right partial sums of a reasoning-gym chain sum, one per line,
+    e.g. ``12 + 7 - 3`` -> ``12 + 7 = 19`` / ``19 - 3 = 16`` / ``The answer is 16.``"""
+    parts = expression.split()
+    if len(parts) % 2 == 0 or any(op not in "+-" for op in parts[1::2]):
+        raise ValueError(f"not a chain sum expression: {expression!r}")
+    total = int(parts[0])
+    lines = []
+    for op, term in zip(parts[1::2], parts[2::2]):
+        value = int(term)
+        new = total + value if op == "+" else total - value
+        lines.append(f"{total} {op} {value} = {new}")
+        total = new
+    if not lines:
+        lines.append(f"{total} = {total}")
+    lines.append(f"The answer is {total}.")
+    return "\n".join(lines)
+
+
+#: reasoning-gym task -> writer of a worked solution from the entry's metadata
+REFERENCE_WRITERS: dict[str, Callable[[dict], str]] = {
+    "chain_sum": lambda entry: chain_sum_reference(entry["metadata"]["expression"]),
+}
+
+
+# --------------------------------------------------------------------------- reading sources
+
+
+@dataclass
+class _Row:
+    """One input row as read from its source, before validation."""
+
+    source: str
+    index: int
+    data: dict[str, Any]  # the input row (for `rejected`)
+    question: Any = None
+    answer: Any = None
+    reference_solution: Any = None
+    level: Any = None
+    split: Any = None
+    metadata: dict = field(default_factory=dict)
+    error: str | None = None  # a row-level read error: goes to rejected
+
+
+def _source_name(src: SourceConfig) -> str:
+    if src.source:
+        return src.source
+    if src.kind == "file":
+        return Path(src.file).stem
+    if src.kind == "hf":
+        return Path(src.hf.path or (src.hf.data_files if isinstance(src.hf.data_files, str) else src.hf.data_files[0])).stem
+    return f"reasoning_gym/{src.reasoning_gym.task}"
+
+
+def _file_format(src: SourceConfig, path: Path) -> str:
+    if src.format:
+        return src.format
+    ext = path.suffix.lower()
+    fmt = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(ext)
+    if fmt is None:
+        raise SourceError(f"{path}: cannot tell the format from the extension {ext!r}; set `format:` (jsonl, json, csv, parquet)")
+    return fmt
+
+
+def _read_records(path: Path, fmt: str) -> Iterator[tuple[dict | None, str | None]]:
+    """Yield (record, None) or (None, row-level error) for each row of a file."""
+    if not path.is_file():
+        raise SourceError(f"{path}: problem file not found")
+    if fmt == "jsonl":
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield {"line": lineno, "text": line.rstrip("\n")[:500]}, f"line {lineno}: not valid JSON ({exc.msg})"
+                    continue
+                if not isinstance(rec, dict):
+                    yield {"line": lineno, "text": line.rstrip("\n")[:500]}, f"line {lineno}: a JSON {type(rec).__name__}, expected an object"
+                    continue
+                yield rec, None
+    elif fmt == "json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"{path}: not valid JSON ({exc})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise SourceError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
+        for i, rec in enumerate(data):
+            if isinstance(rec, dict):
+                yield rec, None
+            else:
+                yield {"item": i, "value": rec}, f"item {i}: a JSON {type(rec).__name__}, expected an object"
+    elif fmt == "csv":
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames:
+                raise SourceError(f"{path}: empty CSV file (no header row)")
+            try:
+                for rec in reader:
+                    if None in rec:  # more cells than header columns
+                        yield {k: v for k, v in rec.items() if k is not None}, f"line {reader.line_num}: more cells than header columns"
+                        continue
+                    yield rec, None
+            except csv.Error as exc:
+                raise SourceError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise SourceError(f"{path}: cannot be read as Parquet ({exc})") from None
+        for rec in table.to_pylist():
+            yield rec, None
+
+
+def _mapped(rec: dict, src: SourceConfig) -> dict[str, Any]:
+    """Pick contract fields from an input record using the source's column mapping."""
+    out = {}
+    for name in ("question", "answer", "reference_solution", "level", "split"):
+        col = src.columns.get(name, name)
+        out[name] = rec.get(col)
+    return out
+
+
+def _check_columns(columns: list[str], src: SourceConfig, where: str) -> None:
+    for name in ("question", "answer"):
+        col = src.columns.get(name, name)
+        if col not in columns:
+            hint = "" if name in src.columns else f"; map it with `columns: {{{name}: <input column>}}`"
+            raise SourceError(f"{where}: no column {col!r} for `{name}` (columns: {sorted(columns)}){hint}")
+    for name, col in src.columns.items():
+        if col not in columns:
+            raise SourceError(f"{where}: mapped column {col!r} (for `{name}`) is not in the input (columns: {sorted(columns)})")
+
+
+def _rows_from_records(records: Iterator[tuple[dict | None, str | None]], src: SourceConfig, name: str, where: str) -> Iterator[_Row]:
+    checked = False
+    for i, (rec, err) in enumerate(records):
+        if err is not None:
+            yield _Row(name, i, rec or {}, error=err)
+            continue
+        if not checked:
+            _check_columns(list(rec), src, where)
+            checked = True
+        m = _mapped(rec, src)
+        mapped_cols = {src.columns.get(k, k) for k in m}
+        extra = {k: v for k, v in rec.items() if k not in mapped_cols}
+        yield _Row(name, i, rec, **m, metadata={"row": extra} if extra else {})
+
+
+def _read_file(src: SourceConfig, resolve: Callable[[str], Path], name: str) -> Iterator[_Row]:
+    path = resolve(src.file)
+    fmt = _file_format(src, path)
+    return _rows_from_records(_read_records(path, fmt), src, name, str(path))
+
+
+def _read_hf(src: SourceConfig, resolve: Callable[[str], Path], name: str) -> Iterator[_Row]:
+    import datasets
+
+    spec = src.hf
+    if spec.path:
+        path = resolve(spec.path)
+        where = str(path)
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise SourceError(f"{path}: no Hugging Face dataset saved here (expected a save_to_disk directory)") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if spec.split not in ds:
+                raise SourceError(f"{path}: no split {spec.split!r}; splits: {list(ds)}")
+            ds = ds[spec.split]
+    else:
+        files = [spec.data_files] if isinstance(spec.data_files, str) else list(spec.data_files)
+        files = [str(resolve(f)) for f in files]
+        where = ", ".join(files)
+        for f in files:
+            if not glob.glob(f):
+                raise SourceError(f"{f}: data file not found")
+        try:
+            ds = datasets.load_dataset(spec.format, data_files=files, split=spec.split)
+        except Exception as exc:
+            raise SourceError(f"{where}: cannot be loaded with datasets ({type(exc).__name__}: {exc})") from None
+    return _rows_from_records(((rec, None) for rec in ds), src, name, where)
+
+
+def _read_reasoning_gym(src: SourceConfig, name: str) -> Iterator[_Row]:
+    import reasoning_gym
+
+    spec = src.reasoning_gym
+    try:
+        data = reasoning_gym.create_dataset(spec.task, size=spec.size, seed=spec.seed, **spec.config)
+    except ValueError as exc:
+        raise SourceError(f"reasoning_gym task {spec.task!r}: {exc}") from None
+    except (TypeError, AssertionError) as exc:
+        raise SourceError(f"reasoning_gym task {spec.task!r}: bad generator config {spec.config}: {exc}") from None
+    writer = REFERENCE_WRITERS.get(spec.task)
+    level = spec.level or src.level
+    for i in range(len(data)):
+        entry = data[i]
+        ref = entry.get("metadata", {}).get("solution")
+        if ref is None and writer is not None:
+            ref = writer(entry)
+        yield _Row(
+            name,
+            i,
+            {"task": spec.task, "seed": spec.seed, "index": i, "question": entry.get("question")},
+            question=entry.get("question"),
+            answer=entry.get("answer"),
+            reference_solution=ref,
+            level=level,
+            metadata={"reasoning_gym": {"task": spec.task, "entry": entry}},
+        )
+
+
+def read_source(src: SourceConfig, resolve: Callable[[str], Path] = Path) -> Iterator[_Row]:
+    name = _source_name(src)
+    if src.kind == "file":
+        return _read_file(src, resolve, name)
+    if src.kind == "hf":
+        return _read_hf(src, resolve, name)
+    return _read_reasoning_gym(src, name)
+
+
+# --------------------------------------------------------------------------- the method
+
+
+@dataclass
+class CurationResult:
+    problems: list[dict]
+    rejected: list[dict]
+    summary: dict
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value != value:  # NaN from a CSV/Parquet cell
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    return None
+
+
+def _validate(row: _Row, src: SourceConfig) -> tuple[dict | None, str | None]:
+    if row.error:
+        return None, f"unparseable: {row.error}"
+    q = _as_text(row.question)
+    if q is None and row.question is not None:
+        return None, f"bad_type: question is a {type(row.question).__name__}, not text"
+    if q is None or not normalize_text(q):
+        return None, "empty_question: the question is missing or blank"
+    a = _as_text(row.answer)
+    if a is None and row.answer is not None:
+        return None, f"bad_type: answer is a {type(row.answer).__name__}, not text or a number"
+    if a is None or not normalize_text(a):
+        return None, "no_answer: the answer is missing or blank"
+    split = src.split or (_as_text(row.split) or None)
+    if split is not None and split not in ("train", "eval"):
+        return None, f"bad_split: split {split!r} is not 'train' or 'eval'"
+    level = src.level or (src.reasoning_gym.level if src.reasoning_gym else None) or _as_text(row.level)
+    question = normalize_text(q)
+    ref = _as_text(row.reference_solution)
+    return {
+        "problem_id": problem_id(question),
+        "question": question,
+        "answer": normalize_text(a),
+        "reference_solution": normalize_text(ref) if ref else None,
+        "source": row.source,
+        "level": level or None,
+        "split": split,
+        "metadata": json.dumps({"source_index": row.index, **row.metadata}, sort_keys=True, default=str),
+    }, None
+
+
+def _reject(row: _Row, reason: str) -> dict:
+    return {"source": row.source, "row": json.dumps(row.data, sort_keys=True, default=str), "reason": reason}
+
+
+def _decontaminate(problems: list[dict], cfg, rejected: list[dict], rows_by_id: dict[str, _Row]) -> tuple[list[dict], int]:
+    """Remove train problems whose informative n-grams overlap the eval split.
+
+    A train problem is contaminated when at least ``threshold`` of its
+    informative n-grams (template text of its source cut out) occur among the
+    eval problems' informative n-grams."""
+    n = cfg.ngram
+    tokens = {p["problem_id"]: _tokens(p["question"]) for p in problems}
+    # template n-grams: in more than `template_fraction` of one source's questions
+    by_source: dict[str, list[str]] = defaultdict(list)
+    for p in problems:
+        by_source[p["source"]].append(p["problem_id"])
+    template: dict[str, set] = {}
+    for source, ids in by_source.items():
+        df = Counter(g for pid in ids for g in set(_windows(tokens[pid], n)))
+        limit = cfg.template_fraction * len(ids)
+        template[source] = {g for g, c in df.items() if c > limit} if len(ids) >= 10 else set()
+    grams = {p["problem_id"]: _informative_ngrams(tokens[p["problem_id"]], template[p["source"]], n) for p in problems}
+    eval_index: dict[tuple, str] = {}
+    for p in problems:
+        if p["split"] == "eval":
+            for g in grams[p["problem_id"]]:
+                eval_index.setdefault(g, p["problem_id"])
+    kept, removed = [], 0
+    for p in progress.track(problems, "curate: decontaminating"):
+        informative = grams[p["problem_id"]]
+        if p["split"] != "train" or not eval_index or not informative:
+            kept.append(p)
+            continue
+        hits = [eval_index[g] for g in informative if g in eval_index]
+        frac = len(hits) / len(informative)
+        if frac >= cfg.threshold:
+            top = Counter(hits).most_common(1)[0][0]
+            rejected.append(
+                _reject(
+                    rows_by_id[p["problem_id"]],
+                    f"contaminated: {frac:.2f} of its {n}-grams occur in the eval split (most with eval problem {top})",
+                )
+            )
+            removed += 1
+        else:
+            kept.append(p)
+    return kept, removed
+
+
+def curate(cfg: ProblemsConfig, resolve: Callable[[str], Path] = Path) -> CurationResult:
+    """Curate problems from the configured sources (plain function, no Prefect)."""
+    problems: list[dict] = []
+    rejected: list[dict] = []
+    seen: dict[str, dict] = {}
+    rows_by_id: dict[str, _Row] = {}
+    per_source: dict[str, Counter] = defaultdict(Counter)
+    reasons: Counter = Counter()
+
+    for src in cfg.sources:
+        name = _source_name(src)
+        for row in progress.track(read_source(src, resolve), f"curate: reading {name}"):
+            per_source[name]["read"] += 1
+            prob, reason = _validate(row, src)
+            if prob is not None:
+                first = seen.get(prob["problem_id"])
+                if first is not None:
+                    if first["answer"] == prob["answer"]:
+                        reason = f"duplicate: same question and answer as problem {first['problem_id']} ({first['source']})"
+                    else:
+                        reason = (
+                            f"conflicting_duplicate: same question as problem {first['problem_id']} ({first['source']}) "
+                            f"with a different answer ({prob['answer']!r} there: {first['answer']!r})"
+                        )
+            if reason is not None:
+                rejected.append(_reject(row, reason))
+                per_source[name]["rejected"] += 1
+                reasons[reason.split(":", 1)[0]] += 1
+                continue
+            seen[prob["problem_id"]] = prob
+            rows_by_id[prob["problem_id"]] = row
+            problems.append(prob)
+
+    for p in problems:
+        if p["split"] is None:
+            p["split"] = _split_of(p["problem_id"], cfg.split_seed, cfg.eval_fraction)
+
+    contaminated = 0
+    if cfg.decontamination.enabled:
+        n_before = len(rejected)
+        problems, contaminated = _decontaminate(problems, cfg.decontamination, rejected, rows_by_id)
+        for r in rejected[n_before:]:
+            per_source[r["source"]]["rejected"] += 1
+        if contaminated:
+            reasons["contaminated"] += contaminated
+
+    for p in problems:
+        per_source[p["source"]][p["split"]] += 1
+    split_counts = Counter(p["split"] for p in problems)
+    summary = {
+        "problems": len(problems),
+        "train": split_counts.get("train", 0),
+        "eval": split_counts.get("eval", 0),
+        "rejected": len(rejected),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "by_source": {k: dict(v) for k, v in per_source.items()},
+        "by_level": dict(sorted(Counter(f"{p['split']}/{p['level']}" for p in problems).items())),
+        "with_reference_solution": sum(p["reference_solution"] is not None for p in problems),
+    }
+    return CurationResult(problems, rejected, summary)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def input_fingerprints(cfg: ProblemsConfig, resolve: Callable[[str], Path] = Path) -> dict[str, str]:
+    """What the stage reads, fingerprinted: file bytes, generator package versions."""
+    fps = {}
+    for i, src in enumerate(cfg.sources):
+        if src.kind == "file":
+            path = resolve(src.file)
+            if not path.is_file():
+                raise SourceError(f"{path}: problem file not found (problems.sources.{i}.file)")
+            fps[f"sources.{i}"] = fingerprint_files([path])
+        elif src.kind == "hf":
+            if src.hf.path:
+                root = resolve(src.hf.path)
+                files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+                if not files:
+                    raise SourceError(f"{root}: no Hugging Face dataset saved here (problems.sources.{i}.hf.path)")
+                fps[f"sources.{i}"] = fingerprint_files(files, root=root)
+            else:
+                names = [src.hf.data_files] if isinstance(src.hf.data_files, str) else src.hf.data_files
+                files = [Path(p) for f in names for p in sorted(glob.glob(str(resolve(f))))]
+                if not files:
+                    raise SourceError(f"{names}: data files not found (problems.sources.{i}.hf.data_files)")
+                fps[f"sources.{i}"] = fingerprint_files(files, root=None)
+        else:
+            fps[f"sources.{i}"] = f"reasoning-gym=={metadata.version('reasoning-gym')}"
+    return fps
+
+
+def settings(config) -> dict:
+    return config.problems.model_dump(mode="json")
+
+
+def inputs(config, upstream: dict[str, StageOutput] | None = None) -> dict:
+    return input_fingerprints(config.problems, config.resolve)
+
+
+def compute(job: Job) -> StageOutput:
+    result = curate(job.config.problems, job.config.resolve)
+    out = job.write(
+        {
+            "problems": to_table(result.problems, "problems", "curate/problems"),
+            "rejected": to_table(result.rejected, "rejected", "curate/rejected"),
+        },
+        result.summary,
+        dataset_summaries={
+            "problems": {k: result.summary[k] for k in ("problems", "train", "eval", "by_level", "with_reference_solution")},
+            "rejected": {k: result.summary[k] for k in ("rejected", "rejected_by_reason")},
+        },
+    )
+    s = result.summary
+    log.info(
+        "curate: %d problems (%d train, %d eval), %d rejected %s -> %s",
+        s["problems"], s["train"], s["eval"], s["rejected"], s["rejected_by_reason"] or "", out.path,
+    )
+    return out
+
+
+def describe(s: dict) -> str:
+    reasons = ", ".join(f"{k}: {v}" for k, v in s.get("rejected_by_reason", {}).items())
+    return f"{s.get('problems')} problems ({s.get('train')} train, {s.get('eval')} eval); {s.get('rejected')} rejected" + (f" ({reasons})" if reasons else "")

@@ -1,0 +1,140 @@
+"""Stage `eval`: pass@1 and pass@k on the evaluation split, by level, for the
+base policy and the checkpoints the `dpo` and `grpo` stages trained.
+
+n samples per problem (`eval.samples_per_problem`) at `eval.temperature` with
+the plain prompt; answers checked like the rollouts'; pass@k is the unbiased
+estimator over the n samples (k = 1 and k = n). Output: dataset `eval`
+(`policy_id`, `level`, `n`, `pass_at_1`, `pass_at_k`, `k`, plus `policy` — base,
+dpo or grpo — and `problems`) and `charts/eval.png`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from tasks.core.config import StrictModel
+from tasks.core.schemas import to_table
+from tasks.core.stage import Job, Stage
+from tasks.core.store import StageOutput, sha256_bytes
+from tasks.models.answers import check
+from tasks.models.generation import SamplingParams, checkpoint_fingerprint, make_backend
+from tasks.models.policy import chat_tokenizer, open_backend, policy_id_for, render
+from tasks.models.prompts import fill, load_template
+from tasks.report.metrics import pass_table
+from tasks.stages.rollouts import select_problems
+
+if TYPE_CHECKING:
+    from tasks.registry import Config
+
+
+class EvalConfig(StrictModel):
+    """pass@1 and pass@k on the evaluation split, by level, for the base policy and each trained checkpoint."""
+
+    samples_per_problem: int = Field(8, gt=0, description="n samples per problem; pass@k for k = 1 and n (unbiased estimator)")
+    temperature: float = Field(1.0, ge=0)
+    max_new_tokens: int | None = Field(None, gt=0, description="default: rollouts.max_new_tokens")
+    levels: list[str] | None = Field(None, description="only these levels (default: all)")
+    max_problems: int | None = Field(None, gt=0, description="at most this many eval problems (first by problem_id)")
+    seed: int = 1234
+
+
+STAGE = Stage(name="eval", version="1", module=__name__, upstream=("curate",), optional_upstream=("dpo", "grpo"),
+              writes={"eval": "eval"}, directories=("charts",), section="eval", settings_model=EvalConfig)
+
+log = logging.getLogger("guidedrl.eval")
+
+
+def policies(config: Config, upstream: dict[str, StageOutput]) -> list[tuple[str, str, Path | None]]:
+    """(label, policy_id, local checkpoint or None for the configured backend) of every policy to evaluate."""
+    out = [("base", policy_id_for(config), None)]
+    for stage in ("dpo", "grpo"):  # the checkpoints the training stages wrote
+        if stage in upstream:
+            ckpt = upstream[stage].path / "checkpoint"
+            out.append((stage, checkpoint_fingerprint(ckpt), ckpt))
+    return out
+
+
+def evaluate_policy(backend, tokenizer, problems: list[dict], template, params: SamplingParams) -> dict[str, tuple[str, list[bool]]]:
+    """problem_id -> (level, [correct per sample])."""
+    prompts = [render(tokenizer, fill(template, p["question"])) for p in problems]
+    samples = backend.generate(prompts, params)
+    return {p["problem_id"]: (str(p["level"]), [s.finish_reason != "error" and check(s.text, p)[1] for s in group])
+            for p, group in zip(problems, samples)}
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    """Grouped bars: pass@1 and pass@n by level, one colour per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted({r["level"] for r in rows})
+    labels = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    width = 0.8 / max(1, len(labels))
+    for ax, metric, title in ((axes[0], "pass_at_1", "pass@1"), (axes[1], "pass_at_k", f"pass@{rows[0]['k']}" if rows else "pass@k")):
+        for j, label in enumerate(labels):
+            vals = [next((r[metric] for r in rows if r["level"] == lvl and r["policy"] == label), 0.0) for lvl in levels]
+            bars = ax.bar([i + j * width for i in range(len(levels))], vals, width, label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(levels))], levels)
+        ax.set_title(title)
+        ax.set_ylim(0, 1.08)
+    axes[0].set_ylabel("eval split")
+    axes[1].legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def settings(config: Config) -> dict:
+    return {"eval": config.eval.model_dump(mode="json"), "max_new_tokens": config.eval.max_new_tokens or config.rollouts.max_new_tokens,
+            "top_p": config.rollouts.top_p}
+
+
+def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
+    template = load_template(config.template_path("plain"))
+    return {"problems": upstream["curate"].fingerprints["problems"],
+            "prompt:plain": "sha256:" + sha256_bytes(template.template.encode()),
+            **{f"policy:{label}": pid for label, pid, _ in policies(config, upstream)}}
+
+
+def compute(job: Job) -> StageOutput:
+    config, upstream = job.config, job.upstream
+    ec = config.eval
+    problems = select_problems(upstream["curate"].read("problems"), "eval", ec.levels, ec.max_problems)
+    if not problems:
+        raise ValueError(f"eval: no problems in the eval split with levels {ec.levels} in {upstream['curate'].path} "
+                         "(problems.eval_fraction must be above 0)")
+    template = load_template(config.template_path("plain"))
+    params = SamplingParams(n=ec.samples_per_problem, temperature=ec.temperature, top_p=config.rollouts.top_p,
+                            max_new_tokens=ec.max_new_tokens or config.rollouts.max_new_tokens, seed=ec.seed)
+    rows, tables = [], {}
+    for label, pid, ckpt in policies(config, upstream):
+        backend = open_backend(config) if ckpt is None else make_backend("transformers", str(ckpt), batch_size=config.policy.batch_size)
+        groups = evaluate_policy(backend, chat_tokenizer(config, backend), problems, template, params)
+        table = pass_table(groups)
+        tables[label] = table
+        n = ec.samples_per_problem
+        for level, entry in table.items():
+            rows.append({"policy_id": pid, "level": level, "n": entry["n"], "pass_at_1": entry["pass@1"],
+                         "pass_at_k": entry[f"pass@{n}"], "k": n, "policy": label, "problems": entry["problems"]})
+    with job.scratch() as tmp:
+        charts = tmp / "charts"
+        charts.mkdir()
+        chart(rows, charts / "eval.png")
+        summary = {"problems": len(problems), "n": ec.samples_per_problem, "pass": tables}
+        out = job.write({"eval": to_table(rows, "eval", "eval/eval")}, summary, dataset_summaries={"eval": summary},
+                        directories={"charts": charts})
+    log.info("eval: %d eval problems x %d samples; pass@1 %s -> %s", len(problems), ec.samples_per_problem,
+             {label: {lvl: v["pass@1"] for lvl, v in t.items()} for label, t in tables.items()}, out.path / "charts" / "eval.png")
+    return out
+
+
+def describe(s: dict) -> str:
+    return f"{s.get('problems')} eval problems x {s.get('n')} samples: see the before/after table"

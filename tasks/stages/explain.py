@@ -1,0 +1,176 @@
+"""Stage `explain` (ExPO, self-explanation): the policy explains how to reach the
+ground-truth answer it is shown.
+
+Inputs: the curated `problems`, the plain `rollouts` of the current policy, the
+problems `filter` kept (the stuck ones), the `explain` prompt template (question +
+answer, "explain step by step").
+
+Method:
+1. targets: the problems `filter` kept — by default those whose rollouts all failed (`explain.problems: stuck`),
+   or every rolled-out problem (`all`), in shards of `explain.shard_size`
+   (shard i samples with seed + i; tasks/core/shards.py);
+2. sample m explanations from the answer-conditioned prompt; keep those whose
+   final answer checks correct;
+3. score each kept explanation on the two properties that make a useful
+   positive sample (both under the policy at temperature 1, both under the
+   *original* prompt, which never shows the answer):
+   (a) `explain_loglik` = log pi(explanation | original prompt) per token
+       (`explain_loglik_total`: summed) — likely under the current policy;
+   (b) `explain_answer_gain` = log pi(\\boxed{answer} | original prompt +
+       explanation body) - log pi(\\boxed{answer} | original prompt) — how much
+       the explanation raises the probability of the right answer;
+4. per problem, mark the explanation chosen by `explain.select` (highest (a),
+   highest (b), or all).
+
+Outputs: dataset `explanations` (rollout rows with `prompt_kind = 'explain'`,
+`guidance` = the answer shown, `loss_prompt` = the original prompt,
+`loss_logprobs` = the tokens under it, plus the scores and `selected`), and a
+summary: how many stuck problems got a verified explanation, which did not
+(listed), and how many kept explanations have every intermediate step right —
+an explanation can copy the answer it was shown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from tasks.core.config import StrictModel
+from tasks.core.schemas import to_table
+from tasks.core.shards import ShardPlan, make_plan
+from tasks.core.stage import Job, Stage
+from tasks.core.store import StageOutput
+from tasks.models.answers import steps_correct
+from tasks.stages import _guidance as guidance
+from tasks.stages.rollouts import add_loss_logprobs
+
+
+class ExplainConfig(StrictModel):
+    """ExPO: the policy explains how to reach the ground-truth answer it is shown."""
+
+    problems: Literal["stuck", "all"] = Field("stuck", description="stuck: the problems `filter` kept (by default those whose rollouts all failed); all: every rolled-out problem")
+    samples_per_problem: int = Field(4, gt=0, description="explanations sampled per problem (m)")
+    temperature: float | None = Field(None, ge=0, description="default: rollouts.temperature")
+    max_new_tokens: int | None = Field(None, gt=0, description="default: rollouts.max_new_tokens")
+    seed: int = 0
+    select: Literal["loglik", "answer_gain", "all"] = Field(
+        "loglik", description="per problem keep the correct explanation with the highest per-token log-likelihood, the highest answer gain, or all"
+    )
+    shard_size: int = Field(32, gt=0, description="problems per shard (sampled with seed + shard index); a crash resumes at the first unfinished shard")
+
+
+STAGE = Stage(name="explain", version="1", module=__name__, upstream=guidance.UPSTREAM, writes={"explanations": "explanations"},
+              section="explain", settings_model=ExplainConfig, sharded=True)
+
+log = logging.getLogger("guidedrl.explain")
+
+
+def answer_text(answer: str) -> str:
+    """The answer as the policy is asked to end: boxed."""
+    return f"\\boxed{{{answer}}}"
+
+
+def explanation_body(completion: str) -> str:
+    """The explanation without its final boxed answer."""
+    i = completion.rfind("\\boxed")
+    return completion[:i] if i >= 0 else completion
+
+
+def score_explanations(backend, rows: list[dict], answers: list[str]) -> None:
+    """Add (a) `explain_loglik`(+`_total`) and (b) `explain_answer_gain` to kept rows."""
+    if not rows or not hasattr(backend, "score"):
+        return
+    lls = backend.score([r["loss_prompt"] for r in rows], [r["completion_token_ids"] for r in rows], 1.0)
+    tok = backend.tokenizer
+    ans_ids = [tok(answer_text(a), add_special_tokens=False)["input_ids"] for a in answers]
+    with_expl = backend.score([r["loss_prompt"] + explanation_body(r["completion"]) for r in rows], ans_ids, 1.0)
+    without = backend.score([r["loss_prompt"] for r in rows], ans_ids, 1.0)
+    for r, ll, w, wo in zip(rows, lls, with_expl, without):
+        r["explain_loglik_total"] = float(sum(ll))
+        r["explain_loglik"] = float(sum(ll) / max(1, len(ll)))
+        r["explain_answer_gain"] = float(sum(w) - sum(wo))
+
+
+def select(rows: list[dict], rule: str) -> None:
+    """Mark per problem the explanation(s) chosen by ``rule``."""
+    by_problem: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        r["selected"] = rule == "all"
+        by_problem[r["problem_id"]].append(r)
+    if rule == "all":
+        return
+    field = {"loglik": "explain_loglik", "answer_gain": "explain_answer_gain"}[rule]
+    for group in by_problem.values():
+        best = max(group, key=lambda r: (r.get(field) is not None, r.get(field) or 0.0, -r["sample_idx"]))
+        best["selected"] = True
+
+
+def settings(config) -> dict:
+    return guidance.settings(STAGE.name, config)
+
+
+def inputs(config, upstream: dict[str, StageOutput]) -> dict:
+    return guidance.inputs(STAGE.name, config, upstream)
+
+
+def plan(job: Job) -> ShardPlan:
+    """The target problems (stuck, or all), each with its original prompt, in shards of `explain.shard_size`."""
+    config = job.config
+    problems, by_problem, stuck = guidance.load_groups(STAGE.name, config, job.upstream)
+    targets = stuck if config.explain.problems == "stuck" else sorted(by_problem)
+    items = [{"problem": problems[pid], "guidance": problems[pid]["answer"], "loss_prompt": by_problem[pid][0]["loss_prompt"]}
+             for pid in targets]
+    context = {"stuck": stuck, "levels": {pid: problems[pid]["level"] for pid in stuck}}
+    return make_plan(job, items, config.explain.shard_size, context)
+
+
+def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
+    """Sample, verify, score and select the explanations of shard ``i``'s problems, and write them."""
+    backend, rows, params = guidance.sample_guided(STAGE.name, config.explain, config, shard_plan.shards[i], i)
+    kept = [r for r in rows if r["correct"]]  # the final answer must verify
+    add_loss_logprobs(backend, kept, params.temperature)
+    score_explanations(backend, kept, [r["guidance"] for r in kept])  # the answer it was shown
+    for r in kept:
+        r.setdefault("explain_loglik", None)
+        r.setdefault("explain_loglik_total", None)
+        r.setdefault("explain_answer_gain", None)
+    select(kept, config.explain.select)  # per problem: a shard holds whole problems
+    meta = {"sampled": len(rows)}
+    shard_plan.write(i, to_table(kept, "explanations", str(shard_plan.path(i))), meta)
+    return meta
+
+
+def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
+    """The shards' kept explanations as dataset `explanations`, with the unlock summary."""
+    parts = shard_plan.tables("explanations")
+    kept = pa.concat_tables(parts).select(["problem_id", "completion", "selected"]).to_pylist()
+    targets = [it["problem"]["problem_id"] for shard in shard_plan.shards for it in shard]
+    stuck = shard_plan.context["stuck"]
+    explained = sorted({r["problem_id"] for r in kept})
+    summary = {
+        "target_problems": len(targets),
+        "sampled": int(shard_plan.total("sampled")),
+        "kept": len(kept),
+        "explained_problems": len(explained),
+        **guidance.unlocked_summary(stuck, explained, shard_plan.context["levels"]),
+        "unexplained_problems": [pid for pid in targets if pid not in set(explained)],
+        "kept_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept),
+        "selected_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept if r["selected"]),
+        "select": shard_plan.stage_cfg["explain"]["select"],
+    }
+    out = job.write({"explanations": parts}, summary, dataset_summaries={"explanations": summary})
+    shard_plan.clean()
+    log.info("explain: %d of %d stuck problems got a verified explanation (%d kept, %d with every step right); "
+             "%d target problems without one -> %s", summary["unlocked_problems"], len(stuck), len(kept),
+             summary["kept_with_all_steps_right"], len(summary["unexplained_problems"]), out.path)
+    return out
+
+
+def describe(s: dict) -> str:
+    return (f"ExPO explained {s.get('unlocked_problems')} of {s.get('stuck_problems')} stuck problems "
+            f"({s.get('unlocked_fraction', 0):.1%}) with a verified explanation; {s.get('kept')} kept, "
+            f"{s.get('kept_with_all_steps_right')} with every step right")

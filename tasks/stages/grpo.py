@@ -1,0 +1,247 @@
+"""Stage `grpo`: the policy update over a materialised `grpo` dataset.
+
+Written here rather than taken from TRL's GRPOTrainer because the update must
+train on *given*, partly off-policy samples: LTE's hinted samples (sampled
+under another prompt, trained under the original one with a shaped ratio),
+ExPO's explanations (an NLL term, no advantage), ExpRL's per-token advantages
+and masked traces. GRPOTrainer samples its own completions and has none of
+these corrections. On a plain on-policy group the two agree (tests/test_grpo.py
+checks one SGD step of each against the other).
+
+Loss pieces, each a small pure function over per-token tensors (B, T) with a
+completion mask:
+
+- plain samples: the clipped GRPO surrogate on the token ratio
+  r = π_θ / π_behaviour, −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A);
+- LTE's guided samples: r = π_θ(token | original prompt) / π_behaviour(token |
+  hinted prompt), shaped f(r) = r / (r + γ), unclipped: −f(r)·A;
+- ExPO's explanation rows: β · NLL, −β · mean log π_θ(token | original prompt);
+- ExpRL: `token_advantages` replace the broadcast sequence advantage;
+- optional KL to the reference (k3 estimator), weight `kl`;
+- rows with a null advantage (a grade that did not parse) are masked out.
+
+Per sequence the token losses are averaged, then sequences are averaged (TRL's
+`loss_type="grpo"` normalisation).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import Field
+
+from tasks.core.config import StrictModel
+from tasks.core.stage import Job, Stage
+from tasks.core.store import StageOutput
+from tasks.models.policy import local_policy_dir, policy_id_for
+from tasks.report import progress
+
+if TYPE_CHECKING:
+    from tasks.registry import Config
+
+
+class GRPOTrainConfig(StrictModel):
+    """The policy update over a `grpo` dataset, and the online rounds."""
+
+    rounds: int = Field(1, gt=0, description="online rounds of rollouts -> guidance -> grading -> materialize -> update -> eval")
+    learning_rate: float = Field(1e-6, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    epochs: int = Field(1, gt=0, description="passes over each round's grpo dataset")
+    batch_size: int = Field(16, gt=0, description="samples per update step")
+    clip_low: float = Field(0.2, ge=0, description="epsilon below 1 of the clipped ratio")
+    clip_high: float = Field(0.28, ge=0, description="epsilon above 1 (clip-higher)")
+    gamma: float = Field(0.1, gt=0, description="LTE's policy shaping f(r) = r / (r + gamma) on guided samples")
+    expo_beta: float = Field(0.04, ge=0, description="ExPO's weight of the explanation NLL term")
+    kl: float = Field(0.0, ge=0, description="weight of the KL to the round's starting policy (0: off)")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+
+
+STAGE = Stage(name="grpo", version="1", module=__name__, upstream=("materialize",), directories=("checkpoint",),
+              section="train.grpo", settings_model=GRPOTrainConfig, online=True)
+
+log = logging.getLogger("guidedrl.grpo")
+
+
+# --------------------------------------------------------------------------- loss pieces
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
+    """Per-token PPO/GRPO clipped surrogate loss, −min(r·A, clip(r)·A)."""
+    ratio = torch.exp(logp - old_logp)
+    return -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+
+
+def shaped_surrogate(logp: torch.Tensor, behaviour_logp: torch.Tensor, adv: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-token LTE/LUFFY policy-shaping loss, −f(r)·A with f(r) = r/(r+γ), unclipped."""
+    ratio = torch.exp(logp - behaviour_logp)
+    return -(ratio / (ratio + gamma)) * adv
+
+
+def nll(logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token ExPO term: −β · log π_θ(token | original prompt)."""
+    return -beta * logp
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(π_θ ‖ π_ref) estimate, exp(ref − logp) − (ref − logp) − 1."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def sequence_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sequence's completion tokens, then over sequences."""
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, P + T), prompts left-padded, completions right-padded
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor  # (B, T)
+    behaviour: torch.Tensor  # (B, T) behaviour log-probs (0 where unknown)
+    advantages: torch.Tensor  # (B, T)
+    kind: torch.Tensor  # (B,) 0 plain, 1 guided (shaped), 2 explanation (NLL), -1 masked
+    prompt_width: int
+
+
+KIND_PLAIN, KIND_GUIDED, KIND_EXPLAIN, KIND_MASKED = 0, 1, 2, -1
+KINDS = {"plain": KIND_PLAIN, "guided": KIND_GUIDED, "explain": KIND_EXPLAIN, "masked": KIND_MASKED}
+
+
+def row_kind(row: dict) -> int:
+    if row["prompt_kind"] == "explain":
+        return KIND_EXPLAIN
+    if row.get("advantage") is None or row.get("behaviour_logprobs") is None or not row["completion_token_ids"]:
+        return KIND_MASKED
+    return KIND_GUIDED if row["is_guided"] else KIND_PLAIN
+
+
+def make_batch(rows: list[dict], tokenizer, device: str = "cpu") -> Batch:
+    prompts = [tokenizer(r["loss_prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    comps = [list(r["completion_token_ids"]) for r in rows]
+    pw, cw = max(len(p) for p in prompts), max(1, max(len(c) for c in comps))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, attn, cmask, beh, adv, kinds = [], [], [], [], [], []
+    for r, p, c in zip(rows, prompts, comps):
+        ids.append([pad] * (pw - len(p)) + p + c + [pad] * (cw - len(c)))
+        attn.append([0] * (pw - len(p)) + [1] * (len(p) + len(c)) + [0] * (cw - len(c)))
+        cmask.append([1.0] * len(c) + [0.0] * (cw - len(c)))
+        b = list(r.get("behaviour_logprobs") or [])
+        beh.append((b + [0.0] * cw)[:cw] if len(b) == len(c) else [0.0] * cw)
+        kind = row_kind(r)
+        if r.get("token_advantages") is not None and len(r["token_advantages"]) == len(c):
+            a = list(r["token_advantages"]) + [0.0] * (cw - len(c))
+        else:
+            a = [float(r.get("advantage") or 0.0)] * cw
+        adv.append(a)
+        kinds.append(kind)
+    t = lambda x, dt=torch.float32: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    return Batch(t(ids, torch.long), t(attn, torch.long), t(cmask), t(beh), t(adv), t(kinds, torch.long), pw)
+
+
+def completion_logps(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) log π_θ of each completion token under its loss prompt."""
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
+    logits = logits[:, batch.prompt_width - 1 : -1].float() / temperature
+    targets = batch.input_ids[:, batch.prompt_width :]
+    return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def update_loss(model, batch: Batch, cfg, ref_model=None) -> torch.Tensor:
+    """The loss of one batch (see module doc)."""
+    logp = completion_logps(model, batch)
+    mask = batch.completion_mask
+    kind = batch.kind[:, None]
+    plain = clipped_surrogate(logp, batch.behaviour, batch.advantages, cfg.clip_low, cfg.clip_high)
+    guided = shaped_surrogate(logp, batch.behaviour, batch.advantages, cfg.gamma)
+    expl = nll(logp, cfg.expo_beta)
+    zero = torch.zeros_like(logp)
+    per_token = torch.where(kind == KIND_PLAIN, plain, torch.where(kind == KIND_GUIDED, guided,
+                                                                     torch.where(kind == KIND_EXPLAIN, expl, zero)))
+    if cfg.kl > 0 and ref_model is not None:
+        with torch.no_grad():
+            ref = completion_logps(ref_model, batch)
+        per_token = per_token + cfg.kl * kl_k3(logp, ref)
+    live = mask * (kind != KIND_MASKED).float()
+    return sequence_mean(per_token, live)
+
+
+def train_update(model, tokenizer, rows: list[dict], cfg, ref_model=None, device: str = "cpu") -> dict:
+    """`cfg.epochs` passes over the rows in shuffled minibatches; AdamW (or SGD)."""
+    rows = [r for r in rows if row_kind(r) != KIND_MASKED]
+    if not rows:
+        return {"steps": 0, "rows": 0, "losses": []}
+    opt = (torch.optim.SGD(model.parameters(), lr=cfg.learning_rate) if cfg.optimizer == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0, betas=(0.9, 0.99)))
+    rng = random.Random(cfg.seed)
+    model.train()
+    losses, steps = [], 0
+    order = list(range(len(rows)))
+    batches = []
+    for _ in range(cfg.epochs):
+        rng.shuffle(order)
+        batches += [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    for idx in progress.track(batches, f"grpo: updating on {len(rows)} samples"):
+        batch = make_batch([rows[i] for i in idx], tokenizer, device)
+        loss = update_loss(model, batch, cfg, ref_model)
+        loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        steps += 1
+    model.eval()
+    return {"steps": steps, "rows": len(rows), "first_loss": losses[0], "last_loss": losses[-1],
+            "mean_loss": sum(losses) / len(losses)}
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def settings(config: Config) -> dict:
+    return config.train.grpo.model_dump(mode="json", exclude={"rounds"})
+
+
+def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
+    return {"grpo": upstream["materialize"].fingerprints["grpo"], "policy": policy_id_for(config)}
+
+
+def compute(job: Job) -> StageOutput:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = job.config
+    base = local_policy_dir(config, STAGE.name)
+    gc = config.train.grpo
+    torch.manual_seed(gc.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    ref = AutoModelForCausalLM.from_pretrained(str(base)).eval() if gc.kl > 0 else None
+    rows = job.upstream["materialize"].read("grpo").to_pylist()
+    metrics = train_update(model, tokenizer, rows, gc, ref)
+    with job.scratch() as work:
+        model.save_pretrained(work / "checkpoint")
+        tokenizer.save_pretrained(work / "checkpoint")
+        summary = {"base_policy": job.inputs["policy"], "data": job.inputs["grpo"], **metrics,
+                   "rows_by_kind": {k: sum(row_kind(r) == v for r in rows) for k, v in KINDS.items()}}
+        out = job.write({}, summary, directories={"checkpoint": work / "checkpoint"})
+    log.info("grpo: %d steps over %d samples %s, loss %s -> %s -> %s", metrics["steps"], metrics["rows"],
+             summary["rows_by_kind"], metrics.get("first_loss"), metrics.get("last_loss"), out.path / "checkpoint")
+    return out
+
+
+def describe(s: dict) -> str:
+    k = s.get("rows_by_kind", {})
+    return (f"{s.get('steps')} update steps over {s.get('rows')} samples ({k.get('plain')} plain, {k.get('guided')} guided, "
+            f"{k.get('explain')} explanations, {k.get('masked')} masked); loss {s.get('first_loss', 0):.4f} -> {s.get('last_loss', 0):.4f}")
+
+

@@ -1,0 +1,305 @@
+"""Stage `materialize`: rollouts, guidance samples and grades as the training
+datasets other teams use — `dpo`, `grpo` and `sft` — each with a dataset card.
+
+Inputs: `problems`, the plain `rollouts`, ExPO `explanations`, LTE `hints`, `grades`.
+
+- `dpo` (the columns TRL's DPOTrainer reads, plus `problem_id`, `chosen_kind`,
+  `rejected_kind`): per problem, up to `pairs_per_problem` pairs of each kind —
+  a selected self-explanation vs one of the policy's own wrong samples
+  (ExPO-DPO), a correct rollout vs a wrong one where both exist, a correct
+  hinted sample vs a wrong plain one. `prompt` is always the original question
+  prompt (`loss_prompt`), never the guided one.
+- `grpo`: one row per sample of each problem's group (`group_id`). `reward` is
+  the verified answer (1/0), or with `reward: judge` the judge's outcome score;
+  `advantage` is group-normalised, (r − mean)/std (`advantage: grpo`) or
+  r − mean (`dr_grpo`, Dr. GRPO without the std). LTE: in a group whose samples
+  all failed, failed samples are replaced by correct hinted ones (at most G − 1,
+  so that the group keeps a failure to learn from). Groups whose rewards are all
+  equal carry no signal: dropped (dynamic sampling) unless `keep_uniform_groups`,
+  counted either way. Process grades give `token_advantages`: each token gets
+  its step's s_t − s_(t−1) (first step s_1 − s_T, DESIGN.md). A trace whose grade
+  did not parse keeps its row with a null reward and advantage (masked). ExPO's
+  selected explanations ride along with `prompt_kind = 'explain'` and a null
+  advantage: they feed only the β-NLL term.
+- `sft`: verified correct samples and selected explanations with the original prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from bisect import bisect_right
+from collections import Counter, defaultdict
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from tasks.core.config import StrictModel
+from tasks.core.schemas import SCHEMAS, to_table
+from tasks.core.stage import Job, Stage
+from tasks.core.store import StageOutput
+from tasks.models.judge import split_steps
+
+if TYPE_CHECKING:
+    from tasks.registry import Config
+
+
+class MaterializeConfig(StrictModel):
+    """How rollouts, guidance samples and grades become the dpo, grpo and sft datasets."""
+
+    reward: Literal["verify", "judge"] = Field("verify", description="verify: the checked answer (1/0); judge: the judge's outcome score (+ token advantages in process mode)")
+    advantage: Literal["grpo", "dr_grpo"] = Field("grpo", description="grpo: (r - mean) / std in the group; dr_grpo: r - mean")
+    keep_uniform_groups: bool = Field(False, description="keep groups whose rewards are all equal (no signal); default: drop them (dynamic sampling)")
+    lte_replace: bool = Field(True, description="LTE: in all-failed groups, replace failed samples by correct hinted ones (at most G - 1)")
+    include_explanations: bool = Field(True, description="ExPO: selected explanations ride along in grpo (null advantage, for the beta-NLL term)")
+    pairs_per_problem: int = Field(2, gt=0, description="DPO pairs per problem and pair kind")
+
+
+STAGE = Stage(name="materialize", version="1", module=__name__, upstream=("curate", "rollouts", "explain", "hint", "grade"),
+              writes={"dpo": "dpo", "grpo": "grpo", "sft": "sft"}, section="materialize", settings_model=MaterializeConfig)
+
+log = logging.getLogger("guidedrl.materialize")
+
+
+# --------------------------------------------------------------------------- rewards and advantages
+
+
+def group_advantages(rewards: list[float | None], scale: str = "grpo") -> list[float | None]:
+    """Group-normalised advantages; rows without a reward (masked) get none and
+    take no part in the mean. ``grpo``: (r − mean) / (std + 1e-6); ``dr_grpo``: r − mean."""
+    known = [r for r in rewards if r is not None]
+    if not known:
+        return [None] * len(rewards)
+    mean = sum(known) / len(known)
+    std = statistics.pstdev(known) if len(known) > 1 else 0.0
+    div = (std + 1e-6) if scale == "grpo" else 1.0
+    return [None if r is None else (r - mean) / div for r in rewards]
+
+
+def step_advantages(step_scores: list[float]) -> list[float]:
+    """ExpRL process mode: step t gets s_t − s_(t−1); the first step s_1 − s_T."""
+    if not step_scores:
+        return []
+    return [step_scores[0] - step_scores[-1]] + [b - a for a, b in zip(step_scores, step_scores[1:])]
+
+
+def token_step_index(completion: str, token_texts: list[str], steps: list[str]) -> list[int]:
+    """For each token, the index of the step its text falls in (steps located in
+    the completion in order; tokens before the first step belong to it)."""
+    starts, pos = [], 0
+    for step in steps:
+        at = completion.find(step, pos)
+        at = pos if at < 0 else at
+        starts.append(at)
+        pos = at + len(step)
+    out, offset = [], 0
+    for text in token_texts:
+        out.append(max(0, bisect_right(starts, offset) - 1))
+        offset += len(text)
+    return out
+
+
+def token_advantages(row: dict, grade: dict, tokenizer, step_split: str) -> list[float] | None:
+    if tokenizer is None or not grade or not grade.get("parse_ok") or not grade.get("step_scores"):
+        return None
+    steps = grade["steps"] or split_steps(row["completion"], step_split)
+    adv = step_advantages(grade["step_scores"])
+    if len(adv) != len(steps):
+        return None
+    texts = [tokenizer.decode([t]) for t in row["completion_token_ids"]]
+    return [adv[i] for i in token_step_index(row["completion"], texts, steps)]
+
+
+# --------------------------------------------------------------------------- building the datasets
+
+
+def _pairs(chosen: list[dict], rejected: list[dict], n: int, kinds: tuple[str, str]) -> list[dict]:
+    if not chosen or not rejected:
+        return []
+    out = []
+    for i in range(min(n, max(len(chosen), len(rejected)))):
+        c, r = chosen[i % len(chosen)], rejected[i % len(rejected)]
+        if c["completion"] == r["completion"]:
+            continue
+        out.append({"prompt": c["loss_prompt"], "chosen": c["completion"], "rejected": r["completion"],
+                    "problem_id": c["problem_id"], "chosen_kind": kinds[0], "rejected_kind": kinds[1],
+                    "chosen_sample_id": c["sample_id"], "rejected_sample_id": r["sample_id"]})
+    return out
+
+
+def _grpo_row(r: dict, group_id: str, reward: float | None, guided: bool) -> dict:
+    return {"sample_id": r["sample_id"], "group_id": group_id, "loss_prompt": r["loss_prompt"],
+            "completion_token_ids": r["completion_token_ids"], "reward": reward, "advantage": None,
+            "token_advantages": None, "behaviour_logprobs": r["behaviour_logprobs"],
+            "loss_logprobs": r["loss_logprobs"] if guided else (r["loss_logprobs"] or r["behaviour_logprobs"]),
+            "is_guided": guided, "prompt_kind": r["prompt_kind"], "problem_id": r["problem_id"],
+            "completion": r["completion"], "correct": bool(r["correct"])}
+
+
+def build(config: Config, rollouts: list[dict], explanations: list[dict], hints: list[dict], grades: dict[str, dict],
+          tokenizer=None) -> tuple[dict[str, list[dict]], dict]:
+    """The dpo, grpo and sft rows, and the counts of the summary."""
+    mc = config.materialize
+    plain, expl, hinted = defaultdict(list), defaultdict(list), defaultdict(list)
+    for r in rollouts:
+        if r["finish_reason"] != "error":
+            plain[r["problem_id"]].append(r)
+    for r in explanations:
+        if r.get("selected"):
+            expl[r["problem_id"]].append(r)
+    for r in hints:
+        if r["correct"]:
+            hinted[r["problem_id"]].append(r)
+
+    dpo, grpo, sft = [], [], []
+    counts: Counter = Counter()
+    for pid in sorted(plain):
+        group = sorted(plain[pid], key=lambda r: r["sample_idx"])
+        right = [r for r in group if r["correct"]]
+        wrong = [r for r in group if not r["correct"]]
+        # DPO pairs: the prompt is always the original question prompt
+        dpo += _pairs(expl[pid], wrong, mc.pairs_per_problem, ("explain", "plain"))
+        dpo += _pairs(right, wrong, mc.pairs_per_problem, ("plain", "plain"))
+        dpo += _pairs(hinted[pid], wrong, mc.pairs_per_problem, ("hint", "plain"))
+        sft += [{"prompt": r["loss_prompt"], "completion": r["completion"], "problem_id": pid,
+                 "prompt_kind": r["prompt_kind"], "sample_id": r["sample_id"]} for r in right + hinted[pid] + expl[pid]]
+
+        # GRPO group
+        group_id = f"g-{pid}"
+        rows = []
+        for r in group:
+            if mc.reward == "judge":
+                g = grades.get(r["sample_id"])
+                reward = g["outcome_score"] if g and g["parse_ok"] else None
+            else:
+                reward = 1.0 if r["correct"] else 0.0
+            row = _grpo_row(r, group_id, reward, guided=False)
+            if mc.reward == "judge":
+                row["token_advantages"] = token_advantages(r, grades.get(r["sample_id"]), tokenizer, config.judge.step_split)
+            rows.append(row)
+        if not right and hinted[pid] and mc.lte_replace:
+            n = min(len(hinted[pid]), len(rows) - 1)
+            for i, h in enumerate(hinted[pid][:n]):
+                rows[i] = _grpo_row(h, group_id, 1.0, guided=True)
+            counts["lte_replaced_samples"] += n
+            counts["lte_groups"] += 1 if n else 0
+        counts["masked_samples"] += sum(r["reward"] is None for r in rows)
+        for row, adv in zip(rows, group_advantages([r["reward"] for r in rows], mc.advantage)):
+            row["advantage"] = adv
+        rewards = {r["reward"] for r in rows if r["reward"] is not None}
+        uniform = len(rewards) <= 1
+        counts["uniform_groups"] += uniform
+        if uniform and not mc.keep_uniform_groups:
+            counts["dropped_groups"] += 1
+        else:
+            grpo += rows
+            counts["groups"] += 1
+        if mc.include_explanations:  # ExPO's β-NLL term: kept whatever the group's rewards
+            for e in expl[pid]:
+                grpo.append(_grpo_row(e, group_id, None, guided=True))
+                counts["explanation_rows"] += 1
+    return {"dpo": dpo, "grpo": grpo, "sft": sft}, dict(counts)
+
+
+# --------------------------------------------------------------------------- dataset cards
+
+_MEANING = {
+    "prompt": "the original question prompt as the policy saw it (chat template applied); never the guided one",
+    "chosen": "the preferred completion", "rejected": "the dispreferred completion (the policy's own wrong sample)",
+    "problem_id": "stable hash of the normalised question (joins to the problems dataset)",
+    "chosen_kind": "where the chosen completion came from: plain | explain (ExPO) | hint (LTE)",
+    "rejected_kind": "where the rejected completion came from",
+    "sample_id": "the sample's id (joins to rollouts, grades)", "group_id": "the GRPO group (one problem)",
+    "loss_prompt": "the prompt the loss conditions on: always the original question prompt",
+    "completion_token_ids": "the completion's token ids",
+    "reward": "verified answer (1/0) or the judge's outcome score; null when the grade did not parse (masked)",
+    "advantage": "group-normalised reward; null for explanation rows and masked samples",
+    "token_advantages": "process mode: per token, its step's advantage s_t - s_(t-1) (first step s_1 - s_T)",
+    "behaviour_logprobs": "per token, under the prompt the sampling policy was shown",
+    "loss_logprobs": "per token, under loss_prompt (differs from behaviour_logprobs for guided samples)",
+    "is_guided": "sampled with guidance (answer shown or hint) but trained under the original prompt",
+    "prompt_kind": "plain | explain | hint", "completion": "the completion text",
+}
+
+
+def dataset_card(name: str, kind: str, rows: list[dict], summary: dict, inputs: dict, stage_cfg: dict) -> str:
+    schema = SCHEMAS[kind]
+    lines = [f"# guidedrl `{name}` dataset", "", {
+        "dpo": "Preference pairs for offline DPO: one prompt, a chosen and a rejected completion.",
+        "grpo": "Per-sample rows of GRPO groups, with rewards, group-normalised advantages and the log-probabilities "
+                "the policy update needs (guided samples carry both the behaviour and the loss-side log-probabilities).",
+        "sft": "Verified correct samples and selected self-explanations, each under the original prompt.",
+    }[name], "", f"Rows: {len(rows)}.", "", "## Columns", "", "| column | type | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{f.name}` | {f.type} | {_MEANING.get(f.name, '')} |" for f in schema]
+    extra = [k for k in (rows[0] if rows else {}) if schema.get_field_index(k) < 0]
+    lines += [f"| `{k}` | (extra) | {_MEANING.get(k, '')} |" for k in extra]
+    lines += ["", "## Statistics", "", "```json", json.dumps(summary, indent=2), "```", "",
+              "## How it was made", "", "Stage `materialize` of guidedrl from these inputs (content fingerprints):", "",
+              "```json", json.dumps(inputs, indent=2), "```", "", "with this configuration:", "", "```json",
+              json.dumps(stage_cfg, indent=2), "```", "", "`manifest.json` beside this card has the same and the file fingerprint.", "",
+              "## How to load it (guidedrl not needed)", "", "```python",
+              'import polars as pl; df = pl.read_parquet("DIR/data/*.parquet")',
+              'import pyarrow.dataset as ds; table = ds.dataset("DIR/data", format="parquet").to_table()',
+              'from datasets import load_dataset; d = load_dataset("parquet", data_files="DIR/data/*.parquet")["train"]',
+              "```", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def settings(config: Config) -> dict:
+    return {"materialize": config.materialize.model_dump(mode="json"), "step_split": config.judge.step_split,
+            "tokenizer": config.policy.tokenizer or config.policy.model}
+
+
+def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
+    return {"problems": upstream["curate"].fingerprints["problems"], "rollouts": upstream["rollouts"].fingerprints["rollouts"],
+            "explanations": upstream["explain"].fingerprints["explanations"], "hints": upstream["hint"].fingerprints["hints"],
+            "grades": upstream["grade"].fingerprints["grades"]}
+
+
+def _tokenizer(config: Config):
+    path = config.resolve(config.policy.tokenizer or config.policy.model)
+    if not path.is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def compute(job: Job) -> StageOutput:
+    config, upstream = job.config, job.upstream
+    rollouts = upstream["rollouts"].read("rollouts").to_pylist()
+    grades = {g["sample_id"]: g for g in upstream["grade"].read("grades").to_pylist()}
+    tokenizer = _tokenizer(config) if config.materialize.reward == "judge" else None
+    data, counts = build(config, rollouts, upstream["explain"].read("explanations").to_pylist(),
+                         upstream["hint"].read("hints").to_pylist(), grades, tokenizer)
+    summaries = {
+        "dpo": {"pairs": len(data["dpo"]), "by_kind": dict(Counter(f"{r['chosen_kind']}>{r['rejected_kind']}" for r in data["dpo"])),
+                "problems": len({r["problem_id"] for r in data["dpo"]})},
+        "grpo": {"rows": len(data["grpo"]), "reward": config.materialize.reward, "advantage": config.materialize.advantage,
+                 "groups_kept": counts.get("groups", 0), "uniform_groups": counts.get("uniform_groups", 0),
+                 "uniform_groups_dropped": counts.get("dropped_groups", 0),
+                 "lte_groups": counts.get("lte_groups", 0), "lte_replaced_samples": counts.get("lte_replaced_samples", 0),
+                 "explanation_rows": counts.get("explanation_rows", 0), "masked_samples": counts.get("masked_samples", 0),
+                 "with_token_advantages": sum(r["token_advantages"] is not None for r in data["grpo"])},
+        "sft": {"rows": len(data["sft"]), "by_kind": dict(Counter(r["prompt_kind"] for r in data["sft"]))},
+    }
+    cards = {n: dataset_card(n, n, data[n], summaries[n], job.inputs, job.settings) for n in data}
+    out = job.write({n: to_table(rows, n, f"materialize/{n}") for n, rows in data.items()}, summaries,
+                    dataset_summaries=summaries, cards=cards)
+    log.info("materialize: %d DPO pairs %s, %d GRPO rows in %d groups (%d uniform groups %s, %d samples replaced by LTE, "
+             "%d explanation rows), %d SFT rows -> %s", len(data["dpo"]), summaries["dpo"]["by_kind"], len(data["grpo"]),
+             counts.get("groups", 0), counts.get("uniform_groups", 0),
+             "kept" if config.materialize.keep_uniform_groups else "dropped", counts.get("lte_replaced_samples", 0),
+             counts.get("explanation_rows", 0), len(data["sft"]), out.path)
+    return out
+
+
+def describe(s: dict) -> str:
+    g = s.get("grpo", {})
+    return (f"dpo: {s.get('dpo', {}).get('pairs')} pairs {s.get('dpo', {}).get('by_kind')}; grpo: {g.get('rows')} rows in "
+            f"{g.get('groups_kept')} groups ({g.get('uniform_groups_dropped')} uniform groups dropped, "
+            f"{g.get('lte_replaced_samples')} samples replaced by LTE); sft: {s.get('sft', {}).get('rows')} rows")
