@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import typer
-from rich.table import Table
-
 from flows.cli.app import console, datasets_app, fail, user_errors
+from flows.cli.render import print_datasets, print_diff
 
 
 @datasets_app.command("ls")
@@ -20,13 +19,7 @@ def datasets_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace",
     if not outputs:
         console.print(f"no stage outputs in {Path(workspace).resolve() / 'store'}")
         return
-    table = Table(title=f"datasets in {Path(workspace).resolve() / 'store'}")
-    for col in ("stage", "key", "dataset", "kind", "rows", "created", "path"):
-        table.add_column(col)
-    for out in outputs:
-        for name, d in out.manifest.get("datasets", {}).items():
-            table.add_row(out.stage, out.key, name, d["kind"], str(d["num_rows"]), out.manifest.get("created", ""), str(out.path / name))
-    console.print(table)
+    print_datasets(outputs, f"datasets in {Path(workspace).resolve() / 'store'}")
 
 
 @datasets_app.command("publish")
@@ -70,25 +63,7 @@ def datasets_diff(a: Path = typer.Argument(..., help="A dataset directory."), b:
         da, db = describe(a), describe(b)
     except user_errors() as exc:
         fail(str(exc))
-    table = Table(title=f"A = {a}\nB = {b}")
-    for col in ("", "A", "B"):
-        table.add_column(col)
-
-    def row(label, va, vb):
-        mark = "" if va == vb else "[yellow]"
-        table.add_row(f"{mark}{label}", str(va), str(vb))
-
-    row("kind", da["kind"], db["kind"])
-    row("rows", da["rows"], db["rows"])
-    row("fingerprint", da["fingerprint"], db["fingerprint"])
-    for name in dict.fromkeys([*da["schema"], *db["schema"]]):
-        row(f"{name}: type", da["schema"].get(name, "(missing)"), db["schema"].get(name, "(missing)"))
-        sa, sb = da["stats"].get(name, {}), db["stats"].get(name, {})
-        for stat in dict.fromkeys([*sa, *sb]):
-            fa, fb = sa.get(stat), sb.get(stat)
-            fmt = (lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
-            row(f"{name}: {stat}", fmt(fa), fmt(fb))
-    console.print(table)
+    print_diff(a, b, da, db)
     if da["summary"] != db["summary"]:
         console.print("summaries differ:")
         console.print_json(json.dumps({"A": da["summary"], "B": db["summary"]}, default=str))

@@ -88,3 +88,87 @@ def print_results(results: dict) -> None:
             console.print(f"{stage}: output already in the store for this config and inputs — nothing was recomputed.")
     if set(results) >= set(STAGES):
         console.print("Every stage of the pipeline ran (none is still to come).")
+
+
+def print_runs(runs: list, title: str) -> None:
+    """`runs ls`: one row per run record, newest first."""
+    table = Table(title=title)
+    for col in ("run", "command", "status", "started", "stages", "error"):
+        table.add_column(col)
+    for r in runs:
+        d = r.data
+        done = sum(s.get("status") in ("computed", "reused", "cached") for s in d["stages"].values())
+        table.add_row(r.run_id, d["command"] + (f" (rerun of {d['rerun_of']})" if d.get("rerun_of") else ""), d["status"],
+                      d["started"], f"{done}/{len(d['stages'])}", d.get("error") or "")
+    console.print(table)
+
+
+def print_run(record) -> None:
+    """`runs show`: the run's command and status, then each stage's status, time, output and error."""
+    d = record.data
+    console.print(f"[bold]run {record.run_id}[/] — {d['command']}, {d['status']}; started {d['started']}, finished {d.get('finished')}")
+    if d.get("rerun_of"):
+        console.print(f"rerun of {d['rerun_of']}")
+    if d.get("error"):
+        console.print(f"[red]error:[/] {d['error']}")
+    table = Table()
+    for col in ("stage", "status", "seconds", "output", "error"):
+        table.add_column(col)
+    for name, s in d["stages"].items():
+        table.add_row(name, s.get("status", ""), str(s.get("seconds", "")), s.get("path", ""), s.get("error", ""))
+    console.print(table)
+
+
+def print_datasets(outputs: list, title: str) -> None:
+    """`datasets ls`: every dataset of every finished stage output."""
+    table = Table(title=title)
+    for col in ("stage", "key", "dataset", "kind", "rows", "created", "path"):
+        table.add_column(col)
+    for out in outputs:
+        for name, d in out.manifest.get("datasets", {}).items():
+            table.add_row(out.stage, out.key, name, d["kind"], str(d["num_rows"]), out.manifest.get("created", ""), str(out.path / name))
+    console.print(table)
+
+
+def print_diff(a, b, da: dict, db: dict) -> None:
+    """`datasets diff`: kind, rows, fingerprint, and per column its type and statistics, A beside B (differences marked)."""
+    table = Table(title=f"A = {a}\nB = {b}")
+    for col in ("", "A", "B"):
+        table.add_column(col)
+
+    def row(label, va, vb):
+        mark = "" if va == vb else "[yellow]"
+        table.add_row(f"{mark}{label}", str(va), str(vb))
+
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    row("kind", da["kind"], db["kind"])
+    row("rows", da["rows"], db["rows"])
+    row("fingerprint", da["fingerprint"], db["fingerprint"])
+    for name in dict.fromkeys([*da["schema"], *db["schema"]]):
+        row(f"{name}: type", da["schema"].get(name, "(missing)"), db["schema"].get(name, "(missing)"))
+        sa, sb = da["stats"].get(name, {}), db["stats"].get(name, {})
+        for stat in dict.fromkeys([*sa, *sb]):
+            row(f"{name}: {stat}", fmt(sa.get(stat)), fmt(sb.get(stat)))
+    console.print(table)
+
+
+def print_rounds(history: list[dict]) -> None:
+    """`guidedrl online`: the eval split's pass@1 / pass@n by level after each round."""
+    table = Table(title="online GRPO: eval split after each round (pass@1 / pass@n)")
+    table.add_column("round")
+    table.add_column("stages computed / reused")
+    levels = sorted({lvl for h in history for lvl in h["results"]["eval"]["summary"]["pass"].get("grpo", {})})
+    for lvl in levels:
+        table.add_column(lvl, justify="right")
+    for h in history:
+        res = h["results"]
+        n = res["eval"]["summary"]["n"]
+        done = sum(r["status"] == "computed" for r in res.values())
+        cells = []
+        for lvl in levels:
+            t = res["eval"]["summary"]["pass"].get("grpo", {}).get(lvl)
+            cells.append(f"{t['pass@1']:.3f} / {t[f'pass@{n}']:.3f}" if t else "-")
+        table.add_row(str(h["round"]), f"{done} / {len(res) - done}", *cells)
+    console.print(table)

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from flows.cli.app import PROJECT_ROOT, QUICKSTART_CONFIG, WorkspaceOpt, app, console, fail, parse_stages, user_errors
-from flows.cli.render import print_pass_table, print_results
+from flows.cli.render import print_pass_table, print_results, print_rounds
 
 
 def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]], command: str = "run",
@@ -141,7 +140,6 @@ def deploy(
     console.print(f"start a worker to run them: prefect worker start --pool {work_pool}")
 
 
-
 @app.command()
 def rerun(
     run_id: str = typer.Argument(..., help="The run to take the config and inputs from (guidedrl runs ls)."),
@@ -167,7 +165,6 @@ def rerun(
                  force=again, rerun_of=run_id, present=requested)
     except user_errors() as exc:
         fail(str(exc))
-
 
 
 @app.command()
@@ -202,24 +199,8 @@ def online(
         if isinstance(exc, KeyboardInterrupt):
             raise
         fail(f"run {record.run_id} failed: {RunRecord.open(record.path).data['error']} — `guidedrl online` again resumes where it stopped")
-    table = Table(title="online GRPO: eval split after each round (pass@1 / pass@n)")
-    table.add_column("round")
-    table.add_column("stages computed / reused")
-    levels = sorted({lvl for h in history for lvl in h["results"]["eval"]["summary"]["pass"].get("grpo", {})})
-    for lvl in levels:
-        table.add_column(lvl, justify="right")
-    for h in history:
-        res = h["results"]
-        n = res["eval"]["summary"]["n"]
-        done = sum(r["status"] == "computed" for r in res.values())
-        cells = []
-        for lvl in levels:
-            t = res["eval"]["summary"]["pass"].get("grpo", {}).get(lvl)
-            cells.append(f"{t['pass@1']:.3f} / {t[f'pass@{n}']:.3f}" if t else "-")
-        table.add_row(str(h["round"]), f"{done} / {len(res) - done}", *cells)
-    console.print(table)
+    print_rounds(history)
     console.print(f"last checkpoint: {history[-1]['policy']}\nrun {record.run_id} completed; report: {record.dir / 'report.html'}")
-
 
 
 @app.command()

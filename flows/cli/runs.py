@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
-
 from flows.cli.app import app, console, fail, runs_app
+from flows.cli.render import print_run, print_runs
 
 
 @runs_app.command("ls")
@@ -19,15 +18,7 @@ def runs_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w
     if not runs:
         console.print(f"no runs in {Path(workspace).resolve() / 'runs'}")
         return
-    table = Table(title=f"runs in {Path(workspace).resolve() / 'runs'}")
-    for col in ("run", "command", "status", "started", "stages", "error"):
-        table.add_column(col)
-    for r in runs:
-        d = r.data
-        done = sum(s.get("status") in ("computed", "reused", "cached") for s in d["stages"].values())
-        table.add_row(r.run_id, d["command"] + (f" (rerun of {d['rerun_of']})" if d.get("rerun_of") else ""), d["status"],
-                      d["started"], f"{done}/{len(d['stages'])}", d.get("error") or "")
-    console.print(table)
+    print_runs(runs, f"runs in {Path(workspace).resolve() / 'runs'}")
 
 
 @runs_app.command("show")
@@ -40,18 +31,7 @@ def runs_show(run_id: str = typer.Argument(..., help="A run id (guidedrl runs ls
         r = RunRecord.load(workspace, run_id)
     except FileNotFoundError as exc:
         fail(str(exc))
-    d = r.data
-    console.print(f"[bold]run {r.run_id}[/] — {d['command']}, {d['status']}; started {d['started']}, finished {d.get('finished')}")
-    if d.get("rerun_of"):
-        console.print(f"rerun of {d['rerun_of']}")
-    if d.get("error"):
-        console.print(f"[red]error:[/] {d['error']}")
-    table = Table()
-    for col in ("stage", "status", "seconds", "output", "error"):
-        table.add_column(col)
-    for name, s in d["stages"].items():
-        table.add_row(name, s.get("status", ""), str(s.get("seconds", "")), s.get("path", ""), s.get("error", ""))
-    console.print(table)
+    print_run(r)
     report = r.dir / "report.html"
     if report.is_file():
         console.print(f"report: {report}")
