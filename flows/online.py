@@ -17,14 +17,20 @@ import copy
 from prefect import flow, get_run_logger
 
 from flows.pipeline import pipeline
+from tasks.core.config import PolicyConfig
 from tasks.registry import parse_config, round_stages
 
 
 def round_config(raw_config: dict, policy: str | None, round_idx: int) -> dict:
     """The run config of one round: the previous round's checkpoint as the policy,
-    and sampling seeds moved on (round 1 is exactly the configured run)."""
+    the configured (initial) policy as the KL reference (`train.grpo.reference_model`,
+    used with `kl_reference: initial`), and sampling seeds moved on (round 1 is exactly
+    the configured run)."""
     raw = copy.deepcopy(raw_config)
     if policy is not None:
+        initial = raw.get("policy", {}).get("model", PolicyConfig.model_fields["model"].default)
+        grpo = raw.setdefault("train", {}).setdefault("grpo", {})
+        grpo.setdefault("reference_model", initial)
         raw.setdefault("policy", {})["model"] = policy
     if round_idx > 1:
         for section in ("rollouts", "explain", "hint"):

@@ -136,7 +136,7 @@ def test_quickstart_runs_and_names_the_stages_still_to_come(finished_quickstart,
                 "--set", "judge.backend=openai", "--set", f"judge.base_url={srv.base_url}", "--set", "judge.model=m")
         d = " ".join(cli(*args, "--set", "judge.max_requests=100").stdout.split())
         assert re.search(r"grade: would send 1920 requests to http://127\.0\.0\.1:\d+/v1 \(m\) \(0 answers already cached\), "
-                         r"about [\d,]+ prompt tokens and at most 1,966,080 completion tokens — over judge.max_requests = 100", d), d
+                         r"about [\d,]+ prompt tokens and at most 3,932,160 completion tokens — over judge.max_requests = 100", d), d
         assert "rubric: 0 requests to send (judge.rubric is off" in d and "nothing was sent" in d
         assert srv.behaviour.requests == []
 

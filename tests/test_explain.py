@@ -108,3 +108,17 @@ def test_explain_works_on_the_problems_filter_kept(tmp_path, random_checkpoint, 
     _, _, out = _stage(wide, tmp_path / "wide", monkeypatch, explain_correct=True, solved=solved)
     assert {r["problem_id"] for r in out.read("explanations").to_pylist()} == set(ids)
     assert out.summary["stuck_problems"] == len(ids)
+
+
+def test_explanations_that_lean_on_the_shown_answer_are_flagged_and_never_selected():
+    from tasks.stages.explain import leans_on_the_answer
+
+    assert leans_on_the_answer("As given, the answer is 68.\n\\boxed{68}")
+    assert leans_on_the_answer("We are told the result is 68, so 23 + 45 = 68")
+    assert not leans_on_the_answer("23 + 45 = 68\n\\boxed{68}")
+    rows = [{"problem_id": "p", "sample_idx": i, "explain_loglik": ll, "explain_answer_gain": 0.0, "leaks_answer": leak}
+            for i, (ll, leak) in enumerate([(-0.1, True), (-0.5, False), (-0.9, False)])]
+    select(rows, "loglik")  # the likeliest one leans on the answer: the next is chosen
+    assert [r["selected"] for r in rows] == [False, True, False]
+    select(rows, "all")
+    assert [r["selected"] for r in rows] == [False, True, True]

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks.models.prompts import chat, fill, load_template
 from tasks.registry import parse_config
-from tasks.stages.grpo import GRPOTrainConfig, clipped_surrogate, completion_logps, kl_k3, make_batch, nll, sequence_mean, shaped_surrogate, train_update, update_loss
+from tasks.stages.grpo import (LOSS_AGG, GRPOTrainConfig, clipped_surrogate, completion_logps, expo_beta_at, kl_k3, make_batch, nll,
+                               shaped_surrogate, train_update, update_loss)
 from tasks.stages.materialize import build
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
@@ -32,7 +33,25 @@ def test_loss_pieces_match_hand_computed_values():
     assert nll(t([-2.0]), 0.04).item() == pytest.approx(0.08)
     assert kl_k3(t([0.0]), t([0.0])).item() == 0.0
     assert kl_k3(t([0.0]), t([math.log(0.5)])).item() == pytest.approx(0.5 - math.log(0.5) - 1)
-    assert sequence_mean(t([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]]), t([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])).item() == pytest.approx(2.75)
+
+
+def test_loss_aggregations_match_verls_formulas_by_hand():
+    t = torch.tensor
+    loss, mask = t([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]]), t([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # token-mean: (1 + 2 + 4) / 3 tokens; the empty third row takes no part
+    assert LOSS_AGG["token-mean"](loss, mask).item() == pytest.approx(7 / 3)
+    # seq-mean-token-mean: ((1 + 2) / 2 + 4 / 1) / 2 sequences
+    assert LOSS_AGG["seq-mean-token-mean"](loss, mask).item() == pytest.approx(2.75)
+    # seq-mean-token-sum-norm: ((1 + 2) / L + 4 / L) / 2, L the padded width (3) or the constant given (Dr. GRPO)
+    assert LOSS_AGG["seq-mean-token-sum-norm"](loss, mask).item() == pytest.approx((3 / 3 + 4 / 3) / 2)
+    assert LOSS_AGG["seq-mean-token-sum-norm"](loss, mask, 10).item() == pytest.approx((3 / 10 + 4 / 10) / 2)
+    assert GRPOTrainConfig().loss_agg == "token-mean"  # verl's default
+
+
+def test_expo_beta_schedule():
+    constant, linear = GRPOTrainConfig(expo_beta=0.04), GRPOTrainConfig(expo_beta=0.04, expo_beta_schedule="linear")
+    assert [expo_beta_at(constant, s, 5) for s in range(5)] == [0.04] * 5
+    assert [expo_beta_at(linear, s, 5) for s in range(5)] == pytest.approx([0.04, 0.03, 0.02, 0.01, 0.0])
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +79,7 @@ def test_one_step_on_a_group_whose_only_correct_sample_is_hinted_raises_it_under
     ids = _ids(tok, right)
     # a correct sample under the hint: behaviour log-probs under the hinted prompt, loss side under the plain one
     hints = [{"sample_id": "hint0", "problem_id": "p", "sample_idx": 0, "prompt": hinted, "completion": right,
-              "completion_token_ids": ids, "behaviour_logprobs": backend.score([hinted], [ids])[0], "finish_reason": "stop",
+              "completion_token_ids": ids, "behaviour_logprobs": backend.score([hinted], [ids])[0], "finish_reason": "stop", "temperature": 1.0,
               "correct": True, "prompt_kind": "hint", "loss_prompt": plain, "loss_logprobs": backend.score([plain], [ids])[0]}]
     assert sum(hints[0]["behaviour_logprobs"]) < sum(hints[0]["loss_logprobs"]) - 1  # the two prompts really differ
     config = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}}, base_dir=tmp_path)
@@ -68,7 +87,7 @@ def test_one_step_on_a_group_whose_only_correct_sample_is_hinted_raises_it_under
     for seed in range(6):
         samples = backend.generate([plain], SamplingParams(n=8, temperature=1.0, max_new_tokens=40, seed=seed))[0]
         rollouts = [{"sample_id": f"plain{i}", "problem_id": "p", "sample_idx": i, "prompt": plain, "completion": s.text,
-                     "completion_token_ids": s.token_ids, "behaviour_logprobs": s.logprobs, "finish_reason": "stop",
+                     "completion_token_ids": s.token_ids, "behaviour_logprobs": s.logprobs, "finish_reason": "stop", "temperature": 1.0,
                      "correct": s.text.strip().endswith("{85}"), "prompt_kind": "plain", "loss_prompt": plain, "loss_logprobs": None}
                     for i, s in enumerate(samples)]
         assert not any(r["correct"] for r in rollouts)  # the policy cannot do this level: a stuck group
@@ -85,7 +104,10 @@ def test_one_step_on_a_group_whose_only_correct_sample_is_hinted_raises_it_under
     assert sum(c > 0 for c in changes) >= 4 and sum(changes) / len(changes) > 0.2, changes
 
 
-def test_one_sgd_step_matches_trls_grpo_trainer_on_an_on_policy_group(tiny, tmp_path):
+@pytest.mark.parametrize("loss_agg,trl_loss_type,temperature", [
+    ("seq-mean-token-mean", "grpo", 1.0), ("token-mean", "bnpo", 1.0), ("seq-mean-token-sum-norm", "dr_grpo", 1.0),
+    ("token-mean", "bnpo", 0.7)])
+def test_one_sgd_step_matches_trls_grpo_trainer_on_an_on_policy_group(tiny, tmp_path, loss_agg, trl_loss_type, temperature):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -99,13 +121,14 @@ def test_one_sgd_step_matches_trls_grpo_trainer_on_an_on_policy_group(tiny, tmp_
 
     # ours: rows of a materialised group (advantage r - mean, as TRL's scale_rewards="none"), behaviour = current policy
     ours = copy.deepcopy(base)
-    rows = [{"loss_prompt": prompt, "completion_token_ids": c, "prompt_kind": "plain", "is_guided": False,
+    rows = [{"loss_prompt": prompt, "completion_token_ids": c, "prompt_kind": "plain", "is_guided": False, "temperature": temperature,
              "advantage": r - sum(rewards) / G, "token_advantages": None, "behaviour_logprobs": None} for c, r in zip(completions, rewards)]
     with torch.no_grad():
         beh = completion_logps(ours, make_batch(rows, tok))
     for i, r in enumerate(rows):
         r["behaviour_logprobs"] = beh[i, : len(r["completion_token_ids"])].tolist()
-    cfg = GRPOTrainConfig(learning_rate=lr, optimizer="sgd", batch_size=G, max_grad_norm=None, kl=0.0)
+    cfg = GRPOTrainConfig(learning_rate=lr, optimizer="sgd", batch_size=G, max_grad_norm=None, kl=0.0, loss_agg=loss_agg,
+                          loss_scale_factor=32)  # Dr. GRPO's constant: TRL divides by max_completion_length
     batch = make_batch(rows, tok)
     ours.train()
     loss = update_loss(ours, batch, cfg)
@@ -125,9 +148,9 @@ def test_one_sgd_step_matches_trls_grpo_trainer_on_an_on_policy_group(tiny, tmp_
         return [by_ids[tuple(ids)] for ids in completion_ids]
 
     args = GRPOConfig(output_dir=str(tmp_path / "trl"), learning_rate=lr, optim="sgd", max_steps=1, per_device_train_batch_size=G,
-                      num_generations=G, gradient_accumulation_steps=1, beta=0.0, loss_type="grpo", scale_rewards="none",
+                      num_generations=G, gradient_accumulation_steps=1, beta=0.0, loss_type=trl_loss_type, scale_rewards="none",
                       max_grad_norm=1e9, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, report_to=[],
-                      save_strategy="no", logging_steps=1, use_cpu=True, temperature=1.0, max_completion_length=32,
+                      save_strategy="no", logging_steps=1, use_cpu=True, temperature=temperature, max_completion_length=32,
                       seed=0, num_iterations=1, epsilon=0.2, epsilon_high=0.28, disable_tqdm=True, bf16=False, fp16=False)
     trainer = GRPOTrainer(model=theirs, reward_funcs=reward, args=args, train_dataset=Dataset.from_dict({"prompt": [prompt] * 4}),
                           processing_class=tok, rollout_func=rollout_func)
@@ -140,3 +163,68 @@ def test_one_sgd_step_matches_trls_grpo_trainer_on_an_on_policy_group(tiny, tmp_
     # float32: on CPU the Trainer otherwise autocasts to bf16, which alone moves the change by ~1%.)
     err = (d_ours - d_trl).abs().max().item() / d_ours.abs().max().item()
     assert err <= 1e-4, err
+
+
+def test_before_the_first_step_every_tokens_ratio_is_one_at_the_sampling_temperature(tiny):
+    """Rows sampled at T = 0.8: the update scores their tokens at 0.8 (logits / T), so π_θ / π_behaviour is 1
+    for plain rows and π_θ(· | plain prompt) equals the loss-side log-probs of guided rows, token by token."""
+    from tasks.models.generation import SamplingParams, TransformersBackend
+    from tasks.stages.rollouts import sample_rows
+
+    model, tok = tiny
+    backend = TransformersBackend(str(TINY))
+    T = 0.8
+    q = {"problem_id": "p", "question": "State the final answer to the following arithmetic problem: 47 + 38 =", "answer": "85"}
+    plain = chat(tok, fill(load_template("tiny_plain"), q["question"]))
+    hinted = chat(tok, fill(load_template("tiny_hint"), q["question"], hint="These answers are wrong: 84."))
+    params = SamplingParams(n=4, temperature=T, max_new_tokens=24, seed=3)
+    rows = sample_rows([q], backend.generate([plain], params), [plain], "pol", T)
+    guided = sample_rows([q], backend.generate([hinted], params), [hinted], "pol", T, prompt_kind="hint",
+                         guidance=["These answers are wrong: 84."], loss_prompts=[plain])
+    for g, lp in zip(guided, backend.score([plain] * len(guided), [g["completion_token_ids"] for g in guided], T)):
+        g["loss_logprobs"] = lp
+    for r in rows + guided:
+        r.update(advantage=1.0, token_advantages=None, is_guided=r["prompt_kind"] == "hint")
+    batch = make_batch(rows + guided, tok)
+    assert batch.temperature.tolist() == pytest.approx([T] * len(rows + guided))
+    with torch.no_grad():
+        logp = completion_logps(model, batch)
+    for i, r in enumerate(rows + guided):
+        n = len(r["completion_token_ids"])
+        expected = r["behaviour_logprobs"] if r["prompt_kind"] == "plain" else r["loss_logprobs"]
+        ratio = torch.exp(logp[i, :n] - torch.tensor(expected))
+        assert torch.allclose(ratio, torch.ones(n), atol=1e-5), (r["prompt_kind"], (ratio - 1).abs().max().item())
+    # scored at temperature 1 instead (the old update), the same tokens are off by far more
+    batch.temperature.fill_(1.0)
+    with torch.no_grad():
+        at_one = completion_logps(model, batch)
+    assert (at_one[0, : len(rows[0]["completion_token_ids"])] - torch.tensor(rows[0]["behaviour_logprobs"])).abs().max() > 1e-2
+
+
+def _expo_grad(model, tok, rows, beta=0.04):
+    m = copy.deepcopy(model)
+    m.zero_grad()
+    update_loss(m, make_batch(rows, tok), GRPOTrainConfig(expo_beta=beta)).backward()
+    return torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+
+
+def test_expo_term_weight_does_not_depend_on_the_group_size(tiny):
+    """β · log π(explanation | question) per question: the explanation rows' gradient is the same whether 4 or
+    8 sample rows (here with zero advantage: no gradient of their own) share the batch."""
+    model, tok = tiny
+    prompt = chat(tok, fill(load_template("tiny_plain"), "State the final answer to the following arithmetic problem: 23 + 45 ="))
+    expl = [{"loss_prompt": prompt, "completion_token_ids": _ids(tok, "23 + 45 = 68\n\\boxed{68}"), "prompt_kind": "explain",
+             "is_guided": True, "advantage": None, "token_advantages": None, "behaviour_logprobs": None, "temperature": 1.0}]
+    ids = _ids(tok, "23 + 45 = 67\n\\boxed{67}")
+    with torch.no_grad():
+        beh = completion_logps(model, make_batch([{**expl[0], "completion_token_ids": ids, "prompt_kind": "plain"}], tok))[0].tolist()
+
+    def group(n):
+        return [{"loss_prompt": prompt, "completion_token_ids": ids, "prompt_kind": "plain", "is_guided": False, "advantage": 0.0,
+                 "token_advantages": None, "behaviour_logprobs": beh, "temperature": 1.0} for _ in range(n)]
+
+    g4, g8 = _expo_grad(model, tok, expl + group(4)), _expo_grad(model, tok, expl + group(8))
+    assert g4.abs().max() > 0 and torch.allclose(g4, g8, atol=1e-7)
+    # and it is β times the explanation's mean token NLL gradient, as the explanation alone gives it
+    assert torch.allclose(g4, _expo_grad(model, tok, expl), atol=1e-7)
+    assert torch.allclose(_expo_grad(model, tok, expl, beta=0.08), 2 * g4, atol=1e-7)

@@ -21,6 +21,8 @@ def test_lte_fires_only_when_every_rollout_failed_and_picks_the_hint_kind():
     assert build_hint([_row(answer=None)] * 2) is None  # nothing to learn from
     assert build_hint([_row(finish="error", answer=None)] * 2) is None
     assert build_hint([_row(answer=str(i)) for i in range(9)], max_wrong=3)[0] == "These answers are wrong: 0, 1, 2."
+    # LTE uses every distinct wrong answer (hint.max_wrong_answers: null, the default)
+    assert build_hint([_row(answer=str(i)) for i in range(9)])[0] == "These answers are wrong: 0, 1, 2, 3, 4, 5, 6, 7, 8."
 
 
 def _config(checkpoint, tmp_path, **extra):

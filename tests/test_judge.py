@@ -163,7 +163,7 @@ def _upstream(tmp_path, completions, reference=REF):
     cur = store.write("curate", "k-curate", {"problems": ("problems", to_table([problem], "problems"))},
                       config={}, inputs={}, stage_version="test")
     rows = [{"sample_id": f"s{i}", "problem_id": "p1", "sample_idx": i, "prompt": "q", "completion": c,
-             "completion_token_ids": [1], "behaviour_logprobs": [-0.1], "finish_reason": "stop",
+             "completion_token_ids": [1], "behaviour_logprobs": [-0.1], "temperature": 1.0, "finish_reason": "stop",
              "extracted_answer": None, "correct": c.endswith("{16}"), "policy_id": "pol", "prompt_kind": "plain",
              "guidance": None, "loss_prompt": "q", "loss_logprobs": None, "level": "hard", "error": None}
             for i, c in enumerate(completions)]

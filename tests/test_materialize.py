@@ -16,7 +16,7 @@ def _row(pid, idx, completion, correct, kind="plain", **extra):
     prompt = {"plain": PLAIN, "hint": HINTED, "explain": EXPLAIN}[kind].format(q=pid)
     return {"sample_id": f"{pid}-{kind}-{idx}", "problem_id": pid, "sample_idx": idx, "prompt": prompt,
             "completion": completion, "completion_token_ids": [ord(c) for c in completion],
-            "behaviour_logprobs": [-0.5] * len(completion), "finish_reason": "stop", "correct": correct,
+            "behaviour_logprobs": [-0.5] * len(completion), "temperature": 1.0, "finish_reason": "stop", "correct": correct,
             "prompt_kind": kind, "loss_prompt": PLAIN.format(q=pid),
             "loss_logprobs": None if kind == "plain" else [-1.5] * len(completion), **extra}
 
@@ -101,3 +101,57 @@ def test_step_and_token_helpers():
     assert step_advantages([0.25, 0.5, 1.0]) == [-0.75, 0.25, 0.5]
     assert token_step_index("ab\ncd", ["a", "b", "\n", "c", "d"], ["ab", "cd"]) == [0, 0, 0, 1, 1]
     assert group_advantages([1.0, 0.0, None]) == pytest.approx([1.0, -1.0, None], abs=1e-5)
+
+
+def test_pair_kinds_give_pure_exp_dpo(tmp_path, data):
+    out, _ = build(_config(tmp_path, dpo_pairs=["explain"]), *data, grades={})
+    assert out["dpo"] and {r["chosen_kind"] for r in out["dpo"]} == {"explain"}
+
+
+def test_lte_replaces_randomly_chosen_failed_samples_seeded(tmp_path, data):
+    def replaced(seed):
+        out, _ = build(_config(tmp_path, seed=seed), *data, grades={})
+        b = sorted((r for r in out["grpo"] if r["group_id"] == "g-B" and r["prompt_kind"] != "explain"), key=lambda r: r["sample_id"])
+        return tuple(sorted(int(r["sample_id"].rsplit("-", 1)[1]) for r in b if r["prompt_kind"] == "plain"))  # the one kept
+
+    kept = {seed: replaced(seed) for seed in range(8)}
+    assert all(len(k) == 1 for k in kept.values())  # 3 of 4 replaced, one failed plain sample stays
+    assert replaced(3) == kept[3]  # seeded
+    assert len(set(kept.values())) > 1  # not always the same (the old code always kept the last one)
+
+
+def test_process_mode_keeps_groups_whose_steps_differ_and_single_steps_get_s1(tmp_path, data):
+    from tasks.models.tiny_policy import build_tokenizer
+
+    assert step_advantages([0.75]) == [0.75]  # the authors: step 1 gets s_1
+    rollouts = [_row("D", i, "3 + 4 = 8\n\\boxed{8}", False) for i in range(2)]
+    # same outcome score, different step scores: all-fail group, yet the first step of D-0 was right
+    grades = {"D-plain-0": {"parse_ok": True, "outcome_score": 0.0, "step_scores": [1.0, 0.0], "steps": ["3 + 4 = 8", "\\boxed{8}"]},
+              "D-plain-1": {"parse_ok": True, "outcome_score": 0.0, "step_scores": [0.0, 0.0], "steps": ["3 + 4 = 8", "\\boxed{8}"]}}
+    out, counts = build(_config(tmp_path, reward="judge"), rollouts, [], [], grades, tokenizer=build_tokenizer())
+    assert counts.get("dropped_groups", 0) == 0 and len(out["grpo"]) == 2
+    assert any(a != 0 for a in out["grpo"][0]["token_advantages"])
+
+
+def test_process_mode_without_a_tokenizer_is_an_error(tmp_path):
+    from tasks.stages.materialize import process_tokenizer
+
+    config = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}, "materialize": {"reward": "judge"},
+                           "policy": {"model": "served-model", "backend": "openai"}}, base_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs the policy's tokenizer"):
+        process_tokenizer(config)
+    config.judge.mode = "outcome"
+    assert process_tokenizer(config) is None
+
+
+def test_overlong_traces_get_reward_zero_unless_graded(tmp_path):
+    rollouts = [_row("E", 0, "3 + 4 = 7\n\\boxed{7}", True), _row("E", 1, "3 + 4 = 7 and so on and", False, finish_reason="length")]
+    grades = {"E-plain-0": {"parse_ok": True, "outcome_score": 0.5, "step_scores": None, "steps": []},
+              "E-plain-1": {"parse_ok": True, "outcome_score": 0.75, "step_scores": None, "steps": []}}
+    cfg = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}, "materialize": {"reward": "judge"},
+                        "judge": {"mode": "outcome"}}, base_dir=tmp_path)
+    out, _ = build(cfg, rollouts, [], [], grades)
+    assert {r["sample_id"]: r["reward"] for r in out["grpo"]} == {"E-plain-0": 0.5, "E-plain-1": 0.0}
+    cfg.judge.overlong = "grade"
+    out, _ = build(cfg, rollouts, [], [], grades)
+    assert {r["sample_id"]: r["reward"] for r in out["grpo"]} == {"E-plain-0": 0.5, "E-plain-1": 0.75}

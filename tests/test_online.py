@@ -59,3 +59,21 @@ def test_a_round_killed_mid_update_resumes_from_that_round(prefect_server, tmp_p
     assert history[0]["policy"] == round1["grpo"]["path"] + "/checkpoint"
     assert Store(ws).get("grpo", Path(round2["grpo"]["path"]).name).manifest["inputs"]["policy"] != \
         Store(ws).get("grpo", Path(round1["grpo"]["path"]).name).manifest["inputs"]["policy"]
+
+
+def test_the_kl_reference_is_the_initial_policy_in_every_round(tmp_path):
+    """The papers measure the KL to π₀ for the whole run; `kl_reference: round` takes each round's starting policy."""
+    from flows.online import round_config
+    from tasks.registry import parse_config
+    from tasks.stages.grpo import reference_dir
+
+    raw = _raw()
+    raw["train"]["grpo"]["kl"] = 0.001
+    ckpt = tmp_path / "round-1-checkpoint"
+    ckpt.mkdir()
+    first = parse_config(round_config(raw, None, 1), base_dir=tmp_path)
+    second = parse_config(round_config(raw, str(ckpt), 2), base_dir=tmp_path)
+    assert reference_dir(first) == TINY and reference_dir(second) == TINY  # π₀ both times
+    assert second.policy.model == str(ckpt)
+    raw["train"]["grpo"]["kl_reference"] = "round"
+    assert reference_dir(parse_config(round_config(raw, str(ckpt), 2), base_dir=tmp_path)) == ckpt

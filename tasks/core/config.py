@@ -82,7 +82,9 @@ class JudgeConfig(StrictModel):
     base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. http://127.0.0.1:8001/v1 (default: OPENAI_BASE_URL)")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
     temperature: float = Field(0.0, ge=0)
-    max_tokens: int = Field(1024, gt=0, description="longest judge reply")
+    max_tokens: int = Field(2048, gt=0, description="longest judge reply (ExpRL: 2048)")
+    overlong: Literal["zero", "grade"] = Field(
+        "zero", description="traces cut at max_new_tokens (finish_reason length): zero: reward 0, as the ExpRL authors' code; grade: the judge's score")
     concurrency: int = Field(16, gt=0, description="requests in flight")
     timeout_seconds: float = Field(60.0, gt=0, description="per request")
     max_retries: int = Field(5, ge=0, description="retries with exponential backoff and jitter on 429, 5xx, time-outs, dropped connections")

@@ -57,6 +57,7 @@ ROLLOUTS = pa.schema(
         _f("completion", _str),
         _f("completion_token_ids", _i32_list),
         _f("behaviour_logprobs", _f32_list, nullable=True),
+        _f("temperature", pa.float64()),  # the sampling temperature behaviour_logprobs (and loss_logprobs) are at
         _f("finish_reason", _str),
         _f("extracted_answer", _str, nullable=True),
         _f("correct", pa.bool_()),
@@ -89,6 +90,7 @@ EXPLANATIONS = pa.schema(
         _f("explain_loglik", pa.float64(), nullable=True),  # per token, under the original prompt
         _f("explain_loglik_total", pa.float64(), nullable=True),
         _f("explain_answer_gain", pa.float64(), nullable=True),
+        _f("leaks_answer", pa.bool_(), nullable=True),  # leans on having been shown the answer (explain.leak_check): never selected
         _f("selected", pa.bool_()),  # chosen for its problem by `explain.select`
     ]
 )
@@ -139,6 +141,7 @@ GRPO = pa.schema(
         _f("token_advantages", pa.list_(pa.float64()), nullable=True),
         _f("behaviour_logprobs", _f32_list, nullable=True),
         _f("loss_logprobs", _f32_list, nullable=True),
+        _f("temperature", pa.float64()),  # the sampling temperature: the update scores tokens at it
         _f("is_guided", pa.bool_()),
         _f("prompt_kind", _str),
     ]

@@ -85,7 +85,7 @@ def sample_guided(stage: str, section, config: Config, items: list[dict], shard:
     prompts = [render(tokenizer, fill(template, it["problem"]["question"], **{PLACEHOLDER[stage]: it["guidance"]})) for it in items]
     params = sampling_params(section, config, shard)
     samples = backend.generate(prompts, params)
-    rows = sample_rows(problems, samples, prompts, backend.policy_id, prompt_kind=stage,
+    rows = sample_rows(problems, samples, prompts, backend.policy_id, params.temperature, prompt_kind=stage,
                        guidance=[it["guidance"] for it in items], loss_prompts=[it["loss_prompt"] for it in items])
     return backend, rows, params
 

@@ -33,6 +33,7 @@ an explanation can copy the answer it was shown.
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 from typing import Literal
 
@@ -61,9 +62,11 @@ class ExplainConfig(StrictModel):
         "loglik", description="per problem keep the correct explanation with the highest per-token log-likelihood, the highest answer gain, or all"
     )
     shard_size: int = Field(32, gt=0, description="problems per shard (sampled with seed + shard index); a crash resumes at the first unfinished shard")
+    leak_check: bool = Field(True, description="flag explanations that lean on having been given the answer (\"as given\", "
+                             "\"we are told the answer\") and never select them: the policy never sees the answer at training time")
 
 
-STAGE = Stage(name="explain", version="1", module=__name__, upstream=guidance.UPSTREAM, writes={"explanations": "explanations"},
+STAGE = Stage(name="explain", version="2", module=__name__, upstream=guidance.UPSTREAM, writes={"explanations": "explanations"},
               section="explain", settings_model=ExplainConfig, sharded=True)
 
 log = logging.getLogger("guidedrl.explain")
@@ -95,12 +98,24 @@ def score_explanations(backend, rows: list[dict], answers: list[str]) -> None:
         r["explain_answer_gain"] = float(sum(w) - sum(wo))
 
 
+#: phrases by which an explanation leans on having been shown the answer (explain.leak_check)
+LEAK_PHRASES = re.compile(r"\b(as given|given answer|answer (is|was) given|we (are|were) told|as (stated|told)|the answer (provided|shown)|"
+                          r"(provided|shown|stated|given) (answer|result)|i was (told|given))\b", re.IGNORECASE)
+
+
+def leans_on_the_answer(completion: str) -> bool:
+    """The leak check: the explanation talks about having been given the answer."""
+    return bool(LEAK_PHRASES.search(completion))
+
+
 def select(rows: list[dict], rule: str) -> None:
-    """Mark per problem the explanation(s) chosen by ``rule``."""
+    """Mark per problem the explanation(s) chosen by ``rule``; explanations flagged as
+    leaning on the shown answer (``leaks_answer``) are never selected."""
     by_problem: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        r["selected"] = rule == "all"
-        by_problem[r["problem_id"]].append(r)
+        r["selected"] = rule == "all" and not r.get("leaks_answer")
+        if not r.get("leaks_answer"):
+            by_problem[r["problem_id"]].append(r)
     if rule == "all":
         return
     field = {"loglik": "explain_loglik", "answer_gain": "explain_answer_gain"}[rule]
@@ -135,6 +150,7 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
     add_loss_logprobs(backend, kept, params.temperature)
     score_explanations(backend, kept, [r["guidance"] for r in kept])  # the answer it was shown
     for r in kept:
+        r["leaks_answer"] = config.explain.leak_check and leans_on_the_answer(r["completion"])
         r.setdefault("explain_loglik", None)
         r.setdefault("explain_loglik_total", None)
         r.setdefault("explain_answer_gain", None)
@@ -147,14 +163,15 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     """The shards' kept explanations as dataset `explanations`, with the unlock summary."""
     parts = shard_plan.tables("explanations")
-    kept = pa.concat_tables(parts).select(["problem_id", "completion", "selected"]).to_pylist()
+    kept = pa.concat_tables(parts).select(["problem_id", "completion", "selected", "leaks_answer"]).to_pylist()
     targets = [it["problem"]["problem_id"] for shard in shard_plan.shards for it in shard]
     stuck = shard_plan.context["stuck"]
-    explained = sorted({r["problem_id"] for r in kept})
+    explained = sorted({r["problem_id"] for r in kept if not r["leaks_answer"]})  # a leaning explanation unlocks nothing
     summary = {
         "target_problems": len(targets),
         "sampled": int(shard_plan.total("sampled")),
         "kept": len(kept),
+        "leaks_flagged": sum(bool(r["leaks_answer"]) for r in kept),
         "explained_problems": len(explained),
         **guidance.unlocked_summary(stuck, explained, shard_plan.context["levels"]),
         "unexplained_problems": [pid for pid in targets if pid not in set(explained)],

@@ -9,19 +9,23 @@ these corrections. On a plain on-policy group the two agree (tests/test_grpo.py
 checks one SGD step of each against the other).
 
 Loss pieces, each a small pure function over per-token tensors (B, T) with a
-completion mask:
+completion mask; log π_θ is computed at each row's sampling `temperature`
+(logits / T, as verl does), so that before the first step the ratio of every
+token is exactly 1:
 
 - plain samples: the clipped GRPO surrogate on the token ratio
   r = π_θ / π_behaviour, −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A);
 - LTE's guided samples: r = π_θ(token | original prompt) / π_behaviour(token |
   hinted prompt), shaped f(r) = r / (r + γ), unclipped: −f(r)·A;
-- ExPO's explanation rows: β · NLL, −β · mean log π_θ(token | original prompt);
 - ExpRL: `token_advantages` replace the broadcast sequence advantage;
-- optional KL to the reference (k3 estimator), weight `kl`;
+- optional KL to the reference policy (k3 estimator), weight `kl`, on the samples;
 - rows with a null advantage (a grade that did not parse) are masked out.
 
-Per sequence the token losses are averaged, then sequences are averaged (TRL's
-`loss_type="grpo"` normalisation).
+The sample rows' token losses are aggregated by `loss_agg` (verl's names:
+token-mean, seq-mean-token-mean, seq-mean-token-sum-norm). ExPO's explanation
+rows add their own term, β · mean over the batch's explanation rows of
+−(1/|e|) Σ log π_θ(e_t | original prompt) at temperature 1: its weight does not
+depend on the group size nor on how many sample rows share the batch.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from typing import Callable
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -52,16 +57,28 @@ class GRPOTrainConfig(StrictModel):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     epochs: int = Field(1, gt=0, description="passes over each round's grpo dataset")
     batch_size: int = Field(16, gt=0, description="samples per update step")
-    clip_low: float = Field(0.2, ge=0, description="epsilon below 1 of the clipped ratio")
-    clip_high: float = Field(0.28, ge=0, description="epsilon above 1 (clip-higher)")
-    gamma: float = Field(0.1, gt=0, description="LTE's policy shaping f(r) = r / (r + gamma) on guided samples")
-    expo_beta: float = Field(0.04, ge=0, description="ExPO's weight of the explanation NLL term")
-    kl: float = Field(0.0, ge=0, description="weight of the KL to the round's starting policy (0: off)")
+    clip_low: float = Field(0.2, ge=0, description="epsilon below 1 of the clipped ratio (PPO/GRPO 0.2; ExpRL 0.2)")
+    clip_high: float = Field(0.28, ge=0, description="epsilon above 1, clip-higher (DAPO 0.28; ExpRL 0.28)")
+    gamma: float = Field(0.1, gt=0, description="LTE's policy shaping f(r) = r / (r + gamma) on guided samples (LUFFY 0.1)")
+    expo_beta: float = Field(0.04, ge=0, description="ExPO's weight of the explanation NLL term (ExPO 0.04; 0.5 was worse than GRPO)")
+    expo_beta_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="constant: beta on every step; linear: beta decays linearly to 0 over the stage's update steps")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="how token losses of the sample rows become one number (verl's loss_agg_mode): token-mean "
+        "(verl's default, DAPO), seq-mean-token-mean (GRPO paper, TRL's loss_type=grpo), seq-mean-token-sum-norm (Dr. GRPO)")
+    loss_scale_factor: int | None = Field(
+        None, gt=0, description="seq-mean-token-sum-norm: the constant each sequence's token sum is divided by "
+        "(Dr. GRPO: the generation budget); default: the batch's longest completion, as verl does")
+    kl: float = Field(0.0, ge=0, description="weight of the k3 KL to the reference policy (0: off, no reference loaded; ExpRL 0.001)")
+    kl_reference: Literal["initial", "round"] = Field(
+        "initial", description="initial: the policy the run started from (pi_0, as the papers); round: the round's starting policy")
+    reference_model: str | None = Field(
+        None, description="the initial policy's checkpoint for kl_reference: initial (guidedrl online sets it; default: policy.model)")
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
 
 
-STAGE = Stage(name="grpo", version="1", module=__name__, upstream=("materialize",), directories=("checkpoint",),
+STAGE = Stage(name="grpo", version="2", module=__name__, upstream=("materialize",), directories=("checkpoint",),
               section="train.grpo", settings_model=GRPOTrainConfig, online=True)
 
 log = logging.getLogger("guidedrl.grpo")
@@ -93,9 +110,53 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def sequence_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each sequence's completion tokens, then over sequences."""
-    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+#: loss aggregations by verl's `loss_agg_mode` name: (per-token loss (B, T), mask (B, T), scale) -> scalar
+LOSS_AGG: dict[str, Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor]] = {}
+
+
+def register_loss_agg(name: str):
+    def wrap(fn):
+        LOSS_AGG[name] = fn
+        return fn
+    return wrap
+
+
+def _live_sequences(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.sum(-1) > 0).float()
+
+
+@register_loss_agg("token-mean")
+def token_mean(per_token: torch.Tensor, mask: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+    """Σ_i Σ_t ℓ_it / Σ_i |o_i|: every token of the batch weighs the same (verl's default, DAPO)."""
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@register_loss_agg("seq-mean-token-mean")
+def seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+    """(1/N) Σ_i (1/|o_i|) Σ_t ℓ_it over the N sequences with tokens: the GRPO paper's (TRL's loss_type=grpo)."""
+    live = _live_sequences(mask)
+    per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return (per_seq * live).sum() / live.sum().clamp(min=1.0)
+
+
+@register_loss_agg("seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+    """(1/N) Σ_i (1/L) Σ_t ℓ_it with a constant L (Dr. GRPO; default: the batch's padded completion width, as verl)."""
+    live = _live_sequences(mask)
+    per_seq = (per_token * mask).sum(-1) / float(scale or mask.shape[-1])
+    return (per_seq * live).sum() / live.sum().clamp(min=1.0)
+
+
+def expo_term(logp: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """ExPO: β · mean over explanation rows of each row's per-token NLL (``mask``: the explanation rows' tokens)."""
+    return seq_mean_token_mean(nll(logp, beta), mask)
+
+
+def expo_beta_at(cfg, step: int, steps: int) -> float:
+    """ExPO's β on update step ``step`` of ``steps``: constant, or decaying linearly to 0."""
+    if cfg.expo_beta_schedule == "linear" and steps > 1:
+        return cfg.expo_beta * (1.0 - step / (steps - 1))
+    return cfg.expo_beta
 
 
 # --------------------------------------------------------------------------- batches
@@ -109,6 +170,7 @@ class Batch:
     behaviour: torch.Tensor  # (B, T) behaviour log-probs (0 where unknown)
     advantages: torch.Tensor  # (B, T)
     kind: torch.Tensor  # (B,) 0 plain, 1 guided (shaped), 2 explanation (NLL), -1 masked
+    temperature: torch.Tensor  # (B,) the sampling temperature log π_θ is computed at (1 for explanation rows: NLL)
     prompt_width: int
 
 
@@ -129,7 +191,7 @@ def make_batch(rows: list[dict], tokenizer, device: str = "cpu") -> Batch:
     comps = [list(r["completion_token_ids"]) for r in rows]
     pw, cw = max(len(p) for p in prompts), max(1, max(len(c) for c in comps))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, attn, cmask, beh, adv, kinds = [], [], [], [], [], []
+    ids, attn, cmask, beh, adv, kinds, temps = [], [], [], [], [], [], []
     for r, p, c in zip(rows, prompts, comps):
         ids.append([pad] * (pw - len(p)) + p + c + [pad] * (cw - len(c)))
         attn.append([0] * (pw - len(p)) + [1] * (len(p) + len(c)) + [0] * (cw - len(c)))
@@ -143,36 +205,37 @@ def make_batch(rows: list[dict], tokenizer, device: str = "cpu") -> Batch:
             a = [float(r.get("advantage") or 0.0)] * cw
         adv.append(a)
         kinds.append(kind)
+        temps.append(1.0 if kind == KIND_EXPLAIN else float(r.get("temperature") or 1.0))
     t = lambda x, dt=torch.float32: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-    return Batch(t(ids, torch.long), t(attn, torch.long), t(cmask), t(beh), t(adv), t(kinds, torch.long), pw)
+    return Batch(t(ids, torch.long), t(attn, torch.long), t(cmask), t(beh), t(adv), t(kinds, torch.long), t(temps), pw)
 
 
-def completion_logps(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
-    """(B, T) log π_θ of each completion token under its loss prompt."""
+def completion_logps(model, batch: Batch) -> torch.Tensor:
+    """(B, T) log π_θ of each completion token under its loss prompt, at the row's temperature (logits / T)."""
     pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
-    logits = logits[:, batch.prompt_width - 1 : -1].float() / temperature
+    logits = logits[:, batch.prompt_width - 1 : -1].float() / batch.temperature[:, None, None]
     targets = batch.input_ids[:, batch.prompt_width :]
     return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
 
 
-def update_loss(model, batch: Batch, cfg, ref_model=None) -> torch.Tensor:
-    """The loss of one batch (see module doc)."""
+def update_loss(model, batch: Batch, cfg, ref_model=None, expo_beta: float | None = None) -> torch.Tensor:
+    """The loss of one batch: the sample rows' surrogate (+ KL) aggregated by `loss_agg`,
+    plus ExPO's term over the explanation rows (see module doc)."""
     logp = completion_logps(model, batch)
     mask = batch.completion_mask
     kind = batch.kind[:, None]
     plain = clipped_surrogate(logp, batch.behaviour, batch.advantages, cfg.clip_low, cfg.clip_high)
     guided = shaped_surrogate(logp, batch.behaviour, batch.advantages, cfg.gamma)
-    expl = nll(logp, cfg.expo_beta)
-    zero = torch.zeros_like(logp)
-    per_token = torch.where(kind == KIND_PLAIN, plain, torch.where(kind == KIND_GUIDED, guided,
-                                                                     torch.where(kind == KIND_EXPLAIN, expl, zero)))
+    per_token = torch.where(kind == KIND_PLAIN, plain, torch.where(kind == KIND_GUIDED, guided, torch.zeros_like(logp)))
     if cfg.kl > 0 and ref_model is not None:
         with torch.no_grad():
             ref = completion_logps(ref_model, batch)
         per_token = per_token + cfg.kl * kl_k3(logp, ref)
-    live = mask * (kind != KIND_MASKED).float()
-    return sequence_mean(per_token, live)
+    samples = mask * ((kind == KIND_PLAIN) | (kind == KIND_GUIDED)).float()
+    explanations = mask * (kind == KIND_EXPLAIN).float()
+    beta = cfg.expo_beta if expo_beta is None else expo_beta
+    return LOSS_AGG[cfg.loss_agg](per_token, samples, cfg.loss_scale_factor) + expo_term(logp, explanations, beta)
 
 
 def train_update(model, tokenizer, rows: list[dict], cfg, ref_model=None, device: str = "cpu") -> dict:
@@ -190,9 +253,9 @@ def train_update(model, tokenizer, rows: list[dict], cfg, ref_model=None, device
     for _ in range(cfg.epochs):
         rng.shuffle(order)
         batches += [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    for idx in progress.track(batches, f"grpo: updating on {len(rows)} samples"):
+    for step, idx in enumerate(progress.track(batches, f"grpo: updating on {len(rows)} samples")):
         batch = make_batch([rows[i] for i in idx], tokenizer, device)
-        loss = update_loss(model, batch, cfg, ref_model)
+        loss = update_loss(model, batch, cfg, ref_model, expo_beta_at(cfg, step, len(batches)))
         loss.backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -206,6 +269,15 @@ def train_update(model, tokenizer, rows: list[dict], cfg, ref_model=None, device
 
 
 # --------------------------------------------------------------------------- the stage
+
+
+def reference_dir(config: Config):
+    """The KL's reference policy: the run's initial policy (kl_reference: initial; `reference_model`,
+    which `guidedrl online` sets, else policy.model) or the round's starting policy."""
+    gc = config.train.grpo
+    if gc.kl_reference == "initial" and gc.reference_model:
+        return config.resolve(gc.reference_model)
+    return local_policy_dir(config, STAGE.name)
 
 
 def settings(config: Config) -> dict:
@@ -222,10 +294,13 @@ def compute(job: Job) -> StageOutput:
     config = job.config
     base = local_policy_dir(config, STAGE.name)
     gc = config.train.grpo
+    if config.rollouts.top_p < 1.0:
+        raise ValueError(f"grpo: rollouts.top_p is {config.rollouts.top_p}: the sampler's behaviour log-probs are of the "
+                         "truncated distribution, which the update cannot score; set rollouts.top_p: 1.0 for training rollouts")
     torch.manual_seed(gc.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base))
-    ref = AutoModelForCausalLM.from_pretrained(str(base)).eval() if gc.kl > 0 else None
+    ref = AutoModelForCausalLM.from_pretrained(str(reference_dir(config))).eval() if gc.kl > 0 else None
     rows = job.upstream["materialize"].read("grpo").to_pylist()
     metrics = train_update(model, tokenizer, rows, gc, ref)
     with job.scratch() as work:

@@ -46,12 +46,12 @@ class HintConfig(StrictModel):
     temperature: float | None = Field(None, ge=0, description="default: rollouts.temperature")
     max_new_tokens: int | None = Field(None, gt=0, description="default: rollouts.max_new_tokens")
     seed: int = 0
-    max_wrong_answers: int = Field(5, gt=0, description="at most this many distinct wrong answers in a hint")
+    max_wrong_answers: int | None = Field(None, gt=0, description="at most this many distinct wrong answers in a hint (LTE: all of them)")
     leak_check: bool = Field(False, description="reject hinted samples that mention the hint")
     shard_size: int = Field(32, gt=0, description="problems per shard (sampled with seed + shard index); a crash resumes at the first unfinished shard")
 
 
-STAGE = Stage(name="hint", version="1", module=__name__, upstream=guidance.UPSTREAM, writes={"hints": "rollouts"},
+STAGE = Stage(name="hint", version="2", module=__name__, upstream=guidance.UPSTREAM, writes={"hints": "rollouts"},
               section="hint", settings_model=HintConfig, sharded=True)
 
 log = logging.getLogger("guidedrl.hint")
@@ -67,7 +67,7 @@ def hint_text(wrong: list[str], truncated: bool) -> str:
     return " ".join(parts)
 
 
-def build_hint(rows: list[dict], max_wrong: int = 5) -> tuple[str, str] | None:
+def build_hint(rows: list[dict], max_wrong: int | None = None) -> tuple[str, str] | None:
     """(hint, hint kind) for one problem's plain rollouts, or None when LTE does not
     fire: some rollout was correct, or there is no mistake to learn from."""
     usable = [r for r in rows if r["finish_reason"] != "error"]
@@ -79,7 +79,7 @@ def build_hint(rows: list[dict], max_wrong: int = 5) -> tuple[str, str] | None:
         a = r["extracted_answer"]
         if r["finish_reason"] != "length" and a and a not in wrong:
             wrong.append(a)
-    wrong = wrong[:max_wrong]
+    wrong = wrong[:max_wrong] if max_wrong else wrong
     if all(truncated):
         return hint_text([], True), "concise"
     if any(truncated):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import statistics
 from bisect import bisect_right
 from collections import Counter, defaultdict
@@ -54,9 +55,14 @@ class MaterializeConfig(StrictModel):
     lte_replace: bool = Field(True, description="LTE: in all-failed groups, replace failed samples by correct hinted ones (at most G - 1)")
     include_explanations: bool = Field(True, description="ExPO: selected explanations ride along in grpo (null advantage, for the beta-NLL term)")
     pairs_per_problem: int = Field(2, gt=0, description="DPO pairs per problem and pair kind")
+    dpo_pairs: list[Literal["explain", "plain", "hint"]] = Field(
+        ["explain", "plain", "hint"], min_length=1, description="the DPO pair kinds, by the chosen side: explain (a selected "
+        "self-explanation over a wrong sample: [explain] alone is ExP-DPO), plain (a right over a wrong rollout), hint (a right "
+        "hinted sample over a wrong rollout)")
+    seed: int = Field(0, description="LTE: which failed samples of a group the hinted ones replace (chosen at random per problem)")
 
 
-STAGE = Stage(name="materialize", version="1", module=__name__, upstream=("curate", "rollouts", "explain", "hint", "grade"),
+STAGE = Stage(name="materialize", version="2", module=__name__, upstream=("curate", "rollouts", "explain", "hint", "grade"),
               writes={"dpo": "dpo", "grpo": "grpo", "sft": "sft"}, section="materialize", settings_model=MaterializeConfig)
 
 log = logging.getLogger("guidedrl.materialize")
@@ -78,9 +84,12 @@ def group_advantages(rewards: list[float | None], scale: str = "grpo") -> list[f
 
 
 def step_advantages(step_scores: list[float]) -> list[float]:
-    """ExpRL process mode: step t gets s_t − s_(t−1); the first step s_1 − s_T."""
+    """ExpRL process mode: step t gets s_t − s_(t−1); the first step s_1 − s_T. A single-step trace
+    gets s_1 (the authors' code sets step 1 to s_1; s_1 − s_T would be 0 there)."""
     if not step_scores:
         return []
+    if len(step_scores) == 1:
+        return [step_scores[0]]
     return [step_scores[0] - step_scores[-1]] + [b - a for a, b in zip(step_scores, step_scores[1:])]
 
 
@@ -133,7 +142,7 @@ def _grpo_row(r: dict, group_id: str, reward: float | None, guided: bool) -> dic
             "completion_token_ids": r["completion_token_ids"], "reward": reward, "advantage": None,
             "token_advantages": None, "behaviour_logprobs": r["behaviour_logprobs"],
             "loss_logprobs": r["loss_logprobs"] if guided else (r["loss_logprobs"] or r["behaviour_logprobs"]),
-            "is_guided": guided, "prompt_kind": r["prompt_kind"], "problem_id": r["problem_id"],
+            "temperature": r["temperature"], "is_guided": guided, "prompt_kind": r["prompt_kind"], "problem_id": r["problem_id"],
             "completion": r["completion"], "correct": bool(r["correct"])}
 
 
@@ -159,9 +168,9 @@ def build(config: Config, rollouts: list[dict], explanations: list[dict], hints:
         right = [r for r in group if r["correct"]]
         wrong = [r for r in group if not r["correct"]]
         # DPO pairs: the prompt is always the original question prompt
-        dpo += _pairs(expl[pid], wrong, mc.pairs_per_problem, ("explain", "plain"))
-        dpo += _pairs(right, wrong, mc.pairs_per_problem, ("plain", "plain"))
-        dpo += _pairs(hinted[pid], wrong, mc.pairs_per_problem, ("hint", "plain"))
+        for kind, chosen in (("explain", expl[pid]), ("plain", right), ("hint", hinted[pid])):
+            if kind in mc.dpo_pairs:
+                dpo += _pairs(chosen, wrong, mc.pairs_per_problem, (kind, "plain"))
         sft += [{"prompt": r["loss_prompt"], "completion": r["completion"], "problem_id": pid,
                  "prompt_kind": r["prompt_kind"], "sample_id": r["sample_id"]} for r in right + hinted[pid] + expl[pid]]
 
@@ -169,18 +178,22 @@ def build(config: Config, rollouts: list[dict], explanations: list[dict], hints:
         group_id = f"g-{pid}"
         rows = []
         for r in group:
-            if mc.reward == "judge":
+            overlong = mc.reward == "judge" and config.judge.overlong == "zero" and r["finish_reason"] == "length"
+            if overlong:  # ExpRL: a truncated trace gets reward 0, whatever the judge made of it
+                reward = 0.0
+            elif mc.reward == "judge":
                 g = grades.get(r["sample_id"])
                 reward = g["outcome_score"] if g and g["parse_ok"] else None
             else:
                 reward = 1.0 if r["correct"] else 0.0
             row = _grpo_row(r, group_id, reward, guided=False)
-            if mc.reward == "judge":
+            if mc.reward == "judge" and not overlong:
                 row["token_advantages"] = token_advantages(r, grades.get(r["sample_id"]), tokenizer, config.judge.step_split)
             rows.append(row)
         if not right and hinted[pid] and mc.lte_replace:
             n = min(len(hinted[pid]), len(rows) - 1)
-            for i, h in enumerate(hinted[pid][:n]):
+            replaced = random.Random(f"{mc.seed}:{pid}").sample(range(len(rows)), n)  # failed samples chosen at random
+            for i, h in zip(sorted(replaced), hinted[pid][:n]):
                 rows[i] = _grpo_row(h, group_id, 1.0, guided=True)
             counts["lte_replaced_samples"] += n
             counts["lte_groups"] += 1 if n else 0
@@ -188,7 +201,8 @@ def build(config: Config, rollouts: list[dict], explanations: list[dict], hints:
         for row, adv in zip(rows, group_advantages([r["reward"] for r in rows], mc.advantage)):
             row["advantage"] = adv
         rewards = {r["reward"] for r in rows if r["reward"] is not None}
-        uniform = len(rewards) <= 1
+        # ExpRL process mode: a group whose rewards are all equal still teaches when its steps are graded differently
+        uniform = len(rewards) <= 1 and not any(a for r in rows for a in (r["token_advantages"] or ()))
         counts["uniform_groups"] += uniform
         if uniform and not mc.keep_uniform_groups:
             counts["dropped_groups"] += 1
@@ -218,6 +232,7 @@ _MEANING = {
     "token_advantages": "process mode: per token, its step's advantage s_t - s_(t-1) (first step s_1 - s_T)",
     "behaviour_logprobs": "per token, under the prompt the sampling policy was shown",
     "loss_logprobs": "per token, under loss_prompt (differs from behaviour_logprobs for guided samples)",
+    "temperature": "the sampling temperature both log-probability columns are at; the policy update scores tokens at it",
     "is_guided": "sampled with guidance (answer shown or hint) but trained under the original prompt",
     "prompt_kind": "plain | explain | hint", "completion": "the completion text",
 }
@@ -251,7 +266,7 @@ def dataset_card(name: str, kind: str, rows: list[dict], summary: dict, inputs: 
 
 def settings(config: Config) -> dict:
     return {"materialize": config.materialize.model_dump(mode="json"), "step_split": config.judge.step_split,
-            "tokenizer": config.policy.tokenizer or config.policy.model}
+            "overlong": config.judge.overlong, "mode": config.judge.mode, "tokenizer": config.policy.tokenizer or config.policy.model}
 
 
 def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
@@ -260,10 +275,15 @@ def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
             "grades": upstream["grade"].fingerprints["grades"]}
 
 
-def _tokenizer(config: Config):
+def process_tokenizer(config: Config):
+    """The policy's tokenizer when token advantages are needed (reward: judge in process mode), else None.
+    Without one, token advantages would silently become the outcome advantage: an error instead."""
+    if config.materialize.reward != "judge" or config.judge.mode != "process":
+        return None
     path = config.resolve(config.policy.tokenizer or config.policy.model)
     if not path.is_dir():
-        return None
+        raise ValueError(f"materialize: reward: judge in process mode needs the policy's tokenizer to give each token its step's "
+                         f"advantage; {path} is not a directory (set policy.tokenizer to a local tokenizer directory)")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
@@ -273,12 +293,12 @@ def compute(job: Job) -> StageOutput:
     config, upstream = job.config, job.upstream
     rollouts = upstream["rollouts"].read("rollouts").to_pylist()
     grades = {g["sample_id"]: g for g in upstream["grade"].read("grades").to_pylist()}
-    tokenizer = _tokenizer(config) if config.materialize.reward == "judge" else None
+    tokenizer = process_tokenizer(config)
     data, counts = build(config, rollouts, upstream["explain"].read("explanations").to_pylist(),
                          upstream["hint"].read("hints").to_pylist(), grades, tokenizer)
     summaries = {
         "dpo": {"pairs": len(data["dpo"]), "by_kind": dict(Counter(f"{r['chosen_kind']}>{r['rejected_kind']}" for r in data["dpo"])),
-                "problems": len({r["problem_id"] for r in data["dpo"]})},
+                "problems": len({r["problem_id"] for r in data["dpo"]}), "pair_kinds": list(config.materialize.dpo_pairs)},
         "grpo": {"rows": len(data["grpo"]), "reward": config.materialize.reward, "advantage": config.materialize.advantage,
                  "groups_kept": counts.get("groups", 0), "uniform_groups": counts.get("uniform_groups", 0),
                  "uniform_groups_dropped": counts.get("dropped_groups", 0),

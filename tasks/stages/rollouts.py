@@ -49,7 +49,7 @@ class RolloutsConfig(StrictModel):
     shard_size: int = Field(32, gt=0, description="problems per shard; a crash resumes at the first unfinished shard")
 
 
-STAGE = Stage(name="rollouts", version="1", module=__name__, upstream=("curate",), writes={"rollouts": "rollouts"},
+STAGE = Stage(name="rollouts", version="2", module=__name__, upstream=("curate",), writes={"rollouts": "rollouts"},
               section="rollouts", settings_model=RolloutsConfig, sharded=True)
 
 log = logging.getLogger("guidedrl.rollouts")
@@ -70,7 +70,7 @@ def select_problems(problems: pa.Table, split: str, levels: list[str] | None, ma
     return rows[:max_problems] if max_problems else rows
 
 
-def sample_rows(problems: list[dict], samples, prompts: list[str], policy_id: str, prompt_kind: str = "plain",
+def sample_rows(problems: list[dict], samples, prompts: list[str], policy_id: str, temperature: float, prompt_kind: str = "plain",
                 guidance: list[str | None] | None = None, loss_prompts: list[str] | None = None) -> list[dict]:
     """Rollout rows for generated samples: answers checked, ids assigned."""
     rows = []
@@ -85,6 +85,7 @@ def sample_rows(problems: list[dict], samples, prompts: list[str], policy_id: st
                 "completion": s.text,
                 "completion_token_ids": s.token_ids,
                 "behaviour_logprobs": s.logprobs,
+                "temperature": float(temperature),
                 "finish_reason": s.finish_reason,
                 "extracted_answer": extracted,
                 "correct": bool(correct),
@@ -162,7 +163,7 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
     t0 = time.time()
     samples = backend.generate(prompts, params)
     meta = {"generation_seconds": time.time() - t0}
-    shard_plan.write(i, to_table(sample_rows(shard, samples, prompts, backend.policy_id), "rollouts", str(shard_plan.path(i))), meta)
+    shard_plan.write(i, to_table(sample_rows(shard, samples, prompts, backend.policy_id, rc.temperature), "rollouts", str(shard_plan.path(i))), meta)
     return meta
 
 
