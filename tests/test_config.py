@@ -66,3 +66,24 @@ def test_missing_and_invalid_yaml(tmp_path):
     bad.write_text("problems: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(bad)
+
+
+def test_method_presets_set_the_papers_values_and_set_still_wins(tmp_path):
+    import yaml
+
+    from tasks.core.config import presets, read_run_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "rollouts": {"samples_per_problem": 4, "max_new_tokens": 99}}))
+    assert presets() == ["expo", "exprl", "grpo", "lte"]
+    raw, preset = read_run_config(path, "exprl", ["train.grpo.kl=0.01"])
+    cfg = parse_config(raw)
+    assert cfg.rollouts.samples_per_problem == 16 and cfg.rollouts.temperature == 0.8 and cfg.rollouts.max_new_tokens == 99
+    assert cfg.judge.mode == "process" and cfg.materialize.reward == "judge" and cfg.train.grpo.learning_rate == 1e-6
+    assert cfg.train.grpo.kl == 0.01 and preset["train.grpo.kl"] == (0.001, "ExpRL: KL 0.001 to the initial policy")
+    for method in presets():  # every preset is a valid config over any config, and names a source for what it sets
+        raw, preset = read_run_config(path, method)
+        parse_config(raw)
+        assert preset and all(src for _, src in preset.values())
+    with pytest.raises(ConfigError, match="no preset .*presets: expo, exprl, grpo, lte"):
+        read_run_config(path, "ppo")

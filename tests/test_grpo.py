@@ -228,3 +228,25 @@ def test_expo_term_weight_does_not_depend_on_the_group_size(tiny):
     # and it is β times the explanation's mean token NLL gradient, as the explanation alone gives it
     assert torch.allclose(g4, _expo_grad(model, tok, expl), atol=1e-7)
     assert torch.allclose(_expo_grad(model, tok, expl, beta=0.08), 2 * g4, atol=1e-7)
+
+
+def test_entropy_bonus_lowers_the_loss_by_its_weight_times_the_token_mean_entropy(tiny):
+    model, tok = tiny
+    prompt = chat(tok, fill(load_template("tiny_plain"), "State the final answer to the following arithmetic problem: 23 + 45 ="))
+    rows = [{"loss_prompt": prompt, "completion_token_ids": _ids(tok, t), "prompt_kind": "plain", "is_guided": False,
+             "advantage": a, "token_advantages": None, "behaviour_logprobs": None, "temperature": 1.0}
+            for t, a in (("23 + 45 = 68", 1.0), ("23 + 45 = 6", -1.0))]
+    batch = make_batch(rows, tok)
+    with torch.no_grad():
+        logp, entropy = completion_logps(model, batch, with_entropy=True)
+        for i, r in enumerate(rows):
+            r["behaviour_logprobs"] = logp[i, : len(r["completion_token_ids"])].tolist()
+        batch = make_batch(rows, tok)
+        # by hand: the entropy at one position from the raw logits
+        pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        p = torch.softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits[0, batch.prompt_width - 1], -1)
+        assert entropy[0, 0].item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-4)
+        off = update_loss(model, batch, GRPOTrainConfig(expo_beta=0.0))
+        on = update_loss(model, batch, GRPOTrainConfig(expo_beta=0.0, entropy=0.01))
+    mask = batch.completion_mask
+    assert (off - on).item() == pytest.approx(0.01 * ((entropy * mask).sum() / mask.sum()).item(), rel=1e-4)

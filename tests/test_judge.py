@@ -73,11 +73,11 @@ def server():
         yield srv
 
 
-def _llm(server, tmp_path, mode="outcome", **kw):
+def _llm(server, tmp_path, mode="outcome", protocol="trace", **kw):
     kw = {"max_retries": 1, "timeout": 5.0, **kw}
     client = judge.JudgeClient("judge-model", server.base_url, "GUIDEDRL_TEST_KEY", judge.RequestCache(tmp_path / "cache"), **kw)
     prompts = judge.JudgePrompts.load({"outcome": "judge_outcome", "process": "judge_process", "items": "judge_items", "rubric": "rubric"})
-    return judge.LLMJudge(client, prompts, mode)
+    return judge.LLMJudge(client, prompts, mode, protocol=protocol)
 
 
 def _chat_requests(server):
@@ -94,6 +94,21 @@ def test_llm_judge_scores_come_from_what_the_client_sent(server, tmp_path):
     rows = _llm(server, tmp_path, "process").grade(traces)
     assert rows[0]["step_scores"] == [0.5, 1.0, 1.0] and rows[1]["step_scores"] == [0.0, 0.0]
     assert rows[0]["outcome_score"] == 1.0 and rows[0]["steps"] == RIGHT.splitlines()
+
+
+def test_prefix_protocol_scores_each_step_prefix_in_its_own_request(server, tmp_path):
+    """ExpRL's process protocol: s_t is the judge's score of the prefix y<=t (one request per step)."""
+    traces = [_trace(RIGHT, sid="right"), _trace("12 + 7 = 20\n\\boxed{20}", sid="wrong")]
+    j = _llm(server, tmp_path, "process", protocol="prefix")
+    assert len(j.requests(traces)) == 5  # what the dry run counts: 3 + 2 steps
+    rows = j.grade(traces)
+    shown = [r["messages"][0]["content"].split("<student_reasoning>\n")[1].split("\n</student_reasoning>")[0]
+             for r in _chat_requests(server)]
+    assert sorted(shown) == sorted(["12 + 7 = 19", "12 + 7 = 19\n\n19 - 3 = 16", "12 + 7 = 19\n\n19 - 3 = 16\n\n\\boxed{16}",
+                                    "12 + 7 = 20", "12 + 7 = 20\n\n\\boxed{20}"])  # each prefix in its own request
+    # prefix 1 ("12 + 7 = 19") does not reach 16; prefixes 2 and 3 do
+    assert rows[0]["step_scores"] == [0.0, 1.0, 1.0] and rows[0]["outcome_score"] == 1.0 and rows[0]["parse_ok"]
+    assert rows[1]["step_scores"] == [0.0, 0.0]
 
 
 def test_unparseable_answers_get_one_reminder_then_are_recorded_never_scored(server, tmp_path):

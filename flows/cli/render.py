@@ -172,3 +172,14 @@ def print_rounds(history: list[dict]) -> None:
             cells.append(f"{t['pass@1']:.3f} / {t[f'pass@{n}']:.3f}" if t else "-")
         table.add_row(str(h["round"]), f"{done} / {len(res) - done}", *cells)
     console.print(table)
+
+
+def print_preset(method: str, preset: dict, resolved: dict) -> None:
+    """`config show --method M`: each value the preset sets, whether it is in force (or a --set changed it), and its source."""
+    table = Table(title=f"preset {method} (configs/presets/{method}.yaml): the method's published settings")
+    for col in ("key", "preset", "in force", "source"):
+        table.add_column(col)
+    for key, (value, source) in preset.items():
+        now = resolved.get(key)
+        table.add_row(key, str(value), "yes" if now == value else f"no: {now} (--set)", source)
+    console.print(table)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from flows.cli.app import PROJECT_ROOT, QUICKSTART_CONFIG, WorkspaceOpt, app, console, fail, parse_stages, user_errors
+from flows.cli.app import PROJECT_ROOT, QUICKSTART_CONFIG, MethodOpt, WorkspaceOpt, app, console, fail, parse_stages, user_errors
 from flows.cli.render import print_pass_table, print_results, print_rounds
 
 
@@ -100,13 +100,14 @@ def run(
     stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated stages to run (default: all). Stages: curate, rollouts, filter, explain, hint, rubric, grade, materialize, dpo, grpo, eval."),
     workspace: Optional[Path] = WorkspaceOpt,
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set problems.eval_fraction=0.3 (repeatable)."),
+    method: Optional[str] = MethodOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print how many judge requests (and roughly how many tokens) the rubric and grade stages would send; run and send nothing."),
 ):
     """Run the pipeline (a Prefect flow) on CONFIG. Finished stage outputs are reused."""
-    from tasks.core.config import apply_overrides, read_yaml
+    from tasks.core.config import read_run_config
 
     try:
-        raw = apply_overrides(read_yaml(config), set_)
+        raw, _ = read_run_config(config, method, set_)
         (_dry_run if dry_run else _execute)(raw, Path.cwd(), workspace, parse_stages(stages))
     except user_errors() as exc:
         fail(str(exc))
@@ -173,18 +174,19 @@ def online(
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds of rollouts -> guidance -> grading -> materialize -> update -> eval (default: train.grpo.rounds)."),
     workspace: Optional[Path] = WorkspaceOpt,
     set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+    method: Optional[str] = MethodOpt,
 ):
     """Online GRPO with guidance: each round a Prefect subflow; the new checkpoint feeds the next round.
 
     A run that was killed resumes at the round (and the stage) where it stopped: finished stage outputs are reused.
     """
     from flows.online import online as online_flow
-    from tasks.core.config import apply_overrides, read_yaml
+    from tasks.core.config import read_run_config
     from tasks.registry import parse_config
     from tasks.report.runs import RunRecord
 
     try:
-        raw = apply_overrides(read_yaml(config), set_)
+        raw, _ = read_run_config(config, method, set_)
         cfg = parse_config(raw, base_dir=Path.cwd())
         ws = cfg.workspace_dir(workspace)
         record = RunRecord.create(ws, "online", raw, str(Path.cwd().resolve()), [])

@@ -74,6 +74,9 @@ class JudgeConfig(StrictModel):
 
     backend: Literal["rule", "openai"] = Field("rule", description="rule: the reference's checkable intermediate results; openai: an LLM judge")
     mode: Literal["outcome", "process"] = Field("process", description="outcome: one score per trace; process: one score per step")
+    process_protocol: Literal["trace", "prefix"] = Field(
+        "trace", description="process mode: trace: one request per trace scoring every step (cheaper); prefix: one request per "
+        "step prefix y<=t, as the ExpRL paper (as many requests as steps)")
     rubric: bool = Field(False, description="openai: an LLM turns each reference into weighted checkpoint items (stage `rubric`), which the judge scores")
     step_split: Literal["auto", "headers", "paragraphs", "lines"] = Field(
         "auto", description="auto: `###` headers, else blank-line paragraphs, else lines of a single paragraph")
@@ -246,6 +249,54 @@ def read_yaml(path: Path | str) -> dict:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return raw or {}
+
+
+#: the methods by name: each file sets a method's published hyperparameters (`settings`) and says where each comes from (`sources`)
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "presets"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys -> leaf values (lists are leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(flatten(v, key) if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def apply_preset(raw: dict, method: str | None) -> tuple[dict, dict[str, tuple[Any, str]]]:
+    """``raw`` with the preset of ``method`` (configs/presets/<method>.yaml) set over it, and the
+    preset's values in force: dotted key -> (value, source). ``--set`` overrides come after."""
+    if not method:
+        return raw, {}
+    path = PRESETS_DIR / f"{method}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--method {method}: no preset {path}; presets: {', '.join(presets()) or '(none)'}")
+    preset = read_yaml(path)
+    settings, sources = preset.get("settings") or {}, preset.get("sources") or {}
+    unknown = sorted(set(preset) - {"settings", "sources"})
+    if unknown or not isinstance(settings, dict):
+        raise ConfigError(f"{path}: a preset has `settings` (a partial config) and `sources`; found {unknown or 'no settings mapping'}")
+    values = flatten(settings)
+    return _merge(raw, settings), {k: (v, sources.get(k, f"preset {method}")) for k, v in values.items()}
+
+
+def read_run_config(path: Path | str, method: str | None = None, overrides: list[str] = ()) -> tuple[dict, dict[str, tuple[Any, str]]]:
+    """A run config as the commands take it: the file, then the preset of ``method``,
+    then ``--set`` overrides. Returns the raw config and the preset's values."""
+    raw, preset = apply_preset(read_yaml(path), method)
+    return apply_overrides(raw, list(overrides)), preset
 
 
 def masked(obj: Any) -> Any:

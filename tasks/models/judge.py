@@ -290,6 +290,15 @@ def grading_request(trace: Trace, mode: str, prompts: JudgePrompts, step_split: 
     return "outcome", fill_template(prompts.outcome, prompts.names.get("outcome", "outcome"), **common), 1, steps
 
 
+def prefix_requests(trace: Trace, prompts: JudgePrompts, step_split: str) -> list[tuple[str, str, int, list[str]]]:
+    """The paper's process protocol: one outcome-style request per step prefix y≤t (the judge
+    rates how surely the reasoning so far leads to the reference's answer); s_t is its score."""
+    steps = split_steps(trace.completion, step_split)
+    common = {"question": trace.question, "reference": trace.reference}
+    return [("outcome", fill_template(prompts.outcome, prompts.names.get("outcome", "outcome"),
+                                      trace="\n\n".join(steps[: t + 1]), **common), 1, steps) for t in range(len(steps))]
+
+
 # --------------------------------------------------------------------------- the request cache
 
 
@@ -445,8 +454,10 @@ def _parse_grade(kind: str, text: str | None, n: int):
 class LLMJudge:
     """An LLM behind an OpenAI-compatible endpoint grades traces (see module doc)."""
 
-    def __init__(self, client: JudgeClient, prompts: JudgePrompts, mode: str = "process", step_split: str = "auto"):
+    def __init__(self, client: JudgeClient, prompts: JudgePrompts, mode: str = "process", step_split: str = "auto",
+                 protocol: str = "trace"):
         self.client, self.prompts, self.mode, self.step_split = client, prompts, mode, step_split
+        self.prefix = mode == "process" and protocol == "prefix"
         self.name = f"openai:{client.model}"
 
     @property
@@ -454,9 +465,14 @@ class LLMJudge:
         return self.client.stats
 
     def requests(self, traces: list[Trace]) -> list[tuple[str, str, int, list[str]]]:
+        """Every request grading ``traces`` sends first: one per trace, or with the prefix protocol one per step."""
+        if self.prefix:
+            return [r for t in traces for r in prefix_requests(t, self.prompts, self.step_split)]
         return [grading_request(t, self.mode, self.prompts, self.step_split) for t in traces]
 
     def grade(self, traces: list[Trace]) -> list[dict]:
+        if self.prefix:
+            return self._grade_prefixes(traces)
         rows: list[dict | None] = [None] * len(traces)
         send, reqs = [], []
         for i, (t, req) in enumerate(zip(traces, self.requests(traces))):
@@ -483,6 +499,30 @@ class LLMJudge:
                 rows[i] = grade_row(t, self.name, outcome=step_scores[-1], step_scores=step_scores, steps=steps, raw=raw,
                                     parse_ok=True, mode=self.mode)
         return rows  # type: ignore[return-value]
+
+    def _grade_prefixes(self, traces: list[Trace]) -> list[dict]:
+        """Process mode, prefix protocol: s_t = the score of the prefix y≤t; a trace is graded when every prefix parsed."""
+        per_trace = [prefix_requests(t, self.prompts, self.step_split) if not t.error else [] for t in traces]
+        flat = [r[:3] for reqs in per_trace for r in reqs]
+        parsed, raws, errors = ask(self.client, flat, _parse_grade)
+        rows, at = [], 0
+        for t, reqs in zip(traces, per_trace):
+            steps = split_steps(t.completion, self.step_split)
+            scores, raw, errs = parsed[at : at + len(reqs)], raws[at : at + len(reqs)], errors[at : at + len(reqs)]
+            at += len(reqs)
+            if t.error:
+                rows.append(grade_row(t, self.name, steps=steps, error=t.error, mode=self.mode))
+            elif not reqs:
+                rows.append(grade_row(t, self.name, error="empty trace: nothing to grade", mode=self.mode))
+            elif any(s is None for s in scores):
+                k = next(i for i, s in enumerate(scores) if s is None)
+                rows.append(grade_row(t, self.name, steps=steps, raw=raw[k],
+                                      error=f"prefix {k + 1} of {len(reqs)}: {errs[k] or 'unparseable judge answer'}", mode=self.mode))
+            else:
+                step_scores = [to_reward(s) for s in scores]
+                rows.append(grade_row(t, self.name, outcome=step_scores[-1], step_scores=step_scores, steps=steps,
+                                      raw="\n---\n".join(r or "" for r in raw), parse_ok=True, mode=self.mode))
+        return rows
 
 
 def estimate_tokens(text: str) -> int:

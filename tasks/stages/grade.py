@@ -47,7 +47,7 @@ JUDGE_COUNTS = ("requests", "cache_hits", "retries", "reminders", "failed")
 
 
 def settings(config: Config) -> dict:
-    return {"judge": config.judge.model_dump(mode="json", include={"backend", "mode", "rubric", "step_split", "model", "temperature", "max_tokens"})}
+    return {"judge": config.judge.model_dump(mode="json", include={"backend", "mode", "process_protocol", "rubric", "step_split", "model", "temperature", "max_tokens"})}
 
 
 def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
@@ -73,7 +73,7 @@ def make_judge(config: Config, workspace: Path):
     jc = config.judge
     if jc.backend == "rule":
         return judge.RuleJudge(jc.mode, jc.step_split)
-    return judge.LLMJudge(judge.open_client(config, workspace), judge.judge_prompts(config), jc.mode, jc.step_split)
+    return judge.LLMJudge(judge.open_client(config, workspace), judge.judge_prompts(config), jc.mode, jc.step_split, jc.process_protocol)
 
 
 def _request_plan(j: judge.LLMJudge, traces: list[judge.Trace]) -> dict:

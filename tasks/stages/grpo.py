@@ -18,7 +18,8 @@ token is exactly 1:
 - LTE's guided samples: r = π_θ(token | original prompt) / π_behaviour(token |
   hinted prompt), shaped f(r) = r / (r + γ), unclipped: −f(r)·A;
 - ExpRL: `token_advantages` replace the broadcast sequence advantage;
-- optional KL to the reference policy (k3 estimator), weight `kl`, on the samples;
+- optional KL to the reference policy (k3 estimator), weight `kl`, and an
+  entropy bonus, weight `entropy` (LTE's dagger variant), on the samples;
 - rows with a null advantage (a grade that did not parse) are masked out.
 
 The sample rows' token losses are aggregated by `loss_agg` (verl's names:
@@ -69,6 +70,7 @@ class GRPOTrainConfig(StrictModel):
     loss_scale_factor: int | None = Field(
         None, gt=0, description="seq-mean-token-sum-norm: the constant each sequence's token sum is divided by "
         "(Dr. GRPO: the generation budget); default: the batch's longest completion, as verl does")
+    entropy: float = Field(0.0, ge=0, description="weight of an entropy bonus on the sample rows' tokens (LTE's dagger variant; 0: off)")
     kl: float = Field(0.0, ge=0, description="weight of the k3 KL to the reference policy (0: off, no reference loaded; ExpRL 0.001)")
     kl_reference: Literal["initial", "round"] = Field(
         "initial", description="initial: the policy the run started from (pi_0, as the papers); round: the round's starting policy")
@@ -210,19 +212,27 @@ def make_batch(rows: list[dict], tokenizer, device: str = "cpu") -> Batch:
     return Batch(t(ids, torch.long), t(attn, torch.long), t(cmask), t(beh), t(adv), t(kinds, torch.long), t(temps), pw)
 
 
-def completion_logps(model, batch: Batch) -> torch.Tensor:
-    """(B, T) log π_θ of each completion token under its loss prompt, at the row's temperature (logits / T)."""
+def completion_logps(model, batch: Batch, with_entropy: bool = False):
+    """(B, T) log π_θ of each completion token under its loss prompt, at the row's temperature (logits / T);
+    with ``with_entropy`` also the (B, T) entropy of π_θ at each position."""
     pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
     logits = logits[:, batch.prompt_width - 1 : -1].float() / batch.temperature[:, None, None]
     targets = batch.input_ids[:, batch.prompt_width :]
-    return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    logprobs = torch.log_softmax(logits, -1)
+    logp = logprobs.gather(-1, targets[..., None]).squeeze(-1)
+    if not with_entropy:
+        return logp
+    return logp, -(logprobs.exp() * logprobs).sum(-1)
 
 
 def update_loss(model, batch: Batch, cfg, ref_model=None, expo_beta: float | None = None) -> torch.Tensor:
     """The loss of one batch: the sample rows' surrogate (+ KL) aggregated by `loss_agg`,
     plus ExPO's term over the explanation rows (see module doc)."""
-    logp = completion_logps(model, batch)
+    if cfg.entropy > 0:
+        logp, entropy = completion_logps(model, batch, with_entropy=True)
+    else:
+        logp, entropy = completion_logps(model, batch), None
     mask = batch.completion_mask
     kind = batch.kind[:, None]
     plain = clipped_surrogate(logp, batch.behaviour, batch.advantages, cfg.clip_low, cfg.clip_high)
@@ -232,6 +242,8 @@ def update_loss(model, batch: Batch, cfg, ref_model=None, expo_beta: float | Non
         with torch.no_grad():
             ref = completion_logps(ref_model, batch)
         per_token = per_token + cfg.kl * kl_k3(logp, ref)
+    if entropy is not None:  # the bonus: higher entropy, lower loss
+        per_token = per_token - cfg.entropy * entropy
     samples = mask * ((kind == KIND_PLAIN) | (kind == KIND_GUIDED)).float()
     explanations = mask * (kind == KIND_EXPLAIN).float()
     beta = cfg.expo_beta if expo_beta is None else expo_beta
