@@ -250,3 +250,18 @@ def test_entropy_bonus_lowers_the_loss_by_its_weight_times_the_token_mean_entrop
         on = update_loss(model, batch, GRPOTrainConfig(expo_beta=0.0, entropy=0.01))
     mask = batch.completion_mask
     assert (off - on).item() == pytest.approx(0.01 * ((entropy * mask).sum() / mask.sum()).item(), rel=1e-4)
+
+
+def test_the_update_refuses_rollouts_sampled_with_top_p_below_one(tmp_path):
+    """Behaviour log-probs of a top-p-truncated distribution cannot be matched by the update's full softmax."""
+    from tasks.core.schemas import to_table
+    from tasks.core.store import Store
+    from tasks.stages import grpo
+
+    store = Store(tmp_path / "ws")
+    mat = store.write("materialize", "k", {"grpo": ("grpo", to_table([], "grpo"))}, config={}, inputs={}, stage_version="t")
+    config = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}, "policy": {"model": str(TINY)},
+                           "rollouts": {"top_p": 0.9}}, base_dir=tmp_path)
+    with pytest.raises(ValueError, match="rollouts.top_p is 0.9"):
+        grpo.STAGE.run(config, store, {"materialize": mat})
+    assert not store.outputs("grpo")

@@ -155,3 +155,12 @@ def test_overlong_traces_get_reward_zero_unless_graded(tmp_path):
     cfg.judge.overlong = "grade"
     out, _ = build(cfg, rollouts, [], [], grades)
     assert {r["sample_id"]: r["reward"] for r in out["grpo"]} == {"E-plain-0": 0.5, "E-plain-1": 0.75}
+
+
+def test_explanations_of_every_problem_ride_along_when_explain_covers_all(tmp_path, data):
+    """`explain.problems: all` explains solved problems too; their selected explanations reach the ExPO term."""
+    rollouts, explanations, hints = data
+    on_a = _row("A", 0, "3 + 4 = 7\n\\boxed{7}", True, kind="explain", selected=True)  # A is solved: not stuck
+    out, counts = build(_config(tmp_path), rollouts, explanations + [on_a], hints, grades={})
+    expl = {r["problem_id"] for r in out["grpo"] if r["prompt_kind"] == "explain"}
+    assert expl == {"A", "B"} and counts["explanation_rows"] == 2
