@@ -40,6 +40,11 @@ def inputs(stage: str, config: Config, upstream: dict[str, StageOutput]) -> dict
     }
 
 
+def key_functions(stage: str):
+    """A guidance stage's `settings(config)` and `inputs(config, upstream)` (tasks/core/stage.py)."""
+    return (lambda config: settings(stage, config)), (lambda config, upstream: inputs(stage, config, upstream))
+
+
 def load_groups(stage: str, config: Config, upstream: dict[str, StageOutput]) -> tuple[dict[str, dict], dict[str, list[dict]], list[str]]:
     """(problems by id, plain rollout rows by problem, the problems `filter` kept — by
     default the stuck ones, every sample wrong). The rollouts must come from the

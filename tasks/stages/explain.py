@@ -124,12 +124,7 @@ def select(rows: list[dict], rule: str) -> None:
         best["selected"] = True
 
 
-def settings(config) -> dict:
-    return guidance.settings(STAGE.name, config)
-
-
-def inputs(config, upstream: dict[str, StageOutput]) -> dict:
-    return guidance.inputs(STAGE.name, config, upstream)
+settings, inputs = guidance.key_functions(STAGE.name)
 
 
 def plan(job: Job) -> ShardPlan:

@@ -95,12 +95,7 @@ def mentions_hint(completion: str, hint: str) -> bool:
     return "hint" in text or hint.lower() in text
 
 
-def settings(config) -> dict:
-    return guidance.settings(STAGE.name, config)
-
-
-def inputs(config, upstream: dict[str, StageOutput]) -> dict:
-    return guidance.inputs(STAGE.name, config, upstream)
+settings, inputs = guidance.key_functions(STAGE.name)
 
 
 def plan(job: Job) -> ShardPlan:
