@@ -45,7 +45,7 @@ def test_duplicates_do_not_survive(tmp_path):
 def test_duplicates_across_sources_do_not_survive(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"question": "What is 2+2?", "answer": "4"}])
     b = write_jsonl(tmp_path / "b.jsonl", [{"q": "What is 2+2?", "a": 4}])
-    res = curate(_cfg([{"file": str(a)}, {"file": str(b), "columns": {"question": "q", "answer": "a"}}]))
+    res = curate(_cfg([{"file": str(a)}, {"file": str(b), "columns": {"question": "q", "answer": "a"}, "allow_empty": True}]))
     assert len(res.problems) == 1 and res.problems[0]["source"] == "a"
     assert _rejected(res, "duplicate:")[0]["source"] == "b"
 
@@ -192,9 +192,34 @@ def test_hugging_face_sources_from_local_disk(tmp_path):
     res = curate(_cfg([
         {"hf": {"path": str(tmp_path / "saved")}, "columns": {"question": "problem", "answer": "solution"}},
         {"hf": {"format": "parquet", "data_files": str(tmp_path / "files.parquet")},
-         "columns": {"question": "problem", "answer": "solution"}, "source": "again"},
+         "columns": {"question": "problem", "answer": "solution"}, "source": "again", "allow_empty": True},
     ], eval_fraction=0))
     assert sorted(p["answer"] for p in res.problems) == ["16", "25"]
     assert len(_rejected(res, "duplicate:")) == 2  # the same rows through the second route
     with pytest.raises(SourceError, match="no Hugging Face dataset saved here"):
         curate(_cfg([{"hf": {"path": str(tmp_path / "nothing")}}]))
+
+
+def test_text_that_is_not_utf8_names_the_file_and_line_and_a_bom_is_accepted(tmp_path):
+    utf16 = tmp_path / "u16.jsonl"
+    utf16.write_bytes('{"question": "What is 1+1?", "answer": "2"}\n'.encode("utf-16"))
+    with pytest.raises(SourceError, match=r"u16.jsonl: UTF-16 text .*save it as UTF-8"):
+        curate(_cfg([{"file": str(utf16)}]))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"question,answer\nWhat is 1+1?,2\nCaf\xe9 costs 3 plus 4?,7\n")
+    with pytest.raises(SourceError, match=r"latin.csv: line 3: not UTF-8 text \(byte 0xe9 at offset 34\)"):
+        curate(_cfg([{"file": str(latin)}]))
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("question,answer\nWhat is 1+1?,2\n".encode("utf-8-sig"))
+    assert [p["answer"] for p in curate(_cfg([{"file": str(bom)}], eval_fraction=0)).problems] == ["2"]
+
+
+def test_a_source_that_yields_no_problems_is_an_error_unless_allowed(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    nulls = write_jsonl(tmp_path / "nulls.jsonl", [{"question": "What is 1+1?", "answer": None}, {"question": "And 2+2?", "answer": None}])
+    with pytest.raises(SourceError, match=r"problems.sources.0 \(empty\): yields no problems — 0 rows read, 0 rejected \(no rows\)"):
+        curate(_cfg([{"file": str(empty)}]))
+    with pytest.raises(SourceError, match=r"problems.sources.0 \(nulls\): yields no problems — 2 rows read, 2 rejected \(no_answer: 2\)"):
+        curate(_cfg([{"file": str(nulls)}]))
+    assert curate(_cfg([{"file": str(nulls), "allow_empty": True}])).summary["rejected"] == 2

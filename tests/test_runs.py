@@ -94,3 +94,29 @@ def test_gc_keeps_what_the_newest_runs_use_and_removes_the_rest(tmp_path):
     assert not outs[0].path.exists() and outs[1].path.exists() and outs[2].path.exists()
     assert done["leftovers_removed"] == [str(store.root / "rollouts" / ".work-deadbeef")]
     assert json.loads((ws / "runs" / "20260102-000000-aaaaa2" / "run.json").read_text())["status"] == "completed"
+
+
+def test_run_ids_are_never_cut_scripts_get_json_and_a_unique_prefix_names_a_run(tmp_path, cli):
+    """`runs ls` in an 80-column terminal shows whole ids; --json for scripts; `runs show` takes a unique prefix."""
+    ws = tmp_path / "ws"
+    ids = ["20261201-101010-aaaaa1", "20261201-101010-aaaab2", "20261130-090909-cccccc"]
+    for run_id in ids:
+        rec = RunRecord.create(ws, "run", {}, str(tmp_path), ["curate"], run_id=run_id)
+        rec.data["error"] = "stage curate failed: SourceError: a long error message that would push the id out of an 80-column table"
+        rec.finish("failed")
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("guidedrl")
+    narrow = subprocess.run([str(exe), "runs", "ls", "--workspace", str(ws)], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "80"})
+    assert narrow.returncode == 0 and all(run_id in narrow.stdout for run_id in ids), narrow.stdout
+    listed = json.loads(cli("runs", "ls", "--workspace", str(ws), "--json").stdout)
+    assert [r["run_id"] for r in listed] == sorted(ids, reverse=True) and listed[0]["status"] == "failed"
+    shown = json.loads(cli("runs", "show", "20261130", "--workspace", str(ws), "--json").stdout)
+    assert shown["run_id"] == "20261130-090909-cccccc"
+    assert "20261201-101010-aaaab2" in cli("runs", "show", "20261201-101010-aaaab", "--workspace", str(ws)).stdout
+    ambiguous = cli("runs", "show", "20261201", "--workspace", str(ws), check=False)
+    assert ambiguous.returncode == 1 and "names 2 runs" in ambiguous.stderr and "give more of the id" in ambiguous.stderr
+    assert json.loads(cli("datasets", "ls", "--workspace", str(ws), "--json").stdout) == []

@@ -6,16 +6,22 @@ import json
 from pathlib import Path
 
 import typer
-from flows.cli.app import console, datasets_app, fail, user_errors
+from flows.cli.app import JsonOpt, console, datasets_app, fail, user_errors
 from flows.cli.render import print_datasets, print_diff
 
 
 @datasets_app.command("ls")
-def datasets_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory.")):
+def datasets_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory."),
+                as_json: bool = JsonOpt):
     """List finished stage outputs and their datasets in the workspace store."""
     from tasks.core.store import Store
 
     outputs = Store(workspace).outputs()
+    if as_json:
+        print(json.dumps([{"stage": o.stage, "key": o.key, "dataset": name, "kind": d["kind"], "rows": d["num_rows"],
+                           "created": o.manifest.get("created"), "path": str(o.path / name)}
+                          for o in outputs for name, d in o.manifest.get("datasets", {}).items()], indent=1))
+        return
     if not outputs:
         console.print(f"no stage outputs in {Path(workspace).resolve() / 'store'}")
         return

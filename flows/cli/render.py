@@ -93,8 +93,10 @@ def print_results(results: dict) -> None:
 def print_runs(runs: list, title: str) -> None:
     """`runs ls`: one row per run record, newest first."""
     table = Table(title=title)
-    for col in ("run", "command", "status", "started", "stages", "error"):
-        table.add_column(col)
+    # the id is what a user copies into `runs show` and `rerun`: never cut, never wrapped; the other columns give way
+    table.add_column("run", no_wrap=True, min_width=max(len(r.run_id) for r in runs))
+    for col in ("command", "status", "started", "stages", "error"):
+        table.add_column(col, overflow="fold")
     for r in runs:
         d = r.data
         done = sum(s.get("status") in ("computed", "reused", "cached") for s in d["stages"].values())

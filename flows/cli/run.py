@@ -143,7 +143,7 @@ def deploy(
 
 @app.command()
 def rerun(
-    run_id: str = typer.Argument(..., help="The run to take the config and inputs from (guidedrl runs ls)."),
+    run_id: str = typer.Argument(..., help="The run to take the config and inputs from (guidedrl runs ls): its id, or a prefix naming one run."),
     stage: str = typer.Option(..., "--stage", help="The stage to run again."),
     downstream: bool = typer.Option(False, "--downstream", help="Also run again the stages of that run that depend on it."),
     workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory."),
@@ -159,11 +159,11 @@ def rerun(
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
         if stage not in requested:
-            raise ValueError(f"run {run_id} did not run stage {stage!r}; it ran: {', '.join(requested)}")
+            raise ValueError(f"run {r.run_id} did not run stage {stage!r}; it ran: {', '.join(requested)}")
         again = [stage] + (downstream_of(stage, requested) if downstream else [])
-        console.print(f"rerun of {run_id}: running {', '.join(again)} again; other stages come from the store")
+        console.print(f"rerun of {r.run_id}: running {', '.join(again)} again; other stages come from the store")
         _execute(r.data["config"], Path(r.data["base_dir"]), workspace, again, command="rerun",
-                 force=again, rerun_of=run_id, present=requested)
+                 force=again, rerun_of=r.run_id, present=requested)
     except user_errors() as exc:
         fail(str(exc))
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
-from flows.cli.app import app, console, fail, runs_app
+
+from flows.cli.app import JsonOpt, app, console, fail, runs_app, user_errors
 from flows.cli.render import print_run, print_runs
 
 
 @runs_app.command("ls")
-def runs_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory.")):
-    """Runs of the workspace, newest first."""
+def runs_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory."),
+            as_json: bool = JsonOpt):
+    """Runs of the workspace, newest first (full ids at any terminal width)."""
     from tasks.report.runs import list_runs
 
     runs = list_runs(workspace)
+    if as_json:
+        print(json.dumps([r.summary() for r in runs], indent=1))
+        return
     if not runs:
         console.print(f"no runs in {Path(workspace).resolve() / 'runs'}")
         return
@@ -22,15 +28,19 @@ def runs_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w
 
 
 @runs_app.command("show")
-def runs_show(run_id: str = typer.Argument(..., help="A run id (guidedrl runs ls)."),
-              workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory.")):
+def runs_show(run_id: str = typer.Argument(..., help="A run id (guidedrl runs ls), or a prefix of it that names one run."),
+              workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory."),
+              as_json: bool = JsonOpt):
     """One run: each stage's status, time, output and error."""
     from tasks.report.runs import RunRecord
 
     try:
         r = RunRecord.load(workspace, run_id)
-    except FileNotFoundError as exc:
+    except user_errors() as exc:
         fail(str(exc))
+    if as_json:
+        print(json.dumps(r.data, indent=1, default=str))
+        return
     print_run(r)
     report = r.dir / "report.html"
     if report.is_file():

@@ -19,6 +19,7 @@ import secrets
 import shutil
 import time
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Iterator
 
@@ -73,13 +74,30 @@ class RunRecord:
 
     @classmethod
     def load(cls, workspace: Path, run_id: str) -> "RunRecord":
-        path = Path(workspace) / RUNS_DIR / run_id / RECORD
+        """The run ``run_id`` of the workspace: its full id or a prefix that names one run only."""
+        root = Path(workspace) / RUNS_DIR
+        path = root / run_id / RECORD
+        if not path.is_file() and run_id:
+            matches = sorted(p.parent.name for p in root.glob(f"{glob_escape(run_id)}*/{RECORD}"))
+            if len(matches) > 1:
+                raise ValueError(f"run id prefix {run_id!r} names {len(matches)} runs in {root.resolve()}: {', '.join(matches[:5])}"
+                                 + (" ..." if len(matches) > 5 else "") + "; give more of the id")
+            if matches:
+                path = root / matches[0] / RECORD
         try:
             return cls.open(path)
         except FileNotFoundError:
             known = [r.run_id for r in list_runs(workspace)][:5]
-            raise FileNotFoundError(f"no run {run_id!r} in {Path(workspace).resolve() / RUNS_DIR}"
+            raise FileNotFoundError(f"no run {run_id!r} in {root.resolve()}"
                                     + (f"; recent runs: {', '.join(known)}" if known else "")) from None
+
+    def summary(self) -> dict:
+        """What `runs ls --json` gives of a run."""
+        d = self.data
+        done = sum(s.get("status") in ("computed", "reused", "cached") for s in d["stages"].values())
+        return {"run_id": self.run_id, "command": d["command"], "status": d["status"], "started": d["started"],
+                "finished": d.get("finished"), "stages_done": done, "stages": len(d["stages"]), "error": d.get("error"),
+                "rerun_of": d.get("rerun_of"), "record": str(self.path)}
 
     def save(self) -> None:
         tmp = self.path.with_name(f".{RECORD}.tmp-{os.getpid()}")

@@ -91,6 +91,7 @@ class SourceConfig(StrictModel):
     source: str | None = Field(None, description="the value of the `source` column; default from the file or task name")
     level: str | None = Field(None, description="level label for every row of this source")
     split: Literal["train", "eval"] | None = Field(None, description="put every row of this source in this split")
+    allow_empty: bool = Field(False, description="accept a source that yields no problems (by default that is an error naming its rejections)")
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -278,12 +279,34 @@ def _file_format(src: SourceConfig, path: Path) -> str:
     return fmt
 
 
+def _not_utf8(path: Path) -> SourceError:
+    """The error for a text file that is not UTF-8: its encoding where a BOM tells, else the first bad byte's line."""
+    raw = path.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return SourceError(f"{path}: UTF-16 text (byte-order mark {raw[:2].hex()}); save it as UTF-8")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        return SourceError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                           "save the file as UTF-8")
+    return SourceError(f"{path}: not UTF-8 text")
+
+
 def _read_records(path: Path, fmt: str) -> Iterator[tuple[dict | None, str | None]]:
-    """Yield (record, None) or (None, row-level error) for each row of a file."""
+    """Yield (record, None) or (None, row-level error) for each row of a file. Text files are
+    UTF-8 (a byte-order mark is accepted); any other encoding is an error naming the file and line."""
     if not path.is_file():
         raise SourceError(f"{path}: problem file not found")
+    try:
+        yield from _read_text_records(path, fmt)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _read_text_records(path: Path, fmt: str) -> Iterator[tuple[dict | None, str | None]]:
     if fmt == "jsonl":
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -298,7 +321,7 @@ def _read_records(path: Path, fmt: str) -> Iterator[tuple[dict | None, str | Non
                 yield rec, None
     elif fmt == "json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as exc:
             raise SourceError(f"{path}: not valid JSON ({exc})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -311,7 +334,7 @@ def _read_records(path: Path, fmt: str) -> Iterator[tuple[dict | None, str | Non
             else:
                 yield {"item": i, "value": rec}, f"item {i}: a JSON {type(rec).__name__}, expected an object"
     elif fmt == "csv":
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
             reader = csv.DictReader(fh)
             if not reader.fieldnames:
                 raise SourceError(f"{path}: empty CSV file (no header row)")
@@ -555,8 +578,10 @@ def curate(cfg: ProblemsConfig, resolve: Callable[[str], Path] = Path) -> Curati
     per_source: dict[str, Counter] = defaultdict(Counter)
     reasons: Counter = Counter()
 
-    for src in cfg.sources:
+    for i, src in enumerate(cfg.sources):
         name = _source_name(src)
+        source_reasons: Counter = Counter()
+        accepted_before = len(problems)
         for row in progress.track(read_source(src, resolve), f"curate: reading {name}"):
             per_source[name]["read"] += 1
             prob, reason = _validate(row, src)
@@ -574,10 +599,16 @@ def curate(cfg: ProblemsConfig, resolve: Callable[[str], Path] = Path) -> Curati
                 rejected.append(_reject(row, reason))
                 per_source[name]["rejected"] += 1
                 reasons[reason.split(":", 1)[0]] += 1
+                source_reasons[reason.split(":", 1)[0]] += 1
                 continue
             seen[prob["problem_id"]] = prob
             rows_by_id[prob["problem_id"]] = row
             problems.append(prob)
+        if len(problems) == accepted_before and not src.allow_empty:  # a nightly run must not "succeed" on nothing
+            why = ", ".join(f"{k}: {v}" for k, v in sorted(source_reasons.items())) or "no rows"
+            raise SourceError(f"problems.sources.{i} ({name}): yields no problems — {per_source[name]['read']} rows read, "
+                              f"{per_source[name]['rejected']} rejected ({why}); fix the source, or set "
+                              f"problems.sources.{i}.allow_empty: true to accept it")
 
     for p in problems:
         if p["split"] is None:
