@@ -97,11 +97,9 @@ def print_runs(runs: list, title: str) -> None:
     table.add_column("run", no_wrap=True, min_width=max(len(r.run_id) for r in runs))
     for col in ("command", "status", "started", "stages", "error"):
         table.add_column(col, overflow="fold")
-    for r in runs:
-        d = r.data
-        done = sum(s.get("status") in ("computed", "reused", "cached") for s in d["stages"].values())
-        table.add_row(r.run_id, d["command"] + (f" (rerun of {d['rerun_of']})" if d.get("rerun_of") else ""), d["status"],
-                      d["started"], f"{done}/{len(d['stages'])}", d.get("error") or "")
+    for r in map(lambda rec: rec.summary(), runs):
+        table.add_row(r["run_id"], r["command"] + (f" (rerun of {r['rerun_of']})" if r["rerun_of"] else ""), r["status"],
+                      r["started"], f"{r['stages_done']}/{r['stages']}", r["error"] or "")
     console.print(table)
 
 
