@@ -97,7 +97,7 @@ def print_runs(runs: list, title: str) -> None:
     table.add_column("run", no_wrap=True, min_width=max(len(r.run_id) for r in runs))
     for col in ("command", "status", "started", "stages", "error"):
         table.add_column(col, overflow="fold")
-    for r in map(lambda rec: rec.summary(), runs):
+    for r in (rec.summary() for rec in runs):
         table.add_row(r["run_id"], r["command"] + (f" (rerun of {r['rerun_of']})" if r["rerun_of"] else ""), r["status"],
                       r["started"], f"{r['stages_done']}/{r['stages']}", r["error"] or "")
     console.print(table)
