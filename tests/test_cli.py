@@ -93,6 +93,7 @@ def test_run_errors_are_one_clear_line(tmp_path, cli):
     bad.write_text("problems:\n  sources:\n    - file: nope.jsonl\n  eval_frac: 0.1\n")
     r = cli("run", str(bad), "--workspace", str(tmp_path / "ws"), check=False)
     assert r.returncode != 0 and "problems.eval_frac: unknown key" in r.stderr
+    assert f"{bad}: invalid config" in " ".join(r.stderr.split())  # the config file, not "<config>"
     missing = tmp_path / "missing.yaml"
     missing.write_text("problems:\n  sources:\n    - file: nope.jsonl\n")
     r = cli("run", str(missing), "--workspace", str(tmp_path / "ws"), check=False, cwd=tmp_path)

@@ -12,7 +12,8 @@ from flows.cli.render import print_pass_table, print_results, print_rounds
 
 
 def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]], command: str = "run",
-             force: Optional[list[str]] = None, rerun_of: Optional[str] = None, present: Optional[list[str]] = None) -> None:
+             force: Optional[list[str]] = None, rerun_of: Optional[str] = None, present: Optional[list[str]] = None,
+             where: str = "<config>") -> None:
     """Run the pipeline flow with a run record; a failure ends in one line that names the stage and the fix.
 
     ``present``: the stages of the run being re-run (an optional upstream stage such as
@@ -21,7 +22,7 @@ def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
     from tasks.registry import parse_config, select_stages, stored_optional
     from tasks.report.runs import RunRecord
 
-    config = parse_config(raw, base_dir=base_dir)
+    config = parse_config(raw, where=where, base_dir=base_dir)
     ws = config.workspace_dir(workspace)
     if present is None:
         present = stored_optional(stages, config, str(ws))
@@ -43,12 +44,12 @@ def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
     console.print(f"run {record.run_id} completed; report: {record.dir / 'report.html'}")
 
 
-def _dry_run(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]]) -> None:
+def _dry_run(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]], where: str = "<config>") -> None:
     """Count what the judge stages would send; run nothing, send nothing."""
     from tasks.core.store import Store
     from tasks.registry import REGISTRY, parse_config, select_stages, stored_outputs
 
-    config = parse_config(raw, base_dir=base_dir)
+    config = parse_config(raw, where=where, base_dir=base_dir)
     ws = config.workspace_dir(workspace)
     judged = [s for s in select_stages(stages) if hasattr(REGISTRY[s].impl, "dry_run")]
     if not judged:
@@ -89,7 +90,7 @@ def quickstart(workspace: Optional[Path] = typer.Option(Path("workspace"), "--wo
     if not QUICKSTART_CONFIG.is_file():
         fail(f"{QUICKSTART_CONFIG}: the embedded quickstart config is missing; run from a clone of the repository (pip install -e .)")
     try:
-        _execute(read_yaml(QUICKSTART_CONFIG), PROJECT_ROOT, workspace, None)
+        _execute(read_yaml(QUICKSTART_CONFIG), PROJECT_ROOT, workspace, None, where=str(QUICKSTART_CONFIG))
     except user_errors() as exc:
         fail(str(exc))
 
@@ -108,7 +109,7 @@ def run(
 
     try:
         raw, _ = read_run_config(config, method, set_)
-        (_dry_run if dry_run else _execute)(raw, Path.cwd(), workspace, parse_stages(stages))
+        (_dry_run if dry_run else _execute)(raw, Path.cwd(), workspace, parse_stages(stages), where=str(config))
     except user_errors() as exc:
         fail(str(exc))
 
@@ -162,7 +163,7 @@ def rerun(
             raise ValueError(f"run {r.run_id} did not run stage {stage!r}; it ran: {', '.join(requested)}")
         again = [stage] + (downstream_of(stage, requested) if downstream else [])
         console.print(f"rerun of {r.run_id}: running {', '.join(again)} again; other stages come from the store")
-        _execute(r.data["config"], Path(r.data["base_dir"]), workspace, again, command="rerun",
+        _execute(r.data["config"], Path(r.data["base_dir"]), workspace, again, command="rerun", where=f"the config of run {r.run_id}",
                  force=again, rerun_of=r.run_id, present=requested)
     except user_errors() as exc:
         fail(str(exc))
@@ -187,7 +188,7 @@ def online(
 
     try:
         raw, _ = read_run_config(config, method, set_)
-        cfg = parse_config(raw, base_dir=Path.cwd())
+        cfg = parse_config(raw, where=str(config), base_dir=Path.cwd())
         ws = cfg.workspace_dir(workspace)
         record = RunRecord.create(ws, "online", raw, str(Path.cwd().resolve()), [])
         console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
