@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 from flows.cli.app import JsonOpt, console, datasets_app, fail, user_errors
-from flows.cli.render import print_datasets, print_diff
+from flows.cli.render import dataset_entries, print_datasets, print_diff
 
 
 @datasets_app.command("ls")
@@ -18,14 +18,12 @@ def datasets_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace",
 
     outputs = Store(workspace).outputs()
     if as_json:
-        print(json.dumps([{"stage": o.stage, "key": o.key, "dataset": name, "kind": d["kind"], "rows": d["num_rows"],
-                           "created": o.manifest.get("created"), "path": str(o.path / name)}
-                          for o in outputs for name, d in o.manifest.get("datasets", {}).items()], indent=1))
+        print(json.dumps(dataset_entries(outputs), indent=1))
         return
     if not outputs:
         console.print(f"no stage outputs in {Path(workspace).resolve() / 'store'}")
         return
-    print_datasets(outputs, f"datasets in {Path(workspace).resolve() / 'store'}")
+    print_datasets(dataset_entries(outputs), f"datasets in {Path(workspace).resolve() / 'store'}")
 
 
 @datasets_app.command("publish")

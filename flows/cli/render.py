@@ -119,14 +119,21 @@ def print_run(record) -> None:
     console.print(table)
 
 
-def print_datasets(outputs: list, title: str) -> None:
+def dataset_entries(outputs: list) -> list[dict]:
+    """`datasets ls`: one entry per dataset of every finished stage output (the table's rows, and its --json)."""
+    return [{"stage": o.stage, "key": o.key, "dataset": name, "kind": d["kind"], "rows": d["num_rows"],
+             "created": o.manifest.get("created"), "path": str(o.path / name)}
+            for o in outputs for name, d in o.manifest.get("datasets", {}).items()]
+
+
+def print_datasets(entries: list[dict], title: str) -> None:
     """`datasets ls`: every dataset of every finished stage output."""
     table = Table(title=title)
-    for col in ("stage", "key", "dataset", "kind", "rows", "created", "path"):
+    columns = ("stage", "key", "dataset", "kind", "rows", "created", "path")
+    for col in columns:
         table.add_column(col)
-    for out in outputs:
-        for name, d in out.manifest.get("datasets", {}).items():
-            table.add_row(out.stage, out.key, name, d["kind"], str(d["num_rows"]), out.manifest.get("created", ""), str(out.path / name))
+    for e in entries:
+        table.add_row(*("" if e[c] is None else str(e[c]) for c in columns))
     console.print(table)
 
 
