@@ -22,11 +22,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 from prefect.futures import wait
 
+from flows.errors import quiet_user_errors
 from tasks.core.shards import ShardPlan
 from tasks.core.store import StageOutput, Store
 from tasks.registry import REGISTRY, Config, parse_config
 
 log = logging.getLogger("guidedrl.stages")
+quiet_user_errors()  # a user's error in a stage is one line in the log, not an engine traceback
 
 
 def _config(raw_config: dict, base_dir: str) -> Config:

@@ -125,6 +125,28 @@ def upstream_of(name: str, outputs: dict) -> dict:
     return {**{u: outputs[u] for u in s.upstream}, **{u: outputs[u] for u in s.optional_upstream if u in outputs}}
 
 
+def preflight(config, stages: list[str], workspace: str | Path) -> None:
+    """Everything that can be checked before the flow starts, checked: the workspace
+    can be written, and each stage's ``preflight(config)`` (sources readable and
+    decodable, the policy's model and tokenizer directories, the judge's settings).
+    Raises the user error (one line naming the file or config key); costs no Prefect
+    server start-up."""
+    import tempfile
+
+    ws = Path(workspace)
+    try:
+        ws.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=ws, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{ws}: the workspace cannot be written ({exc.strerror or exc}); choose another with --workspace "
+                          "or `workspace:` in the config") from None
+    for name in stages:
+        check = getattr(REGISTRY[name].impl, "preflight", None)
+        if check is not None:
+            check(config)
+
+
 def mermaid() -> str:
     """The stage graph as a mermaid flowchart (ARCHITECTURE.md shows it; a test keeps them equal).
     Solid arrows: what a stage reads; dotted: read when it ran; [[double boxes]]: sharded stages."""

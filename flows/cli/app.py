@@ -34,19 +34,26 @@ WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace directory
 
 
 def fail(message: str, code: int = 1) -> None:
+    """End the command with one `error:` line (and, with --debug, the traceback of the error being handled)."""
+    import sys
+
+    from flows.errors import debug
+
+    if debug() and sys.exc_info()[1] is not None:
+        err_console.print_exception()
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
-def user_errors():
-    """The errors that are the user's input, printed as one line."""
-    from tasks.core.config import ConfigError
-    from tasks.core.schemas import SchemaError
-    from tasks.core.share import ShareError
-    from tasks.models.judge import JudgeError
-    from tasks.stages.curate import SourceError
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of every error (also GUIDEDRL_DEBUG=1); "
+                                        "by default the user's errors (bad input, config, judge) are one `error:` line.")) -> None:
+    import os
 
-    return (ConfigError, SourceError, SchemaError, JudgeError, ShareError, FileNotFoundError, ValueError)
+    from flows.errors import DEBUG_ENV
+
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
 
 def parse_stages(stages: Optional[str]) -> Optional[list[str]]:

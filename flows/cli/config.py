@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from flows.cli.app import MethodOpt, config_app, console, fail, user_errors
+from flows.cli.app import MethodOpt, config_app, console, fail
 from flows.cli.render import print_preset
+from flows.errors import user_errors
 
 
 @config_app.command("show")

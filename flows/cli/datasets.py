@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import typer
-from flows.cli.app import JsonOpt, console, datasets_app, fail, user_errors
+
+from flows.cli.app import JsonOpt, console, datasets_app, fail
 from flows.cli.render import dataset_entries, print_datasets, print_diff
+from flows.errors import user_errors
 
 
 @datasets_app.command("ls")

@@ -106,7 +106,10 @@ def print_runs(runs: list, title: str) -> None:
 def print_run(record) -> None:
     """`runs show`: the run's command and status, then each stage's status, time, output and error."""
     d = record.data
-    console.print(f"[bold]run {record.run_id}[/] — {d['command']}, {d['status']}; started {d['started']}, finished {d.get('finished')}")
+    console.print(f"[bold]run {record.run_id}[/] — {d['command']}, {record.status}; started {d['started']}, finished {d.get('finished')}")
+    if record.status == "interrupted":
+        console.print(f"[yellow]interrupted:[/] its process ({d.get('pid')}) is gone without finishing (killed, or the machine went down); "
+                      "running the same command again resumes it: finished stage outputs and shards are reused")
     if d.get("rerun_of"):
         console.print(f"rerun of {d['rerun_of']}")
     if d.get("error"):
@@ -115,7 +118,7 @@ def print_run(record) -> None:
     for col in ("stage", "status", "seconds", "output", "error"):
         table.add_column(col)
     for name, s in d["stages"].items():
-        table.add_row(name, s.get("status", ""), str(s.get("seconds", "")), s.get("path", ""), s.get("error", ""))
+        table.add_row(name, record.stage_status(name), str(s.get("seconds", "")), s.get("path", ""), s.get("error", ""))
     console.print(table)
 
 

@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from flows.cli.app import PROJECT_ROOT, QUICKSTART_CONFIG, MethodOpt, WorkspaceOpt, app, console, fail, parse_stages, user_errors
+from flows.cli.app import PROJECT_ROOT, QUICKSTART_CONFIG, MethodOpt, WorkspaceOpt, app, console, fail, parse_stages
 from flows.cli.render import print_pass_table, print_results, print_rounds
+from flows.errors import user_errors
 
 
 def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]], command: str = "run",
@@ -18,15 +19,17 @@ def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
 
     ``present``: the stages of the run being re-run (an optional upstream stage such as
     dpo for eval comes along when it ran); default: those whose output is in the store."""
-    from flows.pipeline import pipeline
-    from tasks.registry import parse_config, select_stages, stored_optional
+    from tasks.registry import parse_config, preflight, select_stages, stored_optional
     from tasks.report.runs import RunRecord
 
     config = parse_config(raw, where=where, base_dir=base_dir)
     ws = config.workspace_dir(workspace)
+    preflight(config, select_stages(stages), ws)
     if present is None:
         present = stored_optional(stages, config, str(ws))
     to_run = select_stages(stages, present)
+
+    from flows.pipeline import pipeline  # after the checks: importing Prefect's flow engine costs seconds
     record = RunRecord.create(ws, command, raw, str(base_dir.resolve()), to_run, rerun_of=rerun_of)
     console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
     try:
@@ -183,13 +186,14 @@ def online(
     """
     from flows.online import online as online_flow
     from tasks.core.config import read_run_config
-    from tasks.registry import parse_config
+    from tasks.registry import STAGES, parse_config, preflight
     from tasks.report.runs import RunRecord
 
     try:
         raw, _ = read_run_config(config, method, set_)
         cfg = parse_config(raw, where=str(config), base_dir=Path.cwd())
         ws = cfg.workspace_dir(workspace)
+        preflight(cfg, list(STAGES), ws)
         record = RunRecord.create(ws, "online", raw, str(Path.cwd().resolve()), [])
         console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
     except user_errors() as exc:

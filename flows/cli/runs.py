@@ -7,8 +7,9 @@ from pathlib import Path
 
 import typer
 
-from flows.cli.app import JsonOpt, app, console, fail, runs_app, user_errors
+from flows.cli.app import JsonOpt, app, console, fail, runs_app
 from flows.cli.render import print_run, print_runs
+from flows.errors import user_errors
 
 
 @runs_app.command("ls")
@@ -39,7 +40,8 @@ def runs_show(run_id: str = typer.Argument(..., help="A run id (guidedrl runs ls
     except user_errors() as exc:
         fail(str(exc))
     if as_json:
-        print(json.dumps(r.data, indent=1, default=str))
+        print(json.dumps({**r.data, "status": r.status,
+                          "stages": {n: {**s, "status": r.stage_status(n)} for n, s in r.data["stages"].items()}}, indent=1, default=str))
         return
     print_run(r)
     report = r.dir / "report.html"

@@ -14,9 +14,10 @@ besides ``settings`` and ``inputs``:
 - ``assemble(job, shard_plan) -> StageOutput``: the finished shards as the stage
   output (``job.write``).
 
-The process that runs a sharded stage holds the store's lock on its output
-(``Store.lock``) from the reuse check to the assembled output, so two runs of
-the same output never share a work directory: the second waits and reuses.
+The process that runs a stage holds the store's lock on its output
+(``Store.lock``, taken by ``Stage.run``) from the reuse check to the written
+output, so two runs of the same output never share a work directory: the
+second waits and reuses.
 
 A shard is written as ``<store>/<stage>/.work-<key>/shard-NNNNN.json`` then
 ``shard-NNNNN.parquet``, each to a temporary name and renamed; a shard is
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.core.faults import fault
 from tasks.core.schemas import to_table, validate_table
 from tasks.core.store import StageOutput, write_parquet
 from tasks.models.policy import release_backends
@@ -87,7 +89,8 @@ class ShardPlan:
         meta_tmp = self.meta_path(i).with_name(f".{self.meta_path(i).name}.{os.getpid()}.tmp")
         meta_tmp.write_text(json.dumps(meta or {}, sort_keys=True))
         os.rename(meta_tmp, self.meta_path(i))
-        write_shard(self.path(i), table)
+        write_shard(self.path(i), table, self.stage)
+        fault("shard.after", self.stage)
 
     def tables(self, schema: str) -> list[pa.Table]:
         """The finished shards' rows, each checked against ``schema``, all with one
@@ -118,9 +121,10 @@ def aligned(parts: list[pa.Table]) -> list[pa.Table]:
                                   for f in schema], schema=schema) for p in parts]
 
 
-def write_shard(path: Path, table: pa.Table) -> None:
+def write_shard(path: Path, table: pa.Table, stage: str | None = None) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write_parquet(table, tmp)
+    fault("shard.before-rename", stage)
     os.rename(tmp, path)
 
 
@@ -133,28 +137,25 @@ def make_plan(job: "Job", items: list, shard_size: int | None, context: dict | N
     return ShardPlan(job.name, job.key, job.settings, job.inputs, job.store.workspace, work, shards, context or {})
 
 
-def run_stage(job: "Job", run_shards: Callable[[ShardPlan], None] | None = None) -> tuple[StageOutput, bool]:
+def run_stage(job: "Job", run_shards: Callable[[ShardPlan], None] | None = None) -> StageOutput:
     """A sharded stage: its unfinished shards done by ``run_shards`` (default: one
     after another in this process, with a progress bar; a flow fans them out as
-    Prefect tasks), then assembled. Finished shards are not redone. Holds the
-    store's lock on the output: a concurrent run of the same output waits and reuses it."""
-    module, name, store = job.stage.impl, job.name, job.store
-    with store.lock(name, job.key):
-        existing = store.reusable(name, job.key, job.force)
-        if existing is not None:
-            return existing, True
-        shard_plan = module.plan(job)
-        if shard_plan.done():
-            log.info("%s: resuming at shard %d of %d (%s)", name, shard_plan.done(), len(shard_plan.shards), shard_plan.work)
+    Prefect tasks), then assembled. Finished shards are not redone. The caller
+    (``Stage.run``) holds the store's lock on the output, so two runs of the same
+    output never share a work directory."""
+    module, name = job.stage.impl, job.name
+    shard_plan = module.plan(job)
+    if shard_plan.done():
+        log.info("%s: resuming at shard %d of %d (%s)", name, shard_plan.done(), len(shard_plan.shards), shard_plan.work)
 
-        def in_turn(shard_plan: ShardPlan) -> None:
-            items = sum(map(len, shard_plan.shards))
-            for i in progress.track(range(len(shard_plan.shards)), f"{name}: {items} items in {len(shard_plan.shards)} shards"):
-                if not shard_plan.finished(i):
-                    module.run_shard(job.config, shard_plan, i)
+    def in_turn(shard_plan: ShardPlan) -> None:
+        items = sum(map(len, shard_plan.shards))
+        for i in progress.track(range(len(shard_plan.shards)), f"{name}: {items} items in {len(shard_plan.shards)} shards"):
+            if not shard_plan.finished(i):
+                module.run_shard(job.config, shard_plan, i)
 
-        try:
-            (run_shards or in_turn)(shard_plan)
-        finally:
-            release_backends()
-        return module.assemble(job, shard_plan), False
+    try:
+        (run_shards or in_turn)(shard_plan)
+    finally:
+        release_backends()
+    return module.assemble(job, shard_plan)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +35,8 @@ from tasks.core.store import StageOutput, Store, stage_key
 if TYPE_CHECKING:
     from tasks.core.shards import ShardPlan
     from tasks.registry import Config
+
+log = logging.getLogger("guidedrl.stage")
 
 
 @dataclass(frozen=True)
@@ -71,15 +74,19 @@ class Stage:
         """The stage's output: the stored one when it exists (``reused`` True) unless
         ``force``, else computed now. Plain function: no Prefect needed."""
         job = Job(self, config, store, dict(upstream or {}), *self.key_for(config, upstream or {}), force=force)
-        if self.sharded:
-            from tasks.core.shards import run_stage
-
-            out, reused = run_stage(job, run_shards)
-        else:
+        # one process works towards an output at a time: a second run of the same output
+        # (another run on this workspace) waits here, then finds it finished and reuses it
+        with store.lock(self.name, job.key):
             existing = store.reusable(self.name, job.key, force)
             if existing is not None:
                 return existing, True
-            out, reused = self.impl.compute(job), False
+            if self.sharded:
+                from tasks.core.shards import run_stage
+
+                out = run_stage(job, run_shards)
+            else:
+                out = self.impl.compute(job)
+        reused = False
         if not reused:
             self.check_output(out)
         return out, reused
@@ -94,7 +101,10 @@ class Stage:
     def describe(self, summary: dict) -> str:
         """One line about an output of this stage, from its summary."""
         fn = getattr(self.impl, "describe", None)
-        return fn(summary) if fn else json.dumps(summary)[:120]
+        line = fn(summary) if fn else json.dumps(summary)[:120]
+        if summary.get("empty_inputs"):
+            line += f" — empty input: {', '.join(summary['empty_inputs'])}"
+        return line
 
 
 @dataclass
@@ -120,9 +130,17 @@ class Job:
         unknown = sorted(set(datasets) - set(self.stage.writes))
         if unknown:
             raise ValueError(f"stage {self.name} writes {unknown}, which it does not declare (writes: {dict(self.stage.writes)})")
+        empty = self.empty_inputs()
+        if empty:
+            log.warning("%s: its input %s has no rows; its output says so (summary: empty_inputs)", self.name, ", ".join(empty))
         return self.store.write(self.name, self.key, {n: (self.stage.writes[n], t) for n, t in datasets.items()},
-                                config=self.settings, inputs=self.inputs, stage_version=self.stage.version, summary=summary,
-                                replace=self.force, **kwargs)
+                                config=self.settings, inputs=self.inputs, stage_version=self.stage.version,
+                                summary={**summary, **({"empty_inputs": empty} if empty else {})}, replace=self.force, **kwargs)
+
+    def empty_inputs(self) -> list[str]:
+        """The upstream datasets (``stage/dataset``) with no rows; rejection lists do not count."""
+        return [f"{stage}/{name}" for stage, out in sorted(self.upstream.items())
+                for name, d in out.manifest.get("datasets", {}).items() if d.get("num_rows") == 0 and d.get("kind") != "rejected"]
 
     def scratch(self):
         """A temporary directory in the store (for checkpoints and charts before they are written)."""

@@ -39,6 +39,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.core.faults import fault
 from tasks.core.schemas import SCHEMA_VERSION, SchemaError, validate_table
 
 log = logging.getLogger("guidedrl.store")
@@ -270,10 +271,10 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:
-        """Held while one process works towards (stage, key) in steps (the shards of a
-        sharded stage): a second run of the same output waits, then finds it finished
-        and reuses it. An advisory ``flock`` on ``<store>/<stage>/.lock-<key>``,
-        released when the holder ends, however it ends."""
+        """Held while one process works towards (stage, key) (``Stage.run``): a second run
+        of the same output waits, then finds it finished and reuses it. An advisory
+        ``flock`` on ``<store>/<stage>/.lock-<key>``, released by the kernel when the
+        holder ends, however it ends: a killed run never leaves a lock that blocks."""
         import fcntl
 
         path = self.root / stage / f".lock-{key}"
@@ -385,6 +386,7 @@ class Store:
                 entries[name] = {"kind": kind, "fingerprint": m["fingerprint"], "num_rows": m["num_rows"]}
                 if cards and name in cards:
                     (tmp / name / "README.md").write_text(cards[name])
+                fault("store.write.part", stage)
             dirs = {}
             for name, src in (directories or {}).items():
                 shutil.move(str(src), tmp / name)
@@ -402,6 +404,7 @@ class Store:
                 },
             )
             _fsync_dir(tmp)
+            fault("store.publish.before-rename", stage)
             if replace and final.exists():
                 swap_in(tmp, final)
             else:
@@ -412,6 +415,7 @@ class Store:
         if tmp.exists():  # lost a race: another writer published the same key
             shutil.rmtree(tmp, ignore_errors=True)
         _fsync_dir(final.parent)
+        fault("store.publish.after-rename", stage)
         out = self.get(stage, key)
         assert out is not None
         return out

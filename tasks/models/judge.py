@@ -548,6 +548,16 @@ def judge_prompts(config) -> JudgePrompts:
                               "items": config.template_path("judge_items"), "rubric": config.template_path("rubric")})
 
 
+def check_judge(config) -> None:
+    """Before any work (``preflight``): an LLM judge has a model and an endpoint to send to."""
+    jc = config.judge
+    if jc.backend == "openai" and not ((jc.model or os.environ.get("OPENAI_MODEL")) and (jc.base_url or os.environ.get("OPENAI_BASE_URL"))):
+        missing = [k for k, v, env in (("judge.model", jc.model, "OPENAI_MODEL"), ("judge.base_url", jc.base_url, "OPENAI_BASE_URL"))
+                   if not (v or os.environ.get(env))]
+        raise JudgeError(f"{', '.join(missing)}: judge.backend openai needs them in the config (or OPENAI_MODEL / "
+                         "OPENAI_BASE_URL in the environment)")
+
+
 def open_client(config, workspace: Path) -> JudgeClient:
     """The judge client of ``config.judge``, caching under ``<workspace>/cache/judge``."""
     jc = config.judge

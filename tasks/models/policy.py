@@ -41,6 +41,41 @@ def local_policy_dir(config: Config, stage: str) -> Path:
     return base
 
 
+def check_policy(config: Config) -> None:
+    """Before any work (``preflight``): the policy can be loaded — for a local checkpoint,
+    its directory, config.json and tokenizer; for a served one, where it is served."""
+    import os
+
+    from tasks.core.config import ConfigError
+
+    p = config.policy
+    if p.backend == "openai":
+        if not (p.base_url or os.environ.get("OPENAI_BASE_URL")):
+            raise ConfigError("policy.base_url: backend openai needs the server's URL (or OPENAI_BASE_URL in the environment)")
+        return
+    path = config.resolve(p.model)
+    if p.backend == "vllm" and not path.is_dir():
+        return  # a model name the vLLM engine resolves itself
+    if not path.is_dir():
+        raise ConfigError(f"{path}: policy checkpoint not found (policy.model: {p.model}); build the tiny one with "
+                          "`guidedrl bootstrap`, or point policy.model at a model directory")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: not a transformers model directory — no config.json (policy.model; it has: "
+                          f"{', '.join(sorted(f.name for f in path.iterdir())[:8]) or 'nothing'})")
+    tok = config.resolve(p.tokenizer) if p.tokenizer else path
+    key = "policy.tokenizer" if p.tokenizer else "policy.model"
+    if not tok.is_dir():
+        raise ConfigError(f"{tok}: tokenizer directory not found ({key})")
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(tok))
+    except Exception as exc:  # transformers raises several types for missing or broken tokenizer files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{tok}: no usable tokenizer ({key}; it has: {', '.join(sorted(f.name for f in tok.iterdir())[:8])}) — "
+                          f"save one with tokenizer.save_pretrained there ({first[:200]})") from None
+
+
 def open_backend(config: Config) -> GenerationBackend:
     p = config.policy
     if p.backend == "transformers":

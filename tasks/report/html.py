@@ -92,10 +92,10 @@ def _pass_table(passes: dict) -> str:
 
 def render(record, charts: dict) -> str:
     d = record.data
-    status_cls = "ok" if d["status"] == "completed" else "bad"
+    status_cls = "ok" if record.status == "completed" else "bad"
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>guidedrl run {_e(record.run_id)}</title><style>{CSS}</style></head><body>",
              f"<h1>guidedrl run <code>{_e(record.run_id)}</code></h1>",
-             f"<p class=meta>{_e(d['command'])} · <span class={status_cls}>{_e(d['status'])}</span> · started {_e(d['started'])} · "
+             f"<p class=meta>{_e(d['command'])} · <span class={status_cls}>{_e(record.status)}</span> · started {_e(d['started'])} · "
              f"finished {_e(d.get('finished') or '-')} · workspace <code>{_e(d['workspace'])}</code>"
              + (f" · rerun of <code>{_e(d['rerun_of'])}</code>" if d.get("rerun_of") else "") + "</p>"]
     if d.get("error"):

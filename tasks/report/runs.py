@@ -23,6 +23,7 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Iterator
 
+from tasks.core.faults import fault
 from tasks.core.store import _now
 
 RUNS_DIR = "runs"
@@ -91,17 +92,41 @@ class RunRecord:
             raise FileNotFoundError(f"no run {run_id!r} in {root.resolve()}"
                                     + (f"; recent runs: {', '.join(known)}" if known else "")) from None
 
+    @property
+    def status(self) -> str:
+        """The run's status; ``interrupted`` for a run recorded as running whose process is gone
+        (killed, or its machine went down) — not ``failed``: nothing said it failed, it stopped."""
+        from tasks.core.store import _pid_alive
+
+        status = self.data.get("status", "")
+        if status == "running" and not _pid_alive(int(self.data.get("pid") or -1)):
+            return "interrupted"
+        return status
+
+    def stage_status(self, stage: str) -> str:
+        """A stage's status; ``interrupted`` for one left running by an interrupted run."""
+        status = self.data["stages"].get(stage, {}).get("status", "")
+        return "interrupted" if status == "running" and self.status == "interrupted" else status
+
+    def _current_stage(self) -> str | None:
+        """The stage being run or last finished (fault points name it)."""
+        for name, s in reversed(list(self.data.get("stages", {}).items())):
+            if s.get("status") != "pending":
+                return name.split("/")[-1]
+        return None
+
     def summary(self) -> dict:
         """What `runs ls --json` gives of a run."""
         d = self.data
         done = sum(s.get("status") in ("computed", "reused", "cached") for s in d["stages"].values())
-        return {"run_id": self.run_id, "command": d["command"], "status": d["status"], "started": d["started"],
+        return {"run_id": self.run_id, "command": d["command"], "status": self.status, "started": d["started"],
                 "finished": d.get("finished"), "stages_done": done, "stages": len(d["stages"]), "error": d.get("error"),
                 "rerun_of": d.get("rerun_of"), "record": str(self.path)}
 
     def save(self) -> None:
         tmp = self.path.with_name(f".{RECORD}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")  # stages in the order they run
+        fault("record.save.before-rename", self._current_stage())
         tmp.replace(self.path)
 
     def stage_started(self, stage: str) -> None:
@@ -172,7 +197,7 @@ def gc(workspace: Path, keep: int, dry_run: bool = False) -> dict:
 
     store = Store(workspace)
     runs = list_runs(workspace)
-    kept_runs = runs[:keep] + [r for r in runs[keep:] if r.data.get("status") == "running" and _pid_alive(int(r.data.get("pid", -1)))]
+    kept_runs = runs[:keep] + [r for r in runs[keep:] if r.status == "running"]
     keep_paths = {str(Path(p).resolve()) for r in kept_runs for p in r.outputs()}
     removed, kept, freed = [], 0, 0
     for out in store.outputs():
@@ -194,10 +219,39 @@ def gc(workspace: Path, keep: int, dry_run: bool = False) -> dict:
                     continue
             except (ValueError, IndexError):
                 pass
-        elif any(r.data.get("status") == "running" for r in kept_runs):
+        elif any(r.status == "running" for r in kept_runs):
             continue  # a running rollout stage may be resuming from it
         leftovers.append(str(d))
         if not dry_run:
             shutil.rmtree(d, ignore_errors=True)
+    for lock in store.root.glob("*/.lock-*"):  # lock files nobody holds (the lock is the flock, not the file)
+        if _unlink_unlocked(lock, dry_run):
+            leftovers.append(str(lock))
+    for tmp in (Path(workspace) / RUNS_DIR).glob(f"*/.{RECORD}.tmp-*"):  # a run record's update cut short
+        try:
+            if _pid_alive(int(tmp.name.rsplit("-", 1)[-1])):
+                continue
+        except ValueError:
+            pass
+        leftovers.append(str(tmp))
+        if not dry_run:
+            tmp.unlink(missing_ok=True)
     return {"runs_kept": [r.run_id for r in kept_runs], "outputs_kept": kept, "outputs_removed": removed,
             "leftovers_removed": leftovers, "bytes_freed": freed, "dry_run": dry_run}
+
+
+def _unlink_unlocked(path: Path, dry_run: bool) -> bool:
+    """Remove a store lock file if no process holds its lock (checked by taking it)."""
+    import fcntl
+
+    try:
+        with open(path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if not dry_run:
+                path.unlink(missing_ok=True)
+            return True
+    except OSError:
+        return False

@@ -669,6 +669,46 @@ def input_fingerprints(cfg: ProblemsConfig, resolve: Callable[[str], Path] = Pat
     return fps
 
 
+def _check_utf8(path: Path) -> None:
+    """The whole file decodes as UTF-8 (read in chunks; a byte-order mark is fine)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def preflight(config) -> None:
+    """Before any work: every file source exists, reads in its format (text as UTF-8, Parquet
+    with a footer) and has the columns its mapping names. hf and reasoning_gym sources are read
+    by the stage."""
+    import pyarrow.parquet as pq
+
+    for i, src in enumerate(config.problems.sources):
+        if src.kind != "file":
+            continue
+        path = config.resolve(src.file)
+        if not path.is_file():
+            raise SourceError(f"{path}: problem file not found (problems.sources.{i}.file)")
+        fmt = _file_format(src, path)
+        if fmt == "parquet":
+            try:
+                names = pq.ParquetFile(path).schema_arrow.names
+            except Exception as exc:  # pyarrow raises several types for a bad file
+                raise SourceError(f"{path}: cannot be read as Parquet ({exc}) (problems.sources.{i}.file)") from None
+            _check_columns(names, src, str(path))
+            continue
+        _check_utf8(path)
+        first = next((rec for rec, err in _read_text_records(path, fmt) if err is None), None)
+        if first is not None:
+            _check_columns(list(first), src, str(path))
+
+
 def settings(config) -> dict:
     return config.problems.model_dump(mode="json")
 
@@ -679,6 +719,11 @@ def inputs(config, upstream: dict[str, StageOutput] | None = None) -> dict:
 
 def compute(job: Job) -> StageOutput:
     result = curate(job.config.problems, job.config.resolve)
+    s = result.summary
+    if not s["train"] and not all(src.allow_empty for src in job.config.problems.sources):  # nothing to train on is no success
+        raise SourceError(f"problems: no train problems after curation — {s['problems']} problems ({s['eval']} eval), "
+                          f"{s['rejected']} rejected {s['rejected_by_reason']}; lower problems.eval_fraction, add sources, "
+                          "or set allow_empty: true on every source to accept it")
     out = job.write(
         {
             "problems": to_table(result.problems, "problems", "curate/problems"),
@@ -690,7 +735,6 @@ def compute(job: Job) -> StageOutput:
             "rejected": {k: result.summary[k] for k in ("rejected", "rejected_by_reason")},
         },
     )
-    s = result.summary
     log.info(
         "curate: %d problems (%d train, %d eval), %d rejected %s -> %s",
         s["problems"], s["train"], s["eval"], s["rejected"], s["rejected_by_reason"] or "", out.path,

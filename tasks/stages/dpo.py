@@ -23,9 +23,10 @@ import torch
 from pydantic import Field
 
 from tasks.core.config import StrictModel
+from tasks.core.faults import fault
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, read_manifest
-from tasks.models.policy import local_policy_dir, policy_id_for
+from tasks.models.policy import check_policy, local_policy_dir, policy_id_for
 from tasks.report import progress
 
 if TYPE_CHECKING:
@@ -154,9 +155,16 @@ def train(base_model: str | Path, dataset_dir: Path, out_dir: Path, cfg) -> dict
     after = heldout_metrics(model, ref, tokenizer, held, cfg.beta)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
+    fault("checkpoint.save", STAGE.name)
     tokenizer.save_pretrained(out_dir)
     return {"train_pairs": len(train_ds), "heldout_before": before, "heldout_after": after,
             "train_log": [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in history]}
+
+
+def preflight(config: Config) -> None:
+    """Before any work: the policy can be loaded."""
+    local_policy_dir(config, STAGE.name)
+    check_policy(config)
 
 
 def settings(config: Config) -> dict:

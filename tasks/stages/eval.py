@@ -22,7 +22,7 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, sha256_bytes
 from tasks.models.answers import check
 from tasks.models.generation import SamplingParams, checkpoint_fingerprint, make_backend
-from tasks.models.policy import chat_tokenizer, open_backend, policy_id_for, render
+from tasks.models.policy import chat_tokenizer, check_policy, open_backend, policy_id_for, render
 from tasks.models.prompts import fill, load_template
 from tasks.report.metrics import pass_table
 from tasks.stages.rollouts import select_problems
@@ -90,6 +90,11 @@ def chart(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def preflight(config: Config) -> None:
+    """Before any work: the policy can be loaded."""
+    check_policy(config)
 
 
 def settings(config: Config) -> dict:

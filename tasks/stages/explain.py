@@ -46,6 +46,7 @@ from tasks.core.shards import ShardPlan, make_plan
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput
 from tasks.models.answers import steps_correct
+from tasks.models.policy import check_policy
 from tasks.stages import _guidance as guidance
 from tasks.stages.rollouts import add_loss_logprobs
 
@@ -122,6 +123,11 @@ def select(rows: list[dict], rule: str) -> None:
     for group in by_problem.values():
         best = max(group, key=lambda r: (r.get(field) is not None, r.get(field) or 0.0, -r["sample_idx"]))
         best["selected"] = True
+
+
+def preflight(config) -> None:
+    """Before any work: the policy can be loaded."""
+    check_policy(config)
 
 
 settings, inputs = guidance.key_functions(STAGE.name)

@@ -46,6 +46,11 @@ log = logging.getLogger("guidedrl.grade")
 JUDGE_COUNTS = ("requests", "cache_hits", "retries", "reminders", "failed")
 
 
+def preflight(config: Config) -> None:
+    """Before any work: the judge has a model and an endpoint."""
+    judge.check_judge(config)
+
+
 def settings(config: Config) -> dict:
     return {"judge": config.judge.model_dump(mode="json", include={"backend", "mode", "process_protocol", "rubric", "step_split", "model", "temperature", "max_tokens"})}
 

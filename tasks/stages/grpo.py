@@ -34,16 +34,16 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 from pydantic import Field
 
 from tasks.core.config import StrictModel
+from tasks.core.faults import fault
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput
-from tasks.models.policy import local_policy_dir, policy_id_for
+from tasks.models.policy import check_policy, local_policy_dir, policy_id_for
 from tasks.report import progress
 
 if TYPE_CHECKING:
@@ -292,6 +292,12 @@ def reference_dir(config: Config):
     return local_policy_dir(config, STAGE.name)
 
 
+def preflight(config: Config) -> None:
+    """Before any work: the policy can be loaded."""
+    local_policy_dir(config, STAGE.name)
+    check_policy(config)
+
+
 def settings(config: Config) -> dict:
     return config.train.grpo.model_dump(mode="json", exclude={"rounds"})
 
@@ -317,6 +323,7 @@ def compute(job: Job) -> StageOutput:
     metrics = train_update(model, tokenizer, rows, gc, ref)
     with job.scratch() as work:
         model.save_pretrained(work / "checkpoint")
+        fault("checkpoint.save", STAGE.name)
         tokenizer.save_pretrained(work / "checkpoint")
         summary = {"base_policy": job.inputs["policy"], "data": job.inputs["grpo"], **metrics,
                    "rows_by_kind": {k: sum(row_kind(r) == v for r in rows) for k, v in KINDS.items()}}

@@ -35,6 +35,7 @@ from tasks.core.shards import ShardPlan, make_plan
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput
 from tasks.models.answers import steps_correct
+from tasks.models.policy import check_policy
 from tasks.stages import _guidance as guidance
 from tasks.stages.rollouts import add_loss_logprobs
 
@@ -93,6 +94,11 @@ def mentions_hint(completion: str, hint: str) -> bool:
     """The leak check: the completion talks about the hint or repeats it."""
     text = completion.lower()
     return "hint" in text or hint.lower() in text
+
+
+def preflight(config) -> None:
+    """Before any work: the policy can be loaded."""
+    check_policy(config)
 
 
 settings, inputs = guidance.key_functions(STAGE.name)

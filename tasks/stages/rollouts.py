@@ -32,7 +32,7 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, read_dataset, sha256_bytes
 from tasks.models.answers import check
 from tasks.models.generation import GenerationBackend, SamplingParams
-from tasks.models.policy import chat_tokenizer, policy_id_for, render, shared_backend
+from tasks.models.policy import chat_tokenizer, check_policy, policy_id_for, render, shared_backend
 from tasks.models.prompts import fill, load_template
 from tasks.report.metrics import pass_table
 
@@ -125,6 +125,11 @@ def summarize(table: pa.Table, seconds: float | None = None) -> dict:
     if seconds is not None:
         summary["generation_seconds"] = round(seconds, 2)
     return summary
+
+
+def preflight(config) -> None:
+    """Before any work: the policy can be loaded."""
+    check_policy(config)
 
 
 def settings(config) -> dict:

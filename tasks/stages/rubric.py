@@ -37,6 +37,11 @@ def target_problems(upstream: dict[str, StageOutput]) -> list[dict]:
     return sorted((p for p in upstream["curate"].read("problems").to_pylist() if p["problem_id"] in ids), key=lambda p: p["problem_id"])
 
 
+def preflight(config: Config) -> None:
+    """Before any work: the judge has a model and an endpoint."""
+    judge.check_judge(config)
+
+
 def settings(config: Config) -> dict:
     return {"judge": config.judge.model_dump(mode="json", include={"backend", "rubric", "model", "temperature", "max_tokens"})}
 
