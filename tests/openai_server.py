@@ -14,7 +14,9 @@ Told to misbehave through ``Behaviour`` (all requests) or markers in the
 request text (one trace): slow, 500 / 429 for the first N attempts, always 500
 (``ALWAYS-FAIL``), non-JSON bodies (``GARBAGE``), an unparseable judge reply
 (``JUDGE-NONSENSE``; ``JUDGE-NONSENSE-ONCE``: until reminded of the format),
-hang (``JUDGE-HANG``), or a dropped connection (``JUDGE-DROP``).
+hang (``JUDGE-HANG``), or a dropped connection (``JUDGE-DROP``); or for every
+request: one status (``refuse_status = 401``), ``Retry-After`` on its 429s, an
+HTML page instead of JSON (``html``).
 
     python -m tests.openai_server --port 8123 --delay 0.5   # standalone, lean asyncio server (bench/judge.py)
 """
@@ -40,7 +42,11 @@ class Behaviour:
         self.no_token_ids = False  # answer like a server without return_tokens_as_token_ids
         self.hang_seconds = 30.0  # how long JUDGE-HANG requests hang
         self.drop_first = 0  # drop the connection for the first N attempts of each request
+        self.refuse_status = 0  # answer every request with this status (401: a bad key)
+        self.retry_after = None  # seconds sent as Retry-After with each 429
+        self.html = False  # answer every request with an HTML page (a proxy's error page) and status 200
         self.attempts: Counter = Counter()
+        self.authorization: set[str] = set()  # the Authorization headers received
         self.requests: list[dict] = []
         self.lock = threading.Lock()
 
@@ -98,9 +104,11 @@ def _handler(b: Behaviour):
         def log_message(self, *a):  # quiet
             pass
 
-        def _send(self, code, body: bytes, ctype="application/json"):
+        def _send(self, code, body: bytes, ctype="application/json", headers=()):
             self.send_response(code)
             self.send_header("Content-Type", ctype)
+            for k, v in headers:
+                self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -111,6 +119,7 @@ def _handler(b: Behaviour):
             prompt = json.dumps(req["messages"]) if chat else req.get("prompt", "")
             with b.lock:
                 b.requests.append(req)
+                b.authorization.add(self.headers.get("Authorization", ""))
                 b.attempts[prompt] += 1
                 attempt = b.attempts[prompt]
             if b.slow_seconds:
@@ -121,10 +130,16 @@ def _handler(b: Behaviour):
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
+            if b.refuse_status:
+                return self._send(b.refuse_status, json.dumps({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                                                                         "code": "invalid_api_key"}}).encode())
+            if b.html:
+                return self._send(200, b"<!doctype html><html><body><h1>502 Bad Gateway</h1></body></html>", "text/html")
             if b.always_fail in prompt or attempt <= b.fail_first:
                 return self._send(500, json.dumps({"error": {"message": "boom", "type": "server_error"}}).encode())
             if attempt <= b.fail_first + b.rate_limit_first:
-                return self._send(429, json.dumps({"error": {"message": "slow down", "type": "rate_limit"}}).encode())
+                return self._send(429, json.dumps({"error": {"message": "slow down", "type": "rate_limit"}}).encode(),
+                                  headers=[("Retry-After", str(b.retry_after))] if b.retry_after is not None else ())
             if b.garbage in prompt:
                 return self._send(200, b"<html>this is not json", "application/json")
             if self.path.endswith("/chat/completions"):

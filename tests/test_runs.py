@@ -120,3 +120,31 @@ def test_run_ids_are_never_cut_scripts_get_json_and_a_unique_prefix_names_a_run(
     ambiguous = cli("runs", "show", "20261201", "--workspace", str(ws), check=False)
     assert ambiguous.returncode == 1 and "names 2 runs" in ambiguous.stderr and "give more of the id" in ambiguous.stderr
     assert json.loads(cli("datasets", "ls", "--workspace", str(ws), "--json").stdout) == []
+
+
+def test_two_runs_at_once_compute_each_output_once_and_agree(tmp_path, cli, random_checkpoint):
+    """Two `guidedrl run` processes, same config, same fresh workspace, started together: each stage
+    output is computed by one of them while the other waits on its lock and reuses it; both finish
+    and name the same outputs."""
+    import os
+    import subprocess
+    import sys
+
+    from tasks.registry import select_stages
+
+    with OpenAIServer() as server:
+        cfg = _config(tmp_path, random_checkpoint, server.base_url)
+        exe = Path(sys.executable).with_name("guidedrl")
+        cmd = [str(exe), "run", str(cfg), "--stages", "materialize", "--workspace", str(tmp_path / "ws")]
+        procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "COLUMNS": "200"}) for _ in range(2)]
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    records = list_runs(tmp_path / "ws")
+    assert len(records) == 2 and {r.status for r in records} == {"completed"}
+    stages = select_stages(["materialize"])
+    for stage in stages:
+        a, b = (r.data["stages"][stage] for r in records)
+        assert a["path"] == b["path"], stage
+        assert sorted([a["status"], b["status"]]) in (["computed", "reused"], ["cached", "computed"]), (stage, a["status"], b["status"])
+    assert len(Store(tmp_path / "ws").outputs()) == len(stages)

@@ -173,3 +173,29 @@ def test_unreadable_parquet_names_the_file(tmp_path):
     part.write_bytes(b"not parquet at all")
     with pytest.raises(SchemaError, match=r"part-00000\.parquet: cannot be read as Parquet"):
         read_dataset(out.path / "problems")
+
+
+def test_a_lock_held_by_a_killed_process_never_blocks_the_next_run(tmp_path):
+    """The output lock is a flock: when its holder is killed (-9) the kernel releases it, whatever is left on disk."""
+    import time
+
+    from conftest import ROOT
+
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from tasks.core.store import Store
+with Store({str(tmp_path)!r}).lock("grade", "k1"):
+    print("held", flush=True)
+    time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    lock_file = tmp_path / "store" / "grade" / ".lock-k1"
+    assert lock_file.exists()
+    holder.kill()
+    holder.wait()
+    assert lock_file.exists()  # the file stays; the lock does not
+    t0 = time.monotonic()
+    with Store(tmp_path).lock("grade", "k1"):
+        waited = time.monotonic() - t0
+    assert waited < 2.0

@@ -186,14 +186,14 @@ def online(
     """
     from flows.online import online as online_flow
     from tasks.core.config import read_run_config
-    from tasks.registry import STAGES, parse_config, preflight
+    from tasks.registry import parse_config, preflight, round_stages, select_stages
     from tasks.report.runs import RunRecord
 
     try:
         raw, _ = read_run_config(config, method, set_)
         cfg = parse_config(raw, where=str(config), base_dir=Path.cwd())
         ws = cfg.workspace_dir(workspace)
-        preflight(cfg, list(STAGES), ws)
+        preflight(cfg, select_stages(round_stages()), ws)
         record = RunRecord.create(ws, "online", raw, str(Path.cwd().resolve()), [])
         console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
     except user_errors() as exc:

@@ -198,8 +198,9 @@ def _format_validation_error(exc: ValidationError, where: str, model: type[BaseM
             msg = f"unknown key{allowed}"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  {loc}: {msg}")
-    return f"{where}: invalid config\n" + "\n".join(lines)
+        lines.append(f"{loc}: {msg}")
+    more = f" (and {len(lines) - 1} more:)\n" + "\n".join(f"  {line}" for line in lines[1:]) if len(lines) > 1 else ""
+    return f"{where}: invalid config: {lines[0]}{more}"  # the first problem on the line a user sees first
 
 
 def _model_at(model: Any, loc: tuple) -> list[str]:
@@ -247,7 +248,10 @@ def read_yaml(path: Path | str) -> dict:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{at} not valid YAML ({problem})") from None
     return raw or {}
 
 

@@ -130,6 +130,7 @@ class ProblemsConfig(StrictModel):
     eval_fraction: float = Field(0.2, ge=0, lt=1)
     split_seed: int = 0
     decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
+    max_question_chars: int = Field(20_000, gt=0, description="longer questions are rejected (too_long): no prompt of megabytes reaches a model or a judge")
 
 
 STAGE = Stage(name="curate", version="1", module=__name__, writes={"problems": "problems", "rejected": "rejected"},
@@ -489,7 +490,7 @@ def _as_text(value: Any) -> str | None:
     return None
 
 
-def _validate(row: _Row, src: SourceConfig) -> tuple[dict | None, str | None]:
+def _validate(row: _Row, src: SourceConfig, max_chars: int) -> tuple[dict | None, str | None]:
     if row.error:
         return None, f"unparseable: {row.error}"
     q = _as_text(row.question)
@@ -497,6 +498,8 @@ def _validate(row: _Row, src: SourceConfig) -> tuple[dict | None, str | None]:
         return None, f"bad_type: question is a {type(row.question).__name__}, not text"
     if q is None or not normalize_text(q):
         return None, "empty_question: the question is missing or blank"
+    if len(q) > max_chars:
+        return None, f"too_long: the question has {len(q):,} characters (problems.max_question_chars: {max_chars:,})"
     a = _as_text(row.answer)
     if a is None and row.answer is not None:
         return None, f"bad_type: answer is a {type(row.answer).__name__}, not text or a number"
@@ -584,7 +587,7 @@ def curate(cfg: ProblemsConfig, resolve: Callable[[str], Path] = Path) -> Curati
         accepted_before = len(problems)
         for row in progress.track(read_source(src, resolve), f"curate: reading {name}"):
             per_source[name]["read"] += 1
-            prob, reason = _validate(row, src)
+            prob, reason = _validate(row, src, cfg.max_question_chars)
             if prob is not None:
                 first = seen.get(prob["problem_id"])
                 if first is not None:
