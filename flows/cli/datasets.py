@@ -109,3 +109,28 @@ def datasets_show(
     console.print_json(json.dumps(manifest.get("inputs", {})))
     with pl.Config(fmt_str_lengths=40, tbl_cols=12, tbl_width_chars=console.width):
         print(pl.from_arrow(table.slice(0, rows)))
+
+
+@datasets_app.command("export")
+def datasets_export(
+    path: Path = typer.Argument(..., help="A dataset directory, e.g. <workspace>/store/curate/<key>/problems or .../materialize/<key>/dpo."),
+    to: str = typer.Option(..., "--to", help="verl (RL data from problems), trl (dpo, sft, problems), openrlhf (dpo, sft, problems), "
+                           "hf (any dataset: a directory datasets.load_dataset reads with named splits)."),
+    dest: Path = typer.Argument(..., help="A new directory to write the export to."),
+    guidance: list[Path] = typer.Option([], "--guidance", help="verl: an explain stage's `explanations` or a hint stage's `hints` "
+                                        "dataset; each problem's selected explanation or hint goes into extra_info (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Replace DEST if it exists."),
+):
+    """Write a dataset in the layout another trainer reads as it is (verl, TRL, OpenRLHF, Hugging Face), with a card."""
+    import shlex
+    import sys
+
+    from tasks.core.export import ExportError, export
+
+    try:
+        record = export(path, to, dest, guidance=guidance, force=force,
+                        command="guidedrl " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    except (ExportError, *user_errors()) as exc:
+        fail(str(exc))
+    files = ", ".join(f"{f['path']} ({f['rows']} rows)" for f in record["files"].values())
+    console.print(f"exported {path} ({record['source_kind']}) for {to} to {dest}: {files}; card: {dest / 'README.md'}", soft_wrap=True)

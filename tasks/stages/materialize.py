@@ -60,6 +60,9 @@ class MaterializeConfig(StrictModel):
         "self-explanation over a wrong sample: [explain] alone is ExP-DPO), plain (a right over a wrong rollout), hint (a right "
         "hinted sample over a wrong rollout)")
     seed: int = Field(0, description="LTE: which failed samples of a group the hinted ones replace (chosen at random per problem)")
+    export: list[Literal["verl", "trl", "openrlhf", "hf"]] = Field(
+        [], description="also write these trainers' layouts into the output's exports/ directory (tasks/core/export.py): trl and "
+        "openrlhf get dpo and sft, hf every dataset, verl the curated problems with the run's explanations and hints")
 
 
 STAGE = Stage(name="materialize", version="2", module=__name__, upstream=("curate", "rollouts", "explain", "hint", "grade"),
@@ -308,14 +311,37 @@ def compute(job: Job) -> StageOutput:
         "sft": {"rows": len(data["sft"]), "by_kind": dict(Counter(r["prompt_kind"] for r in data["sft"]))},
     }
     cards = {n: dataset_card(n, n, data[n], summaries[n], job.inputs, job.settings) for n in data}
-    out = job.write({n: to_table(rows, n, f"materialize/{n}") for n, rows in data.items()}, summaries,
-                    dataset_summaries=summaries, cards=cards)
+    tables = {n: to_table(rows, n, f"materialize/{n}") for n, rows in data.items()}
+    with job.scratch() as work:
+        exports = _exports(job, tables, work) if config.materialize.export else {}
+        if exports:
+            summaries["exports"] = {k: {"files": v["files"]} for k, v in exports.items()}
+        out = job.write(tables, summaries, dataset_summaries=summaries, cards=cards,
+                        directories={"exports": work / "exports"} if exports else None)
     log.info("materialize: %d DPO pairs %s, %d GRPO rows in %d groups (%d uniform groups %s, %d samples replaced by LTE, "
              "%d explanation rows), %d SFT rows -> %s", len(data["dpo"]), summaries["dpo"]["by_kind"], len(data["grpo"]),
              counts.get("groups", 0), counts.get("uniform_groups", 0),
              "kept" if config.materialize.keep_uniform_groups else "dropped", counts.get("lte_replaced_samples", 0),
              counts.get("explanation_rows", 0), len(data["sft"]), out.path)
     return out
+
+
+def _exports(job: Job, tables: dict, work) -> dict[str, dict]:
+    """``materialize.export``: the datasets written to a scratch directory, exported from there
+    into ``work/exports`` (which becomes the output's exports/ directory)."""
+    from tasks.core.export import export_datasets
+    from tasks.core.store import write_dataset_files
+
+    paths = {}
+    for name, table in tables.items():
+        write_dataset_files(work / "datasets" / name, STAGE.writes[name], table, {"name": name})
+        paths[name] = work / "datasets" / name
+    up = job.upstream
+    guidance = [up["explain"].dataset_path("explanations"), up["hint"].dataset_path("hints")]
+    done = export_datasets(paths, list(job.config.materialize.export), work / "exports",
+                           guidance=[g for g in guidance if g.is_dir()], problems=up["curate"].dataset_path("problems"))
+    log.info("materialize: exported %s", ", ".join(f"{k} ({sum(f['rows'] for f in v['files'].values())} rows)" for k, v in done.items()))
+    return done
 
 
 def describe(s: dict) -> str:

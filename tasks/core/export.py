@@ -1,0 +1,258 @@
+"""Export a dataset to the layout another trainer reads as it is: verl, TRL, OpenRLHF, or a
+Hugging Face dataset directory.
+
+    guidedrl datasets export DATASET --to verl|trl|openrlhf|hf DEST [--guidance EXPLANATIONS_OR_HINTS]
+
+What each target gets, by the kind of the source dataset (its manifest's ``kind``):
+
+- **verl** (RL data, ``problems`` / ``filtered_problems``): verl's RL Parquet layout —
+  ``data_source``, ``prompt`` (chat messages: one user turn, the question), ``ability``,
+  ``reward_model: {style: rule, ground_truth: answer}``, ``extra_info: {split, index,
+  problem_id, level, reference_solution, guidance_kind, guidance}`` — one file per split
+  (``train.parquet``, ``eval.parquet``). ``--guidance`` adds, per problem, the selected
+  self-explanation (an ``explanations`` dataset: ExPO) or the hint text (a hint stage's
+  dataset: LTE) to ``extra_info``.
+- **trl**: ``dpo`` as a preference dataset (``prompt``/``chosen``/``rejected``), ``sft`` as
+  prompt–completion, problems as a prompt-only dataset for ``GRPOTrainer`` (``prompt`` as
+  chat messages, ``answer`` for reward functions, which TRL passes extra columns to).
+  Preference and SFT prompts are stored rendered (the policy's chat template already
+  applied), so they go out in TRL's standard (text) format, which TRL uses as it is.
+- **openrlhf**: the keys of OpenRLHF's CLI: ``prompt``/``chosen``/``rejected`` (dpo,
+  ``--prompt_key prompt``), ``input``/``output`` (sft), ``input``/``label`` (problems,
+  ``--input_key input --label_key label``).
+- **hf**: every column as it is, ``data/<split>-00000-of-00001.parquet`` and a README.md with
+  the ``configs:`` header, so ``datasets.load_dataset(DEST)`` gives named splits.
+
+Every exported row keeps its source row's id (``problem_id``, and ``sample_id`` where the
+source has one) in a column or in ``extra_info``. Rows are read in record batches and written
+as they go; the export is written under a temporary name beside DEST and renamed into place.
+Each export has a card (README.md: source, its fingerprint, the mapping, the command) and
+``export.json`` (the same, for scripts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from tasks.core.store import TMP_PREFIX, _now, package_version, read_manifest, swap_in
+
+TARGETS = ("verl", "trl", "openrlhf", "hf")
+PROBLEM_KINDS = ("problems", "filtered_problems")
+BATCH_ROWS = 8192
+EXPORT_MANIFEST = "export.json"
+
+
+class ExportError(ValueError):
+    """An export that cannot be made: the target does not take this kind of dataset, or DEST exists."""
+
+
+_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+
+def _messages(role: str, content: pa.Array) -> pa.Array:
+    """One chat turn per row: list<struct<role, content>> of length 1."""
+    n = len(content)
+    turns = pa.StructArray.from_arrays([pa.array([role] * n, pa.string()), content.cast(pa.string())], fields=list(_MESSAGE))
+    return pa.ListArray.from_arrays(pa.array(range(n + 1), pa.int32()), turns)
+
+
+def _col(batch: pa.RecordBatch, name: str) -> pa.Array:
+    return batch.column(batch.schema.get_field_index(name))
+
+
+def _verl(batch: pa.RecordBatch, split: str, start: int, guidance: dict[str, tuple[str, str]]) -> pa.Table:
+    n = batch.num_rows
+    ids = _col(batch, "problem_id").to_pylist()
+    kinds = [guidance.get(i, (None, None))[0] for i in ids]
+    texts = [guidance.get(i, (None, None))[1] for i in ids]
+    extra = pa.StructArray.from_arrays(
+        [pa.array([split] * n, pa.string()), pa.array(range(start, start + n), pa.int64()), _col(batch, "problem_id"),
+         _col(batch, "level"), _col(batch, "reference_solution"), pa.array(kinds, pa.string()), pa.array(texts, pa.string())],
+        names=["split", "index", "problem_id", "level", "reference_solution", "guidance_kind", "guidance"])
+    reward = pa.StructArray.from_arrays([pa.array(["rule"] * n, pa.string()), _col(batch, "answer")], names=["style", "ground_truth"])
+    return pa.table({"data_source": _col(batch, "source"), "prompt": _messages("user", _col(batch, "question")),
+                     "ability": pa.array(["math"] * n, pa.string()), "reward_model": reward, "extra_info": extra})
+
+
+def _select(batch: pa.RecordBatch, mapping: dict[str, str]) -> pa.Table:
+    return pa.table({new: _col(batch, old) for new, old in mapping.items()})
+
+
+#: (target, kind) -> (the columns written and where they come from, for the card; the batch transform)
+Mapping = tuple[dict[str, str], Callable[..., pa.Table]]
+
+
+def _mapping(target: str, kind: str) -> Mapping:
+    if target == "hf":
+        return {"(every column)": "as it is"}, lambda b, *a: pa.Table.from_batches([b])
+    if target == "verl" and kind in PROBLEM_KINDS:
+        return ({"data_source": "source", "prompt": "[{role: user, content: question}]", "ability": "'math'",
+                 "reward_model": "{style: 'rule', ground_truth: answer}",
+                 "extra_info": "{split, index, problem_id, level, reference_solution, guidance_kind, guidance}"}, _verl)
+    simple = {
+        ("trl", "dpo"): {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "problem_id": "problem_id",
+                         "chosen_kind": "chosen_kind", "rejected_kind": "rejected_kind"},
+        ("trl", "sft"): {"prompt": "prompt", "completion": "completion", "problem_id": "problem_id", "sample_id": "sample_id"},
+        ("openrlhf", "dpo"): {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "problem_id": "problem_id"},
+        ("openrlhf", "sft"): {"input": "prompt", "output": "completion", "problem_id": "problem_id", "sample_id": "sample_id"},
+        **{("openrlhf", k): {"input": "question", "label": "answer", "datasource": "source", "problem_id": "problem_id", "level": "level"}
+           for k in PROBLEM_KINDS},
+    }
+    if (target, kind) in simple:
+        m = simple[(target, kind)]
+        return m, lambda b, *a: _select(b, m)
+    if target == "trl" and kind in PROBLEM_KINDS:
+        return ({"prompt": "[{role: user, content: question}]", "answer": "answer", "problem_id": "problem_id", "level": "level"},
+                lambda b, *a: pa.table({"prompt": _messages("user", _col(b, "question")), "answer": _col(b, "answer"),
+                                        "problem_id": _col(b, "problem_id"), "level": _col(b, "level")}))
+    takes = sorted({k for t, k in [*simple, *[("verl", k) for k in PROBLEM_KINDS], *[("trl", k) for k in PROBLEM_KINDS]] if t == target})
+    raise ExportError(f"--to {target} does not take a {kind!r} dataset; it takes: {', '.join(takes)} (hf takes every kind)")
+
+
+def guidance_by_problem(paths: list[Path]) -> dict[str, tuple[str, str]]:
+    """problem_id -> (guidance kind, text): the selected self-explanation of an ``explanations``
+    dataset (explain), the hint of a hint dataset. One entry per guided problem."""
+    out: dict[str, tuple[str, str]] = {}
+    for path in paths:
+        kind = read_manifest(path).get("kind")
+        data = pads.dataset(str(Path(path) / "data"), format="parquet")
+        if kind == "explanations":
+            for batch in data.to_batches(columns=["problem_id", "completion"], filter=pc.field("selected"), batch_size=BATCH_ROWS):
+                for pid, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                    out.setdefault(pid, ("explanation", text))
+        elif kind == "rollouts" and "guidance" in data.schema.names:
+            for batch in data.to_batches(columns=["problem_id", "guidance"], filter=pc.field("guidance").is_valid(), batch_size=BATCH_ROWS):
+                for pid, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                    out.setdefault(pid, ("hint", text))
+        else:
+            raise ExportError(f"{path}: --guidance takes an explain stage's `explanations` or a hint stage's `hints` dataset, "
+                              f"not a {kind!r} dataset")
+    return out
+
+
+def _batches(source: Path) -> Iterator[pa.RecordBatch]:
+    yield from pads.dataset(str(Path(source) / "data"), format="parquet").to_batches(batch_size=BATCH_ROWS)
+
+
+def _split_batches(batch: pa.RecordBatch) -> Iterator[tuple[str, pa.RecordBatch]]:
+    if "split" not in batch.schema.names:
+        yield "train", batch
+        return
+    split = _col(batch, "split")
+    for value in pc.unique(split).to_pylist():
+        yield value, batch.filter(pc.equal(split, value))
+
+
+class _Writers:
+    """One Parquet writer per split, opened on the split's first rows."""
+
+    def __init__(self, root: Path, name: Callable[[str], str]):
+        self.root, self.name, self.open, self.rows = root, name, {}, {}
+
+    def write(self, split: str, table: pa.Table) -> None:
+        if split not in self.open:
+            path = self.root / self.name(split)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.open[split] = pq.ParquetWriter(path, table.schema)
+            self.rows[split] = 0
+        self.open[split].write_table(table)
+        self.rows[split] += table.num_rows
+
+    def close(self) -> dict[str, dict]:
+        for w in self.open.values():
+            w.close()
+        return {s: {"path": self.name(s), "rows": self.rows[s]} for s in sorted(self.open)}
+
+
+def export(source: Path | str, target: str, dest: Path | str, *, guidance: list[Path] = (), command: str = "",
+           force: bool = False) -> dict:
+    """Write the dataset directory ``source`` to ``dest`` in ``target``'s layout; returns the export's record."""
+    source, dest = Path(source), Path(dest)
+    if target not in TARGETS:
+        raise ExportError(f"--to {target!r}: targets are {', '.join(TARGETS)}")
+    manifest = read_manifest(source)
+    kind = manifest.get("kind")
+    mapping, transform = _mapping(target, kind)
+    if guidance and not (target == "verl" and kind in PROBLEM_KINDS):
+        raise ExportError("--guidance goes into verl's extra_info: it needs --to verl and a problems dataset")
+    if dest.exists() and not force:
+        raise ExportError(f"{dest} already exists; export into a new directory (or --force to replace it)")
+    guide = guidance_by_problem(list(guidance)) if guidance else {}
+    name = (lambda s: f"data/{s}-00000-of-00001.parquet") if target == "hf" else (lambda s: f"{s}.parquet")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f"{TMP_PREFIX}export-{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        writers, seen = _Writers(tmp, name), {}
+        for batch in _batches(source):
+            for split, part in _split_batches(batch):
+                writers.write(split, transform(part, split, seen.get(split, 0), guide))
+                seen[split] = seen.get(split, 0) + part.num_rows
+        files = writers.close()
+        if not files:
+            raise ExportError(f"{source}: the dataset has no rows; nothing to export")
+        record = {"target": target, "source": str(source.resolve()), "source_kind": kind, "source_fingerprint": manifest.get("fingerprint"),
+                  "source_rows": manifest.get("num_rows"), "files": files, "mapping": mapping,
+                  "guidance": [str(Path(g).resolve()) for g in guidance], "guided_problems": len(guide),
+                  "command": command, "package_version": package_version(), "created": _now()}
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "README.md").write_text(card(record))
+        swap_in(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return record
+
+
+_LOAD = {
+    "verl": "data.train_files={dest}/train.parquet data.val_files={dest}/eval.parquet data.prompt_key=prompt",
+    "trl": "datasets.load_dataset('parquet', data_files={{'train': '{dest}/train.parquet'}})['train']  # then DPOTrainer / SFTTrainer / GRPOTrainer(train_dataset=...)",
+    "openrlhf": "--dataset {dest} (keys: {keys})",
+    "hf": "datasets.load_dataset('{dest}')",
+}
+
+
+def card(record: dict) -> str:
+    """The export's README.md: where its rows come from and how to read them."""
+    files = record["files"]
+    head = ""
+    if record["target"] == "hf":
+        splits = "\n".join(f"  - split: {s}\n    path: data/{s}-*.parquet" for s in files)
+        head = f"---\nconfigs:\n- config_name: default\n  data_files:\n{splits}\n---\n\n"
+    rows = "\n".join(f"| `{col}` | {src} |" for col, src in record["mapping"].items())
+    split_lines = "\n".join(f"- `{f['path']}`: {f['rows']} rows ({s})" for s, f in files.items())
+    load = _LOAD[record["target"]].format(dest="DEST", keys=", ".join(c for c in record["mapping"] if not c.startswith("(")))
+    guided = (f"\nGuidance in `extra_info.guidance` for {record['guided_problems']} problems, from: "
+              + ", ".join(f"`{g}`" for g in record["guidance"]) + "\n") if record["guidance"] else ""
+    return (f"{head}# {record['source_kind']} for {record['target']}\n\n"
+            f"Exported by guidedrl {record['package_version']} on {record['created']} from `{record['source']}` "
+            f"(kind `{record['source_kind']}`, {record['source_rows']} rows, fingerprint `{record['source_fingerprint']}`).\n\n"
+            f"Made with: `{record['command'] or 'guidedrl datasets export'}`\n\n{split_lines}\n\n"
+            f"| column | from the source |\n|---|---|\n{rows}\n{guided}\nRead it with: `{load}`\n")
+
+
+def export_datasets(datasets: dict[str, Path], targets: list[str], root: Path, guidance: list[Path] = (),
+                    problems: Path | None = None, command: str = "materialize.export") -> dict[str, dict]:
+    """The exports ``materialize.export`` asks for: trl and openrlhf get the dpo and sft datasets,
+    hf every dataset, verl the curated ``problems`` with the run's guidance (selected
+    explanations, hints). Written under ``root/<target>/<dataset>``; empty datasets are skipped."""
+    done = {}
+    for target in targets:
+        jobs = [("problems", problems)] if target == "verl" else [
+            (n, path) for n, path in datasets.items() if target == "hf" or n in ("dpo", "sft")]
+        for name, path in jobs:
+            if path is None or read_manifest(path).get("num_rows", 0) == 0:
+                continue
+            done[f"{target}/{name}"] = export(path, target, root / target / name, guidance=list(guidance) if target == "verl" else [],
+                                             command=f"{command}: [{target}]")
+    return done
