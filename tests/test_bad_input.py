@@ -188,6 +188,7 @@ CASES = {
                                          ("p.jsonl", "'prompt'"), before_flow=True),
     "every-answer-null": Case(_source("p.jsonl", _jsonl([{"question": r["question"], "answer": None} for r in GOOD])), "error",
                               ("problems.sources.0", "yields no problems", "no_answer: 4")),
+    "no-train-problems": Case(_source("p.jsonl", _jsonl(GOOD), split="eval"), "error", ("no train problems after curation", "4 eval")),
     "ten-mb-question": Case(_source("p.jsonl", _jsonl(GOOD + [{"question": "What is " + "1 + " * 2_500_000 + "1?", "answer": "x"}])),
                             "rejected", ("too_long: the question has 10,000,010 characters",)),
     "parquet-wrong-types": Case(_wrong_types, "rejected", ("bad_type: question is a list, not text",)),

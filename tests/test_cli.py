@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import yaml
-from conftest import write_jsonl
+from tests.conftest import write_jsonl
 
 
 def _config(tmp_path: Path) -> Path:

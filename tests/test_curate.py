@@ -3,7 +3,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_jsonl
+from tests.conftest import write_jsonl
 
 from tasks.stages.curate import ProblemsConfig, SourceError, chain_sum_reference, curate, normalize_text, problem_id
 

@@ -33,7 +33,7 @@ def test_deploy_schedules_nightly_runs_and_a_worker_runs_one(tmp_path, cli, pref
     deadline = time.time() + 60
     while not (scheduled := asyncio.run(_runs("nightly-data", "SCHEDULED"))):
         if time.time() > deadline:
-            import conftest
+            from tests import conftest
 
             raise AssertionError("the scheduler made no runs of the nightly deployment; server log:\n"
                                  + (conftest._HOME / "server.log").read_text()[-4000:])

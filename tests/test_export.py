@@ -40,7 +40,7 @@ def sources(finished_quickstart) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def exports(sources, tmp_path_factory, prefect_server) -> dict[str, Path]:
     """Every export, made with `guidedrl datasets export`."""
-    from conftest import _cli
+    from tests.conftest import _cli
 
     root = tmp_path_factory.mktemp("exports")
     made = {}

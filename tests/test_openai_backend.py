@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from openai_server import OpenAIServer
+from tests.openai_server import OpenAIServer
 
 from tasks.models.generation import BackendUnavailable, OpenAIBackend, SamplingParams
 

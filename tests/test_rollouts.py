@@ -148,7 +148,7 @@ def test_filter_keeps_the_band_and_records_every_rate():
 
 def test_rollout_stage_through_an_openai_compatible_server(tmp_path, random_checkpoint):
     """The stage over real HTTP: failed prompts become error rows, never lost; no ids -> marked rows."""
-    from openai_server import OpenAIServer
+    from tests.openai_server import OpenAIServer
 
     with OpenAIServer() as server:
         server.behaviour.always_fail = "+ 3 ="  # every problem whose question ends in "+ 3 =" fails for good

@@ -99,7 +99,7 @@ KILL_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("where", ["rename", "parquet"])
 def test_killed_write_never_looks_finished(tmp_path, where):
-    from conftest import ROOT
+    from tests.conftest import ROOT
 
     script = tmp_path / "writer.py"
     script.write_text(KILL_SCRIPT.format(root=str(ROOT)))
@@ -179,7 +179,7 @@ def test_a_lock_held_by_a_killed_process_never_blocks_the_next_run(tmp_path):
     """The output lock is a flock: when its holder is killed (-9) the kernel releases it, whatever is left on disk."""
     import time
 
-    from conftest import ROOT
+    from tests.conftest import ROOT
 
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
@@ -199,3 +199,22 @@ with Store({str(tmp_path)!r}).lock("grade", "k1"):
     with Store(tmp_path).lock("grade", "k1"):
         waited = time.monotonic() - t0
     assert waited < 2.0
+
+
+def test_a_stage_whose_input_is_empty_says_so(tmp_path):
+    """No silent emptiness: an upstream dataset with no rows is named in the output's summary and its result line
+    (rejection lists do not count)."""
+    from tasks.core.stage import Job
+    from tasks.core.store import StageOutput
+    from tasks.registry import REGISTRY
+
+    def output(stage, datasets):
+        return StageOutput(stage, "k", tmp_path / stage, {"datasets": {n: {"kind": k, "num_rows": r} for n, (k, r) in datasets.items()}})
+
+    upstream = {"curate": output("curate", {"problems": ("problems", 12), "rejected": ("rejected", 0)}),
+                "filter": output("filter", {"problems": ("filtered_problems", 0), "pass_rates": ("pass_rates", 12)})}
+    job = Job(REGISTRY["explain"], None, Store(tmp_path), upstream, "k", {}, {})
+    assert job.empty_inputs() == ["filter/problems"]
+    line = REGISTRY["explain"].describe({"empty_inputs": job.empty_inputs()})
+    assert line.endswith("— empty input: filter/problems")
+    assert "empty input" not in REGISTRY["explain"].describe({})
