@@ -86,10 +86,8 @@ class Stage:
                 out = run_stage(job, run_shards)
             else:
                 out = self.impl.compute(job)
-        reused = False
-        if not reused:
-            self.check_output(out)
-        return out, reused
+        self.check_output(out)
+        return out, False
 
     def check_output(self, out: StageOutput) -> None:
         """The output holds what the stage declares it writes."""

@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from glob import escape as glob_escape
@@ -63,7 +64,7 @@ class RunRecord:
             "run_id": run_id, "command": command, "status": "running", "started": _now(), "finished": None,
             "workspace": str(Path(workspace).resolve()), "base_dir": base_dir, "config": raw_config,
             "stages_requested": stages, "rerun_of": rerun_of, "error": None, "failed_stage": None,
-            "stages": {s: {"status": "pending"} for s in stages}, "pid": os.getpid(),
+            "stages": {s: {"status": "pending"} for s in stages}, "pid": os.getpid(), "host": socket.gethostname(),
         })
         rec.save()
         return rec
@@ -99,7 +100,8 @@ class RunRecord:
         from tasks.core.store import _pid_alive
 
         status = self.data.get("status", "")
-        if status == "running" and not _pid_alive(int(self.data.get("pid") or -1)):
+        here = self.data.get("host", socket.gethostname()) == socket.gethostname()  # a pid says nothing about another machine
+        if status == "running" and here and not _pid_alive(int(self.data.get("pid") or -1)):
             return "interrupted"
         return status
 
