@@ -49,6 +49,9 @@ def exports(sources, tmp_path_factory, prefect_server) -> dict[str, Path]:
         "trl-dpo": ("dpo", "trl", []), "trl-sft": ("sft", "trl", []), "trl-problems": ("problems", "trl", []),
         "openrlhf-dpo": ("dpo", "openrlhf", []), "openrlhf-sft": ("sft", "openrlhf", []), "openrlhf-problems": ("problems", "openrlhf", []),
         "hf-problems": ("problems", "hf", []), "hf-grpo": ("grpo", "hf", []),
+        # the policy's chat template: the rendered prompts go out as conversations
+        "trl-dpo-chat": ("dpo", "trl", ["--tokenizer", str(POLICY)]), "trl-sft-chat": ("sft", "trl", ["--tokenizer", str(POLICY)]),
+        "verl-sft": ("sft", "verl", ["--tokenizer", str(POLICY)]),
     }.items():
         proc = _cli("datasets", "export", str(sources[source]), "--to", target, str(root / name), *extra)
         assert "exported" in proc.stdout
@@ -92,6 +95,24 @@ def test_every_exported_row_traces_back_to_its_source_row(sources, exports):
     assert splits == {r["split"] for r in src["problems"]}  # one file per split
 
 
+def test_conversations_render_back_to_the_stored_prompts(sources, exports):
+    """With the policy's tokenizer, dpo and sft prompts (stored rendered) go out as user turns: the chat
+    template applied to them gives back exactly the stored prompt."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(POLICY)
+    render = lambda messages: tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # noqa: E731
+    dpo = sorted((r["problem_id"], r["prompt"], r["chosen"], r["rejected"]) for r in read_dataset(sources["dpo"]).to_pylist())
+    chat = _rows(exports["trl-dpo-chat"])
+    assert sorted((r["problem_id"], render(r["prompt"]), r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in chat) == dpo
+    assert {(r["chosen"][0]["role"], r["rejected"][0]["role"]) for r in chat} == {("assistant", "assistant")}
+    sft = sorted((r["sample_id"], r["prompt"], r["completion"]) for r in read_dataset(sources["sft"]).to_pylist())
+    assert sorted((r["sample_id"], render(r["prompt"]), r["completion"][0]["content"]) for r in _rows(exports["trl-sft-chat"])) == sft
+    verl = _rows(exports["verl-sft"])
+    assert sorted((r["sample_id"], render(r["messages"][:1]), r["messages"][1]["content"]) for r in verl) == sft
+    assert {tuple(m["role"] for m in r["messages"]) for r in verl} == {("user", "assistant")}
+
+
 def test_hf_export_loads_with_named_splits_and_typed_features(sources, exports):
     ds = datasets.load_dataset(str(exports["hf-problems"]))
     src = read_dataset(sources["problems"]).to_pylist()
@@ -123,12 +144,14 @@ def test_trl_trainers_take_the_exports_as_they_are(exports, tmp_path):
         torch.manual_seed(0)
         return AutoModelForCausalLM.from_pretrained(POLICY)
 
-    dpo = DPOTrainer(model=model(), args=DPOConfig(output_dir=str(tmp_path / "dpo"), max_length=256, **common),
-                     train_dataset=load("trl-dpo"), processing_class=tok)
-    assert dpo.train().global_step == 1
-    sft = SFTTrainer(model=model(), args=SFTConfig(output_dir=str(tmp_path / "sft"), max_length=256, **common),
-                     train_dataset=load("trl-sft"), processing_class=tok)
-    assert sft.train().global_step == 1
+    for name in ("trl-dpo", "trl-dpo-chat"):  # text as rendered, and conversational (TRL applies the chat template)
+        dpo = DPOTrainer(model=model(), args=DPOConfig(output_dir=str(tmp_path / name), max_length=256, **common),
+                         train_dataset=load(name), processing_class=tok)
+        assert dpo.train().global_step == 1
+    for name in ("trl-sft", "trl-sft-chat"):
+        sft = SFTTrainer(model=model(), args=SFTConfig(output_dir=str(tmp_path / name), max_length=256, **common),
+                         train_dataset=load(name), processing_class=tok)
+        assert sft.train().global_step == 1
 
     seen = []
 
@@ -161,6 +184,23 @@ def test_verl_rlhf_dataset_reads_the_export(exports, tmp_path):
     assert item["reward_model"]["ground_truth"] == rows[0]["reward_model"]["ground_truth"]
 
 
+def test_verl_sft_dataset_reads_the_export(exports):
+    pytest.importorskip("verl", reason="verl is not installed (pip install --no-deps -r tests/consumers.txt)")
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    try:
+        from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
+    except ImportError as exc:  # verl 0.9.1 imports its Qwen2-VL patches, which need classes transformers 5.23 no longer has
+        pytest.skip(f"verl's MultiTurnSFTDataset cannot be imported beside our transformers ({exc}); the layout "
+                    "(`messages`: [{role, content}], verl's default messages_key) is checked by the round-trip test")
+    tok = AutoTokenizer.from_pretrained(POLICY)
+    sft_files = [str(p) for p in sorted(exports["verl-sft"].glob("*.parquet"))]
+    sft = MultiTurnSFTDataset(sft_files, tok, OmegaConf.create({"max_length": 512, "truncation": "right"}))
+    assert len(sft) == len(_rows(exports["verl-sft"]))
+    assert sft[0]["input_ids"].numel() > 0
+
+
 def test_openrlhf_datasets_read_the_exports(exports):
     pytest.importorskip("openrlhf", reason="OpenRLHF is not installed (pip install --no-deps -r tests/consumers.txt)")
     from openrlhf.datasets import PromptDataset, RewardDataset, SFTDataset
@@ -188,15 +228,29 @@ def test_openrlhf_datasets_read_the_exports(exports):
     assert len(sd) == len(sft)
 
 
+def _other_template(tmp_path: Path) -> Path:
+    """The tiny policy's tokenizer with another chat template: the stored prompts were not rendered with it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(POLICY)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    tok.save_pretrained(tmp_path / "other-tokenizer")
+    return tmp_path / "other-tokenizer"
+
+
 def test_errors_name_the_problem_and_leave_nothing(sources, tmp_path):
-    with pytest.raises(ExportError, match="does not take a 'dpo' dataset; it takes: filtered_problems, problems"):
+    with pytest.raises(ExportError, match="does not take a 'dpo' dataset; it takes: filtered_problems, problems, sft"):
         export(sources["dpo"], "verl", tmp_path / "x")
+    with pytest.raises(ExportError, match="verl's SFT data is chat messages: give --tokenizer"):
+        export(sources["sft"], "verl", tmp_path / "x")
+    with pytest.raises(ExportError, match=r"sft/data|sft: train row \d+: its prompt is not one user turn"):
+        export(sources["sft"], "trl", tmp_path / "x", tokenizer=_other_template(tmp_path))
     with pytest.raises(ExportError, match="--guidance takes an explain stage's"):
         export(sources["stuck"], "verl", tmp_path / "x", guidance=[sources["dpo"]])
     export(sources["dpo"], "trl", tmp_path / "y")
     with pytest.raises(ExportError, match="already exists"):
         export(sources["dpo"], "trl", tmp_path / "y")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["y"]  # no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-tokenizer", "y"]  # no temporaries left
 
 
 def test_materialize_export_writes_the_exports_into_the_output(finished_quickstart, tmp_path):
@@ -217,7 +271,8 @@ def test_materialize_export_writes_the_exports_into_the_output(finished_quicksta
     assert not reused
     root = out.path / "exports"
     assert sorted(str(p.relative_to(root)) for p in root.glob("*/*")) == [
-        "hf/dpo", "hf/grpo", "hf/sft", "trl/dpo", "trl/sft", "verl/problems"]
+        "hf/dpo", "hf/grpo", "hf/sft", "trl/dpo", "trl/sft", "verl/problems", "verl/sft"]
+    assert json.loads((root / "trl" / "dpo" / "export.json").read_text())["conversational"]  # the tiny policy has a chat template
     assert len(_rows(root / "trl" / "dpo")) == out.manifest["datasets"]["dpo"]["num_rows"]
     verl = _rows(root / "verl" / "problems")
     assert len(verl) == upstream["curate"].manifest["datasets"]["problems"]["num_rows"]

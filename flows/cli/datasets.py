@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -119,6 +120,8 @@ def datasets_export(
     dest: Path = typer.Argument(..., help="A new directory to write the export to."),
     guidance: list[Path] = typer.Option([], "--guidance", help="verl: an explain stage's `explanations` or a hint stage's `hints` "
                                         "dataset; each problem's selected explanation or hint goes into extra_info (repeatable)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="The policy's tokenizer directory: where it has a chat template, "
+                                             "dpo and sft prompts (stored rendered) go out as conversations (trl; verl sft needs it)."),
     force: bool = typer.Option(False, "--force", help="Replace DEST if it exists."),
 ):
     """Write a dataset in the layout another trainer reads as it is (verl, TRL, OpenRLHF, Hugging Face), with a card."""
@@ -128,7 +131,7 @@ def datasets_export(
     from tasks.core.export import ExportError, export
 
     try:
-        record = export(path, to, dest, guidance=guidance, force=force,
+        record = export(path, to, dest, guidance=guidance, tokenizer=tokenizer, force=force,
                         command="guidedrl " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     except (ExportError, *user_errors()) as exc:
         fail(str(exc))

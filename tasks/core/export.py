@@ -56,6 +56,14 @@ class ExportError(ValueError):
     """An export that cannot be made: the target does not take this kind of dataset, or DEST exists."""
 
 
+class _RowError(ExportError):
+    """A row of a batch that cannot be mapped (``row``: its index in the batch)."""
+
+    def __init__(self, row: int, message: str):
+        super().__init__(message)
+        self.row, self.message = row, message
+
+
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
 
@@ -88,17 +96,81 @@ def _select(batch: pa.RecordBatch, mapping: dict[str, str]) -> pa.Table:
     return pa.table({new: _col(batch, old) for new, old in mapping.items()})
 
 
+Wrapping = tuple[str, str]  # (prefix, suffix): one user turn in a chat template, ready for the assistant turn
+
+
+def chat_wrapping(tokenizer_dir: Path | str | None) -> Wrapping | None:
+    """What the tokenizer's chat template puts around one user turn (with the generation prompt),
+    or None when there is no tokenizer or it has no chat template."""
+    if tokenizer_dir is None:
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if not getattr(tok, "chat_template", None):
+        return None
+    marker = "\x00guidedrl-user-turn\x00"
+    text = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
+    prefix, _, suffix = text.partition(marker)
+    return prefix, suffix
+
+
+def _user_turns(prompts: pa.Array, wrap: Wrapping) -> pa.Array:
+    """The user turns of prompts rendered with the chat template ``wrap`` describes (the
+    stored prompts are rendered); an error names the first row that is not one."""
+    prefix, suffix = wrap
+    ok = pc.and_(pc.starts_with(prompts, prefix), pc.ends_with(prompts, suffix))
+    if not pc.all(ok).as_py():
+        i = pc.index(ok, False).as_py()
+        raise _RowError(i, f"its prompt is not one user turn in the tokenizer's chat template (it starts "
+                           f"{prompts[i].as_py()[:60]!r}); export without --tokenizer for the rendered text")
+    return pc.utf8_slice_codeunits(prompts, len(prefix), -len(suffix) if suffix else None)
+
+
+def _conversation(user: pa.Array, assistant: pa.Array) -> pa.Array:
+    """[{user}, {assistant}] per row."""
+    n = len(user)
+    order = pa.array([j for i in range(n) for j in (i, n + i)], pa.int64())
+    contents = pa.concat_arrays([user.cast(pa.string()), assistant.cast(pa.string())]).take(order)
+    turns = pa.StructArray.from_arrays([pa.array(["user", "assistant"] * n, pa.string()), contents], fields=list(_MESSAGE))
+    return pa.ListArray.from_arrays(pa.array(range(0, 2 * n + 1, 2), pa.int32()), turns)
+
+
 #: (target, kind) -> (the columns written and where they come from, for the card; the batch transform)
 Mapping = tuple[dict[str, str], Callable[..., pa.Table]]
 
 
-def _mapping(target: str, kind: str) -> Mapping:
+def _mapping(target: str, kind: str, wrap: Wrapping | None = None) -> Mapping:
+    """The columns ``target`` gets from a ``kind`` dataset; with ``wrap`` (a chat template) the
+    rendered prompts of dpo and sft go out as conversations."""
     if target == "hf":
         return {"(every column)": "as it is"}, lambda b, *a: pa.Table.from_batches([b])
     if target == "verl" and kind in PROBLEM_KINDS:
         return ({"data_source": "source", "prompt": "[{role: user, content: question}]", "ability": "'math'",
                  "reward_model": "{style: 'rule', ground_truth: answer}",
                  "extra_info": "{split, index, problem_id, level, reference_solution, guidance_kind, guidance}"}, _verl)
+    if target == "verl" and kind == "sft":
+        if wrap is None:
+            raise ExportError("verl's SFT data is chat messages: give --tokenizer, the policy's tokenizer directory with its chat "
+                              "template (the stored prompts are rendered with it)")
+        return ({"messages": "[{role: user, content: the prompt's user turn}, {role: assistant, content: completion}]",
+                 "problem_id": "problem_id", "sample_id": "sample_id"},
+                lambda b, *a: pa.table({"messages": _conversation(_user_turns(_col(b, "prompt"), wrap), _col(b, "completion")),
+                                        "problem_id": _col(b, "problem_id"), "sample_id": _col(b, "sample_id")}))
+    if target == "trl" and kind == "dpo" and wrap is not None:
+        return ({"prompt": "[{role: user, content: the prompt's user turn}]", "chosen": "[{role: assistant, content: chosen}]",
+                 "rejected": "[{role: assistant, content: rejected}]", "problem_id": "problem_id", "chosen_kind": "chosen_kind",
+                 "rejected_kind": "rejected_kind"},
+                lambda b, *a: pa.table({"prompt": _messages("user", _user_turns(_col(b, "prompt"), wrap)),
+                                        "chosen": _messages("assistant", _col(b, "chosen")),
+                                        "rejected": _messages("assistant", _col(b, "rejected")), "problem_id": _col(b, "problem_id"),
+                                        "chosen_kind": _col(b, "chosen_kind"), "rejected_kind": _col(b, "rejected_kind")}))
+    if target == "trl" and kind == "sft" and wrap is not None:
+        return ({"prompt": "[{role: user, content: the prompt's user turn}]", "completion": "[{role: assistant, content: completion}]",
+                 "problem_id": "problem_id", "sample_id": "sample_id"},
+                lambda b, *a: pa.table({"prompt": _messages("user", _user_turns(_col(b, "prompt"), wrap)),
+                                        "completion": _messages("assistant", _col(b, "completion")),
+                                        "problem_id": _col(b, "problem_id"), "sample_id": _col(b, "sample_id")}))
     simple = {
         ("trl", "dpo"): {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "problem_id": "problem_id",
                          "chosen_kind": "chosen_kind", "rejected_kind": "rejected_kind"},
@@ -115,8 +187,8 @@ def _mapping(target: str, kind: str) -> Mapping:
         return ({"prompt": "[{role: user, content: question}]", "answer": "answer", "problem_id": "problem_id", "level": "level"},
                 lambda b, *a: pa.table({"prompt": _messages("user", _col(b, "question")), "answer": _col(b, "answer"),
                                         "problem_id": _col(b, "problem_id"), "level": _col(b, "level")}))
-    takes = sorted({k for t, k in [*simple, *[("verl", k) for k in PROBLEM_KINDS], *[("trl", k) for k in PROBLEM_KINDS]] if t == target})
-    raise ExportError(f"--to {target} does not take a {kind!r} dataset; it takes: {', '.join(takes)} (hf takes every kind)")
+    takes = {"verl": [*PROBLEM_KINDS, "sft"], "trl": ["dpo", "sft", *PROBLEM_KINDS], "openrlhf": ["dpo", "sft", *PROBLEM_KINDS]}[target]
+    raise ExportError(f"--to {target} does not take a {kind!r} dataset; it takes: {', '.join(sorted(takes))} (hf takes every kind)")
 
 
 def guidance_by_problem(paths: list[Path]) -> dict[str, tuple[str, str]]:
@@ -174,15 +246,18 @@ class _Writers:
         return {s: {"path": self.name(s), "rows": self.rows[s]} for s in sorted(self.open)}
 
 
-def export(source: Path | str, target: str, dest: Path | str, *, guidance: list[Path] = (), command: str = "",
-           force: bool = False) -> dict:
-    """Write the dataset directory ``source`` to ``dest`` in ``target``'s layout; returns the export's record."""
+def export(source: Path | str, target: str, dest: Path | str, *, guidance: list[Path] = (), tokenizer: Path | str | None = None,
+           command: str = "", force: bool = False) -> dict:
+    """Write the dataset directory ``source`` to ``dest`` in ``target``'s layout; returns the export's record.
+    ``tokenizer``: the policy's tokenizer directory; where it has a chat template, the rendered prompts
+    of dpo and sft go out as conversations (TRL, verl SFT)."""
     source, dest = Path(source), Path(dest)
     if target not in TARGETS:
         raise ExportError(f"--to {target!r}: targets are {', '.join(TARGETS)}")
     manifest = read_manifest(source)
     kind = manifest.get("kind")
-    mapping, transform = _mapping(target, kind)
+    wrap = chat_wrapping(tokenizer) if kind in ("dpo", "sft") and target in ("trl", "verl") else None
+    mapping, transform = _mapping(target, kind, wrap)
     if guidance and not (target == "verl" and kind in PROBLEM_KINDS):
         raise ExportError("--guidance goes into verl's extra_info: it needs --to verl and a problems dataset")
     if dest.exists() and not force:
@@ -196,7 +271,10 @@ def export(source: Path | str, target: str, dest: Path | str, *, guidance: list[
         writers, seen = _Writers(tmp, name), {}
         for batch in _batches(source):
             for split, part in _split_batches(batch):
-                writers.write(split, transform(part, split, seen.get(split, 0), guide))
+                try:
+                    writers.write(split, transform(part, split, seen.get(split, 0), guide))
+                except _RowError as exc:  # a row that cannot be mapped: name the dataset, split and row
+                    raise ExportError(f"{source}: {split} row {seen.get(split, 0) + exc.row}: {exc.message}") from None
                 seen[split] = seen.get(split, 0) + part.num_rows
         files = writers.close()
         if not files:
@@ -204,6 +282,7 @@ def export(source: Path | str, target: str, dest: Path | str, *, guidance: list[
         record = {"target": target, "source": str(source.resolve()), "source_kind": kind, "source_fingerprint": manifest.get("fingerprint"),
                   "source_rows": manifest.get("num_rows"), "files": files, "mapping": mapping,
                   "guidance": [str(Path(g).resolve()) for g in guidance], "guided_problems": len(guide),
+                  "conversational": wrap is not None,
                   "command": command, "package_version": package_version(), "created": _now()}
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(card(record))
@@ -242,17 +321,18 @@ def card(record: dict) -> str:
 
 
 def export_datasets(datasets: dict[str, Path], targets: list[str], root: Path, guidance: list[Path] = (),
-                    problems: Path | None = None, command: str = "materialize.export") -> dict[str, dict]:
-    """The exports ``materialize.export`` asks for: trl and openrlhf get the dpo and sft datasets,
-    hf every dataset, verl the curated ``problems`` with the run's guidance (selected
-    explanations, hints). Written under ``root/<target>/<dataset>``; empty datasets are skipped."""
+                    problems: Path | None = None, tokenizer: Path | None = None, command: str = "materialize.export") -> dict[str, dict]:
+    """The exports ``materialize.export`` asks for: trl and openrlhf get the dpo and sft datasets
+    (conversational for trl where ``tokenizer`` has a chat template), hf every dataset, verl the
+    curated ``problems`` with the run's guidance (selected explanations, hints) and, with a chat
+    template, sft as messages. Written under ``root/<target>/<dataset>``; empty datasets are skipped."""
     done = {}
     for target in targets:
-        jobs = [("problems", problems)] if target == "verl" else [
-            (n, path) for n, path in datasets.items() if target == "hf" or n in ("dpo", "sft")]
+        jobs = ([("problems", problems)] + ([("sft", datasets["sft"])] if "sft" in datasets and chat_wrapping(tokenizer) else [])
+                if target == "verl" else [(n, path) for n, path in datasets.items() if target == "hf" or n in ("dpo", "sft")])
         for name, path in jobs:
             if path is None or read_manifest(path).get("num_rows", 0) == 0:
                 continue
-            done[f"{target}/{name}"] = export(path, target, root / target / name, guidance=list(guidance) if target == "verl" else [],
-                                             command=f"{command}: [{target}]")
+            done[f"{target}/{name}"] = export(path, target, root / target / name, tokenizer=tokenizer, command=f"{command}: [{target}]",
+                                             guidance=list(guidance) if target == "verl" and name == "problems" else [])
     return done

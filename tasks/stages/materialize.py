@@ -62,7 +62,8 @@ class MaterializeConfig(StrictModel):
     seed: int = Field(0, description="LTE: which failed samples of a group the hinted ones replace (chosen at random per problem)")
     export: list[Literal["verl", "trl", "openrlhf", "hf"]] = Field(
         [], description="also write these trainers' layouts into the output's exports/ directory (tasks/core/export.py): trl and "
-        "openrlhf get dpo and sft, hf every dataset, verl the curated problems with the run's explanations and hints")
+        "openrlhf get dpo and sft (trl as conversations where the policy has a chat template), hf every dataset, verl the curated "
+        "problems with the run's explanations and hints, and sft as chat messages")
 
 
 STAGE = Stage(name="materialize", version="2", module=__name__, upstream=("curate", "rollouts", "explain", "hint", "grade"),
@@ -338,8 +339,9 @@ def _exports(job: Job, tables: dict, work) -> dict[str, dict]:
         paths[name] = work / "datasets" / name
     up = job.upstream
     guidance = [up["explain"].dataset_path("explanations"), up["hint"].dataset_path("hints")]
-    done = export_datasets(paths, list(job.config.materialize.export), work / "exports",
-                           guidance=[g for g in guidance if g.is_dir()], problems=up["curate"].dataset_path("problems"))
+    tokenizer = job.config.resolve(job.config.policy.tokenizer or job.config.policy.model)
+    done = export_datasets(paths, list(job.config.materialize.export), work / "exports", guidance=[g for g in guidance if g.is_dir()],
+                           problems=up["curate"].dataset_path("problems"), tokenizer=tokenizer if tokenizer.is_dir() else None)
     log.info("materialize: exported %s", ", ".join(f"{k} ({sum(f['rows'] for f in v['files'].values())} rows)" for k, v in done.items()))
     return done
 
