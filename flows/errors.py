@@ -36,6 +36,20 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect's ``retry_condition_fn`` for stage and shard tasks: retry a failure unless it is
+    bad input, a bad config or a full disk, which fail the same way again (a judge or server
+    error is retried: the endpoint may come back)."""
+    from tasks.core.config import ConfigError
+    from tasks.core.schemas import SchemaError
+    from tasks.core.share import ShareError
+    from tasks.stages.curate import SourceError
+
+    exc = state.data if isinstance(state.data, BaseException) else None
+    return not (isinstance(exc, (ConfigError, SourceError, SchemaError, ShareError, PermissionError)) or
+                (exc is not None and is_disk_full(exc)))
+
+
 class _QuietUserErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None

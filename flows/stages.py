@@ -22,7 +22,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 from prefect.futures import wait
 
-from flows.errors import quiet_user_errors
+from flows.errors import quiet_user_errors, retry_unless_bad_input
 from tasks.core.shards import ShardPlan
 from tasks.core.store import StageOutput, Store
 from tasks.registry import REGISTRY, Config, parse_config
@@ -85,6 +85,7 @@ def stage_task(stage: str, config: Config, workspace: str, upstream: dict[str, s
         task_run_name=stage,
         retries=config.prefect.retries_for(stage),
         retry_delay_seconds=config.prefect.retry_delay_seconds,
+        retry_condition_fn=retry_unless_bad_input,
         cache_policy=StoreCache() if config.prefect.cache else NO_CACHE,
         refresh_cache=force or not in_store,
     )
@@ -129,7 +130,8 @@ def run_sharded_stage(stage: str, config: Config, raw_config: dict, base_dir: st
 
     def fan_out(shard_plan: ShardPlan) -> None:
         todo = shard_plan.todo()
-        shard = run_shard.with_options(retries=config.prefect.retries_for(stage), retry_delay_seconds=config.prefect.retry_delay_seconds)
+        shard = run_shard.with_options(retries=config.prefect.retries_for(stage), retry_delay_seconds=config.prefect.retry_delay_seconds,
+                                       retry_condition_fn=retry_unless_bad_input)
         with task_runner_for(config) as runner:
             futures = [runner.submit(shard.with_options(task_run_name=f"{stage}-shard-{i:05d}"),
                                      parameters={"stage": stage, "raw_config": raw_config, "base_dir": base_dir,

@@ -43,6 +43,25 @@ def test_failed_stage_raises_after_its_retries(prefect_server, tmp_path, monkeyp
     )
 
 
+def test_bad_input_is_not_retried_a_transient_failure_is(prefect_server, tmp_path, monkeypatch, raw):
+    """A stage failing on the user's input fails the same way again: no retry (and no retry delay) for it."""
+    calls = []
+
+    def bad_input(*a, **kw):
+        calls.append(1)
+        raise curate_mod.SourceError("problems.sources.0: yields no problems")
+
+    monkeypatch.setattr(curate_mod, "curate", bad_input)
+    raw["prefect"]["retries"] = 2
+    with pytest.raises(curate_mod.SourceError):
+        pipeline(raw_config=raw, base_dir=str(tmp_path), workspace=str(tmp_path / "ws"), stages=["curate"])
+    assert len(calls) == 1
+    monkeypatch.undo()
+    transient = _flaky(monkeypatch, failures=2)
+    out = pipeline(raw_config=raw, base_dir=str(tmp_path), workspace=str(tmp_path / "ws2"), stages=["curate"])
+    assert len(transient) == 3 and out["curate"]["status"] == "computed"
+
+
 def test_bootstrap_flow_trains_and_reports_pass_at_k_by_level(prefect_server, tmp_path):
     import json
 
