@@ -123,24 +123,44 @@ def pull(url: str, path: Path, force: bool = False) -> dict:
 
 
 def describe(path: Path) -> dict:
-    """What ``diff`` compares: rows, schema, per-column statistics, the manifest's summary."""
+    """What ``diff`` compares: rows, schema, per-column statistics, the manifest's summary.
+    One lazy polars query over the Parquet files (streaming engine): a dataset of millions of
+    rows is never held whole; what is kept is one aggregate per column (and, for text, the
+    distinct values ``n_unique`` counts)."""
     import polars as pl
 
     path = Path(path)
     manifest = read_manifest(path)
-    df = pl.from_arrow(read_dataset(path))
-    stats = {}
-    for name, dtype in df.schema.items():
-        col = df[name]
-        entry = {"nulls": col.null_count()}
+    files = [str(f) for f in data_files(path)]
+    if not files:
+        raise SchemaError(f"{path}: dataset has no data files")
+    import pyarrow.dataset as pads
+
+    from tasks.core.schemas import validate_table
+
+    validate_table(pads.dataset(files, format="parquet").schema.empty_table(), manifest.get("kind"), path)  # the contract's columns and types
+    lf = pl.scan_parquet(files)
+    schema = lf.collect_schema()
+    exprs, kinds = [pl.len().alias("__rows")], {}
+    for name, dtype in schema.items():
+        col = pl.col(name)
+        exprs.append(col.null_count().alias(f"{name}\0nulls"))
         if dtype.is_numeric():
-            entry.update({"mean": col.mean(), "min": col.min(), "max": col.max()})
+            kinds[name] = ("mean", "min", "max")
+            exprs += [col.mean().alias(f"{name}\0mean"), col.min().alias(f"{name}\0min"), col.max().alias(f"{name}\0max")]
         elif dtype == pl.Boolean:
-            entry["true"] = int(col.sum())
+            kinds[name] = ("true",)
+            exprs.append(col.sum().alias(f"{name}\0true"))
         elif dtype == pl.String:
-            entry["distinct"] = col.n_unique()
+            kinds[name] = ("distinct",)
+            exprs.append(col.n_unique().alias(f"{name}\0distinct"))
         elif isinstance(dtype, pl.List):
-            entry["mean_length"] = col.list.len().mean()
-        stats[name] = entry
-    return {"path": str(path), "kind": manifest.get("kind"), "rows": df.height, "fingerprint": manifest.get("fingerprint"),
-            "schema": {k: str(v) for k, v in df.schema.items()}, "stats": stats, "summary": manifest.get("summary", {})}
+            kinds[name] = ("mean_length",)
+            exprs.append(col.list.len().mean().alias(f"{name}\0mean_length"))
+    row = lf.select(exprs).collect(engine="streaming").row(0, named=True)
+    stats = {name: {"nulls": row[f"{name}\0nulls"], **{k: row[f"{name}\0{k}"] for k in kinds.get(name, ())}} for name in schema}
+    for entry in stats.values():
+        if "true" in entry:
+            entry["true"] = int(entry["true"] or 0)
+    return {"path": str(path), "kind": manifest.get("kind"), "rows": row["__rows"], "fingerprint": manifest.get("fingerprint"),
+            "schema": {k: str(v) for k, v in schema.items()}, "stats": stats, "summary": manifest.get("summary", {})}

@@ -220,6 +220,29 @@ def read_dataset(dataset_dir: Path, kind: str | None = None, verify: bool = Fals
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 
+def open_dataset(dataset_dir: Path):
+    """A dataset directory as a lazy pyarrow dataset, its bytes verified against the manifest's
+    fingerprint (hashed in chunks) and its schema against the contract: (dataset, row count from
+    the Parquet metadata). Nothing is read whole: for ``datasets show`` on millions of rows."""
+    import pyarrow.dataset as pads
+
+    dataset_dir = Path(dataset_dir)
+    manifest = read_manifest(dataset_dir)
+    files = data_files(dataset_dir)
+    if not files:
+        raise SchemaError(f"{dataset_dir}: dataset has no data files")
+    actual = fingerprint_dataset(dataset_dir)
+    if actual != manifest.get("fingerprint"):
+        raise SchemaError(f"{dataset_dir}: data files do not match the manifest fingerprint "
+                          f"({actual} != {manifest.get('fingerprint')}); the dataset was changed or damaged")
+    try:
+        data = pads.dataset([str(f) for f in files], format="parquet")
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SchemaError(f"{dataset_dir}: cannot be read as Parquet ({exc})") from exc
+    validate_table(data.schema.empty_table(), manifest.get("kind"), dataset_dir)
+    return data, data.count_rows()
+
+
 @dataclass(frozen=True)
 class StageOutput:
     """A finished stage output in the store."""
