@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import yaml
+
 from tests.conftest import write_jsonl
 
 

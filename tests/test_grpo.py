@@ -11,8 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks.models.prompts import chat, fill, load_template
 from tasks.registry import parse_config
-from tasks.stages.grpo import (LOSS_AGG, GRPOTrainConfig, clipped_surrogate, completion_logps, expo_beta_at, kl_k3, make_batch, nll,
-                               shaped_surrogate, train_update, update_loss)
+from tasks.stages.grpo import LOSS_AGG, GRPOTrainConfig, clipped_surrogate, completion_logps, expo_beta_at, kl_k3, make_batch, nll, shaped_surrogate, train_update, update_loss
 from tasks.stages.materialize import build
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"

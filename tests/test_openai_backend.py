@@ -3,9 +3,9 @@
 import time
 
 import pytest
-from tests.openai_server import OpenAIServer
 
 from tasks.models.generation import BackendUnavailable, OpenAIBackend, SamplingParams
+from tests.openai_server import OpenAIServer
 
 PARAMS = SamplingParams(n=2, temperature=1.0, max_new_tokens=3, seed=0)
 

@@ -138,12 +138,15 @@ def test_filter_keeps_the_band_and_records_every_rate():
     for pid, results in {"a": [0, 0, 0], "b": [1, 0, 0], "c": [1, 1, 1], "d": [None, None, 0]}.items():
         for r in results:
             rows.append({"problem_id": pid, "level": "easy", "finish_reason": "error" if r is None else "stop", "correct": bool(r)})
-    kept, table = filter_stage.filter_problems(problems, rows, 0.0, 0.0)
-    assert [p["problem_id"] for p in kept] == ["a", "d"]
-    rates = {t["problem_id"]: (t["n"], t["num_correct"], t["pass_rate"], t["kept"]) for t in table}
+    import polars as pl
+
+    kept, table = filter_stage.filter_problems(pl.LazyFrame(problems), pl.LazyFrame(rows), 0.0, 0.0)
+    assert kept.column("problem_id").to_pylist() == ["a", "d"]
+    assert kept.column_names == list(problems[0]) + ["pass_rate"]
+    rates = {t["problem_id"]: (t["n"], t["num_correct"], t["pass_rate"], t["kept"]) for t in table.to_pylist()}
     assert rates == {"a": (3, 0, 0.0, True), "b": (3, 1, 1 / 3, False), "c": (3, 3, 1.0, False), "d": (1, 0, 0.0, True)}
-    kept, _ = filter_stage.filter_problems(problems, rows, 0.3, 1.0)
-    assert [p["problem_id"] for p in kept] == ["b", "c"]
+    kept, _ = filter_stage.filter_problems(pl.LazyFrame(problems), pl.LazyFrame(rows), 0.3, 1.0)
+    assert kept.column("problem_id").to_pylist() == ["b", "c"]
 
 
 def test_rollout_stage_through_an_openai_compatible_server(tmp_path, random_checkpoint):

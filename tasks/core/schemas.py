@@ -242,3 +242,25 @@ def to_table(rows: list[dict], kind: str, where: str = "<in memory>") -> pa.Tabl
     table = pa.Table.from_arrays(list(columns.values()), schema=pa.schema(fields))
     validate_table(table, kind, where)
     return table
+
+
+def conform(table: pa.Table, kind: str, where: str = "<in memory>") -> pa.Table:
+    """An Arrow table (from polars or a scanner) as a contract table: contract columns first,
+    in contract order, cast to their contract types; extra columns kept after them."""
+    schema = SCHEMAS[kind]
+    columns, fields = [], []
+    for field in schema:
+        if field.name not in table.column_names:
+            raise SchemaError(f"{where}: column {field.name!r} is missing (expected {field.type})")
+        try:
+            columns.append(table.column(field.name).cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise SchemaError(f"{where}: column {field.name!r} cannot be stored as {field.type}: {exc}") from exc
+        fields.append(field)
+    for name in table.column_names:
+        if schema.get_field_index(name) < 0:
+            columns.append(table.column(name))
+            fields.append(pa.field(name, table.schema.field(name).type))
+    out = pa.Table.from_arrays(columns, schema=pa.schema(fields))
+    validate_table(out, kind, where)
+    return out

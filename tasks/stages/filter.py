@@ -14,14 +14,18 @@ they work on ("stuck" is decided here, once).
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from typing import TYPE_CHECKING
 
+import pyarrow as pa
 from pydantic import Field, model_validator
 
 from tasks.core.config import StrictModel
-from tasks.core.schemas import to_table
+from tasks.core.schemas import conform
 from tasks.core.stage import Job, Stage
-from tasks.core.store import StageOutput
+from tasks.core.store import StageOutput, data_files
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 class FilterConfig(StrictModel):
@@ -43,30 +47,24 @@ STAGE = Stage(name="filter", version="1", module=__name__, upstream=("curate", "
 log = logging.getLogger("guidedrl.filter")
 
 
-def pass_rates(rollout_rows: list[dict]) -> dict[str, dict]:
-    """problem_id -> {level, n, num_correct, pass_rate} over samples that generated."""
-    out: dict[str, dict] = {}
-    for r in rollout_rows:
-        e = out.setdefault(r["problem_id"], {"level": r.get("level"), "n": 0, "num_correct": 0})
-        if r["finish_reason"] == "error":
-            continue
-        e["n"] += 1
-        e["num_correct"] += int(r["correct"])
-    for e in out.values():
-        e["pass_rate"] = e["num_correct"] / e["n"] if e["n"] else None
-    return out
+def filter_problems(problems: "pl.LazyFrame", rollouts: "pl.LazyFrame", min_rate: float, max_rate: float) -> tuple[pa.Table, pa.Table]:
+    """(the kept problems with their ``pass_rate``, every rolled-out problem's n / num_correct /
+    pass_rate / kept), both sorted by problem_id. One lazy polars query: the rollouts are
+    scanned, never held; what is collected is one row per problem."""
+    import polars as pl
 
-
-def filter_problems(problems: list[dict], rollout_rows: list[dict], min_rate: float, max_rate: float) -> tuple[list[dict], list[dict]]:
-    rates = pass_rates(rollout_rows)
-    kept, table = [], []
-    by_id = {p["problem_id"]: p for p in problems}
-    for pid, e in sorted(rates.items()):
-        keep = e["pass_rate"] is not None and min_rate <= e["pass_rate"] <= max_rate
-        table.append({"problem_id": pid, **e, "kept": keep})
-        if keep:
-            kept.append({**by_id[pid], "pass_rate": e["pass_rate"]})
-    return kept, table
+    generated = pl.col("finish_reason") != "error"
+    rates = (rollouts.select("problem_id", "level", "finish_reason", "correct")
+             .group_by("problem_id", maintain_order=True)
+             .agg(pl.col("level").first(), generated.sum().cast(pl.Int32).alias("n"),
+                  (pl.col("correct") & generated).sum().cast(pl.Int32).alias("num_correct"))
+             .with_columns(pl.when(pl.col("n") > 0).then(pl.col("num_correct") / pl.col("n")).otherwise(None).alias("pass_rate"))
+             .with_columns(pl.col("pass_rate").is_between(min_rate, max_rate).fill_null(False).alias("kept"))
+             .sort("problem_id"))
+    table = rates.collect(engine="streaming")
+    kept = (problems.join(table.lazy().filter("kept").select("problem_id", "pass_rate"), on="problem_id", how="inner")
+            .sort("problem_id").collect(engine="streaming"))
+    return kept.to_arrow(), table.to_arrow()
 
 
 def settings(config) -> dict:
@@ -77,22 +75,34 @@ def inputs(config, upstream: dict[str, StageOutput]) -> dict:
     return {"problems": upstream["curate"].fingerprints["problems"], "rollouts": upstream["rollouts"].fingerprints["rollouts"]}
 
 
+def _scan(out: StageOutput, name: str):
+    import polars as pl
+
+    return pl.scan_parquet([str(f) for f in data_files(out.dataset_path(name))])
+
+
+def _by_level(table: pa.Table) -> dict[str, int]:
+    import polars as pl
+
+    counts = pl.from_arrow(table.select(["level"])).group_by("level").len().rows()
+    return dict(sorted((str(level), n) for level, n in counts))
+
+
 def compute(job: Job) -> StageOutput:
     fc, upstream = job.config.filter, job.upstream
-    problems = upstream["curate"].read("problems").to_pylist()
-    rows = upstream["rollouts"].read("rollouts").select(["problem_id", "level", "finish_reason", "correct"]).to_pylist()
-    kept, table = filter_problems(problems, rows, fc.min_pass_rate, fc.max_pass_rate)
+    kept, table = filter_problems(_scan(upstream["curate"], "problems"), _scan(upstream["rollouts"], "rollouts"),
+                                  fc.min_pass_rate, fc.max_pass_rate)
     summary = {
         "band": [fc.min_pass_rate, fc.max_pass_rate],
-        "rolled_out": len(table),
-        "kept": len(kept),
-        "kept_by_level": dict(sorted(Counter(str(p["level"]) for p in kept).items())),
-        "rolled_out_by_level": dict(sorted(Counter(str(t["level"]) for t in table).items())),
+        "rolled_out": table.num_rows,
+        "kept": kept.num_rows,
+        "kept_by_level": _by_level(kept),
+        "rolled_out_by_level": _by_level(table),
     }
-    out = job.write({"problems": to_table(kept, "filtered_problems", "filter/problems"),
-                     "pass_rates": to_table(table, "pass_rates", "filter/pass_rates")},
+    out = job.write({"problems": conform(kept, "filtered_problems", "filter/problems"),
+                     "pass_rates": conform(table, "pass_rates", "filter/pass_rates")},
                     summary, dataset_summaries={"problems": summary, "pass_rates": summary})
-    log.info("filter: kept %d of %d problems with pass rate in [%s, %s] %s -> %s", len(kept), len(table),
+    log.info("filter: kept %d of %d problems with pass rate in [%s, %s] %s -> %s", kept.num_rows, table.num_rows,
              fc.min_pass_rate, fc.max_pass_rate, summary["kept_by_level"], out.path)
     return out
 
