@@ -85,7 +85,8 @@ def compute(job: Job) -> StageOutput:
         "problems": len(problems),
         "rubrics": len(rows),
         "items": sum(len(r["items"]) for r in rows),
-        "problems_without_rubric": without,
+        "problems_without_rubric": len(without),  # a count and the first few: summaries stay small at any scale
+        "problems_without_rubric_first": without[:20],
         **({"judge_requests": stats} if stats else {}),
     }
     out = job.write({"rubrics": to_table(rows, "rubrics", "rubric/rubrics")}, summary, dataset_summaries={"rubrics": summary})

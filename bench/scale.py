@@ -1,0 +1,226 @@
+"""Benchmark: seconds and peak memory of the streamed steps at growing scale, against a bare
+polars/pyarrow pass doing the same arithmetic in the same run (issue 15; a first slice of it).
+
+    python bench/scale.py [--n 16384,131072] [--tokens 1024] [--samples 16] [--out bench/results/scale-DATE.md]
+
+For each N it writes synthetic stage outputs (seeded; its own generator, part by part so the
+generator never holds them): curate `problems` (N / samples problems) and `rollouts` (N traces,
+`--tokens` completion token ids and two log-prob lists each, 20% correct), in the store's
+layout (manifests, fingerprints). Then, each in a fresh child process whose peak RSS is read
+from the kernel (ru_maxrss):
+
+- filter: `tasks.stages.filter.filter_problems` over the scanned outputs + `conform`, written
+  as Parquet — vs a bare polars group-by of the same four columns sunk to Parquet;
+- datasets show: `tasks.core.store.open_dataset` (fingerprint hashed in chunks, schema and
+  rows from metadata) + the first 5 rows — vs pyarrow hashing the files and reading the footer;
+- datasets diff: `tasks.core.share.describe` (one streaming polars query of per-column
+  statistics) — vs the same statistics as a bare polars query of 3 columns;
+- the in-memory way (what filter did before: the four columns read into Python dicts) as a
+  third line, for scale.
+
+Not yet here (issue 15's remaining stages): grade, materialize, the grpo data loader, 1M traces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PART_ROWS = 8192
+
+
+def _write_output(ws: Path, stage: str, name: str, kind: str, parts) -> Path:
+    """A stage output in the store's layout from an iterator of Arrow tables (written one by one)."""
+    import pyarrow.parquet as pq
+
+    from tasks.core.store import fingerprint_dataset, write_parquet
+
+    out = ws / "store" / stage / f"bench{stage}"
+    data = out / name / "data"
+    data.mkdir(parents=True)
+    rows = 0
+    for i, table in enumerate(parts):
+        write_parquet(table, data / f"part-{i:05d}.parquet")
+        rows += table.num_rows
+    fp = fingerprint_dataset(out / name)
+    schema = pq.read_schema(next(data.glob("*.parquet")))
+    (out / name / "manifest.json").write_text(json.dumps({
+        "kind": kind, "num_rows": rows, "fingerprint": fp, "name": name, "stage": stage,
+        "files": [f"data/{p.name}" for p in sorted(data.glob("*.parquet"))],
+        "columns": [{"name": f.name, "type": str(f.type)} for f in schema]}))
+    (out / "manifest.json").write_text(json.dumps({"stage": stage, "stage_key": out.name,
+                                                   "datasets": {name: {"kind": kind, "fingerprint": fp, "num_rows": rows}}}))
+    return out
+
+
+def generate(ws: Path, n: int, tokens: int, samples: int, seed: int = 0) -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from tasks.core.schemas import conform
+
+    rng = np.random.default_rng(seed)
+    n_problems = max(1, n // samples)
+    pids = [f"p{i:08d}" for i in range(n_problems)]
+    levels = np.array(["easy", "hard"])[rng.integers(0, 2, n_problems)]
+
+    def problems():
+        for s in range(0, n_problems, PART_ROWS):
+            ids = pids[s:s + PART_ROWS]
+            yield conform(pa.table({
+                "problem_id": ids, "question": [f"What is {i} + {i}?" for i in range(s, s + len(ids))],
+                "answer": [str(2 * i) for i in range(s, s + len(ids))], "reference_solution": [None] * len(ids),
+                "source": ["bench"] * len(ids), "level": levels[s:s + len(ids)].tolist(), "split": ["train"] * len(ids),
+                "metadata": ["{}"] * len(ids)}), "problems")
+
+    def rollouts():
+        for s in range(0, n, PART_ROWS):
+            m = min(PART_ROWS, n - s)
+            idx = np.arange(s, s + m)
+            offsets = pa.array(np.arange(0, (m + 1) * tokens, tokens, dtype=np.int32))
+            ids = pa.ListArray.from_arrays(offsets, pa.array(rng.integers(0, 100, m * tokens, dtype=np.int32)))
+            lp = lambda: pa.ListArray.from_arrays(offsets, pa.array(-rng.random(m * tokens, dtype=np.float32)))  # noqa: E731
+            problem = [pids[i // samples % n_problems] for i in idx]
+            yield conform(pa.table({
+                "sample_id": [f"s{i:09d}" for i in idx], "problem_id": problem, "sample_idx": pa.array(idx % samples, pa.int32()),
+                "prompt": ["<|user|>q<|end|><|assistant|>"] * m, "completion": ["x" * 32] * m, "completion_token_ids": ids,
+                "behaviour_logprobs": lp(), "temperature": [1.0] * m, "finish_reason": ["stop"] * m,
+                "extracted_answer": ["1"] * m, "correct": (rng.random(m) < 0.2).tolist(), "policy_id": ["bench"] * m,
+                "prompt_kind": ["plain"] * m, "guidance": pa.nulls(m, pa.string()), "loss_prompt": ["q"] * m,
+                "loss_logprobs": lp(), "level": [levels[i // samples % n_problems] for i in idx],
+                "error": pa.nulls(m, pa.string())}), "rollouts")
+
+    _write_output(ws, "curate", "problems", "problems", problems())
+    _write_output(ws, "rollouts", "rollouts", "rollouts", rollouts())
+
+
+JOBS = {
+    "filter": """
+from tasks.core.store import StageOutput
+from tasks.core.schemas import conform
+from tasks.stages import filter as f
+import pyarrow.parquet as pq
+# --- timed
+cur, ro = StageOutput.open(WS / "store/curate/benchcurate"), StageOutput.open(WS / "store/rollouts/benchrollouts")
+kept, table = f.filter_problems(f._scan(cur, "problems"), f._scan(ro, "rollouts"), 0.0, 0.0)
+pq.write_table(conform(kept, "filtered_problems"), OUT / "kept.parquet"); pq.write_table(conform(table, "pass_rates"), OUT / "rates.parquet")
+""",
+    "filter:bare": """
+import polars as pl
+# --- timed
+lf = pl.scan_parquet(str(WS / "store/rollouts/benchrollouts/rollouts/data/*.parquet")).select("problem_id", "level", "finish_reason", "correct")
+lf.group_by("problem_id").agg(pl.col("level").first(), pl.len().alias("n"), pl.col("correct").sum().alias("k")).sink_parquet(OUT / "bare.parquet")
+""",
+    "filter:in-memory (before)": """
+from tasks.core.store import StageOutput
+# --- timed
+ro = StageOutput.open(WS / "store/rollouts/benchrollouts")
+rows = ro.read("rollouts").select(["problem_id", "level", "finish_reason", "correct"]).to_pylist()
+rates = {}
+for r in rows:
+    e = rates.setdefault(r["problem_id"], [0, 0]); e[0] += 1; e[1] += int(r["correct"])
+""",
+    "datasets show": """
+from tasks.core.store import open_dataset
+# --- timed
+data, rows = open_dataset(WS / "store/rollouts/benchrollouts/rollouts")
+head = data.head(5)
+""",
+    "datasets show:bare": """
+import hashlib, pyarrow.parquet as pq
+# --- timed
+for f in sorted((WS / "store/rollouts/benchrollouts/rollouts/data").glob("*.parquet")):
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    pq.ParquetFile(f).metadata
+""",
+    "datasets diff": """
+from tasks.core.share import describe
+# --- timed
+describe(WS / "store/rollouts/benchrollouts/rollouts")
+""",
+    "datasets diff:bare": """
+import polars as pl
+# --- timed
+lf = pl.scan_parquet(str(WS / "store/rollouts/benchrollouts/rollouts/data/*.parquet"))
+lf.select(pl.len(), pl.col("sample_id").n_unique(), pl.col("completion_token_ids").list.len().mean(), pl.col("temperature").mean()).collect(engine="streaming")
+""",
+}
+
+
+def measure(code: str, ws: Path, out: Path) -> dict:
+    """Run ``code`` in a fresh interpreter: its imports (the part before ``# --- timed``) first,
+    then the clock on the rest; its seconds and peak RSS."""
+    setup, _, timed = code.partition("# --- timed")
+    wrapper = f"""
+import json, resource, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+WS, OUT = Path({str(ws)!r}), Path({str(out)!r})
+import polars, pyarrow, pyarrow.dataset, pyarrow.parquet  # imported before the clock and the baseline RSS, as in a running stage
+{setup}
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+{timed}
+print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "import_mb": base / 1024}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, env={**os.environ, "POLARS_MAX_THREADS": "2"})
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", default="16384,131072", help="trace counts, comma-separated")
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--samples", type=int, default=16, help="samples per problem")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / f"scale-{dt.date.today().isoformat()}.md"))
+    args = ap.parse_args()
+
+    lines = [f"# bench/scale.py — {dt.datetime.now().isoformat(timespec='seconds')}", "",
+             f"`python bench/scale.py --n {args.n} --tokens {args.tokens} --samples {args.samples}` on {os.cpu_count()} CPU cores; "
+             "peak RSS of a fresh child process (imports done before the clock); ratio = ours / bare pass in the same run.", "",
+             "| N traces | rollouts on disk | step | seconds | peak RSS MB | bare seconds | bare peak MB | time ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in [int(x) for x in args.n.split(",")]:
+        ws = Path(tempfile.mkdtemp(prefix=f"guidedrl-scale-{n}-"))
+        try:
+            t0 = time.perf_counter()
+            generate(ws, n, args.tokens, args.samples)
+            size = sum(f.stat().st_size for f in (ws / "store" / "rollouts").rglob("*.parquet")) / 2**20
+            print(f"N={n}: generated {size:.0f} MB of rollouts in {time.perf_counter() - t0:.0f}s", flush=True)
+            for step in ("filter", "datasets show", "datasets diff"):
+                out = ws / "out"
+                out.mkdir(exist_ok=True)
+                ours, bare = measure(JOBS[step], ws, out), measure(JOBS[f"{step}:bare"], ws, out)
+                row = (f"| {n:,} | {size:,.0f} MB | {step} | {ours['seconds']:.2f} | {ours['peak_mb']:.0f} | {bare['seconds']:.2f} | "
+                       f"{bare['peak_mb']:.0f} | {ours['seconds'] / bare['seconds']:.2f} |")
+                print(row, flush=True)
+                lines.append(row)
+            before = measure(JOBS["filter:in-memory (before)"], ws, ws)
+            row = f"| {n:,} | {size:,.0f} MB | filter, in memory (as before) | {before['seconds']:.2f} | {before['peak_mb']:.0f} | | | |"
+            print(row, flush=True)
+            lines.append(row)
+        finally:
+            shutil.rmtree(ws, ignore_errors=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
