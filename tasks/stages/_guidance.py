@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from tasks.core.store import StageOutput, sha256_bytes
+from tasks.core.store import StageOutput, data_files, sha256_bytes
 from tasks.models.generation import GenerationBackend, SamplingParams
 from tasks.models.policy import chat_tokenizer, policy_id_for, render, shared_backend
 from tasks.models.prompts import fill, load_template
@@ -45,20 +45,32 @@ def key_functions(stage: str):
     return (lambda config: settings(stage, config)), (lambda config, upstream: inputs(stage, config, upstream))
 
 
-def load_groups(stage: str, config: Config, upstream: dict[str, StageOutput]) -> tuple[dict[str, dict], dict[str, list[dict]], list[str]]:
+def load_groups(stage: str, config: Config, upstream: dict[str, StageOutput], only_kept: bool = True
+                ) -> tuple[dict[str, dict], dict[str, list[dict]], list[str]]:
     """(problems by id, plain rollout rows by problem, the problems `filter` kept — by
-    default the stuck ones, every sample wrong). The rollouts must come from the
-    configured policy: guidance is built from, and sampled by, the current policy."""
-    problems = {p["problem_id"]: p for p in upstream["curate"].read("problems").to_pylist()}
-    by_problem: dict[str, list[dict]] = defaultdict(list)
-    for r in upstream["rollouts"].read("rollouts").to_pylist():
-        by_problem[r["problem_id"]].append(r)
+    default the stuck ones, every sample wrong). With ``only_kept`` (what both guidance
+    stages need unless `explain.problems: all`) only the kept problems' rows are read: the
+    rollouts are scanned and filtered by problem before any row becomes a Python object.
+    The rollouts must come from the configured policy: guidance is built from, and sampled
+    by, the current policy."""
+    import polars as pl
+
+    kept = sorted(upstream["filter"].read("problems").column("problem_id").to_pylist())
+
+    def scan(out: StageOutput, name: str) -> pl.LazyFrame:
+        lf = pl.scan_parquet([str(f) for f in data_files(out.dataset_path(name))])
+        return lf.filter(pl.col("problem_id").is_in(kept)) if only_kept else lf
+
+    rollouts = pl.scan_parquet([str(f) for f in data_files(upstream["rollouts"].dataset_path("rollouts"))])
+    seen = set(rollouts.select(pl.col("policy_id").unique()).collect().to_series().to_list())
     policy_id = policy_id_for(config)
-    seen = {r["policy_id"] for rs in by_problem.values() for r in rs}
     if seen and seen != {policy_id}:
         raise ValueError(f"{stage}: the rollouts were sampled by {sorted(seen)}, the configured policy is {policy_id}; "
                          "guidance must come from the current policy")
-    kept = sorted(upstream["filter"].read("problems").column("problem_id").to_pylist())
+    problems = {p["problem_id"]: p for p in scan(upstream["curate"], "problems").collect().to_arrow().to_pylist()}
+    by_problem: dict[str, list[dict]] = defaultdict(list)
+    for r in scan(upstream["rollouts"], "rollouts").collect().to_arrow().to_pylist():  # in file order, as written
+        by_problem[r["problem_id"]].append(r)
     return problems, by_problem, kept
 
 

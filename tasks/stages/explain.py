@@ -136,7 +136,7 @@ settings, inputs = guidance.key_functions(STAGE.name)
 def plan(job: Job) -> ShardPlan:
     """The target problems (stuck, or all), each with its original prompt, in shards of `explain.shard_size`."""
     config = job.config
-    problems, by_problem, stuck = guidance.load_groups(STAGE.name, config, job.upstream)
+    problems, by_problem, stuck = guidance.load_groups(STAGE.name, config, job.upstream, only_kept=config.explain.problems == "stuck")
     targets = stuck if config.explain.problems == "stuck" else sorted(by_problem)
     items = [{"problem": problems[pid], "guidance": problems[pid]["answer"], "loss_prompt": by_problem[pid][0]["loss_prompt"]}
              for pid in targets]
