@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from tasks.core.schemas import to_table
 from tasks.core.stage import Job, Stage
-from tasks.core.store import StageOutput, Store
+from tasks.core.store import StageOutput, Store, data_files
 from tasks.models import judge
 
 if TYPE_CHECKING:
@@ -32,9 +32,15 @@ log = logging.getLogger("guidedrl.rubric")
 
 
 def target_problems(upstream: dict[str, StageOutput]) -> list[dict]:
-    """The problems the rollouts touched, by problem_id."""
-    ids = set(upstream["rollouts"].read("rollouts").column("problem_id").to_pylist())
-    return sorted((p for p in upstream["curate"].read("problems").to_pylist() if p["problem_id"] in ids), key=lambda p: p["problem_id"])
+    """The problems the rollouts touched, by problem_id (a semi-join of the scanned datasets:
+    one row per problem becomes a Python object, no trace does)."""
+    import polars as pl
+
+    def scan(stage: str, name: str) -> pl.LazyFrame:
+        return pl.scan_parquet([str(f) for f in data_files(upstream[stage].dataset_path(name))])
+
+    touched = scan("rollouts", "rollouts").select("problem_id").unique()
+    return scan("curate", "problems").join(touched, on="problem_id", how="semi").sort("problem_id").collect().to_arrow().to_pylist()
 
 
 def preflight(config: Config) -> None:
