@@ -66,10 +66,10 @@ def test_killed_rollout_resumes_with_exactly_the_rows_of_an_uninterrupted_run(tm
     real = shards_mod.write_shard
     written = []
 
-    def crash_after_two(path, table):
+    def crash_after_two(path, table, *rest):
         if len(written) == 2:
             raise KeyboardInterrupt("killed")  # not an Exception: nothing may catch it
-        real(path, table)
+        real(path, table, *rest)
         written.append(path.name)
 
     monkeypatch.setattr(shards_mod, "write_shard", crash_after_two)
@@ -81,7 +81,7 @@ def test_killed_rollout_resumes_with_exactly_the_rows_of_an_uninterrupted_run(tm
     (work,) = [p for p in (store.root / "rollouts").iterdir() if p.name.startswith(".work-")]
     assert sorted(p.name for p in work.glob("shard-*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
 
-    monkeypatch.setattr(shards_mod, "write_shard", lambda p, t: (written.append(p.name), real(p, t)))
+    monkeypatch.setattr(shards_mod, "write_shard", lambda p, t, *rest: (written.append(p.name), real(p, t, *rest)))
     written.clear()
     out, _ = rollouts_mod.STAGE.run(config, store, {"curate": cur})
     shards = -(-cur.read("problems").num_rows // 7)
@@ -103,9 +103,9 @@ def test_two_runs_of_one_output_at_once_compute_it_once(tmp_path, random_checkpo
     cur, _ = curate.STAGE.run(config, store)
     real, written = shards_mod.write_shard, []
 
-    def slow_write(path, table):
+    def slow_write(path, table, *rest):
         time.sleep(0.2)  # the other run arrives while this one is mid-stage
-        real(path, table)
+        real(path, table, *rest)
         written.append(path.name)
 
     monkeypatch.setattr(shards_mod, "write_shard", slow_write)
