@@ -95,7 +95,7 @@ def datasets_show(
                 datasets_show(path / name, rows)
             return
         data, num_rows = open_dataset(path)
-        head = data.head(rows)
+        head = data.head(rows, batch_readahead=0, fragment_readahead=0)  # the first rows: one batch of the first file
     except user_errors() as exc:
         fail(str(exc))
     console.rule(f"[bold]{manifest.get('name', path.name)}[/] ({manifest.get('kind')}) — {num_rows} rows")

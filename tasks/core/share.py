@@ -141,7 +141,9 @@ def describe(path: Path) -> dict:
     validate_table(pads.dataset(files, format="parquet").schema.empty_table(), manifest.get("kind"), path)  # the contract's columns and types
     lf = pl.scan_parquet(files)
     schema = lf.collect_schema()
-    exprs, kinds = [pl.len().alias("__rows")], {}
+    # two queries: distinct counts (text columns only) apart, so the rest runs on the streaming
+    # engine — mixed with n_unique the whole select would be collected in memory, every column loaded
+    exprs, distinct, kinds = [pl.len().alias("__rows")], [], {}
     for name, dtype in schema.items():
         col = pl.col(name)
         exprs.append(col.null_count().alias(f"{name}\0nulls"))
@@ -153,11 +155,13 @@ def describe(path: Path) -> dict:
             exprs.append(col.sum().alias(f"{name}\0true"))
         elif dtype == pl.String:
             kinds[name] = ("distinct",)
-            exprs.append(col.n_unique().alias(f"{name}\0distinct"))
+            distinct.append(col.n_unique().alias(f"{name}\0distinct"))
         elif isinstance(dtype, pl.List):
             kinds[name] = ("mean_length",)
             exprs.append(col.list.len().mean().alias(f"{name}\0mean_length"))
     row = lf.select(exprs).collect(engine="streaming").row(0, named=True)
+    if distinct:
+        row.update(lf.select(distinct).collect(engine="streaming").row(0, named=True))
     stats = {name: {"nulls": row[f"{name}\0nulls"], **{k: row[f"{name}\0{k}"] for k in kinds.get(name, ())}} for name in schema}
     for entry in stats.values():
         if "true" in entry:

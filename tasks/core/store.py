@@ -240,7 +240,7 @@ def open_dataset(dataset_dir: Path):
     except (pa.ArrowInvalid, OSError) as exc:
         raise SchemaError(f"{dataset_dir}: cannot be read as Parquet ({exc})") from exc
     validate_table(data.schema.empty_table(), manifest.get("kind"), dataset_dir)
-    return data, data.count_rows()
+    return data, sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 @dataclass(frozen=True)
