@@ -46,6 +46,11 @@ class PolicyConfig(StrictModel):
     tokenizer: str | None = Field(None, description="local tokenizer dir whose chat template wraps prompts; default: `model` when it is a directory")
     # transformers
     batch_size: int = Field(64, gt=0, description="sequences per generate() call")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+                        description="where the stages that load the model run it: auto (cuda when one is visible, else cpu) | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU that supports it, float32 on CPU. Training keeps float32 weights and runs "
+        "under bfloat16 autocast")
     # openai
     base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (default: OPENAI_BASE_URL)")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")

@@ -80,7 +80,7 @@ def checkpoint_fingerprint(path: Path | str) -> str:
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, model: str | Path, batch_size: int = 64, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model: str | Path, batch_size: int = 64, device: str = "cpu", threads: int | None = None, dtype: str = "float32"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -91,7 +91,7 @@ class TransformersBackend:
             torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(device).eval()
         self.device = device
         self.batch_size = batch_size
         self.policy_id = checkpoint_fingerprint(path)

@@ -41,6 +41,45 @@ def local_policy_dir(config: Config, stage: str) -> Path:
     return base
 
 
+def resolve_device(spec: str = "auto") -> str:
+    """``policy.device`` as a torch device string: auto is cuda when a CUDA device is visible, else cpu."""
+    import torch
+
+    from tasks.core.config import ConfigError
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"policy.device: {spec}, but torch sees no CUDA device (torch {torch.__version__}); use auto or cpu")
+        index = int(spec.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"policy.device: {spec}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return spec
+
+
+def resolve_dtype(spec: str, device: str) -> str:
+    """``policy.dtype`` for ``device``: auto is bfloat16 on a GPU that supports it, else float32."""
+    import torch
+
+    if spec != "auto":
+        return spec
+    return "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+
+
+def precision(config: Config) -> tuple[str, str]:
+    """(device, dtype name) the model-loading stages use for this config."""
+    device = resolve_device(config.policy.device)
+    return device, resolve_dtype(config.policy.dtype, device)
+
+
+def precision_settings(config: Config) -> dict:
+    """What a stage's key holds of its precision: nothing at float32 (the CPU default, so CPU keys stay as they
+    were), the dtype otherwise — bfloat16 samples and scores are not float32's."""
+    dtype = precision(config)[1] if config.policy.backend == "transformers" else "float32"
+    return {} if dtype == "float32" else {"dtype": dtype}
+
+
 def check_policy(config: Config) -> None:
     """Before any work (``preflight``): the policy can be loaded — for a local checkpoint,
     its directory, config.json and tokenizer; for a served one, where it is served."""
@@ -49,6 +88,8 @@ def check_policy(config: Config) -> None:
     from tasks.core.config import ConfigError
 
     p = config.policy
+    if p.backend == "transformers":
+        precision(config)  # a device that is not there is an error now, not in the middle of a stage
     if p.backend == "openai":
         if not (p.base_url or os.environ.get("OPENAI_BASE_URL")):
             raise ConfigError("policy.base_url: backend openai needs the server's URL (or OPENAI_BASE_URL in the environment)")
@@ -79,7 +120,8 @@ def check_policy(config: Config) -> None:
 def open_backend(config: Config) -> GenerationBackend:
     p = config.policy
     if p.backend == "transformers":
-        return make_backend("transformers", str(config.resolve(p.model)), batch_size=p.batch_size)
+        device, dtype = precision(config)
+        return make_backend("transformers", str(config.resolve(p.model)), batch_size=p.batch_size, device=device, dtype=dtype)
     if p.backend == "openai":
         return make_backend("openai", p.model, base_url=p.base_url, api_key_env=p.api_key_env, concurrency=p.concurrency,
                             timeout=p.timeout_seconds, max_retries=p.max_retries, policy_id=policy_id_for(config))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from tasks.core.store import StageOutput, data_files, sha256_bytes
 from tasks.models.generation import GenerationBackend, SamplingParams
-from tasks.models.policy import chat_tokenizer, policy_id_for, render, shared_backend
+from tasks.models.policy import chat_tokenizer, policy_id_for, precision_settings, render, shared_backend
 from tasks.models.prompts import fill, load_template
 from tasks.stages.rollouts import sample_rows
 
@@ -25,7 +25,8 @@ UPSTREAM = ("curate", "rollouts", "filter")
 def settings(stage: str, config: Config) -> dict:
     """A guidance stage's own section and the sampling settings of the rollouts it builds on."""
     policy = config.policy.model_dump(mode="json", include={"model", "backend", "engine"})
-    return {stage: getattr(config, stage).model_dump(mode="json"), "rollouts": config.rollouts.model_dump(mode="json"), "policy": policy}
+    return {stage: getattr(config, stage).model_dump(mode="json"), "rollouts": config.rollouts.model_dump(mode="json"), "policy": policy,
+            **precision_settings(config)}
 
 
 def inputs(stage: str, config: Config, upstream: dict[str, StageOutput]) -> dict:

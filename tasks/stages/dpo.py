@@ -26,7 +26,7 @@ from tasks.core.config import StrictModel
 from tasks.core.faults import fault
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, read_manifest
-from tasks.models.policy import check_policy, local_policy_dir, policy_id_for
+from tasks.models.policy import check_policy, local_policy_dir, policy_id_for, precision, precision_settings
 from tasks.report import progress
 
 if TYPE_CHECKING:
@@ -85,9 +85,9 @@ def _completion_logps(model, tokenizer, prompts: list[str], completions: list[st
     for prompt, completion in zip(prompts, completions):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         c = tokenizer(completion + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([p + c])
+        ids = torch.tensor([p + c], device=model.device)  # wherever the trainer left the model
         logits = model(input_ids=ids).logits[0, len(p) - 1 : -1].float()
-        out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).sum())
+        out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(c, device=model.device)[:, None]).sum().cpu())
     return torch.stack(out)
 
 
@@ -105,7 +105,7 @@ def heldout_metrics(model, ref_model, tokenizer, pairs, beta: float) -> dict:
             "log_ratio_margin": float(margin.mean()), "chosen_logp": float(pc.mean()), "rejected_logp": float(pr.mean())}
 
 
-def train(base_model: str | Path, dataset_dir: Path, out_dir: Path, cfg) -> dict:
+def train(base_model: str | Path, dataset_dir: Path, out_dir: Path, cfg, device: str = "cpu", dtype: str = "float32") -> dict:
     """DPO with TRL from ``base_model`` on the pairs in ``dataset_dir``; the trained
     model and tokenizer go to ``out_dir``. Returns the metrics."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
@@ -137,8 +137,8 @@ def train(base_model: str | Path, dataset_dir: Path, out_dir: Path, cfg) -> dict
             output_dir=tmp, beta=cfg.beta, learning_rate=cfg.learning_rate, max_steps=cfg.max_steps,
             per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             lr_scheduler_type="constant", warmup_steps=0, logging_steps=max(1, cfg.max_steps // 10), save_strategy="no",
-            report_to=[], seed=cfg.seed, max_length=cfg.max_length, use_cpu=not torch.cuda.is_available(),
-            bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), fp16=False,  # no bf16 autocast on CPU
+            report_to=[], seed=cfg.seed, max_length=cfg.max_length, use_cpu=device == "cpu",  # policy.device
+            bf16=dtype == "bfloat16" and device != "cpu", fp16=False,  # policy.dtype: bf16 mixed precision on a GPU
             disable_tqdm=not progress.enabled(), dataloader_num_workers=0,
             # RPO: an NLL term on the chosen completion keeps its likelihood from falling with the rejected one
             loss_type=["sigmoid", "sft"] if cfg.sft_weight > 0 else ["sigmoid"],
@@ -168,7 +168,7 @@ def preflight(config: Config) -> None:
 
 
 def settings(config: Config) -> dict:
-    return config.train.dpo.model_dump(mode="json")
+    return {**config.train.dpo.model_dump(mode="json"), **precision_settings(config)}
 
 
 def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
@@ -179,7 +179,7 @@ def compute(job: Job) -> StageOutput:
     config = job.config
     base = local_policy_dir(config, STAGE.name)
     with job.scratch() as work:
-        metrics = train(base, job.upstream["materialize"].dataset_path("dpo"), work / "checkpoint", config.train.dpo)
+        metrics = train(base, job.upstream["materialize"].dataset_path("dpo"), work / "checkpoint", config.train.dpo, *precision(config))
         summary = {"base_policy": job.inputs["policy"], "data": job.inputs["dpo"], **metrics}
         out = job.write({}, summary, directories={"checkpoint": work / "checkpoint"})
     b, a = metrics["heldout_before"], metrics["heldout_after"]

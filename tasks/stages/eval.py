@@ -22,7 +22,7 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, sha256_bytes
 from tasks.models.answers import check
 from tasks.models.generation import SamplingParams, checkpoint_fingerprint, make_backend
-from tasks.models.policy import chat_tokenizer, check_policy, open_backend, policy_id_for, render
+from tasks.models.policy import chat_tokenizer, check_policy, open_backend, policy_id_for, precision, precision_settings, render
 from tasks.models.prompts import fill, load_template
 from tasks.report.metrics import pass_table
 from tasks.stages.rollouts import select_problems
@@ -99,7 +99,7 @@ def preflight(config: Config) -> None:
 
 def settings(config: Config) -> dict:
     return {"eval": config.eval.model_dump(mode="json"), "max_new_tokens": config.eval.max_new_tokens or config.rollouts.max_new_tokens,
-            "top_p": config.rollouts.top_p}
+            "top_p": config.rollouts.top_p, **precision_settings(config)}
 
 
 def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
@@ -120,8 +120,10 @@ def compute(job: Job) -> StageOutput:
     params = SamplingParams(n=ec.samples_per_problem, temperature=ec.temperature, top_p=config.rollouts.top_p,
                             max_new_tokens=ec.max_new_tokens or config.rollouts.max_new_tokens, seed=ec.seed)
     rows, tables = [], {}
+    device, dtype = precision(config)
     for label, pid, ckpt in policies(config, upstream):
-        backend = open_backend(config) if ckpt is None else make_backend("transformers", str(ckpt), batch_size=config.policy.batch_size)
+        backend = open_backend(config) if ckpt is None else make_backend("transformers", str(ckpt), batch_size=config.policy.batch_size,
+                                                                         device=device, dtype=dtype)
         groups = evaluate_policy(backend, chat_tokenizer(config, backend), problems, template, params)
         table = pass_table(groups)
         tables[label] = table

@@ -43,7 +43,7 @@ from tasks.core.config import StrictModel
 from tasks.core.faults import fault
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput
-from tasks.models.policy import check_policy, local_policy_dir, policy_id_for
+from tasks.models.policy import check_policy, local_policy_dir, policy_id_for, precision, precision_settings
 from tasks.report import progress
 
 if TYPE_CHECKING:
@@ -250,8 +250,9 @@ def update_loss(model, batch: Batch, cfg, ref_model=None, expo_beta: float | Non
     return LOSS_AGG[cfg.loss_agg](per_token, samples, cfg.loss_scale_factor) + expo_term(logp, explanations, beta)
 
 
-def train_update(model, tokenizer, rows: list[dict], cfg, ref_model=None, device: str = "cpu") -> dict:
-    """`cfg.epochs` passes over the rows in shuffled minibatches; AdamW (or SGD)."""
+def train_update(model, tokenizer, rows: list[dict], cfg, ref_model=None, device: str = "cpu", dtype: str = "float32") -> dict:
+    """`cfg.epochs` passes over the rows in shuffled minibatches; AdamW (or SGD). With ``dtype``
+    bfloat16 the forward passes run under bfloat16 autocast; weights and optimizer stay float32."""
     rows = [r for r in rows if row_kind(r) != KIND_MASKED]
     if not rows:
         return {"steps": 0, "rows": 0, "losses": []}
@@ -267,7 +268,8 @@ def train_update(model, tokenizer, rows: list[dict], cfg, ref_model=None, device
         batches += [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     for step, idx in enumerate(progress.track(batches, f"grpo: updating on {len(rows)} samples")):
         batch = make_batch([rows[i] for i in idx], tokenizer, device)
-        loss = update_loss(model, batch, cfg, ref_model, expo_beta_at(cfg, step, len(batches)))
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            loss = update_loss(model, batch, cfg, ref_model, expo_beta_at(cfg, step, len(batches)))
         loss.backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -299,7 +301,7 @@ def preflight(config: Config) -> None:
 
 
 def settings(config: Config) -> dict:
-    return config.train.grpo.model_dump(mode="json", exclude={"rounds"})
+    return {**config.train.grpo.model_dump(mode="json", exclude={"rounds"}), **precision_settings(config)}
 
 
 def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
@@ -316,11 +318,12 @@ def compute(job: Job) -> StageOutput:
         raise ValueError(f"grpo: rollouts.top_p is {config.rollouts.top_p}: the sampler's behaviour log-probs are of the "
                          "truncated distribution, which the update cannot score; set rollouts.top_p: 1.0 for training rollouts")
     torch.manual_seed(gc.seed)
+    device, dtype = precision(config)
     tokenizer = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    ref = AutoModelForCausalLM.from_pretrained(str(reference_dir(config))).eval() if gc.kl > 0 else None
+    model = AutoModelForCausalLM.from_pretrained(str(base)).to(device)
+    ref = AutoModelForCausalLM.from_pretrained(str(reference_dir(config))).to(device).eval() if gc.kl > 0 else None
     rows = job.upstream["materialize"].read("grpo").to_pylist()
-    metrics = train_update(model, tokenizer, rows, gc, ref)
+    metrics = train_update(model, tokenizer, rows, gc, ref, device=device, dtype=dtype)
     with job.scratch() as work:
         model.save_pretrained(work / "checkpoint")
         fault("checkpoint.save", STAGE.name)

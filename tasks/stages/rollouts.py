@@ -32,7 +32,7 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, read_dataset, sha256_bytes
 from tasks.models.answers import check
 from tasks.models.generation import GenerationBackend, SamplingParams
-from tasks.models.policy import chat_tokenizer, check_policy, policy_id_for, render, shared_backend
+from tasks.models.policy import chat_tokenizer, check_policy, policy_id_for, precision_settings, render, shared_backend
 from tasks.models.prompts import fill, load_template
 from tasks.report.metrics import pass_table
 
@@ -134,7 +134,7 @@ def preflight(config) -> None:
 
 def settings(config) -> dict:
     policy = config.policy.model_dump(mode="json", include={"model", "backend", "engine"})
-    return {"rollouts": config.rollouts.model_dump(mode="json"), "policy": policy}
+    return {"rollouts": config.rollouts.model_dump(mode="json"), "policy": policy, **precision_settings(config)}
 
 
 def inputs(config, upstream: dict[str, StageOutput]) -> dict:
