@@ -113,7 +113,7 @@ from tasks.stages import filter as f
 import pyarrow.parquet as pq
 # --- timed
 cur, ro = StageOutput.open(WS / "store/curate/benchcurate"), StageOutput.open(WS / "store/rollouts/benchrollouts")
-kept, table = f.filter_problems(f._scan(cur, "problems"), f._scan(ro, "rollouts"), 0.0, 0.0)
+kept, table = f.filter_problems(cur.scan("problems"), ro.scan("rollouts"), 0.0, 0.0)
 pq.write_table(conform(kept, "filtered_problems"), OUT / "kept.parquet"); pq.write_table(conform(table, "pass_rates"), OUT / "rates.parquet")
 """,
     "filter:bare": """

@@ -266,6 +266,13 @@ class StageOutput:
     def read(self, name: str) -> pa.Table:
         return read_dataset(self.dataset_path(name))
 
+    def scan(self, name: str):
+        """Dataset ``name`` as a polars LazyFrame over its Parquet files, in file order: for
+        stages that aggregate, filter or join without holding the dataset."""
+        import polars as pl
+
+        return pl.scan_parquet([str(f) for f in data_files(self.dataset_path(name))])
+
     @property
     def fingerprints(self) -> dict[str, str]:
         return {n: d["fingerprint"] for n, d in self.manifest.get("datasets", {}).items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from tasks.core.store import StageOutput, data_files, sha256_bytes
+from tasks.core.store import StageOutput, sha256_bytes
 from tasks.models.generation import GenerationBackend, SamplingParams
 from tasks.models.policy import chat_tokenizer, policy_id_for, precision_settings, render, shared_backend
 from tasks.models.prompts import fill, load_template
@@ -59,11 +59,10 @@ def load_groups(stage: str, config: Config, upstream: dict[str, StageOutput], on
     kept = sorted(upstream["filter"].read("problems").column("problem_id").to_pylist())
 
     def scan(out: StageOutput, name: str) -> pl.LazyFrame:
-        lf = pl.scan_parquet([str(f) for f in data_files(out.dataset_path(name))])
+        lf = out.scan(name)
         return lf.filter(pl.col("problem_id").is_in(kept)) if only_kept else lf
 
-    rollouts = pl.scan_parquet([str(f) for f in data_files(upstream["rollouts"].dataset_path("rollouts"))])
-    seen = set(rollouts.select(pl.col("policy_id").unique()).collect().to_series().to_list())
+    seen = set(upstream["rollouts"].scan("rollouts").select(pl.col("policy_id").unique()).collect().to_series().to_list())
     policy_id = policy_id_for(config)
     if seen and seen != {policy_id}:
         raise ValueError(f"{stage}: the rollouts were sampled by {sorted(seen)}, the configured policy is {policy_id}; "

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from tasks.core.config import StrictModel
 from tasks.core.schemas import conform
 from tasks.core.stage import Job, Stage
-from tasks.core.store import StageOutput, data_files
+from tasks.core.store import StageOutput
 
 if TYPE_CHECKING:
     import polars as pl
@@ -75,12 +75,6 @@ def inputs(config, upstream: dict[str, StageOutput]) -> dict:
     return {"problems": upstream["curate"].fingerprints["problems"], "rollouts": upstream["rollouts"].fingerprints["rollouts"]}
 
 
-def _scan(out: StageOutput, name: str):
-    import polars as pl
-
-    return pl.scan_parquet([str(f) for f in data_files(out.dataset_path(name))])
-
-
 def _by_level(table: pa.Table) -> dict[str, int]:
     import polars as pl
 
@@ -90,7 +84,7 @@ def _by_level(table: pa.Table) -> dict[str, int]:
 
 def compute(job: Job) -> StageOutput:
     fc, upstream = job.config.filter, job.upstream
-    kept, table = filter_problems(_scan(upstream["curate"], "problems"), _scan(upstream["rollouts"], "rollouts"),
+    kept, table = filter_problems(upstream["curate"].scan("problems"), upstream["rollouts"].scan("rollouts"),
                                   fc.min_pass_rate, fc.max_pass_rate)
     summary = {
         "band": [fc.min_pass_rate, fc.max_pass_rate],

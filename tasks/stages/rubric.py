@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from tasks.core.schemas import to_table
 from tasks.core.stage import Job, Stage
-from tasks.core.store import StageOutput, Store, data_files
+from tasks.core.store import StageOutput, Store
 from tasks.models import judge
 
 if TYPE_CHECKING:
@@ -34,13 +34,8 @@ log = logging.getLogger("guidedrl.rubric")
 def target_problems(upstream: dict[str, StageOutput]) -> list[dict]:
     """The problems the rollouts touched, by problem_id (a semi-join of the scanned datasets:
     one row per problem becomes a Python object, no trace does)."""
-    import polars as pl
-
-    def scan(stage: str, name: str) -> pl.LazyFrame:
-        return pl.scan_parquet([str(f) for f in data_files(upstream[stage].dataset_path(name))])
-
-    touched = scan("rollouts", "rollouts").select("problem_id").unique()
-    return scan("curate", "problems").join(touched, on="problem_id", how="semi").sort("problem_id").collect().to_arrow().to_pylist()
+    touched = upstream["rollouts"].scan("rollouts").select("problem_id").unique()
+    return upstream["curate"].scan("problems").join(touched, on="problem_id", how="semi").sort("problem_id").collect().to_arrow().to_pylist()
 
 
 def preflight(config: Config) -> None:
