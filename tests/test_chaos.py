@@ -122,7 +122,10 @@ def _leftovers(workspace: Path) -> list[str]:
                   if p.name.startswith((".tmp-", ".work-", ".lock-")) or ".tmp" in p.name)
 
 
-def _check_after_chain(cli, workspace: Path, killed: int, stages: list[str] | None = None) -> None:
+def _check_after_chain(cli, workspace: Path, killed: int, stages: list[str] | None = None, late_kill_ok: bool = False) -> None:
+    """``late_kill_ok``: a kill at a random time may land after the run's record said `completed` (while
+    the process was shutting down); that run did finish, so the record saying so is right — but only the
+    last killed run can be such a one, and no run may read as failed or still running."""
     from tests.golden import row_digests
 
     digests = row_digests(workspace)
@@ -131,7 +134,10 @@ def _check_after_chain(cli, workspace: Path, killed: int, stages: list[str] | No
 
     runs = json.loads(cli("runs", "ls", "--json", "--workspace", str(workspace)).stdout)
     statuses = [r["status"] for r in reversed(runs)]  # oldest first
-    assert statuses == ["interrupted"] * killed + ["completed"], statuses
+    expected_statuses = ["interrupted"] * killed + ["completed"]
+    if late_kill_ok and statuses[killed - 1:] == ["completed", "completed"]:
+        expected_statuses[killed - 1] = "completed"
+    assert statuses == expected_statuses, statuses
     shown = cli("runs", "show", runs[-1]["run_id"][:17], "--workspace", str(workspace)).stdout
     assert "interrupted" in shown and "resumes" in shown
 
@@ -181,4 +187,4 @@ def test_kill_at_random_times_then_rerun(cli, tmp_path):
         done = _run(ws, "--stages", RANDOM_STAGES)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert killed >= 2
-    _check_after_chain(cli, ws, killed=killed, stages=RANDOM_STAGES.split(","))
+    _check_after_chain(cli, ws, killed=killed, stages=RANDOM_STAGES.split(","), late_kill_ok=True)
