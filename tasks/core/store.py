@@ -141,25 +141,46 @@ def write_parquet(table: pa.Table, path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+def link_or_copy(src: Path, dest: Path) -> None:
+    """``dest`` as a hard link to ``src`` (same file system: no bytes copied), else a copy flushed to disk."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+        with open(dest, "rb+") as fh:
+            os.fsync(fh.fileno())
+
+
 def write_dataset_files(
     dataset_dir: Path,
     kind: str,
-    tables: pa.Table | list[pa.Table],
+    tables: pa.Table | Path | Iterable[pa.Table | Path],
     manifest_fields: Mapping[str, Any],
 ) -> dict:
     """Write one dataset (Parquet part files + manifest.json) into an existing,
     not-yet-published directory and return its manifest. Callers make the
-    directory visible by renaming it (see ``Store.write``)."""
-    tables = [tables] if isinstance(tables, pa.Table) else list(tables)
+    directory visible by renaming it (see ``Store.write``).
+
+    A part is a table, or the path of a Parquet file already written (by a stage that
+    writes its output in parts as it goes): that file is linked in (or copied), its
+    schema checked from its metadata, so no part need be in memory."""
+    tables = [tables] if isinstance(tables, (pa.Table, Path)) else tables
     (dataset_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
     num_rows = 0
     schema = None
     for i, table in enumerate(tables):
         path = dataset_dir / DATA_DIR / f"part-{i:05d}.parquet"
-        validate_table(table, kind, path)
-        write_parquet(table, path)
-        num_rows += table.num_rows
-        schema = schema or table.schema
+        if isinstance(table, Path):
+            part_schema = pq.read_schema(table)
+            validate_table(part_schema.empty_table(), kind, table)
+            link_or_copy(table, path)
+            rows = pq.ParquetFile(table).metadata.num_rows
+        else:
+            validate_table(table, kind, path)
+            write_parquet(table, path)
+            rows, part_schema = table.num_rows, table.schema
+        num_rows += rows
+        schema = schema or part_schema
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "kind": kind,

@@ -34,13 +34,16 @@ from bisect import bisect_right
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Literal
 
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.core.config import StrictModel
+from tasks.core.groups import Source, partition
 from tasks.core.schemas import SCHEMAS, to_table
 from tasks.core.stage import Job, Stage
-from tasks.core.store import StageOutput
+from tasks.core.store import StageOutput, write_parquet
 from tasks.models.judge import split_steps
+from tasks.report import progress
 
 if TYPE_CHECKING:
     from tasks.registry import Config
@@ -242,17 +245,16 @@ _MEANING = {
 }
 
 
-def dataset_card(name: str, kind: str, rows: list[dict], summary: dict, inputs: dict, stage_cfg: dict) -> str:
+def dataset_card(name: str, kind: str, num_rows: int, summary: dict, inputs: dict, stage_cfg: dict, columns: list[str]) -> str:
     schema = SCHEMAS[kind]
     lines = [f"# guidedrl `{name}` dataset", "", {
         "dpo": "Preference pairs for offline DPO: one prompt, a chosen and a rejected completion.",
         "grpo": "Per-sample rows of GRPO groups, with rewards, group-normalised advantages and the log-probabilities "
                 "the policy update needs (guided samples carry both the behaviour and the loss-side log-probabilities).",
         "sft": "Verified correct samples and selected self-explanations, each under the original prompt.",
-    }[name], "", f"Rows: {len(rows)}.", "", "## Columns", "", "| column | type | meaning |", "| --- | --- | --- |"]
+    }[name], "", f"Rows: {num_rows}.", "", "## Columns", "", "| column | type | meaning |", "| --- | --- | --- |"]
     lines += [f"| `{f.name}` | {f.type} | {_MEANING.get(f.name, '')} |" for f in schema]
-    extra = [k for k in (rows[0] if rows else {}) if schema.get_field_index(k) < 0]
-    lines += [f"| `{k}` | (extra) | {_MEANING.get(k, '')} |" for k in extra]
+    lines += [f"| `{k}` | (extra) | {_MEANING.get(k, '')} |" for k in columns if schema.get_field_index(k) < 0]
     lines += ["", "## Statistics", "", "```json", json.dumps(summary, indent=2), "```", "",
               "## How it was made", "", "Stage `materialize` of guidedrl from these inputs (content fingerprints):", "",
               "```json", json.dumps(inputs, indent=2), "```", "", "with this configuration:", "", "```json",
@@ -293,49 +295,107 @@ def process_tokenizer(config: Config):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+#: rollouts per chunk of whole problems (tasks/core/groups.py): bounds the stage's memory, not its output
+CHUNK_ROWS = 32_768
+
+
+class Tally:
+    """The summary's counts, added up chunk by chunk (ids and counters only, never rows)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.rows: Counter = Counter()
+        self.by_kind = {"dpo": Counter(), "sft": Counter()}
+        self.dpo_problems: set[str] = set()
+        self.with_token_advantages = 0
+
+    def add(self, data: dict[str, list[dict]], counts: dict) -> None:
+        self.counts.update(counts)
+        self.rows.update({n: len(rows) for n, rows in data.items()})
+        self.by_kind["dpo"].update(f"{r['chosen_kind']}>{r['rejected_kind']}" for r in data["dpo"])
+        self.by_kind["sft"].update(r["prompt_kind"] for r in data["sft"])
+        self.dpo_problems.update(r["problem_id"] for r in data["dpo"])
+        self.with_token_advantages += sum(r["token_advantages"] is not None for r in data["grpo"])
+
+    def summaries(self, mc: MaterializeConfig) -> dict:
+        c = self.counts
+        return {
+            "dpo": {"pairs": self.rows["dpo"], "by_kind": dict(self.by_kind["dpo"]), "problems": len(self.dpo_problems),
+                    "pair_kinds": list(mc.dpo_pairs)},
+            "grpo": {"rows": self.rows["grpo"], "reward": mc.reward, "advantage": mc.advantage,
+                     "groups_kept": c.get("groups", 0), "uniform_groups": c.get("uniform_groups", 0),
+                     "uniform_groups_dropped": c.get("dropped_groups", 0),
+                     "lte_groups": c.get("lte_groups", 0), "lte_replaced_samples": c.get("lte_replaced_samples", 0),
+                     "explanation_rows": c.get("explanation_rows", 0), "masked_samples": c.get("masked_samples", 0),
+                     "with_token_advantages": self.with_token_advantages},
+            "sft": {"rows": self.rows["sft"], "by_kind": dict(self.by_kind["sft"])},
+        }
+
+
+def _write_part(work, name: str, i: int, rows: list[dict]):
+    path = work / "parts" / name / f"part-{i:05d}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_parquet(to_table(rows, name, f"materialize/{name}"), path)
+    return path
+
+
+def chunk_sources(upstream: dict[str, StageOutput]) -> tuple[Source, dict[str, Source]]:
+    """What ``build`` reads, as sources of a chunked read: the rollouts, and the
+    explanations, hints and grades of the same problems."""
+    grade_cols = ["sample_id", "outcome_score", "step_scores", "steps", "parse_ok"]
+    return Source(upstream["rollouts"], "rollouts"), {
+        "explanations": Source(upstream["explain"], "explanations"), "hints": Source(upstream["hint"], "hints"),
+        "grades": Source(upstream["grade"], "grades", grade_cols, join_on="sample_id")}
+
+
 def compute(job: Job) -> StageOutput:
+    """``build`` on one chunk of whole problems at a time (tasks/core/groups.py), each chunk's
+    rows written as a part file as it goes: memory is bounded by ``CHUNK_ROWS`` rollouts,
+    and the rows and their order are those of ``build`` on all problems at once."""
     config, upstream = job.config, job.upstream
-    rollouts = upstream["rollouts"].read("rollouts").to_pylist()
-    grades = {g["sample_id"]: g for g in upstream["grade"].read("grades").to_pylist()}
     tokenizer = process_tokenizer(config)
-    data, counts = build(config, rollouts, upstream["explain"].read("explanations").to_pylist(),
-                         upstream["hint"].read("hints").to_pylist(), grades, tokenizer)
-    summaries = {
-        "dpo": {"pairs": len(data["dpo"]), "by_kind": dict(Counter(f"{r['chosen_kind']}>{r['rejected_kind']}" for r in data["dpo"])),
-                "problems": len({r["problem_id"] for r in data["dpo"]}), "pair_kinds": list(config.materialize.dpo_pairs)},
-        "grpo": {"rows": len(data["grpo"]), "reward": config.materialize.reward, "advantage": config.materialize.advantage,
-                 "groups_kept": counts.get("groups", 0), "uniform_groups": counts.get("uniform_groups", 0),
-                 "uniform_groups_dropped": counts.get("dropped_groups", 0),
-                 "lte_groups": counts.get("lte_groups", 0), "lte_replaced_samples": counts.get("lte_replaced_samples", 0),
-                 "explanation_rows": counts.get("explanation_rows", 0), "masked_samples": counts.get("masked_samples", 0),
-                 "with_token_advantages": sum(r["token_advantages"] is not None for r in data["grpo"])},
-        "sft": {"rows": len(data["sft"]), "by_kind": dict(Counter(r["prompt_kind"] for r in data["sft"]))},
-    }
-    cards = {n: dataset_card(n, n, data[n], summaries[n], job.inputs, job.settings) for n in data}
-    tables = {n: to_table(rows, n, f"materialize/{n}") for n, rows in data.items()}
+    tally, parts = Tally(), {n: [] for n in STAGE.writes}
     with job.scratch() as work:
-        exports = _exports(job, tables, work) if config.materialize.export else {}
+        main, others = chunk_sources(upstream)
+        chunks = partition(main, others, CHUNK_ROWS, work / "chunks")
+        for i, chunk in enumerate(progress.track(chunks, f"materialize: {len(chunks)} chunks of whole problems")):
+            read = {name: pq.read_table(path).to_pylist() for name, path in chunk.items()}
+            data, counts = build(config, read["main"], read["explanations"], read["hints"],
+                                 {g["sample_id"]: g for g in read["grades"]}, tokenizer)
+            del read
+            tally.add(data, counts)
+            for name, rows in data.items():
+                if rows:  # a chunk without rows of a dataset adds no part (an empty table would lack the extra columns)
+                    parts[name].append(_write_part(work, name, i, rows))
+        for name, files in parts.items():
+            if not files:  # no rows at all: one empty part
+                files.append(_write_part(work, name, 0, []))
+        summaries = tally.summaries(config.materialize)
+        cards = {n: dataset_card(n, n, tally.rows[n], summaries[n], job.inputs, job.settings, pq.read_schema(parts[n][0]).names)
+                 for n in parts}
+        exports = _exports(job, parts, work) if config.materialize.export else {}
         if exports:
             summaries["exports"] = {k: {"files": v["files"]} for k, v in exports.items()}
-        out = job.write(tables, summaries, dataset_summaries=summaries, cards=cards,
+        out = job.write(parts, summaries, dataset_summaries=summaries, cards=cards,
                         directories={"exports": work / "exports"} if exports else None)
+    counts = tally.counts
     log.info("materialize: %d DPO pairs %s, %d GRPO rows in %d groups (%d uniform groups %s, %d samples replaced by LTE, "
-             "%d explanation rows), %d SFT rows -> %s", len(data["dpo"]), summaries["dpo"]["by_kind"], len(data["grpo"]),
-             counts.get("groups", 0), counts.get("uniform_groups", 0),
+             "%d explanation rows), %d SFT rows, from %d chunks of whole problems -> %s", tally.rows["dpo"], summaries["dpo"]["by_kind"],
+             tally.rows["grpo"], counts.get("groups", 0), counts.get("uniform_groups", 0),
              "kept" if config.materialize.keep_uniform_groups else "dropped", counts.get("lte_replaced_samples", 0),
-             counts.get("explanation_rows", 0), len(data["sft"]), out.path)
+             counts.get("explanation_rows", 0), tally.rows["sft"], len(chunks), out.path)
     return out
 
 
-def _exports(job: Job, tables: dict, work) -> dict[str, dict]:
-    """``materialize.export``: the datasets written to a scratch directory, exported from there
-    into ``work/exports`` (which becomes the output's exports/ directory)."""
+def _exports(job: Job, parts: dict[str, list], work) -> dict[str, dict]:
+    """``materialize.export``: the datasets (their part files linked into a scratch directory),
+    exported from there into ``work/exports`` (which becomes the output's exports/ directory)."""
     from tasks.core.export import export_datasets
     from tasks.core.store import write_dataset_files
 
     paths = {}
-    for name, table in tables.items():
-        write_dataset_files(work / "datasets" / name, STAGE.writes[name], table, {"name": name})
+    for name, files in parts.items():
+        write_dataset_files(work / "datasets" / name, STAGE.writes[name], files, {"name": name})
         paths[name] = work / "datasets" / name
     up = job.upstream
     guidance = [up["explain"].dataset_path("explanations"), up["hint"].dataset_path("hints")]
