@@ -207,6 +207,30 @@ def test_grade_stage_with_the_rule_judge_writes_the_grades_dataset(tmp_path):
     assert grade.STAGE.run(config, store, up)[1] is True  # reused
 
 
+def test_grade_shards_are_row_ranges_that_read_their_own_traces(tmp_path, monkeypatch):
+    """A grade shard carries a range of rollout rows, not traces; it reads its traces itself. One row per
+    shard and two traces per planning batch give the rows, order and summary of one shard."""
+    from tasks.core.stage import Job
+
+    completions = [RIGHT, "\\boxed{16}", "12 + 7 = 19\n\\boxed{19}", "12 + 7 = 18\n\\boxed{1}", RIGHT]
+    store, up = _upstream(tmp_path, completions)
+    one = _config(tmp_path, backend="rule", mode="process")
+    up["rubric"], _ = rubric.STAGE.run(one, store, up)
+    whole, _ = grade.STAGE.run(one, store, up)
+    whole_rows, whole_summary = whole.read("grades").to_pylist(), whole.summary
+    monkeypatch.setattr(grade, "TRACE_BATCH", 2)
+    per_row = _config(tmp_path, backend="rule", mode="process", shard_size=1)
+    job = Job(grade.STAGE, per_row, store, up, *grade.STAGE.key_for(per_row, up))
+    shard_plan = grade.plan(job)
+    assert shard_plan.shards == [range(i, i + 1) for i in range(5)] and set(shard_plan.sources) == {"curate", "rollouts", "rubric"}
+    assert [t.completion for t in grade.load_traces(shard_plan.sources, range(1, 3))] == completions[1:3]
+    cut, _ = grade.STAGE.run(per_row, store, up, force=True)  # shard_size is not in the key: the grades do not depend on it
+    assert len(list((cut.path / "grades" / "data").glob("*.parquet"))) == 5 and not shard_plan.work.exists()
+    assert cut.read("grades").to_pylist() == whole_rows
+    assert cut.summary == whole_summary and whole_summary["traces"] == 5
+    assert grade.dry_run(per_row, store, up)["traces"] == 5
+
+
 def test_grade_stage_fails_when_the_judge_is_down_then_a_rerun_pays_only_for_what_is_missing(tmp_path):
     store, up = _upstream(tmp_path, [RIGHT, "12 + 7 = 20\n\\boxed{20}"])
     with OpenAIServer() as srv:

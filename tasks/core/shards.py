@@ -33,7 +33,7 @@ import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -64,6 +64,8 @@ class ShardPlan:
     shards: list[list[Any]]
     #: what ``assemble`` needs beyond the shards' rows (stuck problems, levels, ...); shard tasks do not get it
     context: dict = field(default_factory=dict)
+    #: the upstream outputs (stage -> path) that shards whose items are row ranges read their rows from; shard tasks get it
+    sources: dict[str, Path] = field(default_factory=dict)
 
     def for_shard(self, i: int) -> "ShardPlan":
         """This plan with only shard ``i``'s items and no context: what a shard task is sent."""
@@ -103,6 +105,18 @@ class ShardPlan:
             parts.append(table)
         return aligned(parts) if parts else [to_table([], schema, f"{self.stage}/{schema}")]
 
+    def parts(self, schema: str) -> list[pa.Table | Path]:
+        """The finished shards as the parts of a dataset: their Parquet files as they are (each
+        schema checked from its metadata, no rows read) when all have one Arrow schema, else
+        ``tables(schema)`` (aligned in memory)."""
+        paths = [self.path(i) for i in range(len(self.shards))]
+        schemas = [pq.read_schema(p) for p in paths]
+        if not paths or any(not s.equals(schemas[0]) for s in schemas[1:]):
+            return self.tables(schema)
+        for path, s in zip(paths, schemas):
+            validate_table(s.empty_table(), schema, path)
+        return paths
+
     def metas(self) -> list[dict]:
         return [json.loads(self.meta_path(i).read_text()) for i in range(len(self.shards))]
 
@@ -128,13 +142,15 @@ def write_shard(path: Path, table: pa.Table, stage: str | None = None) -> None:
     os.rename(tmp, path)
 
 
-def make_plan(job: "Job", items: list, shard_size: int | None, context: dict | None = None) -> ShardPlan:
-    """``items`` cut into shards of ``shard_size`` (None: one shard), in ``<store>/<stage>/.work-<key>``."""
+def make_plan(job: "Job", items: Sequence, shard_size: int | None, context: dict | None = None,
+              sources: dict[str, Path] | None = None) -> ShardPlan:
+    """``items`` (a list, or a ``range`` of row numbers read from ``sources``) cut into shards
+    of ``shard_size`` (None: one shard), in ``<store>/<stage>/.work-<key>``."""
     work = job.store.root / job.name / f".work-{job.key}"
     work.mkdir(parents=True, exist_ok=True)
     size = shard_size or max(1, len(items))
     shards = [items[i : i + size] for i in range(0, len(items), size)]
-    return ShardPlan(job.name, job.key, job.settings, job.inputs, job.store.workspace, work, shards, context or {})
+    return ShardPlan(job.name, job.key, job.settings, job.inputs, job.store.workspace, work, shards, context or {}, sources or {})
 
 
 def run_stage(job: "Job", run_shards: Callable[[ShardPlan], None] | None = None) -> StageOutput:

@@ -23,9 +23,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tasks.core.schemas import to_table
 from tasks.core.shards import ShardPlan, make_plan
@@ -60,18 +61,39 @@ def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
             "rubrics": upstream["rubric"].fingerprints["rubrics"], "prompts:judge": judge.judge_prompts(config).fingerprint()}
 
 
-def load_traces(upstream: dict[str, StageOutput]) -> list[judge.Trace]:
-    """The rollouts as traces, each with its problem's reference and rubric."""
-    problems = {p["problem_id"]: p for p in upstream["curate"].read("problems").to_pylist()}
-    rubrics = {r["problem_id"]: r["items"] for r in upstream["rubric"].read("rubrics").to_pylist()} if "rubric" in upstream else {}
+#: traces read at a time where the stage walks them all (the request plan, ``--dry-run``)
+TRACE_BATCH = 8192
+
+
+def sources(upstream: dict[str, StageOutput]) -> dict[str, Path]:
+    """The upstream outputs a shard reads its traces from (a shard carries a row range, not rows)."""
+    return {s: upstream[s].path for s in ("curate", "rollouts", "rubric") if s in upstream}
+
+
+def load_traces(sources: dict[str, Path], rows: range) -> list[judge.Trace]:
+    """Rollouts ``rows`` as traces, each with its problem's reference and rubric; only
+    those rows and their problems are read (a slice of the scanned Parquet files)."""
+    import polars as pl
+
+    outputs = {s: StageOutput.open(p) for s, p in sources.items()}
     cols = ["sample_id", "problem_id", "completion", "correct", "finish_reason", "error"]
+    part = outputs["rollouts"].scan("rollouts").select(cols).slice(rows.start, len(rows)).collect()
+    pids = part["problem_id"].unique().implode()
+    problems = {p["problem_id"]: p for p in outputs["curate"].scan("problems").filter(pl.col("problem_id").is_in(pids))
+                .select("problem_id", "question", "answer", "reference_solution").collect().iter_rows(named=True)}
+    rubrics = ({r["problem_id"]: r["items"] for r in outputs["rubric"].scan("rubrics").filter(pl.col("problem_id").is_in(pids))
+                .select("problem_id", "items").collect().iter_rows(named=True)} if "rubric" in outputs else {})
     traces = []
-    for r in upstream["rollouts"].read("rollouts").select(cols).to_pylist():
+    for r in part.iter_rows(named=True):
         p = problems[r["problem_id"]]
         failed = f"generation failed: {r['error'] or 'unknown error'}" if r["finish_reason"] == "error" else None
         traces.append(judge.Trace(r["sample_id"], r["problem_id"], p["question"], judge.reference_text(p), r["completion"],
                                   bool(r["correct"]), rubrics.get(r["problem_id"]), failed))
     return traces
+
+
+def trace_rows(upstream: dict[str, StageOutput]) -> int:
+    return upstream["rollouts"].manifest["datasets"]["rollouts"]["num_rows"]
 
 
 def make_judge(config: Config, workspace: Path):
@@ -81,61 +103,86 @@ def make_judge(config: Config, workspace: Path):
     return judge.LLMJudge(judge.open_client(config, workspace), judge.judge_prompts(config), jc.mode, jc.step_split, jc.process_protocol)
 
 
-def _request_plan(j: judge.LLMJudge, traces: list[judge.Trace]) -> dict:
-    texts = [text for _, text, n, _ in j.requests(traces) if n > 0]
-    return judge.request_plan(j.client, texts)
+def _batches(upstream: dict[str, StageOutput]) -> Iterator[list[judge.Trace]]:
+    """Every trace that can be graded (not a failed generation), ``TRACE_BATCH`` at a time."""
+    src, n = sources(upstream), trace_rows(upstream)
+    for start in range(0, n, TRACE_BATCH):
+        yield [t for t in load_traces(src, range(start, min(n, start + TRACE_BATCH))) if not t.error]
+
+
+def _request_plan(config: Config, workspace: Path, upstream: dict[str, StageOutput]) -> dict:
+    """What grading every trace would send (requests not yet cached, tokens) and how many
+    traces, counted a batch at a time: nothing is sent."""
+    j = make_judge(config, workspace)
+    total, plan = Counter(), judge.request_plan(j.client, [])
+    for traces in _batches(upstream):
+        plan = judge.request_plan(j.client, [text for _, text, k, _ in j.requests(traces) if k > 0])
+        total.update({k: plan[k] for k in ("requests", "cached", "prompt_tokens", "max_completion_tokens")}, traces=len(traces))
+    return {**plan, "requests": 0, "cached": 0, "prompt_tokens": 0, "max_completion_tokens": 0, **total}
 
 
 def dry_run(config: Config, store: Store, upstream: dict[str, StageOutput]) -> dict:
     """What grading would send, counted before anything is sent (``--dry-run``)."""
-    traces = [t for t in load_traces(upstream) if not t.error]
     if config.judge.backend == "rule":
-        return {"stage": STAGE.name, "traces": len(traces), "requests": 0, "cached": 0, "note": "rule judge: no requests"}
-    return {"stage": STAGE.name, "traces": len(traces), **_request_plan(make_judge(config, store.workspace), traces)}
+        return {"stage": STAGE.name, "traces": sum(map(len, _batches(upstream))), "requests": 0, "cached": 0,
+                "note": "rule judge: no requests"}
+    plan = _request_plan(config, store.workspace, upstream)
+    return {"stage": STAGE.name, "traces": plan.pop("traces", 0), **plan}
 
 
-def summarize(rows: list[dict], stats: Counter) -> dict:
-    ok = [r for r in rows if r["parse_ok"]]
-    bins = Counter(f"{round(r['outcome_score'] * 4) / 4:.2f}" for r in ok)
-    right = [r["outcome_score"] for r in ok if r["correct"]]
-    wrong = [r["outcome_score"] for r in ok if not r["correct"]]
-    steps = [s for r in ok for s in (r["step_scores"] or [])]
-    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+def summarize(batches: Iterable[pa.RecordBatch], stats: Counter) -> dict:
+    """The grade summary, added up over record batches of the grades (their `correct`,
+    `outcome_score`, `step_scores`, `parse_ok`, `error` columns): counts and sums only."""
+    n = ok = agree = 0
+    reasons, bins, sums = Counter(), Counter(), Counter()
+    for batch in batches:
+        for r in batch.to_pylist():
+            n += 1
+            if not r["parse_ok"]:
+                reasons[(r["error"] or "").split(":")[0]] += 1
+                continue
+            ok += 1
+            score = r["outcome_score"]
+            bins[f"{round(score * 4) / 4:.2f}"] += 1
+            # do high outcome scores go with right answers? (>= 0.75, a judge score of 4 or 5, reads "reaches the answer")
+            agree += (score >= 0.75) == r["correct"]
+            side = "right" if r["correct"] else "wrong"
+            sums.update({"outcome": score, side: score, f"n_{side}": 1,
+                         "steps": sum(r["step_scores"] or ()), "n_steps": len(r["step_scores"] or ())})
+    mean = lambda total, count: round(total / count, 4) if count else None  # noqa: E731
     return {
-        "traces": len(rows),
-        "graded": len(ok),
-        "parse_rate": round(len(ok) / len(rows), 4) if rows else None,
-        "not_graded_by_reason": dict(Counter((r["error"] or "").split(":")[0] for r in rows if not r["parse_ok"])),
+        "traces": n,
+        "graded": ok,
+        "parse_rate": round(ok / n, 4) if n else None,
+        "not_graded_by_reason": dict(reasons),
         "outcome_histogram": dict(sorted(bins.items())),
-        "mean_outcome_score": mean([r["outcome_score"] for r in ok]),
-        "mean_step_score": mean(steps),
-        # do high outcome scores go with right answers? (>= 0.75, a judge score of 4 or 5, reads "reaches the answer")
-        "agreement_with_correctness": mean([float((r["outcome_score"] >= 0.75) == r["correct"]) for r in ok]),
-        "mean_outcome_if_correct": mean(right),
-        "mean_outcome_if_wrong": mean(wrong),
+        "mean_outcome_score": mean(sums["outcome"], ok),
+        "mean_step_score": mean(sums["steps"], sums["n_steps"]),
+        "agreement_with_correctness": mean(agree, ok),
+        "mean_outcome_if_correct": mean(sums["right"], sums["n_right"]),
+        "mean_outcome_if_wrong": mean(sums["wrong"], sums["n_wrong"]),
         "judge_requests": {k: stats.get(k, 0) for k in JUDGE_COUNTS},
     }
 
 
 def plan(job: Job) -> ShardPlan:
-    """The traces in shards of `judge.shard_size`. An LLM judge's `judge.max_requests`
-    is checked here, for the whole stage, before any shard sends anything."""
+    """The rollouts' rows in ranges of `judge.shard_size` (a shard reads its own traces). An LLM
+    judge's `judge.max_requests` is checked here, for the whole stage, before any shard sends anything."""
     config = job.config
-    traces = load_traces(job.upstream)
     jc = config.judge
     if jc.backend != "rule" and jc.max_requests is not None:
-        p = _request_plan(make_judge(config, job.workspace), [t for t in traces if not t.error])
+        p = _request_plan(config, job.workspace, job.upstream)
         if p["requests"] > jc.max_requests:
             raise judge.JudgeError(f"{STAGE.name}: the judge would send {p['requests']} requests ({p['cached']} more are cached), over "
                                    f"judge.max_requests = {jc.max_requests}; nothing was sent. Raise the limit or grade fewer traces.")
-    return make_plan(job, traces, jc.shard_size)
+    return make_plan(job, range(trace_rows(job.upstream)), jc.shard_size, sources=sources(job.upstream))
 
 
 def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
     """Grade shard ``i``'s traces and write them. Too many failed requests fail the
     shard (nothing written for it; the answers received stay cached)."""
     j = make_judge(config, shard_plan.workspace)
-    rows = j.grade(shard_plan.shards[i])
+    rows = j.grade(load_traces(shard_plan.sources, shard_plan.shards[i]))
     if isinstance(j, judge.LLMJudge):
         where = STAGE.name if len(shard_plan.shards) == 1 else f"{STAGE.name} shard {i + 1} of {len(shard_plan.shards)}"
         judge.check_failures(where, rows, config.judge.max_failed_fraction, j.client)
@@ -145,14 +192,17 @@ def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
 
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
-    """The shards' grades as dataset `grades`, with the parse rate, histograms and judge request counts."""
-    parts = shard_plan.tables("grades")
-    rows = pa.concat_tables(parts).select(["correct", "outcome_score", "step_scores", "parse_ok", "error"]).to_pylist()
+    """The shards' grades as dataset `grades` (the shard files become its parts), with the
+    parse rate, histograms and judge request counts added up a record batch at a time."""
+    parts = shard_plan.parts("grades")
+    cols = ["correct", "outcome_score", "step_scores", "parse_ok", "error"]
     metas = shard_plan.metas()
     stats = Counter({k: sum(m.get(k, 0) for m in metas) for k in JUDGE_COUNTS})
     mode = shard_plan.stage_cfg["judge"]["mode"]
     name = next((m["judge"] for m in metas), shard_plan.stage_cfg["judge"]["backend"])
-    summary = {"judge": name, "mode": mode, **summarize(rows, stats)}
+    batches = (b for part in parts for b in (pq.ParquetFile(part).iter_batches(columns=cols) if isinstance(part, Path)
+                                             else part.select(cols).to_batches()))
+    summary = {"judge": name, "mode": mode, **summarize(batches, stats)}
     out = job.write({"grades": parts}, summary, dataset_summaries={"grades": summary})
     shard_plan.clean()
     log.info("grade: %d of %d traces graded by %s (%s mode; parse rate %s, mean outcome %s, agreement with correctness %s; "
