@@ -18,7 +18,13 @@ from the kernel (ru_maxrss):
 - the in-memory way (what filter did before: the four columns read into Python dicts) as a
   third line, for scale.
 
-Not yet here (issue 15's remaining stages): grade, materialize, the grpo data loader, 1M traces.
+- materialize: the stage's ``compute`` (chunks of whole problems, tasks/core/groups.py) on
+  rollouts + explanations + hints + grades — vs a bare polars pass that joins the grades,
+  computes the group advantages with window expressions and sinks the GRPO columns;
+- grade (rule judge): the stage run (row-range shards of `judge.shard_size`, each reading its
+  own traces) — vs the same rule judge over one pyarrow scan of the rollouts, written as it goes.
+
+Not yet here: the grpo data loader (the update still reads its rows whole).
 """
 
 from __future__ import annotations
@@ -80,29 +86,62 @@ def generate(ws: Path, n: int, tokens: int, samples: int, seed: int = 0) -> None
             ids = pids[s:s + PART_ROWS]
             yield conform(pa.table({
                 "problem_id": ids, "question": [f"What is {i} + {i}?" for i in range(s, s + len(ids))],
-                "answer": [str(2 * i) for i in range(s, s + len(ids))], "reference_solution": [None] * len(ids),
+                "answer": [str(2 * i) for i in range(s, s + len(ids))], "reference_solution": [f"{i} + {i} = {2 * i}" for i in range(s, s + len(ids))],
                 "source": ["bench"] * len(ids), "level": levels[s:s + len(ids)].tolist(), "split": ["train"] * len(ids),
                 "metadata": ["{}"] * len(ids)}), "problems")
 
+    def table(idx, problem, kind="plain", correct=None):
+        m = len(idx)
+        offsets = pa.array(np.arange(0, (m + 1) * tokens, tokens, dtype=np.int32))
+        ids = pa.ListArray.from_arrays(offsets, pa.array(rng.integers(0, 100, m * tokens, dtype=np.int32)))
+        lp = lambda: pa.ListArray.from_arrays(offsets, pa.array(-rng.random(m * tokens, dtype=np.float32)))  # noqa: E731
+        level = {p: lv for p, lv in zip(pids, levels)} if m and kind != "plain" else None
+        return pa.table({
+            "sample_id": [f"{kind[0]}{i:09d}" for i in idx], "problem_id": problem, "sample_idx": pa.array(np.asarray(idx) % samples, pa.int32()),
+            "prompt": ["<|user|>q<|end|><|assistant|>"] * m, "completion": ["x" * 32] * m, "completion_token_ids": ids,
+            "behaviour_logprobs": lp(), "temperature": [1.0] * m, "finish_reason": ["stop"] * m,
+            "extracted_answer": ["1"] * m, "correct": (rng.random(m) < 0.2).tolist() if correct is None else [correct] * m,
+            "policy_id": ["bench"] * m, "prompt_kind": [kind] * m, "guidance": pa.nulls(m, pa.string()), "loss_prompt": ["q"] * m,
+            "loss_logprobs": lp(), "level": [level[p] for p in problem] if level else [levels[i // samples % n_problems] for i in idx],
+            "error": pa.nulls(m, pa.string())})
+
     def rollouts():
         for s in range(0, n, PART_ROWS):
+            idx = np.arange(s, min(n, s + PART_ROWS))
+            yield conform(table(idx, [pids[i // samples % n_problems] for i in idx]), "rollouts")
+
+    def explanations():  # one selected explanation for every 10th problem
+        for s in range(0, n_problems, PART_ROWS * 10):
+            chosen = list(range(s, min(n_problems, s + PART_ROWS * 10), 10))
+            t = table(chosen, [pids[i] for i in chosen], "explain", True)
+            m = t.num_rows
+            t = t.append_column("explain_loglik", pa.array([-1.0] * m)).append_column("explain_loglik_total", pa.array([-30.0] * m))
+            t = t.append_column("explain_answer_gain", pa.array([0.5] * m)).append_column("leaks_answer", pa.array([False] * m))
+            yield conform(t.append_column("selected", pa.array([True] * m)), "explanations")
+
+    def hints():  # two right hinted samples for every 10th problem (offset 5)
+        for s in range(5, n_problems, PART_ROWS * 5):
+            chosen = [i for i in range(s, min(n_problems, s + PART_ROWS * 5), 10) for _ in range(2)]
+            yield conform(table(range(s, s + len(chosen)), [pids[i] for i in chosen], "hint", True), "rollouts")
+
+    def grades():
+        for s in range(0, n, PART_ROWS):
             m = min(PART_ROWS, n - s)
-            idx = np.arange(s, s + m)
-            offsets = pa.array(np.arange(0, (m + 1) * tokens, tokens, dtype=np.int32))
-            ids = pa.ListArray.from_arrays(offsets, pa.array(rng.integers(0, 100, m * tokens, dtype=np.int32)))
-            lp = lambda: pa.ListArray.from_arrays(offsets, pa.array(-rng.random(m * tokens, dtype=np.float32)))  # noqa: E731
-            problem = [pids[i // samples % n_problems] for i in idx]
+            score = rng.random(m).round(2)
             yield conform(pa.table({
-                "sample_id": [f"s{i:09d}" for i in idx], "problem_id": problem, "sample_idx": pa.array(idx % samples, pa.int32()),
-                "prompt": ["<|user|>q<|end|><|assistant|>"] * m, "completion": ["x" * 32] * m, "completion_token_ids": ids,
-                "behaviour_logprobs": lp(), "temperature": [1.0] * m, "finish_reason": ["stop"] * m,
-                "extracted_answer": ["1"] * m, "correct": (rng.random(m) < 0.2).tolist(), "policy_id": ["bench"] * m,
-                "prompt_kind": ["plain"] * m, "guidance": pa.nulls(m, pa.string()), "loss_prompt": ["q"] * m,
-                "loss_logprobs": lp(), "level": [levels[i // samples % n_problems] for i in idx],
-                "error": pa.nulls(m, pa.string())}), "rollouts")
+                "sample_id": [f"p{i:09d}" for i in range(s, s + m)], "outcome_score": score,
+                "step_scores": pa.array([[x] for x in score], pa.list_(pa.float64())), "steps": [["x" * 32]] * m,
+                "judge": ["rule"] * m, "judge_raw": pa.nulls(m, pa.string()), "parse_ok": [True] * m,
+                "error": pa.nulls(m, pa.string())}), "grades")
 
     _write_output(ws, "curate", "problems", "problems", problems())
     _write_output(ws, "rollouts", "rollouts", "rollouts", rollouts())
+    _write_output(ws, "explain", "explanations", "explanations", explanations())
+    _write_output(ws, "hint", "hints", "rollouts", hints())
+    _write_output(ws, "grade", "grades", "grades", grades())
+    _write_output(ws, "rubric", "rubrics", "rubrics", [conform(pa.table({"problem_id": pa.array([], pa.string()),
+        "items": pa.array([], pa.list_(pa.struct([("text", pa.string()), ("weight", pa.float64())]))),
+        "rubric_model": pa.array([], pa.string())}), "rubrics")])
 
 
 JOBS = {
@@ -130,6 +169,53 @@ rows = ro.read("rollouts").select(["problem_id", "level", "finish_reason", "corr
 rates = {}
 for r in rows:
     e = rates.setdefault(r["problem_id"], [0, 0]); e[0] += 1; e[1] += int(r["correct"])
+""",
+    "materialize": """
+from tasks.core.stage import Job
+from tasks.core.store import StageOutput, Store
+from tasks.registry import REGISTRY, parse_config
+# --- timed
+config = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}}, base_dir=WS)
+stage = REGISTRY["materialize"]
+up = {s: StageOutput.open(WS / f"store/{s}/bench{s}") for s in stage.upstream}
+stage.impl.compute(Job(stage, config, Store(WS), up, *stage.key_for(config, up)))
+""",
+    "materialize:bare": """
+import polars as pl
+# --- timed
+ro = pl.scan_parquet(str(WS / "store/rollouts/benchrollouts/rollouts/data/*.parquet"))
+gr = pl.scan_parquet(str(WS / "store/grade/benchgrade/grades/data/*.parquet")).select("sample_id", "outcome_score")
+lf = ro.join(gr, on="sample_id", how="left").with_columns(reward=pl.col("correct").cast(pl.Float64))
+std = pl.col("reward").std(ddof=0).over("problem_id")
+lf = lf.with_columns(advantage=(pl.col("reward") - pl.col("reward").mean().over("problem_id")) / (std + 1e-6)).filter(std > 0)
+lf.select("sample_id", "problem_id", "loss_prompt", "completion_token_ids", "reward", "advantage", "behaviour_logprobs",
+          "loss_logprobs").sink_parquet(OUT / "grpo.parquet")
+""",
+    "grade (rule judge)": """
+from tasks.core.store import StageOutput, Store
+from tasks.registry import REGISTRY, parse_config
+# --- timed
+config = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}, "judge": {"backend": "rule"}}, base_dir=WS)
+stage = REGISTRY["grade"]
+up = {s: StageOutput.open(WS / f"store/{s}/bench{s}") for s in stage.upstream}
+stage.run(config, Store(WS), up)
+""",
+    "grade (rule judge):bare": """
+import pyarrow.dataset as ds, pyarrow.parquet as pq
+from tasks.core.schemas import to_table
+from tasks.models import judge
+from tasks.registry import parse_config
+# --- timed
+jc = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}, "judge": {"backend": "rule"}}, base_dir=WS).judge
+j = judge.RuleJudge(jc.mode, jc.step_split)
+problems = {r["problem_id"]: r for r in ds.dataset(str(WS / "store/curate/benchcurate/problems/data")).to_table(
+    columns=["problem_id", "question", "answer", "reference_solution"]).to_pylist()}
+cols = ["sample_id", "problem_id", "completion", "correct"]
+with pq.ParquetWriter(OUT / "grades.parquet", to_table([], "grades").schema) as w:
+    for batch in ds.dataset(str(WS / "store/rollouts/benchrollouts/rollouts/data")).to_batches(columns=cols, batch_size=512):
+        traces = [judge.Trace(r["sample_id"], r["problem_id"], problems[r["problem_id"]]["question"],
+                              judge.reference_text(problems[r["problem_id"]]), r["completion"], r["correct"]) for r in batch.to_pylist()]
+        w.write_table(to_table(j.grade(traces), "grades").select(to_table([], "grades").schema.names))
 """,
     "datasets show": """
 from tasks.core.store import open_dataset
@@ -215,7 +301,7 @@ def main() -> None:
             generate(ws, n, args.tokens, args.samples)
             size = sum(f.stat().st_size for f in (ws / "store" / "rollouts").rglob("*.parquet")) / 2**20
             print(f"N={n}: generated {size:.0f} MB of rollouts in {time.perf_counter() - t0:.0f}s", flush=True)
-            for step in ("filter", "datasets show", "datasets diff"):
+            for step in ("filter", "materialize", "grade (rule judge)", "datasets show", "datasets diff"):
                 out = ws / "out"
                 out.mkdir(exist_ok=True)
                 ours, bare = measure(JOBS[step], ws, out), measure(JOBS[f"{step}:bare"], ws, out)

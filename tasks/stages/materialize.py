@@ -34,12 +34,14 @@ from bisect import bisect_right
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Literal
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.core.config import StrictModel
 from tasks.core.groups import Source, partition
-from tasks.core.schemas import SCHEMAS, to_table
+from tasks.core.schemas import SCHEMAS, conform, to_table
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, write_parquet
 from tasks.models.judge import split_steps
@@ -145,12 +147,15 @@ def _pairs(chosen: list[dict], rejected: list[dict], n: int, kinds: tuple[str, s
 
 
 def _grpo_row(r: dict, group_id: str, reward: float | None, guided: bool) -> dict:
-    return {"sample_id": r["sample_id"], "group_id": group_id, "loss_prompt": r["loss_prompt"],
-            "completion_token_ids": r["completion_token_ids"], "reward": reward, "advantage": None,
-            "token_advantages": None, "behaviour_logprobs": r["behaviour_logprobs"],
-            "loss_logprobs": r["loss_logprobs"] if guided else (r["loss_logprobs"] or r["behaviour_logprobs"]),
-            "temperature": r["temperature"], "is_guided": guided, "prompt_kind": r["prompt_kind"], "problem_id": r["problem_id"],
-            "completion": r["completion"], "correct": bool(r["correct"])}
+    row = {"sample_id": r["sample_id"], "group_id": group_id, "loss_prompt": r["loss_prompt"],
+           "completion_token_ids": r.get("completion_token_ids"), "reward": reward, "advantage": None,
+           "token_advantages": None, "behaviour_logprobs": r.get("behaviour_logprobs"),
+           "loss_logprobs": r.get("loss_logprobs") if guided else (r.get("loss_logprobs") or r.get("behaviour_logprobs")),
+           "temperature": r["temperature"], "is_guided": guided, "prompt_kind": r["prompt_kind"], "problem_id": r["problem_id"],
+           "completion": r["completion"], "correct": bool(r["correct"])}
+    if "_at" in r:  # read without its token lists (compute): where they are, to be taken from Arrow
+        row["_at"] = r["_at"]
+    return row
 
 
 def build(config: Config, rollouts: list[dict], explanations: list[dict], hints: list[dict], grades: dict[str, dict],
@@ -332,11 +337,47 @@ class Tally:
         }
 
 
-def _write_part(work, name: str, i: int, rows: list[dict]):
+def _write_part(work, name: str, i: int, table: pa.Table):
     path = work / "parts" / name / f"part-{i:05d}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_parquet(to_table(rows, name, f"materialize/{name}"), path)
+    write_parquet(table, path)
     return path
+
+
+#: per-token columns: passed from the inputs to the grpo rows in Arrow, never as Python lists
+TOKEN_LISTS = ("completion_token_ids", "behaviour_logprobs", "loss_logprobs")
+
+
+def _read_without_token_lists(path, source: str, keep_ids: bool) -> tuple[list[dict], pa.Table]:
+    """A chunk file's rows as dicts without the per-token lists (each row knows where it is:
+    ``_at`` = (source, row)), and those lists as an Arrow table. ``keep_ids``: the rows keep
+    ``completion_token_ids`` (token advantages need them)."""
+    table = pq.read_table(path)
+    cols = [c for c in table.column_names if c not in TOKEN_LISTS or (keep_ids and c == "completion_token_ids")]
+    rows = table.select(cols).to_pylist()
+    for i, r in enumerate(rows):
+        r["_at"] = (source, i)
+    return rows, table.select(list(TOKEN_LISTS))
+
+
+def _grpo_table(rows: list[dict], token_lists: dict[str, pa.Table]) -> pa.Table:
+    """The grpo rows as a contract table, their per-token lists taken from the inputs' Arrow
+    tables by position; an unguided row without loss-side log-probs uses its behaviour ones
+    (as ``_grpo_row`` does for in-memory rows)."""
+    offsets, at = {}, 0
+    for name, t in token_lists.items():
+        offsets[name], at = at, at + t.num_rows
+    index = [offsets[source] + i for source, i in (r.pop("_at") for r in rows)]
+    taken = pa.concat_tables(list(token_lists.values()), promote_options="permissive").take(index)
+    light = pa.Table.from_pylist([{k: v for k, v in r.items() if k not in TOKEN_LISTS} for r in rows])
+    loss = taken.column("loss_logprobs")
+    missing = pc.fill_null(pc.or_(pc.is_null(loss), pc.equal(pc.list_value_length(loss), 0)), True)
+    use_behaviour = pc.and_(pc.invert(light.column("is_guided")), missing)
+    columns = {"completion_token_ids": taken.column("completion_token_ids"), "behaviour_logprobs": taken.column("behaviour_logprobs"),
+               "loss_logprobs": pc.if_else(use_behaviour, taken.column("behaviour_logprobs"), loss)}
+    for name, values in columns.items():
+        light = light.append_column(name, values)
+    return conform(light, "grpo", "materialize/grpo")
 
 
 def chunk_sources(upstream: dict[str, StageOutput]) -> tuple[Source, dict[str, Source]]:
@@ -359,17 +400,20 @@ def compute(job: Job) -> StageOutput:
         main, others = chunk_sources(upstream)
         chunks = partition(main, others, CHUNK_ROWS, work / "chunks")
         for i, chunk in enumerate(progress.track(chunks, f"materialize: {len(chunks)} chunks of whole problems")):
-            read = {name: pq.read_table(path).to_pylist() for name, path in chunk.items()}
-            data, counts = build(config, read["main"], read["explanations"], read["hints"],
-                                 {g["sample_id"]: g for g in read["grades"]}, tokenizer)
-            del read
+            read, token_lists = {}, {}
+            for name in ("main", "explanations", "hints"):
+                read[name], token_lists[name] = _read_without_token_lists(chunk[name], name, keep_ids=tokenizer is not None)
+            grades = {g["sample_id"]: g for g in pq.read_table(chunk["grades"]).to_pylist()}
+            data, counts = build(config, read["main"], read["explanations"], read["hints"], grades, tokenizer)
+            del read, grades
             tally.add(data, counts)
             for name, rows in data.items():
                 if rows:  # a chunk without rows of a dataset adds no part (an empty table would lack the extra columns)
-                    parts[name].append(_write_part(work, name, i, rows))
+                    table = _grpo_table(rows, token_lists) if name == "grpo" else to_table(rows, name, f"materialize/{name}")
+                    parts[name].append(_write_part(work, name, i, table))
         for name, files in parts.items():
             if not files:  # no rows at all: one empty part
-                files.append(_write_part(work, name, 0, []))
+                files.append(_write_part(work, name, 0, to_table([], name, f"materialize/{name}")))
         summaries = tally.summaries(config.materialize)
         cards = {n: dataset_card(n, n, tally.rows[n], summaries[n], job.inputs, job.settings, pq.read_schema(parts[n][0]).names)
                  for n in parts}
