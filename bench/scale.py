@@ -218,10 +218,10 @@ with pq.ParquetWriter(OUT / "grades.parquet", to_table([], "grades").schema) as 
         w.write_table(to_table(j.grade(traces), "grades").select(to_table([], "grades").schema.names))
 """,
     "datasets show": """
-from tasks.core.store import open_dataset
+from tasks.core.store import head_rows, open_dataset
 # --- timed
 data, rows = open_dataset(WS / "store/rollouts/benchrollouts/rollouts")
-head = data.head(5, batch_readahead=0, fragment_readahead=0)  # as `datasets show`
+head = head_rows(WS / "store/rollouts/benchrollouts/rollouts", 5)  # as `datasets show`
 """,
     "datasets show:bare": """
 import hashlib, pyarrow.parquet as pq
@@ -287,7 +287,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--samples", type=int, default=16, help="samples per problem")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / f"scale-{dt.date.today().isoformat()}.md"))
+    ap.add_argument("--generate-into", help=argparse.SUPPRESS)  # the child that writes the synthetic outputs
     args = ap.parse_args()
+    if args.generate_into:
+        generate(Path(args.generate_into), int(args.n), args.tokens, args.samples)
+        return
 
     lines = [f"# bench/scale.py — {dt.datetime.now().isoformat(timespec='seconds')}", "",
              f"`python bench/scale.py --n {args.n} --tokens {args.tokens} --samples {args.samples}` on {os.cpu_count()} CPU cores; "
@@ -298,7 +302,9 @@ def main() -> None:
         ws = Path(tempfile.mkdtemp(prefix=f"guidedrl-scale-{n}-"))
         try:
             t0 = time.perf_counter()
-            generate(ws, n, args.tokens, args.samples)
+            # in a child process: Linux keeps a parent's peak RSS as the floor of its children's ru_maxrss
+            subprocess.run([sys.executable, __file__, "--generate-into", str(ws), "--n", str(n), "--tokens", str(args.tokens),
+                            "--samples", str(args.samples)], check=True)
             size = sum(f.stat().st_size for f in (ws / "store" / "rollouts").rglob("*.parquet")) / 2**20
             print(f"N={n}: generated {size:.0f} MB of rollouts in {time.perf_counter() - t0:.0f}s", flush=True)
             for step in ("filter", "materialize", "grade (rule judge)", "datasets show", "datasets diff"):

@@ -218,3 +218,27 @@ def test_a_stage_whose_input_is_empty_says_so(tmp_path):
     line = REGISTRY["explain"].describe({"empty_inputs": job.empty_inputs()})
     assert line.endswith("— empty input: filter/problems")
     assert "empty input" not in REGISTRY["explain"].describe({})
+
+
+def test_parts_given_as_files_are_linked_in_and_head_rows_reads_across_them(tmp_path):
+    """A stage that wrote its parts as it went hands the store their paths: linked in (same inode), schema
+    checked, row count from the metadata; a part with a wrong schema is refused, naming the file.
+    `head_rows` (what `datasets show` prints) takes the first rows across part files, in order."""
+    from tasks.core.store import head_rows, write_parquet
+
+    rows = [dict(ROWS[i % 2], problem_id=f"p{i}") for i in range(7)]
+    files = []
+    for i, chunk in enumerate((rows[:3], rows[3:7])):
+        files.append(tmp_path / f"part{i}.parquet")
+        write_parquet(to_table(chunk, "problems"), files[-1])
+    store = Store(tmp_path / "ws")
+    out = store.write("curate", "k", {"problems": ("problems", files)}, config={}, inputs={}, stage_version="1")
+    data = sorted((out.dataset_path("problems") / "data").glob("*.parquet"))
+    assert len(data) == 2 and data[0].stat().st_ino == files[0].stat().st_ino
+    assert out.manifest["datasets"]["problems"]["num_rows"] == 7 and read_dataset(out.dataset_path("problems")).num_rows == 7
+    assert head_rows(out.dataset_path("problems"), 5).column("problem_id").to_pylist() == ["p0", "p1", "p2", "p3", "p4"]
+    assert head_rows(out.dataset_path("problems"), 50).num_rows == 7
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"problem_id": ["x"]}), bad)
+    with pytest.raises(SchemaError, match="bad.parquet"):
+        store.write("curate", "k2", {"problems": ("problems", [bad])}, config={}, inputs={}, stage_version="1")

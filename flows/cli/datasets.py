@@ -84,7 +84,7 @@ def datasets_show(
     """Schema, row count, manifest and first rows of a dataset (its bytes checked against the fingerprint; never read whole)."""
     import polars as pl
 
-    from tasks.core.store import open_dataset, read_manifest
+    from tasks.core.store import head_rows, open_dataset, read_manifest
 
     try:
         manifest = read_manifest(path)
@@ -95,7 +95,7 @@ def datasets_show(
                 datasets_show(path / name, rows)
             return
         data, num_rows = open_dataset(path)
-        head = data.head(rows, batch_readahead=0, fragment_readahead=0)  # the first rows: one batch of the first file
+        head = head_rows(path, rows)  # the first rows: a batch of the first file
     except user_errors() as exc:
         fail(str(exc))
     console.rule(f"[bold]{manifest.get('name', path.name)}[/] ({manifest.get('kind')}) — {num_rows} rows")

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.core.config import StrictModel
-from tasks.core.groups import Source, partition
+from tasks.core.groups import Source, partition, read_chunk
 from tasks.core.schemas import SCHEMAS, conform, to_table
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, write_parquet
@@ -301,7 +301,7 @@ def process_tokenizer(config: Config):
 
 
 #: rollouts per chunk of whole problems (tasks/core/groups.py): bounds the stage's memory, not its output
-CHUNK_ROWS = 32_768
+CHUNK_ROWS = 4096
 
 
 class Tally:
@@ -352,7 +352,7 @@ def _read_without_token_lists(path, source: str, keep_ids: bool) -> tuple[list[d
     """A chunk file's rows as dicts without the per-token lists (each row knows where it is:
     ``_at`` = (source, row)), and those lists as an Arrow table. ``keep_ids``: the rows keep
     ``completion_token_ids`` (token advantages need them)."""
-    table = pq.read_table(path)
+    table = read_chunk(path)
     cols = [c for c in table.column_names if c not in TOKEN_LISTS or (keep_ids and c == "completion_token_ids")]
     rows = table.select(cols).to_pylist()
     for i, r in enumerate(rows):
@@ -403,7 +403,7 @@ def compute(job: Job) -> StageOutput:
             read, token_lists = {}, {}
             for name in ("main", "explanations", "hints"):
                 read[name], token_lists[name] = _read_without_token_lists(chunk[name], name, keep_ids=tokenizer is not None)
-            grades = {g["sample_id"]: g for g in pq.read_table(chunk["grades"]).to_pylist()}
+            grades = {g["sample_id"]: g for g in read_chunk(chunk["grades"]).to_pylist()}
             data, counts = build(config, read["main"], read["explanations"], read["hints"], grades, tokenizer)
             del read, grades
             tally.add(data, counts)
