@@ -24,7 +24,9 @@ from the kernel (ru_maxrss):
 - grade (rule judge): the stage run (row-range shards of `judge.shard_size`, each reading its
   own traces) — vs the same rule judge over one pyarrow scan of the rollouts, written as it goes.
 
-Not yet here: the grpo data loader (the update still reads its rows whole).
+- grpo data loading: one epoch of the update's minibatches (tasks/stages/grpo.py: GRPORows through
+  its 4,096-row shuffle buffer) over the materialize step's grpo files, without the model — vs
+  reading every row of those files once as Python rows (pyarrow batches, no shuffle).
 """
 
 from __future__ import annotations
@@ -217,6 +219,21 @@ with pq.ParquetWriter(OUT / "grades.parquet", to_table([], "grades").schema) as 
                               judge.reference_text(problems[r["problem_id"]]), r["completion"], r["correct"]) for r in batch.to_pylist()]
         w.write_table(to_table(j.grade(traces), "grades").select(to_table([], "grades").schema.names))
 """,
+    "grpo data loading": """
+from tasks.stages.grpo import GRPORows, minibatches
+# --- timed
+files = sorted(WS.glob("store/materialize/*/grpo/data/*.parquet"))
+steps, batches = minibatches(GRPORows(files, shuffle_buffer=4096), 16, 1, seed=0)
+seen = sum(len(b) for b in batches)  # one epoch of the update's minibatches, without the model
+""",
+    "grpo data loading:bare": """
+import pyarrow.parquet as pq
+# --- timed
+seen = 0
+for f in sorted(WS.glob("store/materialize/*/grpo/data/*.parquet")):
+    for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+        seen += len(batch.to_pylist())  # every row read once as Python rows, in file order, no shuffle
+""",
     "datasets show": """
 from tasks.core.store import head_rows, open_dataset
 # --- timed
@@ -307,7 +324,7 @@ def main() -> None:
                             "--samples", str(args.samples)], check=True)
             size = sum(f.stat().st_size for f in (ws / "store" / "rollouts").rglob("*.parquet")) / 2**20
             print(f"N={n}: generated {size:.0f} MB of rollouts in {time.perf_counter() - t0:.0f}s", flush=True)
-            for step in ("filter", "materialize", "grade (rule judge)", "datasets show", "datasets diff"):
+            for step in ("filter", "materialize", "grpo data loading", "grade (rule judge)", "datasets show", "datasets diff"):
                 out = ws / "out"
                 out.mkdir(exist_ok=True)
                 ours, bare = measure(JOBS[step], ws, out), measure(JOBS[f"{step}:bare"], ws, out)

@@ -264,3 +264,73 @@ def test_the_update_refuses_rollouts_sampled_with_top_p_below_one(tmp_path):
     with pytest.raises(ValueError, match="rollouts.top_p is 0.9"):
         grpo.STAGE.run(config, store, {"materialize": mat})
     assert not store.outputs("grpo")
+
+
+def _grpo_files(tmp_path, n=50, parts=3):
+    """A grpo dataset written in ``parts`` Parquet files: plain, guided, explanation and masked rows."""
+    import pyarrow.parquet as pq
+
+    from tasks.core.schemas import to_table
+
+    def row(i):
+        kind = "explain" if i % 7 == 0 else "plain"
+        return {"sample_id": f"s{i:03d}", "group_id": f"g{i // 8}", "loss_prompt": "q", "completion_token_ids": [1 + i % 5, 2],
+                "reward": 1.0, "advantage": None if (i % 11 == 3 or kind == "explain") else 0.5, "token_advantages": None,
+                "behaviour_logprobs": [-0.1, -0.2], "loss_logprobs": None, "temperature": 1.0, "is_guided": i % 5 == 1,
+                "prompt_kind": kind}
+
+    rows = [row(i) for i in range(n)]
+    files, cut = [], -(-n // parts)
+    for p in range(parts):
+        files.append(tmp_path / f"part-{p:05d}.parquet")
+        pq.write_table(to_table(rows[p * cut:(p + 1) * cut], "grpo"), files[-1])
+    return rows, files
+
+
+def test_grpo_rows_stream_through_a_seeded_shuffle_buffer(tmp_path, monkeypatch):
+    """The update reads its rows from the Parquet files (tasks/stages/grpo.py: GRPORows): a dataset that fits
+    the buffer gives the minibatches of the in-memory rows exactly; a bigger one streams through the
+    buffer — every trainable row once per epoch, masked rows never, seeded, not in file order, and
+    never more than buffer + minibatch rows read ahead of the update."""
+    import polars as pl
+
+    from tasks.stages import grpo
+    from tasks.stages.grpo import KINDS, GRPORows, kind_counts, minibatches, row_kind
+
+    rows, files = _grpo_files(tmp_path)
+    trainable = [r["sample_id"] for r in rows if row_kind(r) != KINDS["masked"]]
+    assert 30 < len(trainable) < len(rows)
+    ids = lambda batches: [[r["sample_id"] for r in b] for b in batches]  # noqa: E731
+
+    steps, in_memory = minibatches(rows, 4, 2, seed=3)
+    whole = GRPORows(files, shuffle_buffer=len(trainable))
+    assert len(whole) == len(trainable)
+    steps_whole, from_files = minibatches(whole, 4, 2, seed=3)
+    assert steps_whole == steps == 2 * -(-len(trainable) // 4) and ids(from_files) == ids(in_memory)
+
+    monkeypatch.setattr(grpo, "READ_ROWS", 3)
+    read = {"n": 0}
+    real_read = GRPORows.read
+
+    def counting(self, order=None):
+        for r in real_read(self, order):
+            read["n"] += 1
+            yield r
+
+    monkeypatch.setattr(GRPORows, "read", counting)
+    small = GRPORows(files, shuffle_buffer=8)
+    steps_small, streamed = minibatches(small, 4, 2, seed=3)
+    batches = []
+    for b in streamed:
+        if not batches:
+            assert read["n"] <= 8 + 4 + 1  # the first minibatch came before the rest was read
+        batches.append([r["sample_id"] for r in b])
+    assert len(batches) == steps_small == steps
+    flat = [s for b in batches for s in b]
+    epoch1, epoch2 = flat[:len(trainable)], flat[len(trainable):]
+    assert sorted(epoch1) == sorted(epoch2) == sorted(trainable) and epoch1 != trainable and epoch1 != epoch2
+    assert ids(minibatches(GRPORows(files, 8), 4, 2, seed=3)[1]) == batches  # seeded
+    assert ids(minibatches(GRPORows(files, 8), 4, 2, seed=4)[1]) != batches
+
+    counts = kind_counts(pl.scan_parquet([str(f) for f in files]))
+    assert counts == {k: sum(row_kind(r) == v for r in rows) for k, v in KINDS.items()}

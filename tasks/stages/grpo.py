@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -42,7 +42,7 @@ from pydantic import Field
 from tasks.core.config import StrictModel
 from tasks.core.faults import fault
 from tasks.core.stage import Job, Stage
-from tasks.core.store import StageOutput
+from tasks.core.store import StageOutput, data_files
 from tasks.models.policy import check_policy, local_policy_dir, policy_id_for, precision, precision_settings
 from tasks.report import progress
 
@@ -78,6 +78,9 @@ class GRPOTrainConfig(StrictModel):
         None, description="the initial policy's checkpoint for kl_reference: initial (guidedrl online sets it; default: policy.model)")
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
+    shuffle_buffer: int = Field(
+        4096, gt=0, description="rows held to shuffle the grpo dataset as it streams from its Parquet files; a dataset of at most "
+        "this many trainable rows is shuffled whole (bounds the update's data memory: ~36 bytes a token as Python lists)")
 
 
 STAGE = Stage(name="grpo", version="2", module=__name__, upstream=("materialize",), directories=("checkpoint",),
@@ -250,26 +253,132 @@ def update_loss(model, batch: Batch, cfg, ref_model=None, expo_beta: float | Non
     return LOSS_AGG[cfg.loss_agg](per_token, samples, cfg.loss_scale_factor) + expo_term(logp, explanations, beta)
 
 
-def train_update(model, tokenizer, rows: list[dict], cfg, ref_model=None, device: str = "cpu", dtype: str = "float32") -> dict:
-    """`cfg.epochs` passes over the rows in shuffled minibatches; AdamW (or SGD). With ``dtype``
-    bfloat16 the forward passes run under bfloat16 autocast; weights and optimizer stay float32."""
-    rows = [r for r in rows if row_kind(r) != KIND_MASKED]
-    if not rows:
+# --------------------------------------------------------------------------- the rows, streamed
+
+#: rows read from the Parquet files at a time
+READ_ROWS = 1024
+
+
+def trainable(lf):
+    """A grpo LazyFrame's rows the update trains on (``row_kind`` not masked), as a polars filter."""
+    import polars as pl
+
+    explain = pl.col("prompt_kind") == "explain"
+    usable = (pl.col("advantage").is_not_null() & pl.col("behaviour_logprobs").is_not_null()
+              & (pl.col("completion_token_ids").list.len() > 0))
+    return lf.filter(explain | usable)
+
+
+def kind_counts(lf) -> dict[str, int]:
+    """``rows_by_kind`` of a grpo LazyFrame, counted in one streaming query."""
+    import polars as pl
+
+    explain = pl.col("prompt_kind") == "explain"
+    masked = ~explain & (pl.col("advantage").is_null() | pl.col("behaviour_logprobs").is_null()
+                         | (pl.col("completion_token_ids").list.len() == 0))
+    counts = lf.select(explain.sum().alias("explain"), masked.sum().alias("masked"),
+                       (~explain & ~masked & pl.col("is_guided")).sum().alias("guided"),
+                       (~explain & ~masked & ~pl.col("is_guided")).sum().alias("plain")).collect(engine="streaming").row(0, named=True)
+    return {k: int(counts[k] or 0) for k in KINDS}
+
+
+@dataclass
+class GRPORows:
+    """The trainable rows of a materialised grpo dataset, read from its Parquet files a record
+    batch at a time (polars lazy scan, masked rows filtered out) and shuffled in a buffer of
+    `shuffle_buffer` rows: memory is bounded by the buffer, not the dataset. A dataset of at
+    most that many rows is read whole and shuffled exactly as a list of rows is (``minibatches``)."""
+
+    files: list
+    shuffle_buffer: int
+
+    def __post_init__(self):
+        import polars as pl
+
+        self.count = trainable(pl.scan_parquet([str(f) for f in self.files])).select(pl.len()).collect().item()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self, file_order: list | None = None) -> Iterator[dict]:
+        """The trainable rows, file after file (in ``file_order``), ``READ_ROWS`` at a time."""
+        import pyarrow.parquet as pq
+
+        for f in file_order or self.files:
+            with pq.ParquetFile(f) as pf:
+                for batch in pf.iter_batches(batch_size=READ_ROWS):
+                    yield from (r for r in batch.to_pylist() if row_kind(r) != KIND_MASKED)
+
+
+def minibatches(rows: list[dict] | GRPORows, batch_size: int, epochs: int, seed: int) -> tuple[int, Iterator[list[dict]]]:
+    """(number of minibatches, the minibatches) of `epochs` shuffled passes over the trainable rows
+    (seeded; the last minibatch of a pass may be short). A list, or a ``GRPORows`` that fits its
+    buffer: each pass is a permutation of all rows (``random.Random(seed).shuffle``). A bigger
+    ``GRPORows``: each pass reads the files (in a seeded order) through a shuffle buffer."""
+    rng = random.Random(seed)
+    if isinstance(rows, GRPORows) and len(rows) <= rows.shuffle_buffer:
+        rows = list(rows.read())
+    if isinstance(rows, list):
+        rows = [r for r in rows if row_kind(r) != KIND_MASKED]
+        n = len(rows)
+    else:
+        n = len(rows)
+    steps = epochs * -(-n // batch_size)
+
+    def from_list() -> Iterator[list[dict]]:
+        order = list(range(n))
+        for _ in range(epochs):
+            rng.shuffle(order)
+            for i in range(0, n, batch_size):
+                yield [rows[j] for j in order[i : i + batch_size]]
+
+    def streamed() -> Iterator[list[dict]]:
+        for _ in range(epochs):
+            files = list(rows.files)
+            rng.shuffle(files)
+            buffer: list[dict] = []
+            batch: list[dict] = []
+
+            def emit(row):
+                batch.append(row)
+                if len(batch) == batch_size:
+                    out = batch.copy()
+                    batch.clear()
+                    return out
+                return None
+
+            for row in rows.read(files):
+                buffer.append(row)
+                if len(buffer) > rows.shuffle_buffer:
+                    j = rng.randrange(len(buffer))
+                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                    if (out := emit(buffer.pop())) is not None:
+                        yield out
+            rng.shuffle(buffer)
+            for row in buffer:
+                if (out := emit(row)) is not None:
+                    yield out
+            if batch:
+                yield batch
+
+    return steps, (from_list() if isinstance(rows, list) else streamed())
+
+
+def train_update(model, tokenizer, rows: list[dict] | GRPORows, cfg, ref_model=None, device: str = "cpu", dtype: str = "float32") -> dict:
+    """`cfg.epochs` passes over the rows in shuffled minibatches (``minibatches``); AdamW (or SGD).
+    With ``dtype`` bfloat16 the forward passes run under bfloat16 autocast; weights and optimizer stay float32."""
+    total, batches = minibatches(rows, cfg.batch_size, cfg.epochs, cfg.seed)
+    if not total:
         return {"steps": 0, "rows": 0, "losses": []}
+    n = len(rows) if isinstance(rows, GRPORows) else sum(row_kind(r) != KIND_MASKED for r in rows)
     opt = (torch.optim.SGD(model.parameters(), lr=cfg.learning_rate) if cfg.optimizer == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0, betas=(0.9, 0.99)))
-    rng = random.Random(cfg.seed)
     model.train()
     losses, steps = [], 0
-    order = list(range(len(rows)))
-    batches = []
-    for _ in range(cfg.epochs):
-        rng.shuffle(order)
-        batches += [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    for step, idx in enumerate(progress.track(batches, f"grpo: updating on {len(rows)} samples")):
-        batch = make_batch([rows[i] for i in idx], tokenizer, device)
+    for step, rows_of_step in enumerate(progress.track(batches, f"grpo: updating on {n} samples", total=total)):
+        batch = make_batch(rows_of_step, tokenizer, device)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            loss = update_loss(model, batch, cfg, ref_model, expo_beta_at(cfg, step, len(batches)))
+            loss = update_loss(model, batch, cfg, ref_model, expo_beta_at(cfg, step, total))
         loss.backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -278,7 +387,7 @@ def train_update(model, tokenizer, rows: list[dict], cfg, ref_model=None, device
         losses.append(float(loss.detach()))
         steps += 1
     model.eval()
-    return {"steps": steps, "rows": len(rows), "first_loss": losses[0], "last_loss": losses[-1],
+    return {"steps": steps, "rows": n, "first_loss": losses[0], "last_loss": losses[-1],
             "mean_loss": sum(losses) / len(losses)}
 
 
@@ -322,14 +431,15 @@ def compute(job: Job) -> StageOutput:
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base)).to(device)
     ref = AutoModelForCausalLM.from_pretrained(str(reference_dir(config))).to(device).eval() if gc.kl > 0 else None
-    rows = job.upstream["materialize"].read("grpo").to_pylist()
+    data = job.upstream["materialize"]
+    rows = GRPORows(data_files(data.dataset_path("grpo")), gc.shuffle_buffer)
     metrics = train_update(model, tokenizer, rows, gc, ref, device=device, dtype=dtype)
     with job.scratch() as work:
         model.save_pretrained(work / "checkpoint")
         fault("checkpoint.save", STAGE.name)
         tokenizer.save_pretrained(work / "checkpoint")
         summary = {"base_policy": job.inputs["policy"], "data": job.inputs["grpo"], **metrics,
-                   "rows_by_kind": {k: sum(row_kind(r) == v for r in rows) for k, v in KINDS.items()}}
+                   "rows_by_kind": kind_counts(data.scan("grpo"))}
         out = job.write({}, summary, directories={"checkpoint": work / "checkpoint"})
     log.info("grpo: %d steps over %d samples %s, loss %s -> %s -> %s", metrics["steps"], metrics["rows"],
              summary["rows_by_kind"], metrics.get("first_loss"), metrics.get("last_loss"), out.path / "checkpoint")
