@@ -223,3 +223,30 @@ def test_a_source_that_yields_no_problems_is_an_error_unless_allowed(tmp_path):
     with pytest.raises(SourceError, match=r"problems.sources.0 \(nulls\): yields no problems — 2 rows read, 2 rejected \(no_answer: 2\)"):
         curate(_cfg([{"file": str(nulls)}]))
     assert curate(_cfg([{"file": str(nulls), "allow_empty": True}])).summary["rejected"] == 2
+
+
+def test_curation_streams_in_parts_and_a_template_sample_finds_the_template(tmp_path, monkeypatch):
+    """curate_parts writes problems and rejected rows in parts as it reads (here 64 rows a part), holds ids and
+    a sample of questions rather than rows, and gives the rows and summary of one whole pass; a template
+    estimated from 100 of a source's 600 questions still keeps template text from counting as contamination."""
+    from tasks.stages import curate as curate_mod
+
+    dup = write_jsonl(tmp_path / "dup.jsonl", [{"question": GSM, "answer": "72"}, {"question": GSM.upper(), "answer": "72"},
+                                              {"question": GSM + " Show your work.", "answer": "72", "split": "train"}])
+    srcs = [{"reasoning_gym": {"task": "chain_sum", "size": 600, "seed": 3,
+                               "config": {"min_terms": 3, "max_terms": 4, "min_digits": 2, "max_digits": 3}}},
+            {"file": str(dup), "split": None}, {"file": str(tmp_path / "eval.jsonl"), "split": "eval"}]
+    write_jsonl(tmp_path / "eval.jsonl", [{"question": GSM + " Be brief.", "answer": "72"}])
+    cfg = _cfg(srcs, eval_fraction=0.5)
+    whole = curate(cfg)
+    assert _rejected(whole, "duplicate:") and len(_rejected(whole, "contaminated:")) == 1  # only the GSM copy
+
+    monkeypatch.setattr(curate_mod, "PART_ROWS", 64)
+    monkeypatch.setattr(curate_mod, "TEMPLATE_SAMPLE", 100)
+    problems, rejected, summary = curate_mod.curate_parts(cfg, lambda p: tmp_path / p, tmp_path / "work")
+    assert len(problems) == -(-summary["problems"] // 64) > 5 and sorted(p.name for p in (tmp_path / "work").iterdir()) == sorted(
+        p.name for p in problems + rejected)  # the accepted-row scratch parts are gone
+    rows = [r for p in problems for r in pq.read_table(p).to_pylist()]
+    assert rows == whole.problems and "_input_row" not in rows[0]
+    assert [r for p in rejected for r in pq.read_table(p).to_pylist()] == whole.rejected
+    assert summary == whole.summary

@@ -42,7 +42,7 @@ from pydantic import Field, model_validator
 from tasks.core.config import StrictModel
 from tasks.core.schemas import to_table
 from tasks.core.stage import Job, Stage
-from tasks.core.store import StageOutput, fingerprint_files
+from tasks.core.store import StageOutput, fingerprint_files, write_parquet
 from tasks.report import progress
 
 # --------------------------------------------------------------------------- settings (config section `problems`)
@@ -527,119 +527,184 @@ def _reject(row: _Row, reason: str) -> dict:
     return {"source": row.source, "row": json.dumps(row.data, sort_keys=True, default=str), "reason": reason}
 
 
-def _decontaminate(problems: list[dict], cfg, rejected: list[dict], rows_by_id: dict[str, _Row]) -> tuple[list[dict], int]:
-    """Remove train problems whose informative n-grams overlap the eval split.
+#: rows per Parquet part while curating (problems and rejected rows are written as they come)
+PART_ROWS = 8192
+#: per source, the questions (the lowest ids, ids being hashes: an even sample) whose n-grams estimate
+#: its template text; a source with no more questions is counted whole, as before
+TEMPLATE_SAMPLE = 20_000
+#: the column that carries each accepted problem's input row until decontamination is done
+_ROW_COL = "_input_row"
 
-    A train problem is contaminated when at least ``threshold`` of its
-    informative n-grams (template text of its source cut out) occur among the
-    eval problems' informative n-grams."""
-    n = cfg.ngram
-    tokens = {p["problem_id"]: _tokens(p["question"]) for p in problems}
-    # template n-grams: in more than `template_fraction` of one source's questions
-    by_source: dict[str, list[str]] = defaultdict(list)
-    for p in problems:
-        by_source[p["source"]].append(p["problem_id"])
+
+class _Parts:
+    """Rows written to Parquet parts of ``PART_ROWS`` as they come (at least one part, maybe empty)."""
+
+    def __init__(self, work: Path, name: str, kind: str):
+        self.work, self.name, self.kind = work, name, kind
+        self.rows: list[dict] = []
+        self.paths: list[Path] = []
+        self.count = 0
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.count += 1
+        if len(self.rows) >= PART_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows or not self.paths:
+            path = self.work / f"{self.name}-{len(self.paths):05d}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_parquet(to_table(self.rows, self.kind, f"curate/{self.name}"), path)
+            self.paths.append(path)
+            self.rows = []
+
+    def close(self) -> list[Path]:
+        self.flush()
+        return self.paths
+
+
+def _read_parts(paths: list[Path], columns: list[str] | None = None) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        with pq.ParquetFile(path) as pf:
+            for batch in pf.iter_batches(batch_size=2048, columns=columns):
+                yield from batch.to_pylist()
+
+
+def _templates(samples: dict[str, list], counts: Counter, cfg) -> dict[str, set]:
+    """Per source, its template n-grams: in more than `template_fraction` of its (sampled) questions;
+    none for a source of under 10 questions."""
     template: dict[str, set] = {}
-    for source, ids in by_source.items():
-        df = Counter(g for pid in ids for g in set(_windows(tokens[pid], n)))
-        limit = cfg.template_fraction * len(ids)
-        template[source] = {g for g, c in df.items() if c > limit} if len(ids) >= 10 else set()
-    grams = {p["problem_id"]: _informative_ngrams(tokens[p["problem_id"]], template[p["source"]], n) for p in problems}
-    eval_index: dict[tuple, str] = {}
-    for p in problems:
-        if p["split"] == "eval":
-            for g in grams[p["problem_id"]]:
-                eval_index.setdefault(g, p["problem_id"])
-    kept, removed = [], 0
-    for p in progress.track(problems, "curate: decontaminating"):
-        informative = grams[p["problem_id"]]
-        if p["split"] != "train" or not eval_index or not informative:
-            kept.append(p)
-            continue
-        hits = [eval_index[g] for g in informative if g in eval_index]
-        frac = len(hits) / len(informative)
-        if frac >= cfg.threshold:
-            top = Counter(hits).most_common(1)[0][0]
-            rejected.append(
-                _reject(
-                    rows_by_id[p["problem_id"]],
-                    f"contaminated: {frac:.2f} of its {n}-grams occur in the eval split (most with eval problem {top})",
-                )
-            )
-            removed += 1
-        else:
-            kept.append(p)
-    return kept, removed
+    for source, heap in samples.items():
+        df = Counter(g for _, tokens in heap for g in set(_windows(tokens, cfg.ngram)))
+        limit = cfg.template_fraction * len(heap)
+        template[source] = {g for g, c in df.items() if c > limit} if counts[source] >= 10 else set()
+    return template
 
 
-def curate(cfg: ProblemsConfig, resolve: Callable[[str], Path] = Path) -> CurationResult:
-    """Curate problems from the configured sources (plain function, no Prefect)."""
-    problems: list[dict] = []
-    rejected: list[dict] = []
-    seen: dict[str, dict] = {}
-    rows_by_id: dict[str, _Row] = {}
+def _gram_key(gram: tuple[str, ...]) -> int:
+    """A stable 64-bit key of an n-gram (the eval index holds keys, not tuples of strings)."""
+    return int.from_bytes(hashlib.blake2b("\x1f".join(gram).encode(), digest_size=8).digest(), "big")
+
+
+def curate_parts(cfg: ProblemsConfig, resolve: Callable[[str], Path], work: Path) -> tuple[list[Path], list[Path], dict]:
+    """Curate problems from the configured sources in bounded memory (plain function, no Prefect):
+    (problems part files, rejected part files, summary), the parts written under ``work``.
+
+    Pass 1 reads every source row by row, validates it, drops duplicates (a dict of ids and first
+    answers) and writes the accepted problems, split assigned, with their input rows, in parts.
+    With decontamination, pass 2 indexes the eval problems' informative n-grams (64-bit keys) and
+    pass 3 checks each train problem against that index while copying the parts to the output;
+    template n-grams come from up to ``TEMPLATE_SAMPLE`` questions per source."""
+    import heapq
+
+    accepted, rejected = _Parts(work, "accepted", "problems"), _Parts(work, "rejected", "rejected")
+    seen: dict[str, tuple[str, str]] = {}  # problem_id -> (answer, source) of its first occurrence
     per_source: dict[str, Counter] = defaultdict(Counter)
     reasons: Counter = Counter()
+    n = cfg.decontamination.ngram
+    samples: dict[str, list] = defaultdict(list)  # per source: a max-heap (by id) of its lowest-id questions' tokens
+    accepted_by_source: Counter = Counter()
 
     for i, src in enumerate(cfg.sources):
         name = _source_name(src)
         source_reasons: Counter = Counter()
-        accepted_before = len(problems)
+        accepted_before = accepted.count
         for row in progress.track(read_source(src, resolve), f"curate: reading {name}"):
             per_source[name]["read"] += 1
             prob, reason = _validate(row, src, cfg.max_question_chars)
             if prob is not None:
                 first = seen.get(prob["problem_id"])
                 if first is not None:
-                    if first["answer"] == prob["answer"]:
-                        reason = f"duplicate: same question and answer as problem {first['problem_id']} ({first['source']})"
+                    if first[0] == prob["answer"]:
+                        reason = f"duplicate: same question and answer as problem {prob['problem_id']} ({first[1]})"
                     else:
                         reason = (
-                            f"conflicting_duplicate: same question as problem {first['problem_id']} ({first['source']}) "
-                            f"with a different answer ({prob['answer']!r} there: {first['answer']!r})"
+                            f"conflicting_duplicate: same question as problem {prob['problem_id']} ({first[1]}) "
+                            f"with a different answer ({prob['answer']!r} there: {first[0]!r})"
                         )
             if reason is not None:
-                rejected.append(_reject(row, reason))
+                rejected.add(_reject(row, reason))
                 per_source[name]["rejected"] += 1
                 reasons[reason.split(":", 1)[0]] += 1
                 source_reasons[reason.split(":", 1)[0]] += 1
                 continue
-            seen[prob["problem_id"]] = prob
-            rows_by_id[prob["problem_id"]] = row
-            problems.append(prob)
-        if len(problems) == accepted_before and not src.allow_empty:  # a nightly run must not "succeed" on nothing
+            pid = prob["problem_id"]
+            seen[pid] = (prob["answer"], prob["source"])
+            prob["split"] = prob["split"] or _split_of(pid, cfg.split_seed, cfg.eval_fraction)
+            accepted_by_source[prob["source"]] += 1
+            if cfg.decontamination.enabled:
+                heap = samples[prob["source"]]
+                item = (-int(pid, 16), _tokens(prob["question"]))
+                if len(heap) < TEMPLATE_SAMPLE:
+                    heapq.heappush(heap, item)
+                elif item[0] > heap[0][0]:  # a lower id than the highest kept
+                    heapq.heapreplace(heap, item)
+            accepted.add({**prob, _ROW_COL: _reject(row, "")["row"]})
+        if accepted.count == accepted_before and not src.allow_empty:  # a nightly run must not "succeed" on nothing
             why = ", ".join(f"{k}: {v}" for k, v in sorted(source_reasons.items())) or "no rows"
             raise SourceError(f"problems.sources.{i} ({name}): yields no problems — {per_source[name]['read']} rows read, "
                               f"{per_source[name]['rejected']} rejected ({why}); fix the source, or set "
                               f"problems.sources.{i}.allow_empty: true to accept it")
+    del seen
+    parts = accepted.close()
 
-    for p in problems:
-        if p["split"] is None:
-            p["split"] = _split_of(p["problem_id"], cfg.split_seed, cfg.eval_fraction)
+    dc = cfg.decontamination
+    template = _templates(samples, accepted_by_source, dc) if dc.enabled else {}
+    del samples
+    eval_index: dict[int, str] = {}
+    if dc.enabled:
+        for p in _read_parts(parts, ["problem_id", "question", "source", "split"]):
+            if p["split"] == "eval":
+                for g in _informative_ngrams(_tokens(p["question"]), template[p["source"]], n):
+                    eval_index.setdefault(_gram_key(g), p["problem_id"])
 
-    contaminated = 0
-    if cfg.decontamination.enabled:
-        n_before = len(rejected)
-        problems, contaminated = _decontaminate(problems, cfg.decontamination, rejected, rows_by_id)
-        for r in rejected[n_before:]:
-            per_source[r["source"]]["rejected"] += 1
-        if contaminated:
-            reasons["contaminated"] += contaminated
-
-    for p in problems:
+    problems = _Parts(work, "problems", "problems")
+    split_counts, by_level, with_reference, contaminated = Counter(), Counter(), 0, 0
+    for p in progress.track(_read_parts(parts), "curate: decontaminating" if eval_index else "curate: writing", total=accepted.count):
+        input_row = p.pop(_ROW_COL)
+        if eval_index and p["split"] == "train":
+            informative = _informative_ngrams(_tokens(p["question"]), template[p["source"]], n)
+            hits = [eval_index[k] for k in map(_gram_key, informative) if k in eval_index]
+            frac = len(hits) / len(informative) if informative else 0.0
+            if informative and frac >= dc.threshold:
+                top = Counter(hits).most_common(1)[0][0]
+                rejected.add({"source": p["source"], "row": input_row,
+                              "reason": f"contaminated: {frac:.2f} of its {n}-grams occur in the eval split (most with eval problem {top})"})
+                per_source[p["source"]]["rejected"] += 1
+                contaminated += 1
+                continue
+        problems.add(p)
         per_source[p["source"]][p["split"]] += 1
-    split_counts = Counter(p["split"] for p in problems)
+        split_counts[p["split"]] += 1
+        by_level[f"{p['split']}/{p['level']}"] += 1
+        with_reference += p["reference_solution"] is not None
+    if contaminated:
+        reasons["contaminated"] += contaminated
+    for path in parts:
+        path.unlink()
     summary = {
-        "problems": len(problems),
+        "problems": problems.count,
         "train": split_counts.get("train", 0),
         "eval": split_counts.get("eval", 0),
-        "rejected": len(rejected),
+        "rejected": rejected.count,
         "rejected_by_reason": dict(sorted(reasons.items())),
         "by_source": {k: dict(v) for k, v in per_source.items()},
-        "by_level": dict(sorted(Counter(f"{p['split']}/{p['level']}" for p in problems).items())),
-        "with_reference_solution": sum(p["reference_solution"] is not None for p in problems),
+        "by_level": dict(sorted(by_level.items())),
+        "with_reference_solution": with_reference,
     }
-    return CurationResult(problems, rejected, summary)
+    return problems.close(), rejected.close(), summary
+
+
+def curate(cfg: ProblemsConfig, resolve: Callable[[str], Path] = Path) -> CurationResult:
+    """``curate_parts`` with its rows read back as lists (for small sets: tests, the quickstart's scale)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="guidedrl-curate-") as work:
+        problems, rejected, summary = curate_parts(cfg, resolve, Path(work))
+        return CurationResult(list(_read_parts(problems)), list(_read_parts(rejected)), summary)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -721,23 +786,20 @@ def inputs(config, upstream: dict[str, StageOutput] | None = None) -> dict:
 
 
 def compute(job: Job) -> StageOutput:
-    result = curate(job.config.problems, job.config.resolve)
-    s = result.summary
-    if not s["train"] and not all(src.allow_empty for src in job.config.problems.sources):  # nothing to train on is no success
-        raise SourceError(f"problems: no train problems after curation — {s['problems']} problems ({s['eval']} eval), "
-                          f"{s['rejected']} rejected {s['rejected_by_reason']}; lower problems.eval_fraction, add sources, "
-                          "or set allow_empty: true on every source to accept it")
-    out = job.write(
-        {
-            "problems": to_table(result.problems, "problems", "curate/problems"),
-            "rejected": to_table(result.rejected, "rejected", "curate/rejected"),
-        },
-        result.summary,
-        dataset_summaries={
-            "problems": {k: result.summary[k] for k in ("problems", "train", "eval", "by_level", "with_reference_solution")},
-            "rejected": {k: result.summary[k] for k in ("rejected", "rejected_by_reason")},
-        },
-    )
+    with job.scratch() as work:
+        problems, rejected, s = curate_parts(job.config.problems, job.config.resolve, work)
+        if not s["train"] and not all(src.allow_empty for src in job.config.problems.sources):  # nothing to train on is no success
+            raise SourceError(f"problems: no train problems after curation — {s['problems']} problems ({s['eval']} eval), "
+                              f"{s['rejected']} rejected {s['rejected_by_reason']}; lower problems.eval_fraction, add sources, "
+                              "or set allow_empty: true on every source to accept it")
+        out = job.write(
+            {"problems": problems, "rejected": rejected},
+            s,
+            dataset_summaries={
+                "problems": {k: s[k] for k in ("problems", "train", "eval", "by_level", "with_reference_solution")},
+                "rejected": {k: s[k] for k in ("rejected", "rejected_by_reason")},
+            },
+        )
     log.info(
         "curate: %d problems (%d train, %d eval), %d rejected %s -> %s",
         s["problems"], s["train"], s["eval"], s["rejected"], s["rejected_by_reason"] or "", out.path,
