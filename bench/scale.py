@@ -9,6 +9,9 @@ generator never holds them): curate `problems` (N / samples problems) and `rollo
 layout (manifests, fingerprints). Then, each in a fresh child process whose peak RSS is read
 from the kernel (ru_maxrss):
 
+- curate: `tasks.stages.curate.curate_parts` on a JSONL file of N problems (validation, dedup,
+  decontamination against a 5% eval split, parts written as it goes) — vs a bare polars pass
+  that only deduplicates (lower-cased, whitespace-collapsed) and sinks Parquet;
 - filter: `tasks.stages.filter.filter_problems` over the scanned outputs + `conform`, written
   as Parquet — vs a bare polars group-by of the same four columns sunk to Parquet;
 - datasets show: `tasks.core.store.open_dataset` (fingerprint hashed in chunks, schema and
@@ -136,6 +139,16 @@ def generate(ws: Path, n: int, tokens: int, samples: int, seed: int = 0) -> None
                 "judge": ["rule"] * m, "judge_raw": pa.nulls(m, pa.string()), "parse_ok": [True] * m,
                 "error": pa.nulls(m, pa.string())}), "grades")
 
+    # curate's input: a JSONL file of N problems (a template sentence + random words; 1% repeated)
+    words = np.array([f"w{i}" for i in range(5000)])
+    with open(ws / "source.jsonl", "w") as fh:
+        for s in range(0, n, PART_ROWS):
+            m = min(PART_ROWS, n - s)
+            picks = words[rng.integers(0, len(words), (m, 12))]
+            for i, row in enumerate(picks):
+                k = s + i if rng.random() > 0.01 else max(0, s + i - 1)
+                fh.write(json.dumps({"question": f"Solve the following problem carefully. {' '.join(row)} number {k}?",
+                                     "answer": str(k)}) + "\n")
     _write_output(ws, "curate", "problems", "problems", problems())
     _write_output(ws, "rollouts", "rollouts", "rollouts", rollouts())
     _write_output(ws, "explain", "explanations", "explanations", explanations())
@@ -171,6 +184,18 @@ rows = ro.read("rollouts").select(["problem_id", "level", "finish_reason", "corr
 rates = {}
 for r in rows:
     e = rates.setdefault(r["problem_id"], [0, 0]); e[0] += 1; e[1] += int(r["correct"])
+""",
+    "curate": """
+from tasks.stages.curate import ProblemsConfig, curate_parts
+# --- timed
+cfg = ProblemsConfig.model_validate({"sources": [{"file": str(WS / "source.jsonl")}], "eval_fraction": 0.05})
+curate_parts(cfg, lambda p: WS / p, OUT / "curate")
+""",
+    "curate:bare": """
+import polars as pl
+# --- timed
+lf = pl.scan_ndjson(WS / "source.jsonl").with_columns(key=pl.col("question").str.to_lowercase().str.replace_all(r"\\s+", " "))
+lf.unique(subset="key", keep="first", maintain_order=True).drop("key").sink_parquet(OUT / "curated.parquet")  # dedup only
 """,
     "materialize": """
 from tasks.core.stage import Job
@@ -324,7 +349,7 @@ def main() -> None:
                             "--samples", str(args.samples)], check=True)
             size = sum(f.stat().st_size for f in (ws / "store" / "rollouts").rglob("*.parquet")) / 2**20
             print(f"N={n}: generated {size:.0f} MB of rollouts in {time.perf_counter() - t0:.0f}s", flush=True)
-            for step in ("filter", "materialize", "grpo data loading", "grade (rule judge)", "datasets show", "datasets diff"):
+            for step in ("curate", "filter", "materialize", "grpo data loading", "grade (rule judge)", "datasets show", "datasets diff"):
                 out = ws / "out"
                 out.mkdir(exist_ok=True)
                 ours, bare = measure(JOBS[step], ws, out), measure(JOBS[f"{step}:bare"], ws, out)

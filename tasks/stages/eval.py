@@ -58,12 +58,20 @@ def policies(config: Config, upstream: dict[str, StageOutput]) -> list[tuple[str
     return out
 
 
+#: eval problems sent to the backend at a time: only their samples' texts are held, then only the verdicts
+EVAL_BATCH = 256
+
+
 def evaluate_policy(backend, tokenizer, problems: list[dict], template, params: SamplingParams) -> dict[str, tuple[str, list[bool]]]:
-    """problem_id -> (level, [correct per sample])."""
-    prompts = [render(tokenizer, fill(template, p["question"])) for p in problems]
-    samples = backend.generate(prompts, params)
-    return {p["problem_id"]: (str(p["level"]), [s.finish_reason != "error" and check(s.text, p)[1] for s in group])
-            for p, group in zip(problems, samples)}
+    """problem_id -> (level, [correct per sample]), ``EVAL_BATCH`` problems at a time."""
+    out = {}
+    for start in range(0, len(problems), EVAL_BATCH):
+        batch = problems[start : start + EVAL_BATCH]
+        prompts = [render(tokenizer, fill(template, p["question"])) for p in batch]
+        samples = backend.generate(prompts, params)
+        out.update({p["problem_id"]: (str(p["level"]), [s.finish_reason != "error" and check(s.text, p)[1] for s in group])
+                    for p, group in zip(batch, samples)})
+    return out
 
 
 def chart(rows: list[dict], path: Path) -> None:
@@ -112,7 +120,7 @@ def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
 def compute(job: Job) -> StageOutput:
     config, upstream = job.config, job.upstream
     ec = config.eval
-    problems = select_problems(upstream["curate"].read("problems"), "eval", ec.levels, ec.max_problems)
+    problems = select_problems(upstream["curate"], "eval", ec.levels, ec.max_problems)
     if not problems:
         raise ValueError(f"eval: no problems in the eval split with levels {ec.levels} in {upstream['curate'].path} "
                          "(problems.eval_fraction must be above 0)")

@@ -62,14 +62,18 @@ def sample_id(problem_id: str, prompt_kind: str, policy_id: str, sample_idx: int
     return hashlib.sha256(f"{problem_id}|{prompt_kind}|{policy_id}|{sample_idx}".encode()).hexdigest()[:20]
 
 
-def select_problems(problems: pa.Table, split: str, levels: list[str] | None, max_problems: int | None) -> list[dict]:
-    rows = problems.to_pylist()
+def select_problems(curate: StageOutput, split: str, levels: list[str] | None, max_problems: int | None) -> list[dict]:
+    """The problems of ``split`` (or all) with ``levels`` (or any), by `problem_id`, at most
+    ``max_problems``: a polars query over the problems files; only the selected rows become dicts."""
+    import polars as pl
+
+    lf = curate.scan("problems")
     if split != "all":
-        rows = [r for r in rows if r["split"] == split]
+        lf = lf.filter(pl.col("split") == split)
     if levels:
-        rows = [r for r in rows if r["level"] in levels]
-    rows.sort(key=lambda r: r["problem_id"])
-    return rows[:max_problems] if max_problems else rows
+        lf = lf.filter(pl.col("level").is_in(levels))
+    lf = lf.sort("problem_id")
+    return lf.head(max_problems).collect().to_arrow().to_pylist() if max_problems else lf.collect().to_arrow().to_pylist()
 
 
 def sample_rows(problems: list[dict], samples, prompts: list[str], policy_id: str, temperature: float, prompt_kind: str = "plain",
@@ -151,7 +155,7 @@ def inputs(config, upstream: dict[str, StageOutput]) -> dict:
 def plan(job: Job) -> ShardPlan:
     """The selected problems, by `problem_id`, in shards of `rollouts.shard_size`."""
     rc = job.config.rollouts
-    problems = select_problems(job.upstream["curate"].read("problems"), rc.split, rc.levels, rc.max_problems)
+    problems = select_problems(job.upstream["curate"], rc.split, rc.levels, rc.max_problems)
     if not problems:
         raise ValueError(f"rollouts: no problems in split {rc.split!r} with levels {rc.levels} in {job.upstream['curate'].path}")
     return make_plan(job, problems, rc.shard_size)
