@@ -14,7 +14,7 @@ def raw():
 
 def _flaky(monkeypatch, failures):
     calls = []
-    real = curate_mod.curate
+    real = curate_mod.curate_parts
 
     def flaky(*a, **kw):
         calls.append(1)
@@ -22,7 +22,7 @@ def _flaky(monkeypatch, failures):
             raise RuntimeError("transient failure")
         return real(*a, **kw)
 
-    monkeypatch.setattr(curate_mod, "curate", flaky)
+    monkeypatch.setattr(curate_mod, "curate_parts", flaky)
     return calls
 
 
@@ -51,7 +51,7 @@ def test_bad_input_is_not_retried_a_transient_failure_is(prefect_server, tmp_pat
         calls.append(1)
         raise curate_mod.SourceError("problems.sources.0: yields no problems")
 
-    monkeypatch.setattr(curate_mod, "curate", bad_input)
+    monkeypatch.setattr(curate_mod, "curate_parts", bad_input)
     raw["prefect"]["retries"] = 2
     with pytest.raises(curate_mod.SourceError):
         pipeline(raw_config=raw, base_dir=str(tmp_path), workspace=str(tmp_path / "ws"), stages=["curate"])

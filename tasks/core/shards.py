@@ -117,6 +117,11 @@ class ShardPlan:
             validate_table(s.empty_table(), schema, path)
         return paths
 
+    @staticmethod
+    def columns(parts: list[pa.Table | Path], names: list[str]) -> pa.Table:
+        """Only these columns of the parts (files read column-wise), for an assembly's summary."""
+        return pa.concat_tables([pq.read_table(p, columns=names) if isinstance(p, Path) else p.select(names) for p in parts])
+
     def metas(self) -> list[dict]:
         return [json.loads(self.meta_path(i).read_text()) for i in range(len(self.shards))]
 

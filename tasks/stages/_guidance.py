@@ -46,12 +46,17 @@ def key_functions(stage: str):
     return (lambda config: settings(stage, config)), (lambda config, upstream: inputs(stage, config, upstream))
 
 
+#: what planning reads of each plain rollout (the wrong answers, the original prompt): no token lists, no texts
+GROUP_COLUMNS = ["problem_id", "sample_idx", "finish_reason", "correct", "extracted_answer", "loss_prompt"]
+
+
 def load_groups(stage: str, config: Config, upstream: dict[str, StageOutput], only_kept: bool = True
                 ) -> tuple[dict[str, dict], dict[str, list[dict]], list[str]]:
     """(problems by id, plain rollout rows by problem, the problems `filter` kept — by
     default the stuck ones, every sample wrong). With ``only_kept`` (what both guidance
     stages need unless `explain.problems: all`) only the kept problems' rows are read: the
-    rollouts are scanned and filtered by problem before any row becomes a Python object.
+    rollouts are scanned and filtered by problem before any row becomes a Python object, and
+    only ``GROUP_COLUMNS`` are read.
     The rollouts must come from the configured policy: guidance is built from, and sampled
     by, the current policy."""
     import polars as pl
@@ -69,7 +74,8 @@ def load_groups(stage: str, config: Config, upstream: dict[str, StageOutput], on
                          "guidance must come from the current policy")
     problems = {p["problem_id"]: p for p in scan(upstream["curate"], "problems").collect().to_arrow().to_pylist()}
     by_problem: dict[str, list[dict]] = defaultdict(list)
-    for r in scan(upstream["rollouts"], "rollouts").collect().to_arrow().to_pylist():  # in file order, as written
+    rows = scan(upstream["rollouts"], "rollouts").select(GROUP_COLUMNS).collect().to_arrow().to_pylist()
+    for r in rows:  # in file order, as written
         by_problem[r["problem_id"]].append(r)
     return problems, by_problem, kept
 

@@ -37,7 +37,6 @@ import re
 from collections import defaultdict
 from typing import Literal
 
-import pyarrow as pa
 from pydantic import Field
 
 from tasks.core.config import StrictModel
@@ -163,8 +162,8 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     """The shards' kept explanations as dataset `explanations`, with the unlock summary."""
-    parts = shard_plan.tables("explanations")
-    kept = pa.concat_tables(parts).select(["problem_id", "completion", "selected", "leaks_answer"]).to_pylist()
+    parts = shard_plan.parts("explanations")
+    kept = shard_plan.columns(parts, ["problem_id", "completion", "selected", "leaks_answer"]).to_pylist()
     targets = [it["problem"]["problem_id"] for shard in shard_plan.shards for it in shard]
     stuck = shard_plan.context["stuck"]
     explained = sorted({r["problem_id"] for r in kept if not r["leaks_answer"]})  # a leaning explanation unlocks nothing

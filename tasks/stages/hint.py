@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-import pyarrow as pa
 from pydantic import Field
 
 from tasks.core.config import StrictModel
@@ -138,8 +137,8 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     """The shards' kept hinted samples as dataset `hints`, with the unlock summary."""
-    parts = shard_plan.tables("rollouts")
-    kept = pa.concat_tables(parts).select(["problem_id", "completion"]).to_pylist()
+    parts = shard_plan.parts("rollouts")
+    kept = shard_plan.columns(parts, ["problem_id", "completion"]).to_pylist()
     stuck = shard_plan.context["stuck"]
     summary = {
         "hinted_problems": sum(map(len, shard_plan.shards)),

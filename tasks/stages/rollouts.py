@@ -20,11 +20,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.core.config import StrictModel
@@ -181,8 +179,7 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     """The finished shards as the stage output (written atomically); the work directory goes."""
     parts = shard_plan.parts("rollouts")  # the shard files themselves, linked into the output
-    cols = ["problem_id", "level", "correct", "finish_reason"]
-    counted = pa.concat_tables([pq.read_table(p, columns=cols) if isinstance(p, Path) else p.select(cols) for p in parts])
+    counted = shard_plan.columns(parts, ["problem_id", "level", "correct", "finish_reason"])
     summary = summarize(counted, shard_plan.total("generation_seconds"))
     out = job.write({"rollouts": parts}, summary, dataset_summaries={"rollouts": summary})
     shard_plan.clean()
