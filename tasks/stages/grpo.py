@@ -55,9 +55,20 @@ class GRPOTrainConfig(StrictModel):
 
     rounds: int = Field(1, gt=0, description="online rounds of rollouts -> guidance -> grading -> materialize -> update -> eval")
     learning_rate: float = Field(1e-6, gt=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit", "sgd"] = Field(
+        "adamw", description="adamw (torch), adamw_fused (torch's fused kernel, CUDA and recent CPUs), adamw_8bit "
+        "(bitsandbytes' 8-bit AdamW: optimizer state in 8 bits; needs `pip install bitsandbytes` and a GPU), sgd")
     epochs: int = Field(1, gt=0, description="passes over each round's grpo dataset")
     batch_size: int = Field(16, gt=0, description="samples per update step")
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="samples per forward/backward pass; the step's gradient is accumulated over its micro-batches "
+        "and equals the one of the whole batch (every loss normaliser is the whole batch's); default: the whole batch at once")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory, ~30% more time)")
+    lora: bool = Field(False, description="train LoRA adapters (peft) on every linear layer and merge them into the saved "
+                       "checkpoint (the adapter is saved beside it, in checkpoint/adapter/); with kl > 0 the reference is the "
+                       "same model with its adapters switched off, when it is the policy being trained")
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
     clip_low: float = Field(0.2, ge=0, description="epsilon below 1 of the clipped ratio (PPO/GRPO 0.2; ExpRL 0.2)")
     clip_high: float = Field(0.28, ge=0, description="epsilon above 1, clip-higher (DAPO 0.28; ExpRL 0.28)")
     gamma: float = Field(0.1, gt=0, description="LTE's policy shaping f(r) = r / (r + gamma) on guided samples (LUFFY 0.1)")
@@ -130,31 +141,59 @@ def _live_sequences(mask: torch.Tensor) -> torch.Tensor:
     return (mask.sum(-1) > 0).float()
 
 
+@dataclass(frozen=True)
+class Totals:
+    """The normalisers of one update step's loss, counted over the whole step's rows. A part of
+    the step (a micro-batch, a rank's share) divided by these adds up, over the parts, to the
+    loss of the whole step: gradient accumulation and data parallelism change nothing."""
+
+    tokens: float  # completion tokens of the sample rows
+    sequences: float  # sample rows with tokens
+    explanations: float  # explanation rows with tokens
+    width: int  # the longest completion: seq-mean-token-sum-norm's default L
+
+    @classmethod
+    def of_rows(cls, rows: list[dict]) -> "Totals":
+        lengths = [(row_kind(r), len(r["completion_token_ids"] or ())) for r in rows]
+        samples = [n for k, n in lengths if k in (KIND_PLAIN, KIND_GUIDED) and n]
+        return cls(float(sum(samples)), float(len(samples)), float(sum(1 for k, n in lengths if k == KIND_EXPLAIN and n)),
+                   max(1, max((n for _, n in lengths), default=1)))
+
+    @classmethod
+    def of_mask(cls, samples: torch.Tensor, explanations: torch.Tensor) -> "Totals":
+        return cls(float(samples.sum()), float(_live_sequences(samples).sum()), float(_live_sequences(explanations).sum()),
+                   samples.shape[-1])
+
+
 @register_loss_agg("token-mean")
-def token_mean(per_token: torch.Tensor, mask: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+def token_mean(per_token: torch.Tensor, mask: torch.Tensor, scale: int | None = None, totals: Totals | None = None) -> torch.Tensor:
     """Σ_i Σ_t ℓ_it / Σ_i |o_i|: every token of the batch weighs the same (verl's default, DAPO)."""
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    tokens = totals.tokens if totals else float(mask.sum())
+    return (per_token * mask).sum() / max(tokens, 1.0)
 
 
 @register_loss_agg("seq-mean-token-mean")
-def seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+def seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor, scale: int | None = None, totals: Totals | None = None,
+                        sequences: float | None = None) -> torch.Tensor:
     """(1/N) Σ_i (1/|o_i|) Σ_t ℓ_it over the N sequences with tokens: the GRPO paper's (TRL's loss_type=grpo)."""
     live = _live_sequences(mask)
     per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-    return (per_seq * live).sum() / live.sum().clamp(min=1.0)
+    n = sequences if sequences is not None else totals.sequences if totals else float(live.sum())
+    return (per_seq * live).sum() / max(n, 1.0)
 
 
 @register_loss_agg("seq-mean-token-sum-norm")
-def seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+def seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor, scale: int | None = None, totals: Totals | None = None) -> torch.Tensor:
     """(1/N) Σ_i (1/L) Σ_t ℓ_it with a constant L (Dr. GRPO; default: the batch's padded completion width, as verl)."""
     live = _live_sequences(mask)
-    per_seq = (per_token * mask).sum(-1) / float(scale or mask.shape[-1])
-    return (per_seq * live).sum() / live.sum().clamp(min=1.0)
+    per_seq = (per_token * mask).sum(-1) / float(scale or (totals.width if totals else mask.shape[-1]))
+    n = totals.sequences if totals else float(live.sum())
+    return (per_seq * live).sum() / max(n, 1.0)
 
 
-def expo_term(logp: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+def expo_term(logp: torch.Tensor, mask: torch.Tensor, beta: float, totals: Totals | None = None) -> torch.Tensor:
     """ExPO: β · mean over explanation rows of each row's per-token NLL (``mask``: the explanation rows' tokens)."""
-    return seq_mean_token_mean(nll(logp, beta), mask)
+    return seq_mean_token_mean(nll(logp, beta), mask, sequences=totals.explanations if totals else None)
 
 
 def expo_beta_at(cfg, step: int, steps: int) -> float:
@@ -229,9 +268,12 @@ def completion_logps(model, batch: Batch, with_entropy: bool = False):
     return logp, -(logprobs.exp() * logprobs).sum(-1)
 
 
-def update_loss(model, batch: Batch, cfg, ref_model=None, expo_beta: float | None = None) -> torch.Tensor:
+def update_loss(model, batch: Batch, cfg, ref_model=None, expo_beta: float | None = None, totals: Totals | None = None) -> torch.Tensor:
     """The loss of one batch: the sample rows' surrogate (+ KL) aggregated by `loss_agg`,
-    plus ExPO's term over the explanation rows (see module doc)."""
+    plus ExPO's term over the explanation rows (see module doc). With ``totals`` (the whole
+    step's normalisers) ``batch`` is a part of the step and this is its share of the step's loss.
+    ``ref_model`` may be a callable giving the reference log-probs of a batch (LoRA: the
+    policy with its adapters off)."""
     if cfg.entropy > 0:
         logp, entropy = completion_logps(model, batch, with_entropy=True)
     else:
@@ -243,14 +285,15 @@ def update_loss(model, batch: Batch, cfg, ref_model=None, expo_beta: float | Non
     per_token = torch.where(kind == KIND_PLAIN, plain, torch.where(kind == KIND_GUIDED, guided, torch.zeros_like(logp)))
     if cfg.kl > 0 and ref_model is not None:
         with torch.no_grad():
-            ref = completion_logps(ref_model, batch)
+            ref = ref_model(batch) if callable(ref_model) and not isinstance(ref_model, torch.nn.Module) else completion_logps(ref_model, batch)
         per_token = per_token + cfg.kl * kl_k3(logp, ref)
     if entropy is not None:  # the bonus: higher entropy, lower loss
         per_token = per_token - cfg.entropy * entropy
     samples = mask * ((kind == KIND_PLAIN) | (kind == KIND_GUIDED)).float()
     explanations = mask * (kind == KIND_EXPLAIN).float()
     beta = cfg.expo_beta if expo_beta is None else expo_beta
-    return LOSS_AGG[cfg.loss_agg](per_token, samples, cfg.loss_scale_factor) + expo_term(logp, explanations, beta)
+    return (LOSS_AGG[cfg.loss_agg](per_token, samples, cfg.loss_scale_factor, totals=totals)
+            + expo_term(logp, explanations, beta, totals=totals))
 
 
 # --------------------------------------------------------------------------- the rows, streamed
@@ -364,6 +407,40 @@ def minibatches(rows: list[dict] | GRPORows, batch_size: int, epochs: int, seed:
     return steps, (from_list() if isinstance(rows, list) else streamed())
 
 
+def make_optimizer(model, cfg):
+    """The configured optimizer over the trainable parameters (LoRA: the adapters only)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate)
+    kwargs = {"lr": cfg.learning_rate, "weight_decay": 0.0, "betas": (0.9, 0.99)}
+    if cfg.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("grpo: train.grpo.optimizer adamw_8bit needs bitsandbytes (pip install bitsandbytes, on a GPU "
+                             "machine); or use adamw / adamw_fused") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=cfg.optimizer == "adamw_fused" or None, **kwargs)
+
+
+def step_backward(model, tokenizer, rows: list[dict], cfg, ref_model, expo_beta: float, device: str, dtype: str,
+                  totals: Totals | None = None, scale: float = 1.0) -> float:
+    """Backward of one update step's loss over ``rows`` in micro-batches of `micro_batch_size`
+    (gradients accumulate; each part is normalised by the whole step's ``totals``, so the
+    gradient is that of the step taken at once); returns the loss. ``totals``/``scale``: the
+    normalisers and weight of a larger step this is a share of (a data-parallel rank's)."""
+    totals = totals or Totals.of_rows(rows)
+    size = cfg.micro_batch_size or len(rows)
+    loss = 0.0
+    for start in range(0, len(rows), size):
+        batch = make_batch(rows[start : start + size], tokenizer, device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            part = update_loss(model, batch, cfg, ref_model, expo_beta, totals=totals) * scale
+        part.backward()
+        loss += float(part.detach())
+    return loss
+
+
 def train_update(model, tokenizer, rows: list[dict] | GRPORows, cfg, ref_model=None, device: str = "cpu", dtype: str = "float32") -> dict:
     """`cfg.epochs` passes over the rows in shuffled minibatches (``minibatches``); AdamW (or SGD).
     With ``dtype`` bfloat16 the forward passes run under bfloat16 autocast; weights and optimizer stay float32."""
@@ -371,27 +448,46 @@ def train_update(model, tokenizer, rows: list[dict] | GRPORows, cfg, ref_model=N
     if not total:
         return {"steps": 0, "rows": 0, "losses": []}
     n = len(rows) if isinstance(rows, GRPORows) else sum(row_kind(r) != KIND_MASKED for r in rows)
-    opt = (torch.optim.SGD(model.parameters(), lr=cfg.learning_rate) if cfg.optimizer == "sgd"
-           else torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0, betas=(0.9, 0.99)))
+    opt = make_optimizer(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()  # transformers 5's name for gradient checkpointing
+        if getattr(cfg, "lora", False):  # frozen embeddings: the checkpointed blocks need inputs that carry a gradient
+            model.enable_input_require_grads()
     model.train()
     losses, steps = [], 0
     for step, rows_of_step in enumerate(progress.track(batches, f"grpo: updating on {n} samples", total=total)):
-        batch = make_batch(rows_of_step, tokenizer, device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            loss = update_loss(model, batch, cfg, ref_model, expo_beta_at(cfg, step, total))
-        loss.backward()
+        loss = step_backward(model, tokenizer, rows_of_step, cfg, ref_model, expo_beta_at(cfg, step, total), device, dtype)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(loss)
         steps += 1
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_disable()
     model.eval()
     return {"steps": steps, "rows": n, "first_loss": losses[0], "last_loss": losses[-1],
             "mean_loss": sum(losses) / len(losses)}
 
 
 # --------------------------------------------------------------------------- the stage
+
+
+def with_lora(model, cfg):
+    """The model with LoRA adapters (peft) on every linear layer; only they are trained."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def adapters_off(model) -> Callable:
+    """The KL's reference log-probs from a LoRA model with its adapters switched off: the base
+    policy without a second copy of it in memory."""
+    def ref(batch):
+        with model.disable_adapter():
+            return completion_logps(model, batch)
+    return ref
 
 
 def reference_dir(config: Config):
@@ -430,11 +526,20 @@ def compute(job: Job) -> StageOutput:
     device, dtype = precision(config)
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base)).to(device)
-    ref = AutoModelForCausalLM.from_pretrained(str(reference_dir(config))).to(device).eval() if gc.kl > 0 else None
+    ref = None
+    if gc.lora:
+        model = with_lora(model, gc)
+        if gc.kl > 0 and reference_dir(config).resolve() == base.resolve():  # the policy with its adapters off
+            ref = adapters_off(model)
+    if gc.kl > 0 and ref is None:  # memory for a reference model only when the KL needs one
+        ref = AutoModelForCausalLM.from_pretrained(str(reference_dir(config))).to(device).eval()
     data = job.upstream["materialize"]
     rows = GRPORows(data_files(data.dataset_path("grpo")), gc.shuffle_buffer)
     metrics = train_update(model, tokenizer, rows, gc, ref, device=device, dtype=dtype)
     with job.scratch() as work:
+        if gc.lora:
+            model.save_pretrained(work / "checkpoint" / "adapter")  # the adapter alone (for a server that loads LoRA adapters)
+            model = model.merge_and_unload()
         model.save_pretrained(work / "checkpoint")
         fault("checkpoint.save", STAGE.name)
         tokenizer.save_pretrained(work / "checkpoint")
