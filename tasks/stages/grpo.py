@@ -31,13 +31,19 @@ depend on the group size nor on how many sample rows share the batch.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tasks.core.config import StrictModel
 from tasks.core.faults import fault
@@ -48,6 +54,23 @@ from tasks.report import progress
 
 if TYPE_CHECKING:
     from tasks.registry import Config
+
+
+class DistributedConfig(StrictModel):
+    """How the grpo update is launched as several processes (each reads its share of every step's rows)."""
+
+    launcher: Literal["accelerate", "torchrun"] = Field(
+        "accelerate", description="accelerate: `accelerate launch --config_file CONFIG_FILE` (processes, DDP/FSDP/DeepSpeed and "
+        "precision from that file); torchrun: `torchrun --nproc_per_node NUM_PROCESSES` (DDP; on CPU over gloo)")
+    config_file: str | None = Field(None, description="accelerate's config file, e.g. infra/accelerate/fsdp2.yaml (launcher: accelerate)")
+    num_processes: int = Field(2, gt=0, description="processes on this machine (launcher: torchrun)")
+    extra_args: list[str] = Field([], description="more launcher arguments, placed before the worker module")
+
+    @model_validator(mode="after")
+    def _config_file_for_accelerate(self):
+        if self.launcher == "accelerate" and not self.config_file:
+            raise ValueError("launcher accelerate needs config_file (an accelerate config, e.g. infra/accelerate/ddp.yaml)")
+        return self
 
 
 class GRPOTrainConfig(StrictModel):
@@ -69,6 +92,10 @@ class GRPOTrainConfig(StrictModel):
                        "same model with its adapters switched off, when it is the policy being trained")
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
+    distributed: DistributedConfig | None = Field(
+        None, description="run the update as several processes on an existing engine (tasks/stages/_grpo_distributed.py): "
+        "accelerate launch with a config from infra/accelerate/ (DDP, FSDP2, DeepSpeed ZeRO), or torchrun (DDP; gloo on CPU); "
+        "default: in this process")
     clip_low: float = Field(0.2, ge=0, description="epsilon below 1 of the clipped ratio (PPO/GRPO 0.2; ExpRL 0.2)")
     clip_high: float = Field(0.28, ge=0, description="epsilon above 1, clip-higher (DAPO 0.28; ExpRL 0.28)")
     gamma: float = Field(0.1, gt=0, description="LTE's policy shaping f(r) = r / (r + gamma) on guided samples (LUFFY 0.1)")
@@ -424,19 +451,28 @@ def make_optimizer(model, cfg):
 
 
 def step_backward(model, tokenizer, rows: list[dict], cfg, ref_model, expo_beta: float, device: str, dtype: str,
-                  totals: Totals | None = None, scale: float = 1.0) -> float:
+                  totals: Totals | None = None, scale: float = 1.0, backward: Callable | None = None,
+                  no_sync: Callable | None = None, parts: int = 0, pad_row: dict | None = None) -> float:
     """Backward of one update step's loss over ``rows`` in micro-batches of `micro_batch_size`
     (gradients accumulate; each part is normalised by the whole step's ``totals``, so the
     gradient is that of the step taken at once); returns the loss. ``totals``/``scale``: the
-    normalisers and weight of a larger step this is a share of (a data-parallel rank's)."""
+    normalisers and weight of a larger step this is a share of (a data-parallel rank's);
+    ``backward``/``no_sync``: the engine's (accelerate's), no gradient sync before the last part;
+    ``parts``/``pad_row``: at least this many forward/backward passes, the missing ones on
+    ``pad_row`` with weight 0 (every rank of a sharded engine must run as many as the others)."""
+    import contextlib
+
     totals = totals or Totals.of_rows(rows)
-    size = cfg.micro_batch_size or len(rows)
+    size = cfg.micro_batch_size or max(1, len(rows))
+    chunks = [(rows[start : start + size], scale) for start in range(0, len(rows), size)]
+    chunks += [([pad_row], 0.0)] * (parts - len(chunks))
     loss = 0.0
-    for start in range(0, len(rows), size):
-        batch = make_batch(rows[start : start + size], tokenizer, device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            part = update_loss(model, batch, cfg, ref_model, expo_beta, totals=totals) * scale
-        part.backward()
+    for k, (chunk, weight) in enumerate(chunks):
+        batch = make_batch(chunk, tokenizer, device)
+        with no_sync() if no_sync and k < len(chunks) - 1 else contextlib.nullcontext():
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                part = update_loss(model, batch, cfg, ref_model, expo_beta, totals=totals) * weight
+            (backward or torch.Tensor.backward)(part)
         loss += float(part.detach())
     return loss
 
@@ -513,41 +549,107 @@ def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
     return {"grpo": upstream["materialize"].fingerprints["grpo"], "policy": policy_id_for(config)}
 
 
-def compute(job: Job) -> StageOutput:
+# --------------------------------------------------------------------------- the update as several processes
+
+#: the module every process of a distributed update runs (tasks/stages/_grpo_distributed.py)
+DISTRIBUTED_WORKER = "tasks.stages._grpo_distributed"
+#: the file its main process leaves beside the checkpoint
+DISTRIBUTED_METRICS = "metrics.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(dc, spec: Path, resolve=Path) -> list[str]:
+    """The launcher command line for the worker on ``spec``."""
+    port = str(_free_port())
+    if dc.launcher == "torchrun":
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(dc.num_processes), "--master_port", port]
+    else:
+        head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolve(dc.config_file)),
+                "--main_process_port", port]
+    return [*head, *dc.extra_args, "-m", DISTRIBUTED_WORKER, str(spec)]
+
+
+def launch_distributed(config, cfg, base: Path, reference: Path, files: list[Path], out: Path, device: str, dtype: str) -> dict:
+    """Run the update as the configured launcher's processes; the checkpoint lands in ``out``.
+    Returns the metrics the main process wrote. A failed launch is an error with its output's tail."""
+    dc = cfg.distributed
+    if dc.launcher == "accelerate" and not config.resolve(dc.config_file).is_file():
+        raise ValueError(f"train.grpo.distributed.config_file: {config.resolve(dc.config_file)} is not a file "
+                         "(an accelerate config; examples in infra/accelerate/)")
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out.parent / "grpo-spec.json"
+    spec.write_text(json.dumps({"base": str(base), "reference": str(reference), "files": [str(f) for f in files],
+                                "cfg": cfg.model_dump(mode="json"), "device": device, "dtype": dtype, "out": str(out)}))
+    cmd = launch_command(dc, spec, config.resolve)
+    log.info("grpo: launching the update: %s", " ".join(cmd))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not (out / DISTRIBUTED_METRICS).is_file():
+        tail = (proc.stdout[-2000:] + "\n" + proc.stderr[-4000:]).strip()
+        raise RuntimeError(f"grpo: the distributed update failed (exit {proc.returncode}; {' '.join(cmd)}):\n{tail}")
+    metrics = json.loads((out / DISTRIBUTED_METRICS).read_text())
+    (out / DISTRIBUTED_METRICS).unlink()
+    return metrics
+
+
+def load_for_update(base, reference, cfg, device: str):
+    """(tokenizer, policy, reference) for the update: LoRA adapters when `lora`; a reference only
+    when `kl > 0` — the policy with adapters off when it is the policy being trained, else loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base)).to(device)
+    ref = None
+    if cfg.lora:
+        model = with_lora(model, cfg)
+        if cfg.kl > 0 and Path(reference).resolve() == Path(base).resolve():
+            ref = adapters_off(model)
+    if cfg.kl > 0 and ref is None:  # memory for a reference model only when the KL needs one
+        ref = AutoModelForCausalLM.from_pretrained(str(reference)).to(device).eval()
+    return tokenizer, model, ref
+
+
+def save_checkpoint(model, tokenizer, out, cfg, state_dict=None) -> None:
+    """The trained policy as a transformers checkpoint; with LoRA the adapter alone in ``out/adapter``
+    (for a server that loads LoRA adapters) and the merged model in ``out``."""
+    if cfg.lora:
+        model.save_pretrained(out / "adapter")
+        model = model.merge_and_unload()
+        state_dict = None
+    model.save_pretrained(out, state_dict=state_dict)
+    fault("checkpoint.save", STAGE.name)
+    tokenizer.save_pretrained(out)
+
+
+def compute(job: Job) -> StageOutput:
     config = job.config
     base = local_policy_dir(config, STAGE.name)
     gc = config.train.grpo
     if config.rollouts.top_p < 1.0:
         raise ValueError(f"grpo: rollouts.top_p is {config.rollouts.top_p}: the sampler's behaviour log-probs are of the "
                          "truncated distribution, which the update cannot score; set rollouts.top_p: 1.0 for training rollouts")
-    torch.manual_seed(gc.seed)
     device, dtype = precision(config)
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForCausalLM.from_pretrained(str(base)).to(device)
-    ref = None
-    if gc.lora:
-        model = with_lora(model, gc)
-        if gc.kl > 0 and reference_dir(config).resolve() == base.resolve():  # the policy with its adapters off
-            ref = adapters_off(model)
-    if gc.kl > 0 and ref is None:  # memory for a reference model only when the KL needs one
-        ref = AutoModelForCausalLM.from_pretrained(str(reference_dir(config))).to(device).eval()
     data = job.upstream["materialize"]
-    rows = GRPORows(data_files(data.dataset_path("grpo")), gc.shuffle_buffer)
-    metrics = train_update(model, tokenizer, rows, gc, ref, device=device, dtype=dtype)
+    files = data_files(data.dataset_path("grpo"))
     with job.scratch() as work:
-        if gc.lora:
-            model.save_pretrained(work / "checkpoint" / "adapter")  # the adapter alone (for a server that loads LoRA adapters)
-            model = model.merge_and_unload()
-        model.save_pretrained(work / "checkpoint")
-        fault("checkpoint.save", STAGE.name)
-        tokenizer.save_pretrained(work / "checkpoint")
+        if gc.distributed:
+            metrics = launch_distributed(config, gc, base, reference_dir(config), files, work / "checkpoint", device, dtype)
+        else:
+            torch.manual_seed(gc.seed)
+            tokenizer, model, ref = load_for_update(base, reference_dir(config), gc, device)
+            metrics = train_update(model, tokenizer, GRPORows(files, gc.shuffle_buffer), gc, ref, device=device, dtype=dtype)
+            save_checkpoint(model, tokenizer, work / "checkpoint", gc)
         summary = {"base_policy": job.inputs["policy"], "data": job.inputs["grpo"], **metrics,
                    "rows_by_kind": kind_counts(data.scan("grpo"))}
         out = job.write({}, summary, directories={"checkpoint": work / "checkpoint"})
-    log.info("grpo: %d steps over %d samples %s, loss %s -> %s -> %s", metrics["steps"], metrics["rows"],
-             summary["rows_by_kind"], metrics.get("first_loss"), metrics.get("last_loss"), out.path / "checkpoint")
+    log.info("grpo: %d steps over %d samples %s, loss %s -> %s%s -> %s", metrics["steps"], metrics["rows"],
+             summary["rows_by_kind"], metrics.get("first_loss"), metrics.get("last_loss"),
+             f" ({metrics['processes']} processes, {gc.distributed.launcher})" if gc.distributed else "", out.path / "checkpoint")
     return out
 
 

@@ -1,0 +1,85 @@
+"""The grpo update on an existing distributed engine, on CPU: two torchrun processes (DDP over gloo)
+give the parameters of one process on the same rows; accelerate launch runs the same worker; the
+infra/accelerate configs load with accelerate's own reader."""
+
+import copy
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tasks.core.schemas import to_table
+from tasks.registry import parse_config
+from tasks.stages.grpo import GRPORows, GRPOTrainConfig, train_update
+from tests.test_update_scale import _rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _files(tmp_path, tok) -> list[Path]:
+    rows = _rows(tok) + [dict(r, sample_id=r["sample_id"] + "b", advantage=None if r["advantage"] is None else -r["advantage"])
+                         for r in _rows(tok)]
+    files = [tmp_path / "part-00000.parquet", tmp_path / "part-00001.parquet"]
+    pq.write_table(to_table(rows[:9], "grpo"), files[0])
+    pq.write_table(to_table(rows[9:], "grpo"), files[1])
+    return files
+
+
+def _params(path) -> dict[str, torch.Tensor]:
+    return dict(AutoModelForCausalLM.from_pretrained(path).named_parameters())
+
+
+@pytest.mark.parametrize("micro", [None, 2])
+def test_two_torchrun_processes_give_the_parameters_of_one(random_checkpoint, tmp_path, micro):
+    from tasks.stages.grpo import launch_distributed as launch
+
+    tok = AutoTokenizer.from_pretrained(random_checkpoint)
+    files = _files(tmp_path, tok)
+    # 16 rows (4 explanations), batches of 5: 4 steps, the last of one row (the second process pads); AdamW, clipping
+    common = {"learning_rate": 0.02, "batch_size": 5, "expo_beta": 0.2, "loss_agg": "seq-mean-token-mean", "micro_batch_size": micro}
+    one = copy.deepcopy(AutoModelForCausalLM.from_pretrained(random_checkpoint))
+    torch.manual_seed(0)
+    alone = train_update(one, tok, GRPORows(files, 4096), GRPOTrainConfig(**common))
+
+    cfg = GRPOTrainConfig(**common, distributed={"launcher": "torchrun", "num_processes": 2})
+    config = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}}, base_dir=tmp_path)
+    out = tmp_path / "checkpoint"
+    metrics = launch(config, cfg, Path(random_checkpoint), Path(random_checkpoint), files, out, "cpu", "float32")
+    assert metrics["processes"] == 2 and metrics["steps"] == alone["steps"] == 4 and metrics["rows"] == alone["rows"]
+    assert metrics["first_loss"] == pytest.approx(alone["first_loss"], abs=1e-5)
+    two = _params(out)
+    moved = 0.0
+    for name, value in one.named_parameters():
+        # AdamW divides by sqrt(v): a near-zero gradient carries float noise into a step of up to lr; 4 steps x lr 0.02 = 0.08
+        torch.testing.assert_close(two[name], value.detach(), atol=5e-5, rtol=1e-4)
+        moved = max(moved, (value.detach() - _params(random_checkpoint)[name]).abs().max().item()) if name.endswith("q_proj.weight") else moved
+    assert moved > 1e-4  # the update did move the weights
+    assert (out / "tokenizer.json").is_file() and not (out / "metrics.json").exists()
+
+
+def test_accelerate_launch_runs_the_worker_and_a_failed_launch_says_why(random_checkpoint, tmp_path):
+    from tasks.stages.grpo import launch_distributed as launch
+
+    tok = AutoTokenizer.from_pretrained(random_checkpoint)
+    files = _files(tmp_path, tok)
+    config = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}}, base_dir=ROOT)
+    cfg = GRPOTrainConfig(learning_rate=0.02, batch_size=8, distributed={"config_file": "infra/accelerate/cpu.yaml"})
+    metrics = launch(config, cfg, Path(random_checkpoint), Path(random_checkpoint), files, tmp_path / "ckpt", "cpu", "float32")
+    assert metrics["processes"] == 1 and metrics["steps"] == 2 and (tmp_path / "ckpt" / "model.safetensors").is_file()
+
+    broken = GRPOTrainConfig(batch_size=8, distributed={"launcher": "torchrun", "num_processes": 2})
+    with pytest.raises(RuntimeError, match=r"the distributed update failed \(exit [1-9]"):
+        launch(config, broken, tmp_path / "no-such-model", tmp_path / "no-such-model", files, tmp_path / "ckpt2", "cpu", "float32")
+    with pytest.raises(ValueError, match="needs config_file"):
+        GRPOTrainConfig(distributed={"launcher": "accelerate"})
+
+
+@pytest.mark.parametrize("name,kind,processes", [("ddp", "MULTI_GPU", 8), ("fsdp2", "FSDP", 8), ("deepspeed-zero2", "DEEPSPEED", 8),
+                                                 ("cpu", "NO", 1)])
+def test_infra_accelerate_configs_load_with_accelerates_reader(name, kind, processes):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ROOT / "infra" / "accelerate" / f"{name}.yaml"))
+    assert cfg.distributed_type.name == kind and cfg.num_processes == processes
