@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.core.store import StageOutput, data_files
+from tasks.core.store import StageOutput, data_files, iter_batches
 
 #: rows read per record batch while routing
 BATCH_ROWS = 2048
@@ -44,11 +44,7 @@ class Source:
 
 
 def _batches(source: Source) -> Iterator[pa.RecordBatch]:
-    """The source's rows a record batch at a time, file after file, with no read-ahead
-    (a dataset scanner's default read-ahead holds ~16 batches: a GB at 1,024 tokens a row)."""
-    for f in data_files(source.output.dataset_path(source.dataset)):
-        with pq.ParquetFile(f) as pf:
-            yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=source.columns)
+    return iter_batches(data_files(source.output.dataset_path(source.dataset)), BATCH_ROWS, source.columns)
 
 
 def read_chunk(path: Path) -> pa.Table:

@@ -42,7 +42,7 @@ from pydantic import Field, model_validator
 from tasks.core.config import StrictModel
 from tasks.core.schemas import to_table
 from tasks.core.stage import Job, Stage
-from tasks.core.store import StageOutput, fingerprint_files, write_parquet
+from tasks.core.store import StageOutput, fingerprint_files, iter_batches, write_parquet
 from tasks.report import progress
 
 # --------------------------------------------------------------------------- settings (config section `problems`)
@@ -565,12 +565,8 @@ class _Parts:
 
 
 def _read_parts(paths: list[Path], columns: list[str] | None = None) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
-    for path in paths:
-        with pq.ParquetFile(path) as pf:
-            for batch in pf.iter_batches(batch_size=2048, columns=columns):
-                yield from batch.to_pylist()
+    for batch in iter_batches(paths, 2048, columns):
+        yield from batch.to_pylist()
 
 
 def _templates(samples: dict[str, list], counts: Counter, cfg) -> dict[str, set]:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tasks.core.schemas import to_table
 from tasks.core.shards import ShardPlan, make_plan
@@ -200,9 +199,7 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     stats = Counter({k: sum(m.get(k, 0) for m in metas) for k in JUDGE_COUNTS})
     mode = shard_plan.stage_cfg["judge"]["mode"]
     name = next((m["judge"] for m in metas), shard_plan.stage_cfg["judge"]["backend"])
-    batches = (b for part in parts for b in (pq.ParquetFile(part).iter_batches(columns=cols) if isinstance(part, Path)
-                                             else part.select(cols).to_batches()))
-    summary = {"judge": name, "mode": mode, **summarize(batches, stats)}
+    summary = {"judge": name, "mode": mode, **summarize(shard_plan.columns(parts, cols).to_batches(), stats)}
     out = job.write({"grades": parts}, summary, dataset_summaries={"grades": summary})
     shard_plan.clean()
     log.info("grade: %d of %d traces graded by %s (%s mode; parse rate %s, mean outcome %s, agreement with correctness %s; "

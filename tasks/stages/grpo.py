@@ -48,7 +48,7 @@ from pydantic import Field, model_validator
 from tasks.core.config import StrictModel
 from tasks.core.faults import fault
 from tasks.core.stage import Job, Stage
-from tasks.core.store import StageOutput, data_files
+from tasks.core.store import StageOutput, data_files, iter_batches
 from tasks.models.policy import check_policy, local_policy_dir, policy_id_for, precision, precision_settings
 from tasks.report import progress
 
@@ -372,12 +372,8 @@ class GRPORows:
 
     def read(self, file_order: list | None = None) -> Iterator[dict]:
         """The trainable rows, file after file (in ``file_order``), ``READ_ROWS`` at a time."""
-        import pyarrow.parquet as pq
-
-        for f in file_order or self.files:
-            with pq.ParquetFile(f) as pf:
-                for batch in pf.iter_batches(batch_size=READ_ROWS):
-                    yield from (r for r in batch.to_pylist() if row_kind(r) != KIND_MASKED)
+        for batch in iter_batches(file_order or self.files, READ_ROWS):
+            yield from (r for r in batch.to_pylist() if row_kind(r) != KIND_MASKED)
 
 
 def minibatches(rows: list[dict] | GRPORows, batch_size: int, epochs: int, seed: int) -> tuple[int, Iterator[list[dict]]]:
