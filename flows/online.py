@@ -8,13 +8,17 @@ materialize → grpo → eval; tasks/registry.py: `round_stages`), with
 checkpoint are stage outputs in the store, keyed by what they are made of — so
 a run killed in round k, started again, finds rounds 1..k−1 and the finished
 stages of round k in the store and resumes where it stopped.
+
+After the last round, the run's frontier — per problem and round: pass rate, in the
+stuck set or not, what each guidance verified — goes into the store as a `frontier`
+dataset (`guidedrl frontier RUN_ID` prints it).
 """
 
 from __future__ import annotations
 
 import copy
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 
 from flows.pipeline import pipeline
 from tasks.core.config import PolicyConfig
@@ -38,6 +42,15 @@ def round_config(raw_config: dict, policy: str | None, round_idx: int) -> dict:
     return raw
 
 
+@task(name="frontier", cache_policy=None)
+def frontier(run_record: str) -> str:
+    """The run's frontier (tasks/report/frontier.py), written into the store and noted in the run record."""
+    from tasks.report.frontier import record_frontier
+    from tasks.report.runs import RunRecord
+
+    return str(record_frontier(RunRecord.open(run_record)).path)
+
+
 @flow(name="guidedrl-online")
 def online(raw_config: dict, base_dir: str, workspace: str, rounds: int | None = None, run_record: str | None = None) -> list[dict]:
     config = parse_config(raw_config, where="run config", base_dir=base_dir)
@@ -52,4 +65,6 @@ def online(raw_config: dict, base_dir: str, workspace: str, rounds: int | None =
         policy = results["grpo"]["path"] + "/checkpoint"
         history.append({"round": r, "policy": policy, "results": results})
         get_run_logger().info("round %d/%d: checkpoint %s", r, rounds, policy)
+    if run_record:
+        get_run_logger().info("frontier (stuck set by round, what got problems out): %s", frontier(run_record))
     return history

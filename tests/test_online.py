@@ -6,7 +6,8 @@ import pytest
 
 import tasks.stages.grpo as grpo_mod
 from flows.online import online
-from tasks.core.store import Store
+from tasks.core.store import StageOutput, Store
+from tasks.report.runs import RunRecord
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
 
@@ -48,7 +49,8 @@ def test_a_round_killed_mid_update_resumes_from_that_round(prefect_server, tmp_p
     created = {o.path: o.manifest["created"] for o in store.outputs()}
 
     monkeypatch.setattr(grpo_mod, "train_update", real)
-    history = online(raw_config=_raw(), base_dir=str(tmp_path), workspace=str(ws), rounds=2)
+    rec = RunRecord.create(ws, "online", _raw(), str(tmp_path), [])
+    history = online(raw_config=_raw(), base_dir=str(tmp_path), workspace=str(ws), rounds=2, run_record=str(rec.path))
     round1, round2 = (h["results"] for h in history)
     assert all(r["status"] != "computed" for r in round1.values())  # round 1: nothing redone
     assert {s for s, r in round2.items() if r["status"] == "computed"} == {"grpo", "eval"}  # round 2 resumed at the update
@@ -59,6 +61,16 @@ def test_a_round_killed_mid_update_resumes_from_that_round(prefect_server, tmp_p
     assert history[0]["policy"] == round1["grpo"]["path"] + "/checkpoint"
     assert Store(ws).get("grpo", Path(round2["grpo"]["path"]).name).manifest["inputs"]["policy"] != \
         Store(ws).get("grpo", Path(round1["grpo"]["path"]).name).manifest["inputs"]["policy"]
+
+    # after the last round: the run's frontier, recorded, and the report's charts of it and of eval by round
+    rec = rec.close()
+    front = rec.data["stages"]["frontier"]
+    table = StageOutput.open(front["path"]).read("frontier")
+    rolled = [Store(ws).get("rollouts", Path(r["rollouts"]["path"]).name).read("rollouts") for r in (round1, round2)]
+    assert table.num_rows == sum(len(set(t["problem_id"].to_pylist())) for t in rolled)
+    ids = [(t["problem_id"].to_pylist(), t["correct"].to_pylist()) for t in rolled]
+    assert [r["stuck"] for r in front["summary"]["by_round"]] == [len(set(p) - {x for x, ok in zip(p, c) if ok}) for p, c in ids]
+    assert (rec.dir / "frontier.png").is_file() and (rec.dir / "learning.png").is_file()
 
 
 def test_the_kl_reference_is_the_initial_policy_in_every_round(tmp_path):

@@ -193,3 +193,30 @@ def print_preset(method: str, preset: dict, resolved: dict) -> None:
         now = resolved.get(key)
         table.add_row(key, str(value), "yes" if now == value else f"no: {now} (--set)", source)
     console.print(table)
+
+
+def print_frontier(rows: list[dict], left: list[dict], nights: list[str], shown: int) -> None:
+    """`guidedrl frontier`: the stuck set by round (and night), then the problems that left it."""
+    several = len(nights) > 1
+    table = Table(title="frontier: the stuck set by round (stuck = rolled out, never right; guidance columns: stuck problems "
+                        "it produced a verified sample for)")
+    for col in (["night"] if several else []) + ["round", "problems", "pass rate", "stuck", "explain", "hint", "judge partial", "left stuck"]:
+        table.add_column(col, justify="left" if col in ("night", "round") else "right")
+    for r in rows:
+        cells = [str(r["round"]), str(r["problems"]), f"{r['correct'] / r['samples']:.3f}" if r["samples"] else "-", str(r["stuck"]),
+                 *("-" if r[g] is None else str(r[g]) for g in ("explain", "hint", "judge")), str(r["left_stuck"])]
+        table.add_row(*([f"{r['night']} {nights[r['night'] - 1]}"] if several else []), *cells)
+    console.print(table)
+    if not left:
+        console.print("no problem left the stuck set")
+        return
+    table = Table(title=f"problems that left the stuck set ({len(left)}" + (f"; the first {shown} shown" if len(left) > shown else "") + ")")
+    for col in ("problem", "level", "left in", "first verified by", "pass rate, last round"):
+        table.add_column(col, no_wrap=col == "problem")
+    where = (lambda n, r: f"night {n} round {r}") if several else (lambda n, r: f"round {r}")
+    for p in left[:shown]:
+        guided = (f"{p['first_guidance']} ({where(p.get('first_guided_night'), p['first_guided_round'])})"
+                  if p["first_guidance"] else "(none: solved without a verified guided sample)")
+        table.add_row(p["problem_id"], str(p["level"] or ""), where(p.get("left_stuck_night"), p["left_stuck_round"]), guided,
+                      f"{p['pass_rate']:.3f}")
+    console.print(table)

@@ -65,3 +65,49 @@ def gc(
                   f"{len(out['outputs_removed'])} outputs ({out['bytes_freed'] / 1e6:.1f} MB) and {len(out['leftovers_removed'])} leftovers")
     for p in out["outputs_removed"] + out["leftovers_removed"]:
         console.print(f"  {p}")
+
+
+@app.command()
+def frontier(run_ids: list[str] = typer.Argument(..., help="One run id (or a prefix naming one run), or several: nightly runs of the "
+                                                 "same problem set, oldest first (their rounds are read in that order)."),
+             workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory."),
+             problems: int = typer.Option(20, "--problems", help="How many of the problems that left the stuck set to list."),
+             as_json: bool = JsonOpt):
+    """The frontier of a run (or of nightly runs): the stuck set by round, which problems left it and when, and which
+    guidance (explain / hint / judge partial credit) first produced a verified sample for them.
+
+    Built from the run's round outputs on first use and kept in the store as a `frontier` Parquet dataset
+    (`guidedrl online` builds it when its last round ends)."""
+    import polars as pl
+
+    from flows.cli.render import print_frontier
+    from tasks.report.frontier import STAGE, by_round, combine, record_frontier
+    from tasks.report.html import write_report
+    from tasks.report.runs import RunRecord
+
+    try:
+        records = [RunRecord.load(workspace, r) for r in run_ids]
+        outputs = []
+        for rec in records:
+            if rec.status == "running":
+                raise ValueError(f"run {rec.run_id} is still running: its frontier is built when it ends (or run this once it has)")
+            had = rec.data["stages"].get(STAGE, {}).get("path")
+            outputs.append(record_frontier(rec))
+            if rec.data["stages"][STAGE]["path"] != had:  # the run's report gets the frontier's chart
+                write_report(rec)
+    except user_errors() as exc:
+        fail(str(exc))
+    tables = [o.read("frontier") for o in outputs]
+    table = combine(tables) if len(tables) > 1 else tables[0]
+    df = pl.from_arrow(table)
+    rows = by_round(table)
+    last = df.sort([c for c in ("night", "round") if c in df.columns]).group_by("problem_id", maintain_order=True).last()
+    left = last.filter(pl.col("left_stuck_round").is_not_null()).sort([c for c in ("left_stuck_night", "left_stuck_round") if c in df.columns]
+                                                                      + ["problem_id"]).to_dicts()
+    if as_json:
+        print(json.dumps({"runs": [r.run_id for r in records], "datasets": [str(o.path / "frontier") for o in outputs],
+                          "by_round": rows, "left_stuck": left}, indent=1, default=str))
+        return
+    print_frontier(rows, left, [r.run_id for r in records], problems)
+    for rec, o in zip(records, outputs):
+        console.print(f"{STAGE} of run {rec.run_id}: {o.path / 'frontier'}")

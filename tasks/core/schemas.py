@@ -168,6 +168,25 @@ EVAL = pa.schema(
     ]
 )
 
+FRONTIER = pa.schema(
+    [
+        _f("run_id", _str),
+        _f("round", pa.int32()),  # 1 for a `guidedrl run`; the round of `guidedrl online`
+        _f("problem_id", _str),
+        _f("level", _str, nullable=True),
+        _f("n", pa.int32()),  # the round's rollouts of the problem that generated (errors do not count)
+        _f("num_correct", pa.int32()),
+        _f("pass_rate", pa.float64(), nullable=True),  # null when every sample failed to generate
+        _f("stuck", pa.bool_()),  # n > 0 and num_correct == 0: in the stuck set this round
+        _f("explain_verified", pa.int32(), nullable=True),  # right self-explanations (ExPO); null: explain did not run
+        _f("hint_verified", pa.int32(), nullable=True),  # right hinted samples (LTE); null: hint did not run
+        _f("judge_partial", pa.int32(), nullable=True),  # wrong rollouts the judge gave some credit (ExpRL); null: grade did not run
+        _f("left_stuck_round", pa.int32(), nullable=True),  # the first round it was solved again after being stuck
+        _f("first_guided_round", pa.int32(), nullable=True),  # the first round in which, stuck, guidance produced a verified sample
+        _f("first_guidance", _str, nullable=True),  # which: explain / hint / judge (joined with '+' when several at once)
+    ]
+)
+
 #: dataset kind -> schema; a dataset's manifest records its kind.
 SCHEMAS: dict[str, pa.Schema] = {
     "problems": PROBLEMS,
@@ -182,6 +201,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "grpo": GRPO,
     "sft": SFT,
     "eval": EVAL,
+    "frontier": FRONTIER,
 }
 
 

@@ -66,6 +66,7 @@ def _charts(record, out_dir: Path) -> dict[str, str]:
         fig.savefig(out_dir / "judge.png", dpi=110)
         plt.close(fig)
         charts["judge"] = "judge.png"
+    charts.update(_round_charts(record, out_dir, plt))
     for n, s in record.data["stages"].items():
         png = Path(s.get("path", "")) / "charts" / "eval.png"
         if _stage_name(n) == "eval" and png.is_file():
@@ -73,6 +74,71 @@ def _charts(record, out_dir: Path) -> dict[str, str]:
             target.write_bytes(png.read_bytes())
             charts.setdefault("eval", [])
             charts["eval"].append(target.name)
+    return charts
+
+
+def update_label(raw_config: dict) -> str:
+    """What the run's update learns from, by the materialize settings (their defaults where unset)."""
+    from tasks.stages.materialize import MaterializeConfig
+
+    m = {k: f.default for k, f in MaterializeConfig.model_fields.items()} | dict(raw_config.get("materialize") or {})
+    used = [name for name, on in (("ExPO explanations", m["include_explanations"]), ("LTE hinted samples", m["lte_replace"]),
+                                  ("ExpRL judge rewards", m["reward"] == "judge")) if on]
+    return "update with " + (", ".join(used) if used else "verified rewards only (plain GRPO)")
+
+
+def eval_curve(stages: dict) -> dict[str, list[tuple[int, float]]]:
+    """level -> [(round, pass@1)] of the eval split: round 0 the starting policy, then each round's checkpoint."""
+    curve: dict[str, list[tuple[int, float]]] = {}
+    rounds = sorted(int(n.split("/")[0].removeprefix("round-")) for n in stages if n.startswith("round-") and n.endswith("/eval"))
+    for r in rounds:
+        passes = (stages[f"round-{r}/eval"].get("summary") or {}).get("pass", {})
+        for label, at in (("base", 0), ("grpo", r)):
+            if label == "base" and r != rounds[0]:
+                continue
+            for level, t in passes.get(label, {}).items():
+                curve.setdefault(level, []).append((at, t["pass@1"]))
+    return curve
+
+
+def _round_charts(record, out_dir: Path, plt) -> dict[str, str]:
+    """The frontier chart (stuck-set size by round, and the stuck problems each guidance reached) and
+    the eval split's learning curve by round, for runs with a frontier or with rounds."""
+    charts = {}
+    front = record.data["stages"].get("frontier", {}).get("summary", {}).get("by_round")
+    if front:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        rounds = [r["round"] for r in front]
+        ax.plot(rounds, [r["stuck"] for r in front], "o-", color="#cf222e", label="stuck set", linewidth=2)
+        for g, color, what in (("explain", "#0969da", "a right self-explanation"), ("hint", "#8250df", "a right hinted sample"),
+                               ("judge", "#bf8700", "judge partial credit")):
+            if any(r[g] is not None for r in front):
+                ax.plot(rounds, [r[g] or 0 for r in front], "s--", color=color, label=f"stuck, with {what}")
+        ax.plot(rounds, [r["left_stuck"] for r in front], "^:", color="#1a7f37", label="left the stuck set")
+        ax.set_xlabel("round")
+        ax.set_ylabel("problems")
+        ax.set_xticks(rounds)
+        ax.set_title(update_label(record.data.get("config") or {}), fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "frontier.png", dpi=110)
+        plt.close(fig)
+        charts["frontier"] = "frontier.png"
+    curve = eval_curve(record.data["stages"])
+    if curve and max(len(v) for v in curve.values()) > 1:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for level, pts in sorted(curve.items()):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ":" if level == "all" else "o-", color="#8c959f" if level == "all" else None,
+                    label=level)
+        ax.set_xticks(sorted({p[0] for pts in curve.values() for p in pts}))
+        ax.set_xlabel("round (0: the starting policy)")
+        ax.set_ylabel("eval pass@1")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "learning.png", dpi=110)
+        plt.close(fig)
+        charts["learning"] = "learning.png"
     return charts
 
 
@@ -129,6 +195,22 @@ def render(record, charts: dict) -> str:
             parts.append(f"<p>{_e(n)}: eval split, before/after training</p>" + _pass_table(v["pass"]))
         for png in charts.get("eval", []):
             parts.append(f"<img src='{png}' alt='eval chart'>")
+
+    front = summaries.get("frontier", {}).get("by_round")
+    if front or "learning" in charts:
+        parts.append("<h2>Frontier and learning by round</h2>")
+    if front:
+        parts.append(f"<p>{_e(update_label(d.get('config') or {}))}. The stuck set: problems the round rolled out and never solved; "
+                     "the guidance columns count the stuck problems it produced a verified sample for (<code>guidedrl frontier "
+                     f"{_e(record.run_id)}</code> lists the problems).</p><table><tr><th>round</th><th>problems</th><th>stuck</th>"
+                     "<th>explain</th><th>hint</th><th>judge partial</th><th>left the stuck set</th></tr>")
+        for r in front:
+            cells = [r["round"], r["problems"], r["stuck"], *("-" if r[g] is None else r[g] for g in ("explain", "hint", "judge")), r["left_stuck"]]
+            parts.append("<tr>" + "".join(f"<td class=num>{_e(c)}</td>" for c in cells) + "</tr>")
+        parts.append("</table><div class=grid>" + (f"<div><img src='{charts['frontier']}' alt='frontier'></div>" if "frontier" in charts else ""))
+        parts.append((f"<div><img src='{charts['learning']}' alt='eval by round'></div>" if "learning" in charts else "") + "</div>")
+    elif "learning" in charts:
+        parts.append(f"<img src='{charts['learning']}' alt='eval by round'>")
 
     guided = [(n, v) for n, v in summaries.items() if _stage_name(n) in ("explain", "hint") and "stuck_problems" in v]
     if guided:

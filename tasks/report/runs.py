@@ -78,6 +78,8 @@ class RunRecord:
     def load(cls, workspace: Path, run_id: str) -> "RunRecord":
         """The run ``run_id`` of the workspace: its full id or a prefix that names one run only."""
         root = Path(workspace) / RUNS_DIR
+        if not run_id or "/" in run_id or run_id in (".", ".."):
+            raise ValueError(f"{run_id!r} is not a run id: give the id `guidedrl runs ls` shows (or a prefix of it), not a path")
         path = root / run_id / RECORD
         if not path.is_file() and run_id:
             matches = sorted(p.parent.name for p in root.glob(f"{glob_escape(run_id)}*/{RECORD}"))
