@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import tasks.stages.eval as eval_mod
 import tasks.stages.grpo as grpo_mod
 from flows.online import online
 from tasks.core.store import StageOutput, Store
@@ -49,6 +50,9 @@ def test_a_round_killed_mid_update_resumes_from_that_round(prefect_server, tmp_p
     created = {o.path: o.manifest["created"] for o in store.outputs()}
 
     monkeypatch.setattr(grpo_mod, "train_update", real)
+    measured = []
+    real_eval = eval_mod.evaluate_policy
+    monkeypatch.setattr(eval_mod, "evaluate_policy", lambda backend, *a: measured.append(backend.policy_id) or real_eval(backend, *a))
     rec = RunRecord.create(ws, "online", _raw(), str(tmp_path), [])
     history = online(raw_config=_raw(), base_dir=str(tmp_path), workspace=str(ws), rounds=2, run_record=str(rec.path))
     round1, round2 = (h["results"] for h in history)
@@ -56,6 +60,8 @@ def test_a_round_killed_mid_update_resumes_from_that_round(prefect_server, tmp_p
     assert {s for s, r in round2.items() if r["status"] == "computed"} == {"grpo", "eval"}  # round 2 resumed at the update
     assert len(calls) == 2  # the first run's two updates, the resumed one went to the real function
     assert all(o.manifest["created"] == created[o.path] for o in Store(ws).outputs() if o.path in created)
+    # round 2's eval measured only its new checkpoint: its starting policy is round 1's checkpoint, measured in round 1
+    assert len(measured) == 1 and round2["eval"]["summary"]["pass"]["base"] == round1["eval"]["summary"]["pass"]["grpo"]
     # round 2 started from round 1's checkpoint
     assert round2["rollouts"]["path"] != round1["rollouts"]["path"]
     assert history[0]["policy"] == round1["grpo"]["path"] + "/checkpoint"

@@ -117,6 +117,23 @@ def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
             **{f"policy:{label}": pid for label, pid, _ in policies(config, upstream)}}
 
 
+def measured_before(job: Job, pid: str) -> dict | None:
+    """The pass table of policy ``pid`` from an earlier eval output in the store with the same settings,
+    problems and prompt (None if there is none): in `guidedrl online`, round k's starting policy is
+    round k−1's checkpoint, measured there — generation at a fixed seed would only repeat it."""
+    same = {k: v for k, v in job.inputs.items() if not k.startswith("policy:")}
+    for out in job.store.outputs("eval"):
+        m = out.manifest
+        if m.get("config") != job.settings or any(m.get("inputs", {}).get(k) != v for k, v in same.items()):
+            continue
+        for key, other in m.get("inputs", {}).items():
+            label = key.removeprefix("policy:")
+            if key.startswith("policy:") and other == pid and label in out.summary.get("pass", {}):
+                log.info("eval: %s (%s) was measured with these settings in %s; reusing its pass rates", label, pid, out.path)
+                return out.summary["pass"][label]
+    return None
+
+
 def compute(job: Job) -> StageOutput:
     config, upstream = job.config, job.upstream
     ec = config.eval
@@ -130,10 +147,11 @@ def compute(job: Job) -> StageOutput:
     rows, tables = [], {}
     device, dtype = precision(config)
     for label, pid, ckpt in policies(config, upstream):
-        backend = open_backend(config) if ckpt is None else make_backend("transformers", str(ckpt), batch_size=config.policy.batch_size,
-                                                                         device=device, dtype=dtype)
-        groups = evaluate_policy(backend, chat_tokenizer(config, backend), problems, template, params)
-        table = pass_table(groups)
+        table = measured_before(job, pid)
+        if table is None:
+            backend = open_backend(config) if ckpt is None else make_backend("transformers", str(ckpt), batch_size=config.policy.batch_size,
+                                                                             device=device, dtype=dtype)
+            table = pass_table(evaluate_policy(backend, chat_tokenizer(config, backend), problems, template, params))
         tables[label] = table
         n = ec.samples_per_problem
         for level, entry in table.items():
