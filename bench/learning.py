@@ -1,27 +1,30 @@
-"""The learning study: does guidance teach the tiny policy its stuck level?
+"""The learning study: does guidance teach the tiny policy its stuck level, beyond the seed spread?
 
-    python bench/learning.py [--rounds 3] [--lr 5e-5] [--epochs 1] [--expo-beta 1.0] [--methods grpo,expo,lte,exprl] [--out F]
+    python bench/learning.py [--family chain6] [--seeds 0,1,2] [--rounds 3] [--methods grpo,expo,lte,exprl] [--out PREFIX]
     python bench/learning.py --small          # the version the test suite runs
 
-From the same tiny policy and seed, runs online rounds (rollouts → guidance →
-grading → materialize → update → eval; the stage functions of tasks/, called
-in-process without Prefect) for four methods:
+For each seed (seeded problem draws and sampling) and each method, from the same
+tiny policy, runs online rounds — rollouts → filter → explain, hint → grade →
+materialize → grpo → eval: the stages of `guidedrl online` (the registry's round
+stages and `flows.online.round_config`), called in-process without Prefect:
 
-- `grpo`   plain GRPO: verified rewards, no guidance used; G' = 2G rollouts per
-           problem so that it spends at least the guided methods' samples;
-- `expo`   ExPO-GRPO: G rollouts + the selected self-explanations in the
-           update (β-NLL term under the original prompt);
-- `lte`    LTE: G rollouts, failed samples of all-failed groups replaced by
-           correct hinted ones (shaped ratio);
-- `exprl`  ExpRL process mode: G rollouts rewarded by the rule judge's step
-           scores (token advantages).
+- `grpo`   plain GRPO: verified rewards, no guidance used;
+- `expo`   ExPO-GRPO: the selected self-explanations in the update (β-NLL term under the original prompt);
+- `lte`    LTE: failed samples of all-failed groups replaced by correct hinted ones (shaped ratio);
+- `exprl`  ExpRL process mode: rollouts rewarded by the rule judge's step scores (token advantages).
 
-Training problems: reasoning-gym chain sums of the `easy` level (which the
-policy solves) and the `hard` level (its stuck level: pass@8 ≈ 0, pass@64 > 0).
-After each round it prints pass@1 and pass@k on fresh eval problems of both
-levels, and the policy samples each method has spent so far. It writes the
-table as Markdown to --out. On this 2-core machine the default run takes about
-18 minutes.
+Equal policy-sample budget: plain GRPO and ExpRL (whose extra cost is the judge,
+not the policy) sample 2G rollouts per problem; ExPO and LTE sample G and spend
+the rest on their guidance samples (at most G per stuck problem). The table says
+what each spent.
+
+After each round: pass@1 and pass@k of the stuck (hard) level's eval problems,
+the easy level's pass@1, and the run's frontier (tasks/report/frontier.py): the
+stuck set of the training problems and how many of them each guidance reached
+with a verified sample (right explanations; right hinted samples; wrong rollouts
+with the judge's partial credit). With several seeds it prints mean and min–max
+per method and round, writes the table (Markdown), the rows (JSON) and a chart
+of stuck-level pass@k by round per method (PNG) to --out, and the total time.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import tempfile
 import time
@@ -43,25 +47,35 @@ METHODS = {
     "lte": {"materialize": {"include_explanations": False, "lte_replace": True, "reward": "verify"}},
     "exprl": {"materialize": {"include_explanations": False, "lte_replace": False, "reward": "judge"}},
 }
+#: the methods whose guidance costs no policy samples: they get the 2G rollouts
+DOUBLE_ROLLOUTS = ("grpo", "exprl")
+MODELS = {"chain2": ROOT / "data" / "models" / "tiny-policy", "chain6": ROOT / "data" / "models" / "tiny-chain6"}
 
 
 def base_config(train_per_level: int, eval_per_level: int, samples: int, eval_samples: int, seed: int,
-                lr: float = 5e-5, expo_beta: float = 1.0, epochs: int = 1) -> dict:
-    levels = {"easy": {"min_digits": 1, "max_digits": 1}, "hard": {"min_digits": 2, "max_digits": 2}}
-    n_total = train_per_level + eval_per_level
+                lr: float = 5e-5, expo_beta: float = 1.0, epochs: int = 1, family: str = "chain2", easy_eval: int | None = None) -> dict:
+    """The run config of one seed. Both levels are split with the same eval fraction (eval_per_level of
+    train_per_level + eval_per_level problems); ``easy_eval`` draws fewer easy problems (the easy level is
+    watched for damage, the hard one measured)."""
+    from tasks.models.tiny_policy import FAMILIES, TinyPolicyConfig
+
+    fam = TinyPolicyConfig(**FAMILIES[family])
+    fraction = eval_per_level / (train_per_level + eval_per_level)
+    sizes = {"easy": math.ceil((easy_eval or eval_per_level) / fraction), "hard": train_per_level + eval_per_level}
+    levels = {"easy": fam.easy, "hard": fam.hard}
     return {
-        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": n_total, "seed": 900 + seed * 10 + i, "level": lvl,
-                                                    "config": {"min_terms": 2, "max_terms": 2, **c}}}
+        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": sizes[lvl], "seed": 900 + seed * 10 + i, "level": lvl,
+                                                    "config": dict(c)}}
                                  for i, (lvl, c) in enumerate(levels.items())],
-                     "eval_fraction": eval_per_level / n_total, "split_seed": seed},
-        "policy": {"model": str(ROOT / "data" / "models" / "tiny-policy"), "batch_size": 256},
+                     "eval_fraction": fraction, "split_seed": seed},
+        "policy": {"model": str(MODELS[family]), "batch_size": 256},
         "prompts": {"plain": "tiny_plain", "explain": "tiny_explain", "hint": "tiny_hint"},
-        "rollouts": {"samples_per_problem": samples, "max_new_tokens": 48, "seed": seed, "shard_size": 256},
+        "rollouts": {"samples_per_problem": samples, "max_new_tokens": fam.max_new_tokens, "seed": seed, "shard_size": 256},
         "explain": {"samples_per_problem": samples, "seed": seed},
         "hint": {"seed": seed},
         "judge": {"backend": "rule", "mode": "process"},
         "train": {"grpo": {"learning_rate": lr, "batch_size": 16, "epochs": epochs, "expo_beta": expo_beta, "gamma": 0.1, "seed": seed}},
-        "eval": {"samples_per_problem": eval_samples, "seed": 4242},
+        "eval": {"samples_per_problem": eval_samples, "seed": 4242 + seed},
     }
 
 
@@ -69,24 +83,26 @@ def method_config(raw: dict, method: str, samples: int) -> dict:
     raw = copy.deepcopy(raw)
     for section, values in METHODS[method].items():
         raw.setdefault(section, {}).update(values)
-    if method == "grpo":  # the same budget: plain GRPO gets the guidance samples as extra rollouts
+    if method in DOUBLE_ROLLOUTS:  # the same budget: the guidance samples the others spend become rollouts
         raw["rollouts"]["samples_per_problem"] = 2 * samples
     return raw
 
 
-def run_method(method: str, raw: dict, rounds: int, workspace: Path) -> list[dict]:
+def run_method(method: str, raw: dict, rounds: int, workspace: Path, seed: int = 0) -> list[dict]:
     from flows.online import round_config
     from tasks.core.store import Store
     from tasks.registry import REGISTRY, parse_config, round_stages, select_stages, upstream_of
+    from tasks.report.frontier import build_frontier, by_round
 
     store = Store(workspace)
-    policy, rows, spent = None, [], 0
+    policy, rows, spent, paths = None, [], 0, {}
     for r in range(1, rounds + 1):
         config = parse_config(round_config(raw, policy, r), where=f"{method} round {r}", base_dir=ROOT)
         outs = {}
         t0 = time.time()
         for stage in select_stages(round_stages()):  # the online round, with curate it reads
             outs[stage], _ = REGISTRY[stage].run(config, store, upstream_of(stage, outs))
+        paths[r] = {s: o.path for s, o in outs.items()}
         spent += outs["rollouts"].summary["samples"]
         if method == "expo":
             spent += outs["explain"].summary["sampled"]
@@ -94,72 +110,142 @@ def run_method(method: str, raw: dict, rounds: int, workspace: Path) -> list[dic
             spent += outs["hint"].summary["sampled"]
         passes = outs["eval"].summary["pass"]
         if r == 1:
-            rows.append({"method": method, "round": 0, "samples": 0, "pass": passes["base"], "update": {}})
+            rows.append({"method": method, "seed": seed, "round": 0, "samples": 0, "pass": passes["base"], "update": {}})
         g = outs["grpo"].summary
-        rows.append({"method": method, "round": r, "samples": spent, "pass": passes["grpo"], "seconds": round(time.time() - t0, 1),
-                     "update": {"steps": g.get("steps"), **g.get("rows_by_kind", {})}})
+        rows.append({"method": method, "seed": seed, "round": r, "samples": spent, "pass": passes["grpo"],
+                     "seconds": round(time.time() - t0, 1), "update": {"steps": g.get("steps"), **g.get("rows_by_kind", {})}})
         policy = str(outs["grpo"].path / "checkpoint")
-        print(f"  {method} round {r}: {rows[-1]['seconds']}s, update {rows[-1]['update']}", flush=True)
+        print(f"  {method} seed {seed} round {r}: {rows[-1]['seconds']}s, update {rows[-1]['update']}", flush=True)
+    front = build_frontier(store, f"{method}-seed{seed}", paths)[0]
+    for row, fr in zip(rows[1:], by_round(front.read("frontier"))):  # the stuck set each round started from
+        row["frontier"] = fr
     return rows
 
 
 def table(rows: list[dict], k: int) -> str:
-    head = (f"| method | round | policy samples | hard pass@1 | hard pass@{k} | easy pass@1 | easy pass@{k} | update rows "
-            "(plain/guided/explain) |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    """One line per method, seed and round."""
+    head = (f"| method | seed | round | policy samples | hard pass@1 | hard pass@{k} | easy pass@1 | easy pass@{k} | stuck (train) | "
+            "update rows (plain/guided/explain) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for r in rows:
         h, e, u = r["pass"].get("hard", {}), r["pass"].get("easy", {}), r["update"]
         upd = f"{u.get('plain', 0)}/{u.get('guided', 0)}/{u.get('explain', 0)}" if u else "(start)"
-        lines.append(f"| {r['method']} | {r['round']} | {r['samples']} | {h.get('pass@1', 0):.3f} | {h.get(f'pass@{k}', 0):.3f} | "
-                     f"{e.get('pass@1', 0):.3f} | {e.get(f'pass@{k}', 0):.3f} | {upd} |")
+        stuck = r.get("frontier", {}).get("stuck", "")
+        lines.append(f"| {r['method']} | {r.get('seed', 0)} | {r['round']} | {r['samples']} | {h.get('pass@1', 0):.3f} | "
+                     f"{h.get(f'pass@{k}', 0):.3f} | {e.get('pass@1', 0):.3f} | {e.get(f'pass@{k}', 0):.3f} | {stuck} | {upd} |")
     return "\n".join(lines)
 
 
+def _spread(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
+
+
+def aggregate(rows: list[dict], k: int) -> tuple[str, dict]:
+    """Mean [min–max] over seeds per method and round: hard pass@1, hard pass@k, easy pass@1, the stuck
+    set, and the share of stuck problems each method's guidance reached with a verified sample."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    rounds = sorted({r["round"] for r in rows})
+    out = {}
+    lines = [f"| method | round | seeds | policy samples | hard pass@1 | hard pass@{k} | easy pass@1 | stuck (train) | "
+             "stuck reached by guidance |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    what = {"expo": "explain", "lte": "hint", "exprl": "judge"}
+    for m in methods:
+        for rd in rounds:
+            sel = [r for r in rows if r["method"] == m and r["round"] == rd]
+            if not sel:
+                continue
+            hard1 = [r["pass"].get("hard", {}).get("pass@1", 0.0) for r in sel]
+            hardk = [r["pass"].get("hard", {}).get(f"pass@{k}", 0.0) for r in sel]
+            easy1 = [r["pass"].get("easy", {}).get("pass@1", 0.0) for r in sel]
+            fr = [r["frontier"] for r in sel if r.get("frontier")]
+            stuck = _spread([f["stuck"] for f in fr]) if fr else ""
+            g = what.get(m)
+            reached = (_spread([f[g] / f["stuck"] if f["stuck"] else 0.0 for f in fr]) if fr and g and fr[0].get(g) is not None else "")
+            out[(m, rd)] = {"hard_pass_at_1": hard1, "hard_pass_at_k": hardk, "easy_pass_at_1": easy1}
+            lines.append(f"| {m} | {rd} | {len(sel)} | {sum(r['samples'] for r in sel) // len(sel)} | {_spread(hard1)} | {_spread(hardk)} | "
+                         f"{_spread(easy1)} | {stuck} | {reached} |")
+    return "\n".join(lines), out
+
+
+def chart(agg: dict, k: int, path: Path, title: str) -> None:
+    """Stuck-level pass@k by round per method: mean line, min–max band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in dict.fromkeys(m for m, _ in agg):
+        pts = sorted((rd, v["hard_pass_at_k"]) for (mm, rd), v in agg.items() if mm == m)
+        xs = [p[0] for p in pts]
+        ax.plot(xs, [sum(v) / len(v) for _, v in pts], "o-", label=m)
+        ax.fill_between(xs, [min(v) for _, v in pts], [max(v) for _, v in pts], alpha=0.15)
+    ax.set_xlabel("round (0: the bootstrap policy)")
+    ax.set_ylabel(f"hard (stuck) level pass@{k}, eval split")
+    ax.set_xticks(sorted({rd for _, rd in agg}))
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def study(rounds: int, train_per_level: int, eval_per_level: int, samples: int, eval_samples: int, seed: int,
-          methods: list[str], workspace: Path, **update) -> list[dict]:
-    raw = base_config(train_per_level, eval_per_level, samples, eval_samples, seed, **update)
+          methods: list[str], workspace: Path, family: str = "chain2", easy_eval: int | None = None, **update) -> list[dict]:
+    raw = base_config(train_per_level, eval_per_level, samples, eval_samples, seed, family=family, easy_eval=easy_eval, **update)
     rows = []
     for method in methods:
-        print(f"{method}:", flush=True)
-        rows += run_method(method, method_config(raw, method, samples), rounds, workspace / method)
+        print(f"{method} (seed {seed}):", flush=True)
+        rows += run_method(method, method_config(raw, method, samples), rounds, workspace / method, seed)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="chain6", choices=sorted(MODELS), help="the tiny policy's task family (guidedrl bootstrap --family)")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: problem draws, splits and sampling")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--train-per-level", type=int, default=64)
-    ap.add_argument("--eval-per-level", type=int, default=48)
-    ap.add_argument("--samples", type=int, default=8, help="G, rollouts per problem (plain GRPO gets 2G)")
-    ap.add_argument("--eval-samples", type=int, default=32, help="samples per eval problem (pass@k at k = this)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-per-level", type=int, default=48, help="training problems of the hard level (the easy level gets fewer)")
+    ap.add_argument("--eval-per-level", type=int, default=100, help="eval problems of the hard level")
+    ap.add_argument("--easy-eval", type=int, default=32, help="eval problems of the easy level")
+    ap.add_argument("--samples", type=int, default=8, help="G, rollouts per problem (grpo and exprl get 2G)")
+    ap.add_argument("--eval-samples", type=int, default=8, help="samples per eval problem (pass@k at k = this)")
     ap.add_argument("--methods", default=",".join(METHODS))
-    # defaults: the run reported in the closing note of the online-GRPO issue. At 3e-4 / 2 epochs every method
-    # that updates wrecks the easy level; ExPO's published beta 0.04 leaves its explanation term too weak here.
     ap.add_argument("--lr", type=float, default=5e-5, help="learning rate of the update (AdamW)")
     ap.add_argument("--epochs", type=int, default=1, help="passes over each round's grpo dataset")
     ap.add_argument("--expo-beta", type=float, default=1.0, help="ExPO's weight of the explanation NLL term")
-    ap.add_argument("--small", action="store_true", help="1 round, 8 problems per level: the test suite's version")
+    ap.add_argument("--small", action="store_true", help="1 round, 1 seed, 8 problems per level: the test suite's version")
     ap.add_argument("--workspace", type=Path, default=None, help="keep the stage outputs here (default: a temporary directory)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the table (Markdown) and the rows (JSON) here")
+    ap.add_argument("--out", type=Path, default=None, help="write PREFIX.md (tables), PREFIX.json (rows) and PREFIX.png (chart)")
     args = ap.parse_args()
     if args.small:
-        args.rounds, args.train_per_level, args.eval_per_level, args.samples, args.eval_samples = 1, 8, 8, 4, 4
+        args.rounds, args.train_per_level, args.eval_per_level, args.easy_eval, args.samples, args.eval_samples, args.seeds = 1, 8, 8, 8, 4, 4, "0"
     import os
 
     os.environ.setdefault("GUIDEDRL_PROGRESS", "0")
+    seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ws = args.workspace or Path(tmp)
-        rows = study(args.rounds, args.train_per_level, args.eval_per_level, args.samples, args.eval_samples, args.seed,
-                     args.methods.split(","), ws, lr=args.lr, expo_beta=args.expo_beta, epochs=args.epochs)
-    md = (f"lr {args.lr}, epochs {args.epochs}, expo_beta {args.expo_beta}, G {args.samples}, rounds {args.rounds}, "
-          f"{args.train_per_level} train / {args.eval_per_level} eval problems per level\n\n" + table(rows, args.eval_samples))
+        for seed in seeds:
+            rows += study(args.rounds, args.train_per_level, args.eval_per_level, args.samples, args.eval_samples, seed,
+                          args.methods.split(","), ws / f"seed-{seed}", family=args.family, easy_eval=args.easy_eval,
+                          lr=args.lr, expo_beta=args.expo_beta, epochs=args.epochs)
+    took = time.time() - t0
+    k = args.eval_samples
+    summary, agg = aggregate(rows, k)
+    setting = (f"family {args.family}, seeds {args.seeds}, lr {args.lr}, epochs {args.epochs}, expo_beta {args.expo_beta}, G {args.samples}, "
+               f"rounds {args.rounds}, {args.train_per_level} train / {args.eval_per_level} eval hard problems, {args.easy_eval} eval easy problems, "
+               f"{k} samples per eval problem; {took / 60:.1f} min on this machine")
+    md = f"{setting}\n\nMean [min–max] over seeds:\n\n{summary}\n\nEvery run:\n\n{table(rows, k)}"
     print(md)
-    print(f"total {time.time() - t0:.0f}s")
+    print(f"total {took:.0f}s")
     if args.out:
-        args.out.write_text(md + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(md + "\n")
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+        chart(agg, k, args.out.with_suffix(".png"), setting[: setting.index("; ")])
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def train(cfg: dict, out_dir: str) -> dict:
 def evaluate(out_dir: str, cfg: dict, problems_per_level: int, n: int) -> dict:
     c = TinyPolicyConfig(**cfg)
     backend = TransformersBackend(out_dir, batch_size=256)
-    return evaluate_policy(backend, {"easy": c.easy, "hard": c.hard}, problems_per_level=problems_per_level, n=n)
+    return evaluate_policy(backend, {"easy": c.easy, "hard": c.hard}, problems_per_level=problems_per_level, n=n,
+                           max_new_tokens=c.max_new_tokens)
 
 
 @flow(name="guidedrl-bootstrap")

@@ -30,5 +30,15 @@ def test_small_learning_study_runs_every_method_with_its_own_training_signal(tmp
     assert all(by[(m, 1)]["update"]["guided"] == 0 for m in ("grpo", "expo", "exprl"))
     # plain GRPO spends at least the guided methods' policy samples
     assert by[("grpo", 1)]["samples"] >= max(by[(m, 1)]["samples"] for m in ("expo", "lte"))
+    # the frontier of each run: the round's stuck set, and what each guidance reached (only the guidance that ran)
+    for m in bench.METHODS:
+        fr = by[(m, 1)]["frontier"]
+        assert 0 < fr["stuck"] <= fr["problems"] and fr["left_stuck"] == 0
+        assert fr["explain"] is not None and fr["explain"] <= fr["stuck"]  # explain runs in every method's round (only expo uses it)
+    assert by[("exprl", 1)]["frontier"]["judge"] is not None
     table = bench.table(rows, 4)
-    assert table.count("\n") == 1 + len(rows) and "| expo | 1 |" in table
+    assert table.count("\n") == 1 + len(rows) and "| expo | 0 | 1 |" in table
+    summary, agg = bench.aggregate(rows + [{**r, "seed": 1} for r in rows], 4)
+    assert "| expo | 1 | 2 |" in summary and agg[("grpo", 1)]["hard_pass_at_k"] == [by[("grpo", 1)]["pass"]["hard"]["pass@4"]] * 2
+    bench.chart(agg, 4, tmp_path / "chart.png", "test")
+    assert (tmp_path / "chart.png").stat().st_size > 1000

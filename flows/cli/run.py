@@ -213,6 +213,8 @@ def online(
 @app.command()
 def bootstrap(
     out: Path = typer.Option(PROJECT_ROOT / "data" / "models" / "tiny-policy", "--out", help="Where to write the checkpoint."),
+    family: str = typer.Option("chain2", "--family", help="Task family (tasks/models/tiny_policy.py: FAMILIES): chain2 — the quickstart's "
+                               "policy (hard = sums of two 2-digit numbers); chain6 — the learning study's (hard = chains of 6 digits)."),
     seed: int = typer.Option(0, help="Seed: the same seed reproduces the checkpoint."),
     steps: Optional[int] = typer.Option(None, help="Training steps (default: TinyPolicyConfig.steps)."),
     hard_fraction: Optional[float] = typer.Option(None, help="How often the hard level appears in training."),
@@ -221,8 +223,11 @@ def bootstrap(
 ):
     """Build the tiny CPU policy from scratch (character tokenizer + small Llama), train it and report pass@k."""
     from flows.bootstrap import bootstrap as bootstrap_flow
+    from tasks.models.tiny_policy import FAMILIES
 
-    cfg = {"seed": seed}
+    if family not in FAMILIES:
+        fail(f"unknown --family {family!r}; families: {', '.join(FAMILIES)}")
+    cfg = {**FAMILIES[family], "seed": seed}
     if steps is not None:
         cfg["steps"] = steps
     if hard_fraction is not None:

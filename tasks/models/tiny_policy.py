@@ -65,12 +65,38 @@ class TinyPolicyConfig:
     explain_hard_fraction: float = 0.5
     format_mix: dict = field(default_factory=lambda: {"plain": 0.7, "explain": 0.15, "hint": 0.15})
     templates: dict = field(default_factory=lambda: {"plain": "tiny_plain", "explain": "tiny_explain", "hint": "tiny_hint"})
+    # the longest completion the family needs (rollouts and the bootstrap's pass@k use it)
+    max_new_tokens: int = 48
     # training
     steps: int = 1500
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
+
+
+#: task families of the tiny policy, by name: overrides of TinyPolicyConfig's defaults (`guidedrl bootstrap --family`).
+#: chain2 (the quickstart's policy, data/models/tiny-policy): easy = a digit plus or minus a digit, hard = the same with two-digit
+#: numbers — one written step, which is also the answer, so a process judge has nothing to give partial credit for.
+#: chain6 (the learning study's policy, data/models/tiny-chain6): easy = chains of 2-4 digits, hard = chains of 6 digits — five
+#: partial sums per solution, each of the kind the easy level practises: the hard level is length (composition), not new
+#: arithmetic; wrong traces usually get some steps right, so process grades differ from the outcome.
+FAMILIES: dict[str, dict] = {
+    "chain2": {},
+    "chain6": {
+        "easy": {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 1},
+        "hard": {"min_terms": 6, "max_terms": 6, "min_digits": 1, "max_digits": 1},
+        "hard_fraction": 0.01,
+        "max_new_tokens": 80,
+    },
+}
+
+
+def family_config(family: str, **overrides) -> TinyPolicyConfig:
+    """The TinyPolicyConfig of a task family (FAMILIES), with ``overrides`` on top."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny-policy family {family!r}; families: {', '.join(FAMILIES)}")
+    return TinyPolicyConfig(**{**FAMILIES[family], **overrides})
 
 
 def build_tokenizer():
