@@ -9,6 +9,7 @@
     guidedrl datasets publish PATH URL | pull URL PATH | diff A B
     guidedrl datasets export PATH --to verl|trl|openrlhf|hf DEST [--guidance PATH]
     guidedrl runs ls | runs show ID        guidedrl rerun ID --stage NAME [--downstream]
+    guidedrl frontier ID [ID ...] [--json]
     guidedrl gc --keep N [--dry-run]
     guidedrl deploy CONFIG [--work-pool P] [--cron "0 2 * * *"]
 """
