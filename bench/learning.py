@@ -53,7 +53,8 @@ MODELS = {"chain2": ROOT / "data" / "models" / "tiny-policy", "chain6": ROOT / "
 
 
 def base_config(train_per_level: int, eval_per_level: int, samples: int, eval_samples: int, seed: int,
-                lr: float = 5e-5, expo_beta: float = 1.0, epochs: int = 1, family: str = "chain2", easy_eval: int | None = None) -> dict:
+                lr: float = 5e-5, expo_beta: float = 1.0, epochs: int = 1, family: str = "chain2", easy_eval: int | None = None,
+                model: Path | None = None) -> dict:
     """The run config of one seed. Both levels are split with the same eval fraction (eval_per_level of
     train_per_level + eval_per_level problems); ``easy_eval`` draws fewer easy problems (the easy level is
     watched for damage, the hard one measured)."""
@@ -68,7 +69,7 @@ def base_config(train_per_level: int, eval_per_level: int, samples: int, eval_sa
                                                     "config": dict(c)}}
                                  for i, (lvl, c) in enumerate(levels.items())],
                      "eval_fraction": fraction, "split_seed": seed},
-        "policy": {"model": str(MODELS[family]), "batch_size": 256},
+        "policy": {"model": str(model or MODELS[family]), "batch_size": 256},
         "prompts": {"plain": "tiny_plain", "explain": "tiny_explain", "hint": "tiny_hint"},
         "rollouts": {"samples_per_problem": samples, "max_new_tokens": fam.max_new_tokens, "seed": seed, "shard_size": 256},
         "explain": {"samples_per_problem": samples, "seed": seed},
@@ -196,13 +197,16 @@ def study(rounds: int, train_per_level: int, eval_per_level: int, samples: int, 
     rows = []
     for method in methods:
         print(f"{method} (seed {seed}):", flush=True)
-        rows += run_method(method, method_config(raw, method, samples), rounds, workspace / method, seed)
+        # one store for all methods: what they share (curate, the start's eval, round 1's rollouts and guidance
+        # where their settings agree) is computed once — outputs are keyed by what they are made of
+        rows += run_method(method, method_config(raw, method, samples), rounds, workspace, seed)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="chain6", choices=sorted(MODELS), help="the tiny policy's task family (guidedrl bootstrap --family)")
+    ap.add_argument("--model", type=Path, default=None, help="the tiny policy's checkpoint (default: the family's, under data/models)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: problem draws, splits and sampling")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--train-per-level", type=int, default=48, help="training problems of the hard level (the easy level gets fewer)")
@@ -231,7 +235,7 @@ def main() -> None:
         for seed in seeds:
             rows += study(args.rounds, args.train_per_level, args.eval_per_level, args.samples, args.eval_samples, seed,
                           args.methods.split(","), ws / f"seed-{seed}", family=args.family, easy_eval=args.easy_eval,
-                          lr=args.lr, expo_beta=args.expo_beta, epochs=args.epochs)
+                          lr=args.lr, expo_beta=args.expo_beta, epochs=args.epochs, model=args.model)
     took = time.time() - t0
     k = args.eval_samples
     summary, agg = aggregate(rows, k)
