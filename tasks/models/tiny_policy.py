@@ -86,7 +86,7 @@ FAMILIES: dict[str, dict] = {
     "chain6": {
         "easy": {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 1},
         "hard": {"min_terms": 6, "max_terms": 6, "min_digits": 1, "max_digits": 1},
-        "hard_fraction": 0.01,
+        "hard_fraction": 0.002,
         "max_new_tokens": 80,
     },
 }
