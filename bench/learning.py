@@ -35,6 +35,7 @@ import json
 import math
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def chart(agg: dict, k: int, path: Path, title: str) -> None:
     ax.set_xlabel("round (0: the bootstrap policy)")
     ax.set_ylabel(f"hard (stuck) level pass@{k}, eval split")
     ax.set_xticks(sorted({rd for _, rd in agg}))
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
