@@ -18,7 +18,9 @@ not the policy) sample 2G rollouts per problem; ExPO and LTE sample G and spend
 the rest on their guidance samples (at most G per stuck problem). The table says
 what each spent.
 
-After each round: pass@1 and pass@k of the stuck (hard) level's eval problems,
+After each round: pass@1 and pass@k of the stuck (hard) level's eval problems
+(also pass@k counting only right answers whose derivation states every partial
+result of the reference: `eval.check_derivation`, so lucky guesses do not count),
 the easy level's pass@1, and the run's frontier (tasks/report/frontier.py): the
 stuck set of the training problems and how many of them each guidance reached
 with a verified sample (right explanations; right hinted samples; wrong rollouts
@@ -77,7 +79,8 @@ def base_config(train_per_level: int, eval_per_level: int, samples: int, eval_sa
         "hint": {"seed": seed},
         "judge": {"backend": "rule", "mode": "process"},
         "train": {"grpo": {"learning_rate": lr, "batch_size": 16, "epochs": epochs, "expo_beta": expo_beta, "gamma": 0.1, "seed": seed}},
-        "eval": {"samples_per_problem": eval_samples, "seed": 4242 + seed},
+        # with the derivation checked: a right answer by a wrong path (a lucky guess) does not count there
+        "eval": {"samples_per_problem": eval_samples, "seed": 4242 + seed, "check_derivation": True},
     }
 
 
@@ -111,10 +114,13 @@ def run_method(method: str, raw: dict, rounds: int, workspace: Path, seed: int =
         if method == "lte":
             spent += outs["hint"].summary["sampled"]
         passes = outs["eval"].summary["pass"]
+        derived = outs["eval"].summary.get("pass_with_derivation", {})
         if r == 1:
-            rows.append({"method": method, "seed": seed, "round": 0, "samples": 0, "pass": passes["base"], "update": {}})
+            rows.append({"method": method, "seed": seed, "round": 0, "samples": 0, "pass": passes["base"],
+                         "pass_with_derivation": derived.get("base"), "update": {}})
         g = outs["grpo"].summary
         rows.append({"method": method, "seed": seed, "round": r, "samples": spent, "pass": passes["grpo"],
+                     "pass_with_derivation": derived.get("grpo"),
                      "seconds": round(time.time() - t0, 1), "update": {"steps": g.get("steps"), **g.get("rows_by_kind", {})}})
         policy = str(outs["grpo"].path / "checkpoint")
         print(f"  {method} seed {seed} round {r}: {rows[-1]['seconds']}s, update {rows[-1]['update']}", flush=True)
@@ -126,15 +132,16 @@ def run_method(method: str, raw: dict, rounds: int, workspace: Path, seed: int =
 
 def table(rows: list[dict], k: int) -> str:
     """One line per method, seed and round."""
-    head = (f"| method | seed | round | policy samples | hard pass@1 | hard pass@{k} | easy pass@1 | easy pass@{k} | stuck (train) | "
-            "update rows (plain/guided/explain) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = (f"| method | seed | round | policy samples | hard pass@1 | hard pass@{k} | hard pass@{k}, derivation right | easy pass@1 | "
+            f"easy pass@{k} | stuck (train) | update rows (plain/guided/explain) |\n| {' | '.join(['---'] * 11)} |")
     lines = [head]
     for r in rows:
         h, e, u = r["pass"].get("hard", {}), r["pass"].get("easy", {}), r["update"]
+        hd = (r.get("pass_with_derivation") or {}).get("hard", {})
         upd = f"{u.get('plain', 0)}/{u.get('guided', 0)}/{u.get('explain', 0)}" if u else "(start)"
         stuck = r.get("frontier", {}).get("stuck", "")
         lines.append(f"| {r['method']} | {r.get('seed', 0)} | {r['round']} | {r['samples']} | {h.get('pass@1', 0):.3f} | "
-                     f"{h.get(f'pass@{k}', 0):.3f} | {e.get('pass@1', 0):.3f} | {e.get(f'pass@{k}', 0):.3f} | {stuck} | {upd} |")
+                     f"{h.get(f'pass@{k}', 0):.3f} | {hd.get(f'pass@{k}', 0):.3f} | {e.get('pass@1', 0):.3f} | {e.get(f'pass@{k}', 0):.3f} | {stuck} | {upd} |")
     return "\n".join(lines)
 
 
@@ -143,13 +150,14 @@ def _spread(values: list[float]) -> str:
 
 
 def aggregate(rows: list[dict], k: int) -> tuple[str, dict]:
-    """Mean [min–max] over seeds per method and round: hard pass@1, hard pass@k, easy pass@1, the stuck
-    set, and the share of stuck problems each method's guidance reached with a verified sample."""
+    """Mean [min–max] over seeds per method and round: hard pass@1, hard pass@k (answers; and answers whose
+    derivation states every checkpoint of the reference), easy pass@1, the stuck set, and the share of
+    stuck problems each method's guidance reached with a verified sample."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     rounds = sorted({r["round"] for r in rows})
     out = {}
-    lines = [f"| method | round | seeds | policy samples | hard pass@1 | hard pass@{k} | easy pass@1 | stuck (train) | "
-             "stuck reached by guidance |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| method | round | seeds | policy samples | hard pass@1 | hard pass@{k} | hard pass@{k}, derivation right | easy pass@1 | "
+             "stuck (train) | stuck reached by guidance |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     what = {"expo": "explain", "lte": "hint", "exprl": "judge"}
     for m in methods:
         for rd in rounds:
@@ -158,35 +166,39 @@ def aggregate(rows: list[dict], k: int) -> tuple[str, dict]:
                 continue
             hard1 = [r["pass"].get("hard", {}).get("pass@1", 0.0) for r in sel]
             hardk = [r["pass"].get("hard", {}).get(f"pass@{k}", 0.0) for r in sel]
+            hardd = [(r.get("pass_with_derivation") or {}).get("hard", {}).get(f"pass@{k}", 0.0) for r in sel]
             easy1 = [r["pass"].get("easy", {}).get("pass@1", 0.0) for r in sel]
             fr = [r["frontier"] for r in sel if r.get("frontier")]
             stuck = _spread([f["stuck"] for f in fr]) if fr else ""
             g = what.get(m)
             reached = (_spread([f[g] / f["stuck"] if f["stuck"] else 0.0 for f in fr]) if fr and g and fr[0].get(g) is not None else "")
-            out[(m, rd)] = {"hard_pass_at_1": hard1, "hard_pass_at_k": hardk, "easy_pass_at_1": easy1}
+            out[(m, rd)] = {"hard_pass_at_1": hard1, "hard_pass_at_k": hardk, "hard_derivation_pass_at_k": hardd, "easy_pass_at_1": easy1}
             lines.append(f"| {m} | {rd} | {len(sel)} | {sum(r['samples'] for r in sel) // len(sel)} | {_spread(hard1)} | {_spread(hardk)} | "
-                         f"{_spread(easy1)} | {stuck} | {reached} |")
+                         f"{_spread(hardd)} | {_spread(easy1)} | {stuck} | {reached} |")
     return "\n".join(lines), out
 
 
 def chart(agg: dict, k: int, path: Path, title: str) -> None:
-    """Stuck-level pass@k by round per method: mean line, min–max band over seeds."""
+    """Stuck-level pass@k by round per method (left: by answer; right: the derivation right too):
+    mean line, min–max band over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for m in dict.fromkeys(m for m, _ in agg):
-        pts = sorted((rd, v["hard_pass_at_k"]) for (mm, rd), v in agg.items() if mm == m)
-        xs = [p[0] for p in pts]
-        ax.plot(xs, [sum(v) / len(v) for _, v in pts], "o-", label=m)
-        ax.fill_between(xs, [min(v) for _, v in pts], [max(v) for _, v in pts], alpha=0.15)
-    ax.set_xlabel("round (0: the bootstrap policy)")
-    ax.set_ylabel(f"hard (stuck) level pass@{k}, eval split")
-    ax.set_xticks(sorted({rd for _, rd in agg}))
-    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, what in ((axes[0], "hard_pass_at_k", "right answer"), (axes[1], "hard_derivation_pass_at_k", "right answer and derivation")):
+        for m in dict.fromkeys(m for m, _ in agg):
+            pts = sorted((rd, v.get(key, [0.0])) for (mm, rd), v in agg.items() if mm == m)
+            xs = [p[0] for p in pts]
+            ax.plot(xs, [sum(v) / len(v) for _, v in pts], "o-", label=m)
+            ax.fill_between(xs, [min(v) for _, v in pts], [max(v) for _, v in pts], alpha=0.15)
+        ax.set_xlabel("round (0: the bootstrap policy)")
+        ax.set_ylabel(f"hard (stuck) level pass@{k}, eval split")
+        ax.set_xticks(sorted({rd for _, rd in agg}))
+        ax.set_title(what, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle("\n".join(textwrap.wrap(title, 120)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -263,3 +263,24 @@ def test_llm_rubric_stage_feeds_item_scores_to_the_grade_stage(tmp_path):
         scores = [r["outcome_score"] for r in out.read("grades").to_pylist()]
         assert scores == [1.0, 0.25]  # weights 1, 1, 2: only the first checkpoint of the second trace
         assert "<rubric>" in _chat_requests(srv)[-1]["messages"][0]["content"]
+
+
+def test_eval_counts_a_derivation_only_when_every_checkpoint_is_stated():
+    from tasks.models.answers import check
+    from tasks.stages.eval import derivation_right
+
+    j = RuleJudge("outcome")
+    problem = {"problem_id": "p1", "question": "1 + 5 + 5 - 3 =", "answer": "8",
+               "reference_solution": "1 + 5 = 6\n6 + 5 = 11\n11 - 3 = 8\nThe answer is 8."}
+    cases = {"1 + 5 = 6\n6 + 5 = 11\n11 - 3 = 8\n\\boxed{8}": (True, True),
+             "5 + 1 = 6\n6 + 5 = 11\n11 - 3 = 8\n\\boxed{8}": (True, True),  # + commutes
+             "1 + 4 = 5\n5 + 6 = 11\n11 - 3 = 8\n\\boxed{8}": (True, False),  # a lucky answer by a wrong path
+             "\\boxed{8}": (True, False),  # the answer alone
+             "1 + 5 = 6\n6 + 5 = 11\n11 - 3 = 7\n\\boxed{7}": (False, False)}
+    for text, (answer, derived) in cases.items():
+        correct = check(text, problem)[1]
+        assert correct == answer, text
+        assert derivation_right(j, problem, text, correct) is derived, text
+    # no checkable lines in the reference: the answer alone decides
+    bare = {**problem, "reference_solution": None}
+    assert derivation_right(j, bare, "\\boxed{8}", True) and not derivation_right(j, bare, "\\boxed{7}", False)

@@ -24,6 +24,11 @@ def test_small_learning_study_runs_every_method_with_its_own_training_signal(tmp
     starts = {m: by[(m, 0)]["pass"] for m in bench.METHODS}
     assert all(p == starts["grpo"] for p in starts.values())
     assert starts["grpo"]["easy"]["pass@1"] > 0.8 and starts["grpo"]["hard"]["pass@4"] < 0.5
+    # with the derivation checked, a sample counts only if its answer counts too (never more)
+    for r in rows:
+        for lvl, t in r["pass"].items():
+            assert r["pass_with_derivation"][lvl]["pass@4"] <= t["pass@4"] and r["pass_with_derivation"][lvl]["n"] == t["n"]
+    assert starts["grpo"]["easy"]["pass@1"] - by[("grpo", 0)]["pass_with_derivation"]["easy"]["pass@1"] < 0.1  # easy: right paths
     # what reaches each update: explanations only for ExPO, hinted samples only for LTE (when it unlocked any)
     assert by[("expo", 1)]["update"]["explain"] > 0
     assert all(by[(m, 1)]["update"]["explain"] == 0 for m in ("grpo", "lte", "exprl"))

@@ -22,6 +22,7 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, sha256_bytes
 from tasks.models.answers import check
 from tasks.models.generation import SamplingParams, checkpoint_fingerprint, make_backend
+from tasks.models.judge import RuleJudge, Trace, reference_text
 from tasks.models.policy import chat_tokenizer, check_policy, open_backend, policy_id_for, precision, precision_settings, render
 from tasks.models.prompts import fill, load_template
 from tasks.report.metrics import pass_table
@@ -40,6 +41,10 @@ class EvalConfig(StrictModel):
     levels: list[str] | None = Field(None, description="only these levels (default: all)")
     max_problems: int | None = Field(None, gt=0, description="at most this many eval problems (first by problem_id)")
     seed: int = 1234
+    check_derivation: bool = Field(False, description="also pass@k counting a sample only when its answer is right *and* it states "
+                                   "every intermediate result of the reference (the rule judge's checkpoints, lines `a op b = c`): "
+                                   "a right answer reached by a wrong path does not count. Problems whose reference has no such "
+                                   "lines count by their answer")
 
 
 STAGE = Stage(name="eval", version="1", module=__name__, upstream=("curate",), optional_upstream=("dpo", "grpo"),
@@ -62,16 +67,31 @@ def policies(config: Config, upstream: dict[str, StageOutput]) -> list[tuple[str
 EVAL_BATCH = 256
 
 
-def evaluate_policy(backend, tokenizer, problems: list[dict], template, params: SamplingParams) -> dict[str, tuple[str, list[bool]]]:
-    """problem_id -> (level, [correct per sample]), ``EVAL_BATCH`` problems at a time."""
-    out = {}
+def derivation_right(judge: RuleJudge, problem: dict, text: str, correct: bool) -> bool:
+    """A right answer that states every intermediate result of the problem's reference (a reference
+    without checkable lines: the answer alone decides)."""
+    if not correct:
+        return False
+    g = judge.grade_one(Trace("", str(problem["problem_id"]), problem["question"], reference_text(problem), text, True))
+    return not g["parse_ok"] or g["outcome_score"] >= 1.0
+
+
+def evaluate_policy(backend, tokenizer, problems: list[dict], template, params: SamplingParams,
+                    check_derivation: bool = False) -> tuple[dict[str, tuple[str, list[bool]]], dict[str, tuple[str, list[bool]]] | None]:
+    """problem_id -> (level, [correct per sample]), ``EVAL_BATCH`` problems at a time; with ``check_derivation``
+    also problem_id -> (level, [right answer and every reference checkpoint stated, per sample])."""
+    out, derived = {}, ({} if check_derivation else None)
+    judge = RuleJudge("outcome")
     for start in range(0, len(problems), EVAL_BATCH):
         batch = problems[start : start + EVAL_BATCH]
         prompts = [render(tokenizer, fill(template, p["question"])) for p in batch]
         samples = backend.generate(prompts, params)
-        out.update({p["problem_id"]: (str(p["level"]), [s.finish_reason != "error" and check(s.text, p)[1] for s in group])
-                    for p, group in zip(batch, samples)})
-    return out
+        for p, group in zip(batch, samples):
+            verdicts = [s.finish_reason != "error" and check(s.text, p)[1] for s in group]
+            out[p["problem_id"]] = (str(p["level"]), verdicts)
+            if derived is not None:
+                derived[p["problem_id"]] = (str(p["level"]), [derivation_right(judge, p, s.text, ok) for s, ok in zip(group, verdicts)])
+    return out, derived
 
 
 def chart(rows: list[dict], path: Path) -> None:
@@ -117,10 +137,11 @@ def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
             **{f"policy:{label}": pid for label, pid, _ in policies(config, upstream)}}
 
 
-def measured_before(job: Job, pid: str) -> dict | None:
-    """The pass table of policy ``pid`` from an earlier eval output in the store with the same settings,
-    problems and prompt (None if there is none): in `guidedrl online`, round k's starting policy is
-    round k−1's checkpoint, measured there — generation at a fixed seed would only repeat it."""
+def measured_before(job: Job, pid: str) -> tuple[dict, dict | None] | None:
+    """The pass tables (answers; answers with their derivation, when checked) of policy ``pid`` from an
+    earlier eval output in the store with the same settings, problems and prompt (None if there is none):
+    in `guidedrl online`, round k's starting policy is round k−1's checkpoint, measured there — generation
+    at a fixed seed would only repeat it."""
     same = {k: v for k, v in job.inputs.items() if not k.startswith("policy:")}
     for out in job.store.outputs("eval"):
         m = out.manifest
@@ -130,7 +151,7 @@ def measured_before(job: Job, pid: str) -> dict | None:
             label = key.removeprefix("policy:")
             if key.startswith("policy:") and other == pid and label in out.summary.get("pass", {}):
                 log.info("eval: %s (%s) was measured with these settings in %s; reusing its pass rates", label, pid, out.path)
-                return out.summary["pass"][label]
+                return out.summary["pass"][label], out.summary.get("pass_with_derivation", {}).get(label)
     return None
 
 
@@ -144,15 +165,18 @@ def compute(job: Job) -> StageOutput:
     template = load_template(config.template_path("plain"))
     params = SamplingParams(n=ec.samples_per_problem, temperature=ec.temperature, top_p=config.rollouts.top_p,
                             max_new_tokens=ec.max_new_tokens or config.rollouts.max_new_tokens, seed=ec.seed)
-    rows, tables = [], {}
+    rows, tables, derivation_tables = [], {}, {}
     device, dtype = precision(config)
     for label, pid, ckpt in policies(config, upstream):
-        table = measured_before(job, pid)
-        if table is None:
+        found = measured_before(job, pid)
+        if found is None:
             backend = open_backend(config) if ckpt is None else make_backend("transformers", str(ckpt), batch_size=config.policy.batch_size,
                                                                              device=device, dtype=dtype)
-            table = pass_table(evaluate_policy(backend, chat_tokenizer(config, backend), problems, template, params))
-        tables[label] = table
+            groups, derived = evaluate_policy(backend, chat_tokenizer(config, backend), problems, template, params, ec.check_derivation)
+            found = pass_table(groups), (pass_table(derived) if derived is not None else None)
+        tables[label] = table = found[0]
+        if ec.check_derivation:
+            derivation_tables[label] = found[1]
         n = ec.samples_per_problem
         for level, entry in table.items():
             rows.append({"policy_id": pid, "level": level, "n": entry["n"], "pass_at_1": entry["pass@1"],
@@ -162,6 +186,8 @@ def compute(job: Job) -> StageOutput:
         charts.mkdir()
         chart(rows, charts / "eval.png")
         summary = {"problems": len(problems), "n": ec.samples_per_problem, "pass": tables}
+        if ec.check_derivation:
+            summary["pass_with_derivation"] = derivation_tables
         out = job.write({"eval": to_table(rows, "eval", "eval/eval")}, summary, dataset_summaries={"eval": summary},
                         directories={"charts": charts})
     log.info("eval: %d eval problems x %d samples; pass@1 %s -> %s", len(problems), ec.samples_per_problem,
