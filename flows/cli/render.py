@@ -51,13 +51,12 @@ def print_pass_table(title: str, table_data: dict) -> None:
         return
     first = next(iter(table_data.values()))
     ks = [k for k in first if k.startswith("pass@") and k.split("@")[1] in ("1", "8", "64", str(first["n"]))]
-    steps = "right_answer_and_steps" in first
     table = Table(title=title)
-    for col in ["level", "problems", "samples", *ks, "all wrong"] + (["right steps"] if steps else []):
+    for col in ["level", "problems", "samples", *ks, "all wrong"]:
         table.add_column(col, justify="right" if col != "level" else "left")
     for level, row in table_data.items():
         cells = [level, str(row["problems"]), str(row["n"]), *[f"{row[k]:.3f}" for k in ks], str(row["all_fail"])]
-        table.add_row(*cells, *([f"{row['right_answer_and_steps']:.3f}"] if steps else []))
+        table.add_row(*cells)
     console.print(table)
 
 

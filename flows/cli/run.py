@@ -236,3 +236,6 @@ def bootstrap(
     console.print(f"tiny policy written to {out} ({info['parameters'] / 1e6:.2f}M parameters, {info['train_seconds']:.0f}s of training)")
     print_pass_table("plain prompt (the question alone)", info["eval"]["plain"])
     print_pass_table("explain prompt (the answer given)", info["eval"]["explain"])
+    print_pass_table("plain prompt, a right answer counted only with every partial sum of the reference stated",
+                     info["eval"]["plain_with_derivation"])
+    print_pass_table("explain prompt, the same", info["eval"]["explain_with_derivation"])
