@@ -189,7 +189,7 @@ def chart(agg: dict, k: int, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, what in ((axes[0], "hard_pass_at_k", "right answer"), (axes[1], "hard_derivation_pass_at_k", "right answer and derivation")):
         for m in dict.fromkeys(m for m, _ in agg):
-            pts = sorted((rd, v.get(key, [0.0])) for (mm, rd), v in agg.items() if mm == m)
+            pts = sorted((rd, v[key]) for (mm, rd), v in agg.items() if mm == m)
             xs = [p[0] for p in pts]
             ax.plot(xs, [sum(v) / len(v) for _, v in pts], "o-", label=m)
             ax.fill_between(xs, [min(v) for _, v in pts], [max(v) for _, v in pts], alpha=0.15)

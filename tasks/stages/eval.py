@@ -81,7 +81,7 @@ def evaluate_policy(backend, tokenizer, problems: list[dict], template, params: 
     """problem_id -> (level, [correct per sample]), ``EVAL_BATCH`` problems at a time; with ``check_derivation``
     also problem_id -> (level, [right answer and every reference checkpoint stated, per sample])."""
     out, derived = {}, ({} if check_derivation else None)
-    judge = RuleJudge("outcome")
+    judge = RuleJudge("outcome") if check_derivation else None
     for start in range(0, len(problems), EVAL_BATCH):
         batch = problems[start : start + EVAL_BATCH]
         prompts = [render(tokenizer, fill(template, p["question"])) for p in batch]
