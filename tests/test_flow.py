@@ -71,6 +71,6 @@ def test_bootstrap_flow_trains_and_reports_pass_at_k_by_level(prefect_server, tm
     info = bootstrap(out_dir=str(tmp_path / "tiny"), cfg=cfg, problems_per_level=3, n=4)
     saved = json.loads((tmp_path / "tiny" / "bootstrap.json").read_text())
     assert saved["eval"] == info["eval"]
-    for kind in ("plain", "explain"):
+    for kind in ("plain", "explain", "plain_with_derivation", "explain_with_derivation"):
         assert set(info["eval"][kind]) == {"easy", "hard"}
         assert {"pass@1", "pass@4"} <= set(info["eval"][kind]["easy"])

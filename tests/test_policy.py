@@ -42,3 +42,34 @@ def test_bootstrap_trains_saves_and_reproduces(tmp_path):
     be = TransformersBackend(tmp_path / "a", batch_size=4)
     (samples,) = be.generate([chat(be.tokenizer, "1 + 2 =")], SamplingParams(n=2, max_new_tokens=5))
     assert len(samples) == 2 and all(len(s.token_ids) <= 5 for s in samples)
+
+
+def test_bootstrap_report_counts_a_derivation_only_with_every_partial_sum():
+    """The bootstrap's pass@k tables, against a scripted policy whose four samples per prompt are: the full
+    derivation, the right answer alone, the first step then the right answer (partial sums skipped), a wrong answer."""
+    import re
+    from types import SimpleNamespace
+
+    from tasks.models.tiny_policy import evaluate_policy
+
+    class Scripted:
+        tokenizer = build_tokenizer()
+
+        def generate(self, prompts, params):
+            out = []
+            for p in prompts:
+                full = solution_text(re.search(r"problem: (.*?) =", p).group(1))
+                lines = full.splitlines()
+                texts = [full, lines[-1], "\n".join([lines[0], lines[-1]]), "\\boxed{999}"]
+                out.append([SimpleNamespace(text=texts[i % 4]) for i in range(params.n)])
+            return out
+
+    levels = {"two": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+              "six": {"min_terms": 6, "max_terms": 6, "min_digits": 1, "max_digits": 1}}
+    report = evaluate_policy(Scripted(), levels, problems_per_level=3, n=4)
+    for kind in ("plain", "explain"):
+        assert report[kind]["six"]["pass@1"] == report[kind]["two"]["pass@1"] == 0.75  # three right answers of four
+        # six terms: only the full derivation states every partial sum; two terms: the first step is the whole derivation
+        assert report[f"{kind}_with_derivation"]["six"]["pass@1"] == 0.25
+        assert report[f"{kind}_with_derivation"]["two"]["pass@1"] == 0.5
+        assert report[f"{kind}_with_derivation"]["six"]["problems"] == 3
