@@ -149,10 +149,20 @@ def test_quickstart_rows_are_those_of_the_recorded_run(finished_quickstart):
     re-makes the file and says why in its commit."""
     import json
 
-    from tests.golden import row_digests
+    from tests.golden import differences, row_digests
 
     recorded = json.loads((Path(__file__).parent / "quickstart_rows.json").read_text())
-    now = row_digests(finished_quickstart["workspace"])
-    assert now.keys() == recorded.keys()
-    changed = {name: (recorded[name], now[name]) for name in now if now[name] != recorded[name]}
+    changed = differences(row_digests(finished_quickstart["workspace"]), recorded)
     assert not changed, f"quickstart rows changed: {changed}"
+
+
+def test_golden_rows_tell_a_changed_float_from_another_machines_last_bits():
+    from tests.golden import differences
+
+    rec = {"rollouts/rollouts": {"rows": 2, "sha256": "ab", "float_sums": {"behaviour_logprobs": ["-13661.5605", "13661.5605"]}}}
+    noise = {"rollouts/rollouts": {**rec["rollouts/rollouts"], "float_sums": {"behaviour_logprobs": ["-13661.5600", "13661.5600"]}}}
+    moved = {"rollouts/rollouts": {**rec["rollouts/rollouts"], "float_sums": {"behaviour_logprobs": ["-13661.51", "13661.51"]}}}
+    text = {"rollouts/rollouts": {**rec["rollouts/rollouts"], "sha256": "cd"}}
+    assert differences(noise, rec) == {}  # 4e-8 of the sum: float32 rounding on another CPU
+    assert list(differences(moved, rec)) == list(differences(text, rec)) == ["rollouts/rollouts"]
+    assert differences({}, rec) == {"datasets": (["rollouts/rollouts"], [])}
