@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pyarrow as pa
 
@@ -129,37 +129,39 @@ def dry_run(config: Config, store: Store, upstream: dict[str, StageOutput]) -> d
     return {"stage": STAGE.name, "traces": plan.pop("traces", 0), **plan}
 
 
-def summarize(batches: Iterable[pa.RecordBatch], stats: Counter) -> dict:
-    """The grade summary, added up over record batches of the grades (their `correct`,
-    `outcome_score`, `step_scores`, `parse_ok`, `error` columns): counts and sums only."""
-    n = ok = agree = 0
-    reasons, bins, sums = Counter(), Counter(), Counter()
-    for batch in batches:
-        for r in batch.to_pylist():
-            n += 1
-            if not r["parse_ok"]:
-                reasons[(r["error"] or "").split(":")[0]] += 1
-                continue
-            ok += 1
-            score = r["outcome_score"]
-            bins[f"{round(score * 4) / 4:.2f}"] += 1
-            # do high outcome scores go with right answers? (>= 0.75, a judge score of 4 or 5, reads "reaches the answer")
-            agree += (score >= 0.75) == r["correct"]
-            side = "right" if r["correct"] else "wrong"
-            sums.update({"outcome": score, side: score, f"n_{side}": 1,
-                         "steps": sum(r["step_scores"] or ()), "n_steps": len(r["step_scores"] or ())})
+def summarize(grades: pa.Table, stats: Counter) -> dict:
+    """The grade summary from the grades' `correct`, `outcome_score`, `step_scores`, `parse_ok`,
+    `error` columns: counts and sums, as polars aggregations (no per-row Python)."""
+    import polars as pl
+
+    df = pl.from_arrow(grades).lazy()
+    ok_rows = df.filter(pl.col("parse_ok"))
+    score, right = pl.col("outcome_score"), pl.col("correct")
+    steps = pl.col("step_scores").fill_null([])
+    totals = ok_rows.select(
+        ok=pl.len(), outcome=score.sum(),
+        # do high outcome scores go with right answers? (>= 0.75, a judge score of 4 or 5, reads "reaches the answer")
+        agree=((score >= 0.75) == right).sum(),
+        right=score.filter(right).sum(), n_right=right.sum(), wrong=score.filter(~right).sum(), n_wrong=(~right).sum(),
+        steps=steps.list.sum().sum(), n_steps=steps.list.len().sum(),
+    ).collect().row(0, named=True)
+    n = df.select(pl.len()).collect().item()
+    reasons = (df.filter(~pl.col("parse_ok")).group_by(reason=pl.col("error").fill_null("").str.split(":").list.first())
+               .len().collect().rows())
+    bins = ok_rows.group_by(bin=(score * 4).round(0) / 4).len().collect().rows()  # round half to even, as Python's round
+    ok = totals["ok"]
     mean = lambda total, count: round(total / count, 4) if count else None  # noqa: E731
     return {
         "traces": n,
         "graded": ok,
         "parse_rate": round(ok / n, 4) if n else None,
-        "not_graded_by_reason": dict(reasons),
-        "outcome_histogram": dict(sorted(bins.items())),
-        "mean_outcome_score": mean(sums["outcome"], ok),
-        "mean_step_score": mean(sums["steps"], sums["n_steps"]),
-        "agreement_with_correctness": mean(agree, ok),
-        "mean_outcome_if_correct": mean(sums["right"], sums["n_right"]),
-        "mean_outcome_if_wrong": mean(sums["wrong"], sums["n_wrong"]),
+        "not_graded_by_reason": dict(sorted(reasons)),
+        "outcome_histogram": {f"{b:.2f}": c for b, c in sorted(bins)},
+        "mean_outcome_score": mean(totals["outcome"], ok),
+        "mean_step_score": mean(totals["steps"], totals["n_steps"]),
+        "agreement_with_correctness": mean(totals["agree"], ok),
+        "mean_outcome_if_correct": mean(totals["right"], totals["n_right"]),
+        "mean_outcome_if_wrong": mean(totals["wrong"], totals["n_wrong"]),
         "judge_requests": {k: stats.get(k, 0) for k in JUDGE_COUNTS},
     }
 
@@ -192,14 +194,14 @@ def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     """The shards' grades as dataset `grades` (the shard files become its parts), with the
-    parse rate, histograms and judge request counts added up a record batch at a time."""
+    parse rate, histograms and judge request counts added up as polars aggregations over five columns."""
     parts = shard_plan.parts("grades")
     cols = ["correct", "outcome_score", "step_scores", "parse_ok", "error"]
     metas = shard_plan.metas()
     stats = Counter({k: sum(m.get(k, 0) for m in metas) for k in JUDGE_COUNTS})
     mode = shard_plan.stage_cfg["judge"]["mode"]
     name = next((m["judge"] for m in metas), shard_plan.stage_cfg["judge"]["backend"])
-    summary = {"judge": name, "mode": mode, **summarize(shard_plan.columns(parts, cols).to_batches(), stats)}
+    summary = {"judge": name, "mode": mode, **summarize(shard_plan.columns(parts, cols), stats)}
     out = job.write({"grades": parts}, summary, dataset_summaries={"grades": summary})
     shard_plan.clean()
     log.info("grade: %d of %d traces graded by %s (%s mode; parse rate %s, mean outcome %s, agreement with correctness %s; "
