@@ -118,9 +118,11 @@ def run_method(method: str, raw: dict, rounds: int, workspace: Path, seed: int =
         if r == 1:
             rows.append({"method": method, "seed": seed, "round": 0, "samples": 0, "pass": passes["base"],
                          "pass_with_derivation": derived.get("base"), "update": {}})
-        g = outs["grpo"].summary
+        g, m = outs["grpo"].summary, outs["materialize"].summary["grpo"]
         rows.append({"method": method, "seed": seed, "round": r, "samples": spent, "pass": passes["grpo"],
                      "pass_with_derivation": derived.get("grpo"),
+                     # the stuck (all-fail) groups of the round, and those the process grades give a token advantage
+                     "all_fail_groups": m.get("all_fail_groups"), "all_fail_groups_with_token_advantages": m.get("all_fail_groups_with_token_advantages"),
                      "seconds": round(time.time() - t0, 1), "update": {"steps": g.get("steps"), **g.get("rows_by_kind", {})}})
         policy = str(outs["grpo"].path / "checkpoint")
         print(f"  {method} seed {seed} round {r}: {rows[-1]['seconds']}s, update {rows[-1]['update']}", flush=True)
@@ -133,15 +135,18 @@ def run_method(method: str, raw: dict, rounds: int, workspace: Path, seed: int =
 def table(rows: list[dict], k: int) -> str:
     """One line per method, seed and round."""
     head = (f"| method | seed | round | policy samples | hard pass@1 | hard pass@{k} | hard pass@{k}, derivation right | easy pass@1 | "
-            f"easy pass@{k} | stuck (train) | update rows (plain/guided/explain) |\n| {' | '.join(['---'] * 11)} |")
+            f"easy pass@{k} | stuck (train) | update rows (plain/guided/explain) | all-fail groups with token advantages |\n"
+            f"| {' | '.join(['---'] * 12)} |")
     lines = [head]
     for r in rows:
         h, e, u = r["pass"].get("hard", {}), r["pass"].get("easy", {}), r["update"]
         hd = (r.get("pass_with_derivation") or {}).get("hard", {})
         upd = f"{u.get('plain', 0)}/{u.get('guided', 0)}/{u.get('explain', 0)}" if u else "(start)"
         stuck = r.get("frontier", {}).get("stuck", "")
+        signal = f"{r['all_fail_groups_with_token_advantages']} of {r['all_fail_groups']}" if r.get("all_fail_groups") is not None else ""
         lines.append(f"| {r['method']} | {r.get('seed', 0)} | {r['round']} | {r['samples']} | {h.get('pass@1', 0):.3f} | "
-                     f"{h.get(f'pass@{k}', 0):.3f} | {hd.get(f'pass@{k}', 0):.3f} | {e.get('pass@1', 0):.3f} | {e.get(f'pass@{k}', 0):.3f} | {stuck} | {upd} |")
+                     f"{h.get(f'pass@{k}', 0):.3f} | {hd.get(f'pass@{k}', 0):.3f} | {e.get('pass@1', 0):.3f} | {e.get(f'pass@{k}', 0):.3f} | {stuck} | "
+                     f"{upd} | {signal} |")
     return "\n".join(lines)
 
 

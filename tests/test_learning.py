@@ -41,6 +41,10 @@ def test_small_learning_study_runs_every_method_with_its_own_training_signal(tmp
         assert 0 < fr["stuck"] <= fr["problems"] and fr["left_stuck"] == 0
         assert fr["explain"] is not None and fr["explain"] <= fr["stuck"]  # explain runs in every method's round (only expo uses it)
     assert by[("exprl", 1)]["frontier"]["judge"] is not None
+    # the stuck groups of each round's update, and those ExpRL's process grades give a token advantage
+    e = by[("exprl", 1)]
+    assert 0 <= e["all_fail_groups_with_token_advantages"] <= e["all_fail_groups"] == e["frontier"]["stuck"]
+    assert by[("grpo", 1)]["all_fail_groups_with_token_advantages"] == 0  # verified rewards: no token advantages
     table = bench.table(rows, 4)
     assert table.count("\n") == 1 + len(rows) and "| expo | 0 | 1 |" in table
     summary, agg = bench.aggregate(rows + [{**r, "seed": 1} for r in rows], 4)

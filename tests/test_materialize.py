@@ -132,6 +132,12 @@ def test_process_mode_keeps_groups_whose_steps_differ_and_single_steps_get_s1(tm
     out, counts = build(_config(tmp_path, reward="judge"), rollouts, [], [], grades, tokenizer=build_tokenizer())
     assert counts.get("dropped_groups", 0) == 0 and len(out["grpo"]) == 2
     assert any(a != 0 for a in out["grpo"][0]["token_advantages"])
+    # the stuck groups with a process signal are counted: D has one, E (every step wrong in both samples) none
+    rollouts += [_row("E", i, "3 + 4 = 9\n\\boxed{9}", False) for i in range(2)]
+    grades.update({f"E-plain-{i}": {"parse_ok": True, "outcome_score": 0.0, "step_scores": [0.0, 0.0], "steps": ["3 + 4 = 9", "\\boxed{9}"]}
+                   for i in range(2)})
+    _, counts = build(_config(tmp_path, reward="judge"), rollouts, [], [], grades, tokenizer=build_tokenizer())
+    assert counts["all_fail_groups"] == 2 and counts["all_fail_groups_with_token_advantages"] == 1 and counts["dropped_groups"] == 1
 
 
 def test_process_mode_without_a_tokenizer_is_an_error(tmp_path):

@@ -214,7 +214,11 @@ def build(config: Config, rollouts: list[dict], explanations: list[dict], hints:
             row["advantage"] = adv
         rewards = {r["reward"] for r in rows if r["reward"] is not None}
         # ExpRL process mode: a group whose rewards are all equal still teaches when its steps are graded differently
-        uniform = len(rewards) <= 1 and not any(a for r in rows for a in (r["token_advantages"] or ()))
+        stepped = any(a for r in rows for a in (r["token_advantages"] or ()))
+        uniform = len(rewards) <= 1 and not stepped
+        if not right:  # a stuck group: does the process grade give it any signal the answer does not?
+            counts["all_fail_groups"] += 1
+            counts["all_fail_groups_with_token_advantages"] += stepped
         counts["uniform_groups"] += uniform
         if uniform and not mc.keep_uniform_groups:
             counts["dropped_groups"] += 1
@@ -332,7 +336,8 @@ class Tally:
                      "uniform_groups_dropped": c.get("dropped_groups", 0),
                      "lte_groups": c.get("lte_groups", 0), "lte_replaced_samples": c.get("lte_replaced_samples", 0),
                      "explanation_rows": c.get("explanation_rows", 0), "masked_samples": c.get("masked_samples", 0),
-                     "with_token_advantages": self.with_token_advantages},
+                     "with_token_advantages": self.with_token_advantages, "all_fail_groups": c.get("all_fail_groups", 0),
+                     "all_fail_groups_with_token_advantages": c.get("all_fail_groups_with_token_advantages", 0)},
             "sft": {"rows": self.rows["sft"], "by_kind": dict(self.by_kind["sft"])},
         }
 
