@@ -100,7 +100,9 @@ class JudgeConfig(StrictModel):
     max_failed_fraction: float = Field(
         0.0, ge=0, le=1, description="traces whose request failed after retries, as a fraction, above which the stage fails "
         "(answers already received stay cached; a re-run sends only the missing requests); checked for each grade shard")
-    shard_size: int = Field(512, gt=0, description="traces per grade shard (grades do not depend on it); a crash resumes at the first unfinished shard")
+    shard_size: int | None = Field(None, gt=0, description="traces per grade shard (grades do not depend on it); a crash resumes at the "
+                                   "first unfinished shard. Default: 512 for an LLM judge, 8192 for the rule judge (microseconds a "
+                                   "trace: smaller shards spend their time reading their slice of the rollouts, not grading)")
 
 
 class PrefectConfig(StrictModel):

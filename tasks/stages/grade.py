@@ -176,7 +176,12 @@ def plan(job: Job) -> ShardPlan:
         if p["requests"] > jc.max_requests:
             raise judge.JudgeError(f"{STAGE.name}: the judge would send {p['requests']} requests ({p['cached']} more are cached), over "
                                    f"judge.max_requests = {jc.max_requests}; nothing was sent. Raise the limit or grade fewer traces.")
-    return make_plan(job, range(trace_rows(job.upstream)), jc.shard_size, sources=sources(job.upstream))
+    return make_plan(job, range(trace_rows(job.upstream)), shard_size(jc), sources=sources(job.upstream))
+
+
+def shard_size(jc) -> int:
+    """`judge.shard_size`, or its default for the judge's backend."""
+    return jc.shard_size or (8192 if jc.backend == "rule" else 512)
 
 
 def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
