@@ -4,15 +4,16 @@
 
 For every Parquet dataset of every stage output: its row count, the sha256 of its
 rows (each row as canonical JSON, rows sorted) with every float replaced by a marker,
-and per column the exact sum of its floats and of their absolute values (``math.fsum``,
-so row order does not matter) — so neither store keys, file names, row order nor Parquet encoding matter,
-only the rows. Texts, token ids, flags and counts must be equal; floats (log-probs,
-scores, advantages, pass rates) within ``REL_TOL`` (measured: 1 thread against 2
-moves the log-prob sums by ≤ 3e-8 of their size): float32 kernels give other last bits on another CPU, and a digest of exact float reprs would tell machines
-apart, not code. ``policy_id`` is left out: it is the hash of a checkpoint's weights,
-whose last bits differ in the same way (the ``policy`` column says which policy a row
-is of). Re-make the file in the commit that changes the quickstart's outputs on
-purpose, and say why there.
+and per column the exact sum of its floats and of their absolute values
+(``math.fsum``, so row order does not matter) — so neither store keys, file names,
+row order nor Parquet encoding matter, only the rows. Texts, token ids, flags and
+counts must be equal; floats (log-probs, scores, advantages, pass rates) within
+``REL_TOL`` (measured: 1 thread against 2 moves the log-prob sums by ≤ 3e-8 of their
+size): float32 kernels give other last bits on another CPU, and a digest of exact
+float reprs would tell machines apart, not code. ``policy_id`` is left out: it is the
+hash of a checkpoint's weights, whose last bits differ in the same way (the ``policy``
+column says which policy a row is of). Re-make the file in the commit that changes
+the quickstart's outputs on purpose, and say why there.
 """
 
 from __future__ import annotations
