@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
-import statistics
 from bisect import bisect_right
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Literal
@@ -86,8 +86,8 @@ def group_advantages(rewards: list[float | None], scale: str = "grpo") -> list[f
     known = [r for r in rewards if r is not None]
     if not known:
         return [None] * len(rewards)
-    mean = sum(known) / len(known)
-    std = statistics.pstdev(known) if len(known) > 1 else 0.0
+    mean = math.fsum(known) / len(known)
+    std = math.sqrt(math.fsum((r - mean) ** 2 for r in known) / len(known)) if len(known) > 1 else 0.0  # population std
     div = (std + 1e-6) if scale == "grpo" else 1.0
     return [None if r is None else (r - mean) / div for r in rewards]
 
