@@ -11,7 +11,8 @@ from the kernel (ru_maxrss):
 
 - curate: `tasks.stages.curate.curate_parts` on a JSONL file of N problems (validation, dedup,
   decontamination against a 5% eval split, parts written as it goes) — vs a bare polars pass
-  that only deduplicates (lower-cased, whitespace-collapsed) and sinks Parquet;
+  doing the same steps as vectorised queries (normalised key, dedup, hash split, word 8-grams,
+  eval-overlap share, sink Parquet; no NFKC, no per-source template n-grams, no rejection rows);
 - filter: `tasks.stages.filter.filter_problems` over the scanned outputs + `conform`, written
   as Parquet — vs a bare polars group-by of the same four columns sunk to Parquet;
 - datasets show: `tasks.core.store.open_dataset` (fingerprint hashed in chunks, schema and
@@ -194,8 +195,18 @@ curate_parts(cfg, lambda p: WS / p, OUT / "curate")
     "curate:bare": """
 import polars as pl
 # --- timed
-lf = pl.scan_ndjson(WS / "source.jsonl").with_columns(key=pl.col("question").str.to_lowercase().str.replace_all(r"\\s+", " "))
-lf.unique(subset="key", keep="first", maintain_order=True).drop("key").sink_parquet(OUT / "curated.parquet")  # dedup only
+# the same steps in polars: normalised key (lower case, spaces collapsed), dedup, a 5% eval split by a hash of the key,
+# word 8-grams of each question, train problems with half or more of their 8-grams in the eval split's dropped
+lf = pl.scan_ndjson(WS / "source.jsonl").with_columns(key=pl.col("question").str.to_lowercase().str.replace_all(r"\\s+", " ").str.strip_chars())
+df = (lf.unique(subset="key", keep="first", maintain_order=True)
+      .with_columns(split=pl.when(pl.col("key").hash(seed=0) % 100 < 5).then(pl.lit("eval")).otherwise(pl.lit("train")),
+                    row=pl.int_range(pl.len())).collect())
+grams = (df.lazy().select("row", "split", pl.col("key").str.extract_all(r"\\w+|[^\\w\\s]").alias("t"))
+         .with_columns(g=pl.col("t").list.eval(pl.concat_str([pl.element().shift(-i) for i in range(8)], separator=" ")).list.drop_nulls())
+         .explode("g").drop_nulls("g").select("row", "split", h=pl.col("g").hash(seed=0)))
+eval_grams = grams.filter(pl.col("split") == "eval").select("h").unique().with_columns(hit=pl.lit(True))
+frac = grams.filter(pl.col("split") == "train").join(eval_grams, on="h", how="left").group_by("row").agg(frac=pl.col("hit").fill_null(False).mean())
+df.lazy().join(frac, on="row", how="left").filter(pl.col("frac").fill_null(0.0) < 0.5).drop("key", "row", "frac").sink_parquet(OUT / "curated.parquet")
 """,
     "materialize": """
 from tasks.core.stage import Job
