@@ -197,6 +197,7 @@ def test_chunks_of_whole_problems_give_the_rows_of_one_pass_in_order(finished_qu
 
     def run(chunk_rows):
         monkeypatch.setattr(materialize, "CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr(materialize, "PART_BYTES", 1)  # a part file per chunk
         out, _ = REGISTRY["materialize"].run(config, store, upstream, force=True)
         tables = {n: pads.dataset([str(f) for f in data_files(out.dataset_path(n))]).to_table() for n in ("dpo", "grpo", "sft")}
         return out, tables

@@ -149,23 +149,30 @@ def partition(main: Source, others: dict[str, Source], max_rows: int, work: Path
     for name, src in sources.items():
         mapping = keys[src.join_on] if src.join_on else chunks
         on = src.join_on or "problem_id"
+        # each row's chunk from its key alone, for all rows in file order: one join (ids only); per record
+        # batch a join against the whole map would make the routing quadratic in the rows
+        chunk_of_rows = (src.output.scan(src.dataset).select(on).join(mapping.lazy(), on=on, how="left", maintain_order="left")
+                         .select("chunk").collect()["chunk"])
         writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
-        schema = None
+        schema, at = None, 0
         try:
             for batch in _batches(src):
                 schema = schema or batch.schema
-                # each row's chunk from its key alone; the rows themselves stay in Arrow (one copy: the filter)
-                chunk_of = (pl.DataFrame({on: pl.from_arrow(batch.column(on))})
-                            .join(mapping, on=on, how="left", maintain_order="left")["chunk"])
+                chunk_of = chunk_of_rows.slice(at, batch.num_rows)
+                at += batch.num_rows
                 for chunk in chunk_of.drop_nulls().unique().sort():
                     if chunk not in writers:
                         paths[chunk][name] = work / f"{name}-{chunk:05d}.arrow"
                         # scratch files, read once: Arrow IPC (no encoding: writing Parquet was most of the routing's time)
                         writers[chunk] = pa.ipc.new_file(paths[chunk][name], schema)
+                    # the rows themselves stay in Arrow (one copy: the filter)
                     writers[chunk].write_batch(batch.filter((chunk_of == chunk).fill_null(False).to_arrow()))
         finally:
             for w in writers.values():
                 w.close()
+        if at != len(chunk_of_rows):
+            raise ValueError(f"{src.output.path / src.dataset}: {on} is not unique in {main.output.path / main.dataset}; "
+                             f"its rows cannot be routed to one problem each")
         for chunk in range(n_chunks):  # a chunk without rows of this source still gets its (empty) file
             if name not in paths[chunk]:
                 schema = schema or pq.read_schema(data_files(src.output.dataset_path(src.dataset))[0])

@@ -43,7 +43,7 @@ from tasks.core.config import StrictModel
 from tasks.core.groups import Source, partition, read_chunk
 from tasks.core.schemas import SCHEMAS, conform, to_table
 from tasks.core.stage import Job, Stage
-from tasks.core.store import StageOutput, write_parquet
+from tasks.core.store import StageOutput, data_files, write_parquet
 from tasks.models.judge import split_steps
 from tasks.report import progress
 
@@ -349,6 +349,31 @@ def _write_part(work, name: str, i: int, table: pa.Table):
     return path
 
 
+#: a dataset's rows are gathered up to this many bytes before a part file is written: Parquet wrote a
+#: chunk's few thousand rows (one row group) at about half the speed of tens of thousands
+PART_BYTES = 64 << 20
+
+
+class _TableParts:
+    """One dataset's part files, written as its rows come, chunk after chunk (``PART_BYTES`` at a time)."""
+
+    def __init__(self, work, name: str) -> None:
+        self.work, self.name = work, name
+        self.held: list[pa.Table] = []
+        self.paths: list = []
+
+    def add(self, table: pa.Table) -> None:
+        self.held.append(table)
+        if sum(t.nbytes for t in self.held) >= PART_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.held:
+            table = pa.concat_tables(self.held, promote_options="permissive")
+            self.paths.append(_write_part(self.work, self.name, len(self.paths), table))
+            self.held = []
+
+
 #: per-token columns: passed from the inputs to the grpo rows in Arrow, never as Python lists
 TOKEN_LISTS = ("completion_token_ids", "behaviour_logprobs", "loss_logprobs")
 
@@ -385,26 +410,36 @@ def _grpo_table(rows: list[dict], token_lists: dict[str, pa.Table]) -> pa.Table:
     return conform(light, "grpo", "materialize/grpo")
 
 
+#: the columns of rollouts, explanations and hints that ``build`` reads (besides ``TOKEN_LISTS``)
+ROW_COLUMNS = ("sample_id", "problem_id", "sample_idx", "correct", "finish_reason", "loss_prompt", "completion", "temperature",
+               "prompt_kind", "selected")
+
+
 def chunk_sources(upstream: dict[str, StageOutput]) -> tuple[Source, dict[str, Source]]:
     """What ``build`` reads, as sources of a chunked read: the rollouts, and the
-    explanations, hints and grades of the same problems."""
+    explanations, hints and grades of the same problems (only the columns it uses)."""
+    def source(output: StageOutput, name: str) -> Source:
+        names = pq.read_schema(data_files(output.dataset_path(name))[0]).names
+        return Source(output, name, [c for c in names if c in ROW_COLUMNS or c in TOKEN_LISTS])
+
     grade_cols = ["sample_id", "outcome_score", "step_scores", "steps", "parse_ok"]
-    return Source(upstream["rollouts"], "rollouts"), {
-        "explanations": Source(upstream["explain"], "explanations"), "hints": Source(upstream["hint"], "hints"),
+    return source(upstream["rollouts"], "rollouts"), {
+        "explanations": source(upstream["explain"], "explanations"), "hints": source(upstream["hint"], "hints"),
         "grades": Source(upstream["grade"], "grades", grade_cols, join_on="sample_id")}
 
 
 def compute(job: Job) -> StageOutput:
-    """``build`` on one chunk of whole problems at a time (tasks/core/groups.py), each chunk's
-    rows written as a part file as it goes: memory is bounded by ``CHUNK_ROWS`` rollouts,
+    """``build`` on one chunk of whole problems at a time (tasks/core/groups.py), the rows written
+    as they go (part files of ``PART_BYTES``): memory is bounded by ``CHUNK_ROWS`` rollouts,
     and the rows and their order are those of ``build`` on all problems at once."""
     config, upstream = job.config, job.upstream
     tokenizer = process_tokenizer(config)
-    tally, parts = Tally(), {n: [] for n in STAGE.writes}
+    tally = Tally()
     with job.scratch() as work:
+        writers = {n: _TableParts(work, n) for n in STAGE.writes}
         main, others = chunk_sources(upstream)
         chunks = partition(main, others, CHUNK_ROWS, work / "chunks")
-        for i, chunk in enumerate(progress.track(chunks, f"materialize: {len(chunks)} chunks of whole problems")):
+        for chunk in progress.track(chunks, f"materialize: {len(chunks)} chunks of whole problems"):
             read, token_lists = {}, {}
             for name in ("main", "explanations", "hints"):
                 read[name], token_lists[name] = _read_without_token_lists(chunk[name], name, keep_ids=tokenizer is not None)
@@ -414,8 +449,10 @@ def compute(job: Job) -> StageOutput:
             tally.add(data, counts)
             for name, rows in data.items():
                 if rows:  # a chunk without rows of a dataset adds no part (an empty table would lack the extra columns)
-                    table = _grpo_table(rows, token_lists) if name == "grpo" else to_table(rows, name, f"materialize/{name}")
-                    parts[name].append(_write_part(work, name, i, table))
+                    writers[name].add(_grpo_table(rows, token_lists) if name == "grpo" else to_table(rows, name, f"materialize/{name}"))
+        for w in writers.values():
+            w.flush()
+        parts = {n: w.paths for n, w in writers.items()}
         for name, files in parts.items():
             if not files:  # no rows at all: one empty part
                 files.append(_write_part(work, name, 0, to_table([], name, f"materialize/{name}")))
