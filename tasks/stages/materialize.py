@@ -147,15 +147,14 @@ def _pairs(chosen: list[dict], rejected: list[dict], n: int, kinds: tuple[str, s
 
 
 def _grpo_row(r: dict, group_id: str, reward: float | None, guided: bool) -> dict:
-    row = {"sample_id": r["sample_id"], "group_id": group_id, "loss_prompt": r["loss_prompt"],
+    if "_at" in r:  # read by compute: only where the row is (``_at``) and what build decides; the rest is taken from Arrow
+        return {"_at": r["_at"], "group_id": group_id, "reward": reward, "advantage": None, "token_advantages": None, "is_guided": guided}
+    return {"sample_id": r["sample_id"], "group_id": group_id, "loss_prompt": r["loss_prompt"],
            "completion_token_ids": r.get("completion_token_ids"), "reward": reward, "advantage": None,
            "token_advantages": None, "behaviour_logprobs": r.get("behaviour_logprobs"),
            "loss_logprobs": r.get("loss_logprobs") if guided else (r.get("loss_logprobs") or r.get("behaviour_logprobs")),
            "temperature": r["temperature"], "is_guided": guided, "prompt_kind": r["prompt_kind"], "problem_id": r["problem_id"],
            "completion": r["completion"], "correct": bool(r["correct"])}
-    if "_at" in r:  # read without its token lists (compute): where they are, to be taken from Arrow
-        row["_at"] = r["_at"]
-    return row
 
 
 def build(config: Config, rollouts: list[dict], explanations: list[dict], hints: list[dict], grades: dict[str, dict],
@@ -360,49 +359,61 @@ class _TableParts:
     def __init__(self, work, name: str) -> None:
         self.work, self.name = work, name
         self.held: list[pa.Table] = []
+        self.bytes = 0
         self.paths: list = []
 
     def add(self, table: pa.Table) -> None:
         self.held.append(table)
-        if sum(t.nbytes for t in self.held) >= PART_BYTES:
+        self.bytes += table.nbytes
+        if self.bytes >= PART_BYTES:
             self.flush()
 
     def flush(self) -> None:
         if self.held:
             table = pa.concat_tables(self.held, promote_options="permissive")
             self.paths.append(_write_part(self.work, self.name, len(self.paths), table))
-            self.held = []
+            self.held, self.bytes = [], 0
 
 
 #: per-token columns: passed from the inputs to the grpo rows in Arrow, never as Python lists
 TOKEN_LISTS = ("completion_token_ids", "behaviour_logprobs", "loss_logprobs")
+#: the grpo columns that come from the input rows as they are: taken from Arrow by position (``_grpo_table``)
+TAKEN = TOKEN_LISTS + ("sample_id", "loss_prompt", "temperature", "prompt_kind", "problem_id", "completion", "correct")
 
 
 def _read_without_token_lists(path, source: str, keep_ids: bool) -> tuple[list[dict], pa.Table]:
     """A chunk file's rows as dicts without the per-token lists (each row knows where it is:
-    ``_at`` = (source, row)), and those lists as an Arrow table. ``keep_ids``: the rows keep
+    ``_at`` = (source, row)), and the ``TAKEN`` columns as an Arrow table. ``keep_ids``: the rows keep
     ``completion_token_ids`` (token advantages need them)."""
     table = read_chunk(path)
     cols = [c for c in table.column_names if c not in TOKEN_LISTS or (keep_ids and c == "completion_token_ids")]
     rows = table.select(cols).to_pylist()
     for i, r in enumerate(rows):
         r["_at"] = (source, i)
-    return rows, table.select(list(TOKEN_LISTS))
+    return rows, table.select(list(TAKEN))
 
 
-def _grpo_table(rows: list[dict], token_lists: dict[str, pa.Table]) -> pa.Table:
-    """The grpo rows as a contract table, their per-token lists taken from the inputs' Arrow
-    tables by position; an unguided row without loss-side log-probs uses its behaviour ones
-    (as ``_grpo_row`` does for in-memory rows)."""
+def _grpo_table(rows: list[dict], taken_from: dict[str, pa.Table]) -> pa.Table:
+    """The grpo rows as a contract table: what build decided (group, reward, advantages, guided)
+    from the rows, the rest taken from the inputs' Arrow tables by position; an unguided row
+    without loss-side log-probs uses its behaviour ones (as ``_grpo_row`` does for in-memory rows)."""
     offsets, at = {}, 0
-    for name, t in token_lists.items():
+    for name, t in taken_from.items():
         offsets[name], at = at, at + t.num_rows
-    index = [offsets[source] + i for source, i in (r.pop("_at") for r in rows)]
-    taken = pa.concat_tables(list(token_lists.values()), promote_options="permissive").take(index)
-    light = pa.Table.from_pylist([{k: v for k, v in r.items() if k not in TOKEN_LISTS} for r in rows])
+    index = [offsets[source] + i for source, i in (r["_at"] for r in rows)]
+    taken = pa.concat_tables(list(taken_from.values()), promote_options="permissive").take(index)
+    guided = pa.array([r["is_guided"] for r in rows], pa.bool_())
+    decided = {"group_id": pa.array([r["group_id"] for r in rows], pa.string()),
+               "reward": pa.array([r["reward"] for r in rows], pa.float64()),
+               "advantage": pa.array([r["advantage"] for r in rows], pa.float64()),
+               "token_advantages": pa.array([r["token_advantages"] for r in rows], pa.list_(pa.float64())), "is_guided": guided}
     loss = taken.column("loss_logprobs")
     missing = pc.fill_null(pc.or_(pc.is_null(loss), pc.equal(pc.list_value_length(loss), 0)), True)
-    use_behaviour = pc.and_(pc.invert(light.column("is_guided")), missing)
+    use_behaviour = pc.and_(pc.invert(guided), missing)
+    light = taken.drop_columns(list(TOKEN_LISTS) + ["correct"])
+    light = light.append_column("correct", pc.fill_null(taken.column("correct"), False))
+    for name, values in decided.items():
+        light = light.append_column(name, values)
     columns = {"completion_token_ids": taken.column("completion_token_ids"), "behaviour_logprobs": taken.column("behaviour_logprobs"),
                "loss_logprobs": pc.if_else(use_behaviour, taken.column("behaviour_logprobs"), loss)}
     for name, values in columns.items():
@@ -415,17 +426,18 @@ ROW_COLUMNS = ("sample_id", "problem_id", "sample_idx", "correct", "finish_reaso
                "prompt_kind", "selected")
 
 
-def chunk_sources(upstream: dict[str, StageOutput]) -> tuple[Source, dict[str, Source]]:
-    """What ``build`` reads, as sources of a chunked read: the rollouts, and the
-    explanations, hints and grades of the same problems (only the columns it uses)."""
+def chunk_sources(upstream: dict[str, StageOutput], with_grades: bool) -> tuple[Source, dict[str, Source]]:
+    """What ``build`` reads, as sources of a chunked read: the rollouts, and the explanations,
+    hints and (``with_grades``: the rewards are the judge's) grades of the same problems (only the columns it uses)."""
     def source(output: StageOutput, name: str) -> Source:
         names = pq.read_schema(data_files(output.dataset_path(name))[0]).names
         return Source(output, name, [c for c in names if c in ROW_COLUMNS or c in TOKEN_LISTS])
 
     grade_cols = ["sample_id", "outcome_score", "step_scores", "steps", "parse_ok"]
-    return source(upstream["rollouts"], "rollouts"), {
-        "explanations": source(upstream["explain"], "explanations"), "hints": source(upstream["hint"], "hints"),
-        "grades": Source(upstream["grade"], "grades", grade_cols, join_on="sample_id")}
+    others = {"explanations": source(upstream["explain"], "explanations"), "hints": source(upstream["hint"], "hints")}
+    if with_grades:
+        others["grades"] = Source(upstream["grade"], "grades", grade_cols, join_on="sample_id")
+    return source(upstream["rollouts"], "rollouts"), others
 
 
 def compute(job: Job) -> StageOutput:
@@ -437,19 +449,20 @@ def compute(job: Job) -> StageOutput:
     tally = Tally()
     with job.scratch() as work:
         writers = {n: _TableParts(work, n) for n in STAGE.writes}
-        main, others = chunk_sources(upstream)
+        with_grades = config.materialize.reward == "judge"  # else build reads no grade
+        main, others = chunk_sources(upstream, with_grades)
         chunks = partition(main, others, CHUNK_ROWS, work / "chunks")
         for chunk in progress.track(chunks, f"materialize: {len(chunks)} chunks of whole problems"):
-            read, token_lists = {}, {}
+            read, taken_from = {}, {}
             for name in ("main", "explanations", "hints"):
-                read[name], token_lists[name] = _read_without_token_lists(chunk[name], name, keep_ids=tokenizer is not None)
-            grades = {g["sample_id"]: g for g in read_chunk(chunk["grades"]).to_pylist()}
+                read[name], taken_from[name] = _read_without_token_lists(chunk[name], name, keep_ids=tokenizer is not None)
+            grades = {g["sample_id"]: g for g in read_chunk(chunk["grades"]).to_pylist()} if with_grades else {}
             data, counts = build(config, read["main"], read["explanations"], read["hints"], grades, tokenizer)
             del read, grades
             tally.add(data, counts)
             for name, rows in data.items():
                 if rows:  # a chunk without rows of a dataset adds no part (an empty table would lack the extra columns)
-                    writers[name].add(_grpo_table(rows, token_lists) if name == "grpo" else to_table(rows, name, f"materialize/{name}"))
+                    writers[name].add(_grpo_table(rows, taken_from) if name == "grpo" else to_table(rows, name, f"materialize/{name}"))
         for w in writers.values():
             w.flush()
         parts = {n: w.paths for n, w in writers.items()}
