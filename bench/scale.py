@@ -30,7 +30,7 @@ from the kernel (ru_maxrss):
 
 - grpo data loading: one epoch of the update's minibatches (tasks/stages/grpo.py: GRPORows through
   its 4,096-row shuffle buffer) over the materialize step's grpo files, without the model — vs
-  reading every row of those files once as Python rows (pyarrow batches, no shuffle).
+  reading the same columns once as rows, per-token values as NumPy views (pyarrow batches, no shuffle).
 """
 
 from __future__ import annotations
@@ -264,11 +264,18 @@ seen = sum(len(b) for b in batches)  # one epoch of the update's minibatches, wi
 """,
     "grpo data loading:bare": """
 import pyarrow.parquet as pq
+from tasks.stages.grpo import GRPORows
 # --- timed
 seen = 0
 for f in sorted(WS.glob("store/materialize/*/grpo/data/*.parquet")):
-    for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
-        seen += len(batch.to_pylist())  # every row read once as Python rows, in file order, no shuffle
+    for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=GRPORows.COLUMNS):
+        rows = batch.select([c for c in GRPORows.COLUMNS if c not in GRPORows.PER_TOKEN]).to_pylist()
+        for name in GRPORows.PER_TOKEN:
+            column = batch.column(name)
+            offsets, values = column.offsets.to_numpy(), column.values.to_numpy(zero_copy_only=False)
+            for i, r in enumerate(rows):
+                r[name] = values[offsets[i]:offsets[i + 1]]
+        seen += len(rows)  # the update's columns read once as rows (per-token values as NumPy views), in file order, no shuffle
 """,
     "datasets show": """
 from tasks.core.store import head_rows, open_dataset

@@ -334,3 +334,33 @@ def test_grpo_rows_stream_through_a_seeded_shuffle_buffer(tmp_path, monkeypatch)
 
     counts = kind_counts(pl.scan_parquet([str(f) for f in files]))
     assert counts == {k: sum(row_kind(r) == v for r in rows) for k, v in KINDS.items()}
+
+
+def test_rows_read_from_files_make_the_batches_of_the_same_rows_in_memory(tiny, tmp_path):
+    """GRPORows hands the update each row's per-token values as NumPy views of the record batch (not
+    lists of Python numbers): make_batch builds the same tensors from them as from the rows as lists —
+    completions of different lengths, token advantages, behaviour log-probs of the wrong length
+    (unknown: 0), a masked row left out, an explanation row at temperature 1."""
+    import pyarrow.parquet as pq
+
+    from tasks.core.schemas import to_table
+    from tasks.stages.grpo import GRPORows
+
+    _, tok = tiny
+    rows = []
+    for i in range(9):
+        n = 1 + i % 4
+        rows.append({"sample_id": f"s{i}", "group_id": "g", "loss_prompt": "q" * (1 + i % 3), "completion_token_ids": list(range(3, 3 + n)),
+                     "reward": 1.0, "advantage": None if i == 4 else 0.25 * i, "token_advantages": [0.1 * i] * n if i % 3 == 0 else None,
+                     "behaviour_logprobs": [-0.3] * (n if i != 5 else n + 1), "loss_logprobs": None, "temperature": 0.7,
+                     "is_guided": i % 2 == 1, "prompt_kind": "explain" if i == 8 else "plain"})
+    pq.write_table(to_table(rows, "grpo"), tmp_path / "part-00000.parquet")
+    read = list(GRPORows([tmp_path / "part-00000.parquet"], 16).read())
+    assert [r["sample_id"] for r in read] == [r["sample_id"] for r in rows if r["sample_id"] != "s4"]
+    assert type(read[0]["completion_token_ids"]).__module__ == "numpy"
+    from_files = make_batch(read, tok)
+    in_memory = make_batch([r for r in rows if r["sample_id"] != "s4"], tok)
+    for field in ("input_ids", "attention_mask", "completion_mask", "behaviour", "advantages", "kind", "temperature"):
+        assert torch.equal(getattr(from_files, field), getattr(in_memory, field)), field
+    assert from_files.behaviour[4].abs().sum() == 0 and from_files.temperature[-1] == 1.0
+    assert torch.allclose(from_files.advantages[0, :1], torch.tensor([0.0])) and from_files.advantages[2, 0] == 0.5

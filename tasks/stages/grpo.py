@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 
@@ -181,7 +182,7 @@ class Totals:
 
     @classmethod
     def of_rows(cls, rows: list[dict]) -> "Totals":
-        lengths = [(row_kind(r), len(r["completion_token_ids"] or ())) for r in rows]
+        lengths = [(row_kind(r), n_tokens(r["completion_token_ids"])) for r in rows]
         samples = [n for k, n in lengths if k in (KIND_PLAIN, KIND_GUIDED) and n]
         return cls(float(sum(samples)), float(len(samples)), float(sum(1 for k, n in lengths if k == KIND_EXPLAIN and n)),
                    max(1, max((n for _, n in lengths), default=1)))
@@ -249,36 +250,47 @@ KIND_PLAIN, KIND_GUIDED, KIND_EXPLAIN, KIND_MASKED = 0, 1, 2, -1
 KINDS = {"plain": KIND_PLAIN, "guided": KIND_GUIDED, "explain": KIND_EXPLAIN, "masked": KIND_MASKED}
 
 
+def n_tokens(values) -> int:
+    """The length of a per-token column's value (a list or a NumPy array; none: 0)."""
+    return 0 if values is None else len(values)
+
+
 def row_kind(row: dict) -> int:
     if row["prompt_kind"] == "explain":
         return KIND_EXPLAIN
-    if row.get("advantage") is None or row.get("behaviour_logprobs") is None or not row["completion_token_ids"]:
+    if row.get("advantage") is None or row.get("behaviour_logprobs") is None or not n_tokens(row["completion_token_ids"]):
         return KIND_MASKED
     return KIND_GUIDED if row["is_guided"] else KIND_PLAIN
 
 
 def make_batch(rows: list[dict], tokenizer, device: str = "cpu") -> Batch:
+    """The rows (per-token columns as lists or NumPy arrays) as padded tensors: prompts left-padded,
+    completions right-padded; behaviour log-probs of the wrong length count as unknown (0); a row
+    without token advantages of its completion's length gets its advantage on every position."""
     prompts = [tokenizer(r["loss_prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-    comps = [list(r["completion_token_ids"]) for r in rows]
+    comps = [r["completion_token_ids"] if r["completion_token_ids"] is not None else () for r in rows]
     pw, cw = max(len(p) for p in prompts), max(1, max(len(c) for c in comps))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, attn, cmask, beh, adv, kinds, temps = [], [], [], [], [], [], []
-    for r, p, c in zip(rows, prompts, comps):
-        ids.append([pad] * (pw - len(p)) + p + c + [pad] * (cw - len(c)))
-        attn.append([0] * (pw - len(p)) + [1] * (len(p) + len(c)) + [0] * (cw - len(c)))
-        cmask.append([1.0] * len(c) + [0.0] * (cw - len(c)))
-        b = list(r.get("behaviour_logprobs") or [])
-        beh.append((b + [0.0] * cw)[:cw] if len(b) == len(c) else [0.0] * cw)
-        kind = row_kind(r)
-        if r.get("token_advantages") is not None and len(r["token_advantages"]) == len(c):
-            a = list(r["token_advantages"]) + [0.0] * (cw - len(c))
+    n = len(rows)
+    ids, attn = np.full((n, pw + cw), pad, np.int64), np.zeros((n, pw + cw), np.int64)
+    cmask, beh, adv = np.zeros((n, cw), np.float32), np.zeros((n, cw), np.float32), np.zeros((n, cw), np.float32)
+    kinds, temps = np.zeros(n, np.int64), np.ones(n, np.float32)
+    for i, (r, p, c) in enumerate(zip(rows, prompts, comps)):
+        ids[i, pw - len(p):pw], ids[i, pw:pw + len(c)] = p, c
+        attn[i, pw - len(p):pw + len(c)] = 1
+        cmask[i, :len(c)] = 1.0
+        b = r.get("behaviour_logprobs")
+        if n_tokens(b) == len(c):
+            beh[i, :len(c)] = b
+        ta = r.get("token_advantages")
+        if ta is not None and len(ta) == len(c):
+            adv[i, :len(c)] = ta
         else:
-            a = [float(r.get("advantage") or 0.0)] * cw
-        adv.append(a)
-        kinds.append(kind)
-        temps.append(1.0 if kind == KIND_EXPLAIN else float(r.get("temperature") or 1.0))
-    t = lambda x, dt=torch.float32: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-    return Batch(t(ids, torch.long), t(attn, torch.long), t(cmask), t(beh), t(adv), t(kinds, torch.long), t(temps), pw)
+            adv[i, :] = float(r.get("advantage") or 0.0)
+        kinds[i] = row_kind(r)
+        temps[i] = 1.0 if kinds[i] == KIND_EXPLAIN else float(r.get("temperature") or 1.0)
+    t = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
+    return Batch(t(ids), t(attn), t(cmask), t(beh), t(adv), t(kinds), t(temps), pw)
 
 
 def completion_logps(model, batch: Batch, with_entropy: bool = False):
@@ -352,6 +364,14 @@ def kind_counts(lf) -> dict[str, int]:
     return {k: int(counts[k] or 0) for k in KINDS}
 
 
+def _row_arrays(column) -> list:
+    """A list column of a record batch as one NumPy array per row (views of the values; null: None)."""
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(column))]
+
+
 @dataclass
 class GRPORows:
     """The trainable rows of a materialised grpo dataset, read from its Parquet files a record
@@ -370,10 +390,20 @@ class GRPORows:
     def __len__(self) -> int:
         return self.count
 
+    #: the columns the update reads (``row_kind``, ``make_batch``) and the row's id: the rest (texts, loss-side
+    #: log-probs, group and problem ids) is not read
+    COLUMNS = ["sample_id", "loss_prompt", "completion_token_ids", "behaviour_logprobs", "advantage", "token_advantages", "temperature",
+               "is_guided", "prompt_kind"]
+    PER_TOKEN = ("completion_token_ids", "behaviour_logprobs", "token_advantages")
+
     def read(self, file_order: list | None = None) -> Iterator[dict]:
-        """The trainable rows, file after file (in ``file_order``), ``READ_ROWS`` at a time."""
-        for batch in iter_batches(file_order or self.files, READ_ROWS):
-            yield from (r for r in batch.to_pylist() if row_kind(r) != KIND_MASKED)
+        """The trainable rows (``COLUMNS``), file after file (in ``file_order``), ``READ_ROWS`` at a time."""
+        for batch in iter_batches(file_order or self.files, READ_ROWS, self.COLUMNS):
+            rows = batch.select([c for c in self.COLUMNS if c not in self.PER_TOKEN]).to_pylist()
+            for name in self.PER_TOKEN:  # per row a NumPy view of the batch's values, not a list of Python numbers
+                for r, values in zip(rows, _row_arrays(batch.column(name))):
+                    r[name] = values
+            yield from (r for r in rows if row_kind(r) != KIND_MASKED)
 
 
 def minibatches(rows: list[dict] | GRPORows, batch_size: int, epochs: int, seed: int) -> tuple[int, Iterator[list[dict]]]:
