@@ -256,10 +256,12 @@ with pq.ParquetWriter(OUT / "grades.parquet", to_table([], "grades").schema) as 
         w.write_table(to_table(j.grade(traces), "grades").select(to_table([], "grades").schema.names))
 """,
     "grpo data loading": """
-from tasks.stages.grpo import GRPORows, minibatches
+from tasks.core.store import StageOutput, data_files
+from tasks.stages.grpo import GRPORows, minibatches, trainable_count
 # --- timed
-files = sorted(WS.glob("store/materialize/*/grpo/data/*.parquet"))
-steps, batches = minibatches(GRPORows(files, shuffle_buffer=4096), 16, 1, seed=0)
+data = StageOutput.open(next(WS.glob("store/materialize/*")))  # as the grpo stage: the trainable rows from materialize's summary
+rows = GRPORows(data_files(data.dataset_path("grpo")), 4096, trainable_count(data.summary["grpo"]["rows_by_kind"]))
+steps, batches = minibatches(rows, 16, 1, seed=0)
 seen = sum(len(b) for b in batches)  # one epoch of the update's minibatches, without the model
 """,
     "grpo data loading:bare": """

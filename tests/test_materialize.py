@@ -210,3 +210,8 @@ def test_chunks_of_whole_problems_give_the_rows_of_one_pass_in_order(finished_qu
         assert table.num_rows > 0
         assert chunked_tables[name].to_pylist() == table.to_pylist(), name
     assert chunked.summary == whole.summary
+    # the rows the update will train on, counted as they were written (the grpo stage uses this, not a query)
+    from tasks.core.schemas import kind_counts
+
+    by_kind = whole.summary["grpo"]["rows_by_kind"]
+    assert by_kind == kind_counts(whole.scan("grpo")) and sum(by_kind.values()) == whole_tables["grpo"].num_rows

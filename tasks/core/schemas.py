@@ -284,3 +284,29 @@ def conform(table: pa.Table, kind: str, where: str = "<in memory>") -> pa.Table:
     out = pa.Table.from_arrays(columns, schema=pa.schema(fields))
     validate_table(out, kind, where)
     return out
+
+
+# --------------------------------------------------------------------------- grpo rows by kind
+
+
+def trainable(lf):
+    """A grpo LazyFrame's rows the update trains on (tasks/stages/grpo.py ``row_kind`` not masked), as a polars filter."""
+    import polars as pl
+
+    explain = pl.col("prompt_kind") == "explain"
+    usable = (pl.col("advantage").is_not_null() & pl.col("behaviour_logprobs").is_not_null()
+              & (pl.col("completion_token_ids").list.len() > 0))
+    return lf.filter(explain | usable)
+
+
+def kind_counts(lf) -> dict[str, int]:
+    """``rows_by_kind`` of a grpo LazyFrame, counted in one streaming query."""
+    import polars as pl
+
+    explain = pl.col("prompt_kind") == "explain"
+    masked = ~explain & (pl.col("advantage").is_null() | pl.col("behaviour_logprobs").is_null()
+                         | (pl.col("completion_token_ids").list.len() == 0))
+    counts = lf.select(explain.sum().alias("explain"), masked.sum().alias("masked"),
+                       (~explain & ~masked & pl.col("is_guided")).sum().alias("guided"),
+                       (~explain & ~masked & ~pl.col("is_guided")).sum().alias("plain")).collect(engine="streaming").row(0, named=True)
+    return {k: int(counts[k] or 0) for k in ("plain", "guided", "explain", "masked")}

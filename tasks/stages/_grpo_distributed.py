@@ -46,7 +46,7 @@ def worker(spec_path: str) -> None:
             model.enable_input_require_grads()
     model, opt = acc.prepare(model, opt)
     model.train()
-    rows = GRPORows([Path(f) for f in spec["files"]], cfg.shuffle_buffer)
+    rows = GRPORows([Path(f) for f in spec["files"]], cfg.shuffle_buffer, spec.get("count"))
     total, batches = minibatches(rows, cfg.batch_size, cfg.epochs, cfg.seed)
     rank, world = acc.process_index, acc.num_processes
     losses = []

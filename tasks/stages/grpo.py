@@ -48,6 +48,7 @@ from pydantic import Field, model_validator
 
 from tasks.core.config import StrictModel
 from tasks.core.faults import fault
+from tasks.core.schemas import kind_counts, trainable
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, data_files, iter_batches
 from tasks.models.policy import check_policy, local_policy_dir, policy_id_for, precision, precision_settings
@@ -341,29 +342,6 @@ def update_loss(model, batch: Batch, cfg, ref_model=None, expo_beta: float | Non
 READ_ROWS = 1024
 
 
-def trainable(lf):
-    """A grpo LazyFrame's rows the update trains on (``row_kind`` not masked), as a polars filter."""
-    import polars as pl
-
-    explain = pl.col("prompt_kind") == "explain"
-    usable = (pl.col("advantage").is_not_null() & pl.col("behaviour_logprobs").is_not_null()
-              & (pl.col("completion_token_ids").list.len() > 0))
-    return lf.filter(explain | usable)
-
-
-def kind_counts(lf) -> dict[str, int]:
-    """``rows_by_kind`` of a grpo LazyFrame, counted in one streaming query."""
-    import polars as pl
-
-    explain = pl.col("prompt_kind") == "explain"
-    masked = ~explain & (pl.col("advantage").is_null() | pl.col("behaviour_logprobs").is_null()
-                         | (pl.col("completion_token_ids").list.len() == 0))
-    counts = lf.select(explain.sum().alias("explain"), masked.sum().alias("masked"),
-                       (~explain & ~masked & pl.col("is_guided")).sum().alias("guided"),
-                       (~explain & ~masked & ~pl.col("is_guided")).sum().alias("plain")).collect(engine="streaming").row(0, named=True)
-    return {k: int(counts[k] or 0) for k in KINDS}
-
-
 def _row_arrays(column) -> list:
     """A list column of a record batch as one NumPy array per row (views of the values; null: None)."""
     offsets = column.offsets.to_numpy()
@@ -381,11 +359,14 @@ class GRPORows:
 
     files: list
     shuffle_buffer: int
+    #: the trainable rows, where known (materialize records them): else counted with a query over the files
+    count: int | None = None
 
     def __post_init__(self):
         import polars as pl
 
-        self.count = trainable(pl.scan_parquet([str(f) for f in self.files])).select(pl.len()).collect().item()
+        if self.count is None:
+            self.count = trainable(pl.scan_parquet([str(f) for f in self.files])).select(pl.len()).collect().item()
 
     def __len__(self) -> int:
         return self.count
@@ -600,8 +581,10 @@ def launch_command(dc, spec: Path, resolve=Path) -> list[str]:
     return [*head, *dc.extra_args, "-m", DISTRIBUTED_WORKER, str(spec)]
 
 
-def launch_distributed(config, cfg, base: Path, reference: Path, files: list[Path], out: Path, device: str, dtype: str) -> dict:
-    """Run the update as the configured launcher's processes; the checkpoint lands in ``out``.
+def launch_distributed(config, cfg, base: Path, reference: Path, files: list[Path], out: Path, device: str, dtype: str,
+                       count: int | None = None) -> dict:
+    """Run the update as the configured launcher's processes (``count``: the files' trainable rows, where known);
+    the checkpoint lands in ``out``.
     Returns the metrics the main process wrote. A failed launch is an error with its output's tail."""
     dc = cfg.distributed
     if dc.launcher == "accelerate" and not config.resolve(dc.config_file).is_file():
@@ -610,7 +593,8 @@ def launch_distributed(config, cfg, base: Path, reference: Path, files: list[Pat
     out.mkdir(parents=True, exist_ok=True)
     spec = out.parent / "grpo-spec.json"
     spec.write_text(json.dumps({"base": str(base), "reference": str(reference), "files": [str(f) for f in files],
-                                "cfg": cfg.model_dump(mode="json"), "device": device, "dtype": dtype, "out": str(out)}))
+                                "cfg": cfg.model_dump(mode="json"), "device": device, "dtype": dtype, "out": str(out),
+                                "count": count}))
     cmd = launch_command(dc, spec, config.resolve)
     log.info("grpo: launching the update: %s", " ".join(cmd))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -652,6 +636,11 @@ def save_checkpoint(model, tokenizer, out, cfg, state_dict=None) -> None:
     tokenizer.save_pretrained(out)
 
 
+def trainable_count(by_kind: dict[str, int]) -> int:
+    """The rows the update trains on (every kind but masked)."""
+    return sum(n for kind, n in by_kind.items() if kind != "masked")
+
+
 def compute(job: Job) -> StageOutput:
     config = job.config
     base = local_policy_dir(config, STAGE.name)
@@ -662,16 +651,20 @@ def compute(job: Job) -> StageOutput:
     device, dtype = precision(config)
     data = job.upstream["materialize"]
     files = data_files(data.dataset_path("grpo"))
+    # the rows by kind as materialize counted them when it wrote them (the output's fingerprint binds its
+    # summary to these files); an output without them (written before) is counted here
+    by_kind = data.summary.get("grpo", {}).get("rows_by_kind") or kind_counts(data.scan("grpo"))
     with job.scratch() as work:
         if gc.distributed:
-            metrics = launch_distributed(config, gc, base, reference_dir(config), files, work / "checkpoint", device, dtype)
+            metrics = launch_distributed(config, gc, base, reference_dir(config), files, work / "checkpoint", device, dtype,
+                                         count=trainable_count(by_kind))
         else:
             torch.manual_seed(gc.seed)
             tokenizer, model, ref = load_for_update(base, reference_dir(config), gc, device)
-            metrics = train_update(model, tokenizer, GRPORows(files, gc.shuffle_buffer), gc, ref, device=device, dtype=dtype)
+            rows = GRPORows(files, gc.shuffle_buffer, trainable_count(by_kind))
+            metrics = train_update(model, tokenizer, rows, gc, ref, device=device, dtype=dtype)
             save_checkpoint(model, tokenizer, work / "checkpoint", gc)
-        summary = {"base_policy": job.inputs["policy"], "data": job.inputs["grpo"], **metrics,
-                   "rows_by_kind": kind_counts(data.scan("grpo"))}
+        summary = {"base_policy": job.inputs["policy"], "data": job.inputs["grpo"], **metrics, "rows_by_kind": by_kind}
         out = job.write({}, summary, directories={"checkpoint": work / "checkpoint"})
     log.info("grpo: %d steps over %d samples %s, loss %s -> %s%s -> %s", metrics["steps"], metrics["rows"],
              summary["rows_by_kind"], metrics.get("first_loss"), metrics.get("last_loss"),

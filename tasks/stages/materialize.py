@@ -34,6 +34,7 @@ from bisect import bisect_right
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Literal
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -41,7 +42,7 @@ from pydantic import Field
 
 from tasks.core.config import StrictModel
 from tasks.core.groups import Source, partition, read_chunk
-from tasks.core.schemas import SCHEMAS, conform, to_table
+from tasks.core.schemas import SCHEMAS, conform, kind_counts, to_table
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, data_files, write_parquet
 from tasks.models.judge import split_steps
@@ -316,6 +317,7 @@ class Tally:
         self.by_kind = {"dpo": Counter(), "sft": Counter()}
         self.dpo_problems: set[str] = set()
         self.with_token_advantages = 0
+        self.grpo_by_kind: Counter = Counter({k: 0 for k in ("plain", "guided", "explain", "masked")})
 
     def add(self, data: dict[str, list[dict]], counts: dict) -> None:
         self.counts.update(counts)
@@ -336,7 +338,8 @@ class Tally:
                      "lte_groups": c.get("lte_groups", 0), "lte_replaced_samples": c.get("lte_replaced_samples", 0),
                      "explanation_rows": c.get("explanation_rows", 0), "masked_samples": c.get("masked_samples", 0),
                      "with_token_advantages": self.with_token_advantages, "all_fail_groups": c.get("all_fail_groups", 0),
-                     "all_fail_groups_with_token_advantages": c.get("all_fail_groups_with_token_advantages", 0)},
+                     "all_fail_groups_with_token_advantages": c.get("all_fail_groups_with_token_advantages", 0),
+                     "rows_by_kind": dict(self.grpo_by_kind)},
             "sft": {"rows": self.rows["sft"], "by_kind": dict(self.by_kind["sft"])},
         }
 
@@ -462,7 +465,10 @@ def compute(job: Job) -> StageOutput:
             tally.add(data, counts)
             for name, rows in data.items():
                 if rows:  # a chunk without rows of a dataset adds no part (an empty table would lack the extra columns)
-                    writers[name].add(_grpo_table(rows, taken_from) if name == "grpo" else to_table(rows, name, f"materialize/{name}"))
+                    table = _grpo_table(rows, taken_from) if name == "grpo" else to_table(rows, name, f"materialize/{name}")
+                    if name == "grpo":  # what the update will train on, counted while the rows are at hand
+                        tally.grpo_by_kind.update(kind_counts(pl.from_arrow(table).lazy()))
+                    writers[name].add(table)
         for w in writers.values():
             w.flush()
         parts = {n: w.paths for n, w in writers.items()}
