@@ -281,7 +281,7 @@ def make_batch(rows: list[dict], tokenizer, device: str = "cpu") -> Batch:
         attn[i, pw - len(p):pw + len(c)] = 1
         cmask[i, :len(c)] = 1.0
         b = r.get("behaviour_logprobs")
-        if n_tokens(b) == len(c):
+        if b is not None and len(b) == len(c):
             beh[i, :len(c)] = b
         ta = r.get("token_advantages")
         if ta is not None and len(ta) == len(c):
