@@ -289,13 +289,20 @@ def conform(table: pa.Table, kind: str, where: str = "<in memory>") -> pa.Table:
 # --------------------------------------------------------------------------- grpo rows by kind
 
 
-def trainable(lf):
-    """A grpo LazyFrame's rows the update trains on (tasks/stages/grpo.py ``row_kind`` not masked), as a polars filter."""
+def _grpo_kinds():
+    """(explanation row, usable sample row) as polars expressions over a grpo dataset's columns: the rows
+    the update trains on are either (tasks/stages/grpo.py ``row_kind``); the rest are masked."""
     import polars as pl
 
     explain = pl.col("prompt_kind") == "explain"
     usable = (pl.col("advantage").is_not_null() & pl.col("behaviour_logprobs").is_not_null()
               & (pl.col("completion_token_ids").list.len() > 0))
+    return explain, usable
+
+
+def trainable(lf):
+    """A grpo LazyFrame's rows the update trains on (``row_kind`` not masked), as a polars filter."""
+    explain, usable = _grpo_kinds()
     return lf.filter(explain | usable)
 
 
@@ -303,9 +310,8 @@ def kind_counts(lf) -> dict[str, int]:
     """``rows_by_kind`` of a grpo LazyFrame, counted in one streaming query."""
     import polars as pl
 
-    explain = pl.col("prompt_kind") == "explain"
-    masked = ~explain & (pl.col("advantage").is_null() | pl.col("behaviour_logprobs").is_null()
-                         | (pl.col("completion_token_ids").list.len() == 0))
+    explain, usable = _grpo_kinds()
+    masked = ~explain & ~usable
     counts = lf.select(explain.sum().alias("explain"), masked.sum().alias("masked"),
                        (~explain & ~masked & pl.col("is_guided")).sum().alias("guided"),
                        (~explain & ~masked & ~pl.col("is_guided")).sum().alias("plain")).collect(engine="streaming").row(0, named=True)

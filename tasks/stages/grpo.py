@@ -363,9 +363,9 @@ class GRPORows:
     count: int | None = None
 
     def __post_init__(self):
-        import polars as pl
-
         if self.count is None:
+            import polars as pl
+
             self.count = trainable(pl.scan_parquet([str(f) for f in self.files])).select(pl.len()).collect().item()
 
     def __len__(self) -> int:
