@@ -17,29 +17,47 @@ dataset (`guidedrl frontier RUN_ID` prints it).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
 from flows.pipeline import pipeline
 from tasks.core.config import PolicyConfig
+from tasks.models import serving
 from tasks.registry import parse_config, round_stages
 
 
-def round_config(raw_config: dict, policy: str | None, round_idx: int) -> dict:
+def round_config(raw_config: dict, policy: str | None, round_idx: int, served: dict | None = None) -> dict:
     """The run config of one round: the previous round's checkpoint as the policy,
     the configured (initial) policy as the KL reference (`train.grpo.reference_model`,
     used with `kl_reference: initial`), and sampling seeds moved on (round 1 is exactly
-    the configured run)."""
+    the configured run). A served policy (backend openai) keeps its server: ``served``
+    (tasks/models/serving.follow) says which checkpoint it now serves, and under what name;
+    with LoRA following, the round continues the previous round's adapter."""
     raw = copy.deepcopy(raw_config)
     if policy is not None:
-        initial = raw.get("policy", {}).get("model", PolicyConfig.model_fields["model"].default)
+        p = raw.setdefault("policy", {})
+        initial = p.get("checkpoint") or p.get("model", PolicyConfig.model_fields["model"].default)
         grpo = raw.setdefault("train", {}).setdefault("grpo", {})
         grpo.setdefault("reference_model", initial)
-        raw.setdefault("policy", {})["model"] = policy
+        if p.get("backend") == "openai":
+            p.pop("policy_id", None)  # the rows are named by the checkpoint the server now serves
+            p.update(served or {"checkpoint": policy})
+            if p.get("serve", {}).get("follow") == "lora":
+                grpo["lora_adapter"] = str(Path(policy) / "adapter")
+        else:
+            p["model"] = policy
     if round_idx > 1:
         for section in ("rollouts", "explain", "hint"):
             raw.setdefault(section, {})["seed"] = int(raw.get(section, {}).get("seed", 0)) + 1000 * (round_idx - 1)
     return raw
+
+
+@task(name="follow-checkpoint", cache_policy=None)
+def follow_checkpoint(raw: dict, base_dir: str, workspace: str, checkpoint: str) -> dict:
+    """The served policy follows the round's checkpoint (tasks/models/serving.py) before the next round samples."""
+    config = parse_config(raw, where="run config", base_dir=base_dir)
+    return serving.follow(config.policy, Path(checkpoint), Path(workspace) / "logs", cwd=Path(base_dir))
 
 
 @task(name="frontier", cache_policy=None)
@@ -55,16 +73,24 @@ def frontier(run_record: str) -> str:
 def online(raw_config: dict, base_dir: str, workspace: str, rounds: int | None = None, run_record: str | None = None) -> list[dict]:
     config = parse_config(raw_config, where="run config", base_dir=base_dir)
     rounds = rounds or config.train.grpo.rounds
+    serving.check_following(config, rounds)
     policy: str | None = None
+    served: dict | None = None
     history = []
-    for r in range(1, rounds + 1):
-        raw = round_config(raw_config, policy, r)
-        results = pipeline.with_options(name="guidedrl-round", flow_run_name=f"round-{r}")(
-            raw_config=raw, base_dir=base_dir, workspace=workspace, stages=round_stages(), run_record=run_record,
-            record_prefix=f"round-{r}/")
-        policy = results["grpo"]["path"] + "/checkpoint"
-        history.append({"round": r, "policy": policy, "results": results})
-        get_run_logger().info("round %d/%d: checkpoint %s", r, rounds, policy)
+    try:
+        for r in range(1, rounds + 1):
+            raw = round_config(raw_config, policy, r, served)
+            results = pipeline.with_options(name="guidedrl-round", flow_run_name=f"round-{r}")(
+                raw_config=raw, base_dir=base_dir, workspace=workspace, stages=round_stages(), run_record=run_record,
+                record_prefix=f"round-{r}/")
+            policy = results["grpo"]["path"] + "/checkpoint"
+            history.append({"round": r, "policy": policy, "results": results})
+            get_run_logger().info("round %d/%d: checkpoint %s", r, rounds, policy)
+            if r < rounds and config.policy.backend == "openai":
+                served = follow_checkpoint(raw, base_dir, workspace, policy)
+                get_run_logger().info("round %d/%d: the server now serves %s", r, rounds, served)
+    finally:
+        serving.stop_owned()
     if run_record:
         get_run_logger().info("frontier (stuck set by round, what got problems out): %s", frontier(run_record))
     return history

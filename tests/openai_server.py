@@ -45,6 +45,9 @@ class Behaviour:
         self.refuse_status = 0  # answer every request with this status (401: a bad key)
         self.retry_after = None  # seconds sent as Retry-After with each 429
         self.html = False  # answer every request with an HTML page (a proxy's error page) and status 200
+        self.no_prompt_logprobs = False  # answer like a server without vLLM's prompt_logprobs
+        self.models: dict[str, dict] = {}  # served name -> {"root", "parent"}; empty: any model name is answered
+        self.request_log: str | None = None  # a file that gets a JSON line per completion request: path, model, its root
         self.attempts: Counter = Counter()
         self.authorization: set[str] = set()  # the Authorization headers received
         self.requests: list[dict] = []
@@ -97,6 +100,11 @@ def judge_reply(messages: list[dict]) -> str:
     return f"The reference's answer is {ref_answer}.\nSCORE: {5 if _answer(trace) == ref_answer else 1}"
 
 
+def fake_prompt_logprob(previous: int, token: int) -> float:
+    """The log-probability the server reports for ``token`` after ``previous`` (``prompt_logprobs``)."""
+    return -((previous * 31 + token) % 97) / 10 - 0.01
+
+
 def _handler(b: Behaviour):
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as real servers
@@ -113,10 +121,38 @@ def _handler(b: Behaviour):
             self.end_headers()
             self.wfile.write(body)
 
+        def do_GET(self):
+            if not self.path.endswith("/models"):
+                return self._send(404, b'{"error": {"message": "not found"}}')
+            with b.lock:
+                data = [{"id": name, "object": "model", "owned_by": "vllm", **m} for name, m in b.models.items()]
+            self._send(200, json.dumps({"object": "list", "data": data}).encode())
+
+        def _load_lora(self, req):
+            name, path = req.get("lora_name"), req.get("lora_path")
+            with b.lock:
+                b.requests.append(req)
+                if not name or not path or name in b.models:
+                    return self._send(400, json.dumps({"error": {"message": f"The lora adapter '{name}' has already been loaded."
+                                                                  if name in b.models else "lora_name and lora_path are required"}}).encode())
+                parent = next((n for n, m in b.models.items() if not m.get("parent")), None)
+                b.models[name] = {"root": path, "parent": parent}
+            self._send(200, f"Success: LoRA adapter '{name}' added successfully.".encode(), "text/plain")
+
         def do_POST(self):
             req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            if self.path.endswith("/load_lora_adapter"):
+                return self._load_lora(req)
             chat = "messages" in req
-            prompt = json.dumps(req["messages"]) if chat else req.get("prompt", "")
+            raw_prompt = req.get("prompt", "")
+            prompt = json.dumps(req["messages"]) if chat else raw_prompt if isinstance(raw_prompt, str) else json.dumps(raw_prompt)
+            if b.request_log:
+                with b.lock, open(b.request_log, "a") as f:
+                    f.write(json.dumps({"path": self.path, "model": req.get("model"),
+                                        "root": b.models.get(req.get("model"), {}).get("root")}) + "\n")
+            if b.models and req.get("model") not in b.models:
+                return self._send(404, json.dumps({"error": {"message": f"The model `{req.get('model')}` does not exist.",
+                                                             "type": "NotFoundError", "code": 404}}).encode())
             with b.lock:
                 b.requests.append(req)
                 b.authorization.add(self.headers.get("Authorization", ""))
@@ -150,6 +186,14 @@ def _handler(b: Behaviour):
                 return self._send(200, json.dumps(body).encode())
             if not self.path.endswith("/completions"):
                 return self._send(404, b'{"error": {"message": "not found"}}')
+            if isinstance(raw_prompt, list) and req.get("prompt_logprobs") is not None and not b.no_prompt_logprobs:
+                ids = [int(t) for t in raw_prompt]  # vLLM: a prompt of token ids, its log-probs position by position
+                entries = [None] + [{str(t): {"logprob": fake_prompt_logprob(p, t), "rank": 1, "decoded_token": ""}}
+                                    for p, t in zip(ids, ids[1:])]
+                body = {"id": "cmpl-s", "object": "text_completion", "created": 0, "model": req.get("model"),
+                        "choices": [{"index": 0, "text": "x", "finish_reason": "length", "logprobs": None, "prompt_logprobs": entries}],
+                        "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}}
+                return self._send(200, json.dumps(body).encode())
             n = int(req.get("n", 1))
             choices = []
             for i in range(n):
@@ -240,10 +284,18 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
     ap.add_argument("--threaded", action="store_true", help="the threaded test server (all behaviours) instead of the lean one")
+    ap.add_argument("--served-model-name", help="threaded: the one model it serves (others: 404), as vLLM's --served-model-name")
+    ap.add_argument("--root", help="threaded: the checkpoint it lists as the served model's root (vLLM: the model path)")
+    ap.add_argument("--request-log", help="threaded: append a JSON line per completion request (path, model, root) to this file")
+    ap.add_argument("--startup-seconds", type=float, default=0.0, help="wait this long before listening (loading a model)")
     args = ap.parse_args()
+    time.sleep(args.startup_seconds)
     if args.threaded:
         server = OpenAIServer(port=args.port)
         server.behaviour.slow_seconds = args.delay
+        if args.served_model_name:
+            server.behaviour.models[args.served_model_name] = {"root": args.root or args.served_model_name, "parent": None}
+        server.behaviour.request_log = args.request_log
         print(server.base_url, flush=True)
         server.httpd.serve_forever()
     else:

@@ -68,3 +68,67 @@ def test_missing_base_url_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(BackendUnavailable, match="needs `base_url`"):
         OpenAIBackend("m")
+
+
+# --------------------------------------------------------------------------- scoring through prompt_logprobs
+
+
+def test_score_reads_the_completion_positions_of_prompt_logprobs(server, random_checkpoint):
+    from transformers import AutoTokenizer
+
+    from tests.openai_server import fake_prompt_logprob
+
+    backend = _backend(server)
+    backend.tokenizer = AutoTokenizer.from_pretrained(str(random_checkpoint))
+    prompts, completions = ["12+3=", "7*8"], [[5, 9, 4], [], [11]]
+    out = backend.score(prompts + ["x"], completions, 1.0)
+    for p, c, got in zip(prompts + ["x"], completions, out):
+        ids = backend.tokenizer(p, add_special_tokens=False)["input_ids"] + c
+        want = [fake_prompt_logprob(a, b) for a, b in zip(ids, ids[1:])][len(ids) - 1 - len(c):]
+        assert got == pytest.approx(want) and len(got) == len(c)
+    sent = [r for r in server.behaviour.requests if "prompt_logprobs" in r]
+    assert len(sent) == 2  # the empty completion sends nothing
+    assert all(r["prompt_logprobs"] == 0 and r["max_tokens"] == 1 and isinstance(r["prompt"], list) for r in sent)
+
+
+def test_score_says_why_it_cannot(server, random_checkpoint):
+    from transformers import AutoTokenizer
+
+    from tasks.models.generation import ScoringUnavailable
+
+    backend = _backend(server)
+    with pytest.raises(ScoringUnavailable, match="no local tokenizer"):
+        backend.score(["a"], [[3]], 1.0)
+    backend.tokenizer = AutoTokenizer.from_pretrained(str(random_checkpoint))
+    with pytest.raises(ScoringUnavailable, match="temperature 0.7"):
+        backend.score(["a"], [[3]], 0.7)
+    server.behaviour.no_prompt_logprobs = True  # an OpenAI-compatible server that is not vLLM
+    with pytest.raises(ScoringUnavailable, match="not a vLLM server"):
+        backend.score(["a"], [[3]], 1.0)
+    server.behaviour.no_prompt_logprobs = False
+    server.behaviour.always_fail = "["  # every prompt of token ids: 500 after the client's retries
+    backend.max_retries = 0
+    with pytest.raises(ScoringUnavailable, match="2 of 2 scoring requests failed after retries; first: InternalServerError"):
+        backend.score(["a", "b"], [[3], [4]], 1.0)
+
+
+def test_guidance_stages_record_unscored_rows_instead_of_skipping(server, random_checkpoint, caplog):
+    """explain/hint rows from a backend that cannot score keep null log-probs, and the reason comes back for the summary."""
+    from transformers import AutoTokenizer
+
+    from tasks.stages.explain import score_explanations
+    from tasks.stages.rollouts import add_loss_logprobs
+
+    backend = _backend(server)
+    backend.tokenizer = AutoTokenizer.from_pretrained(str(random_checkpoint))
+    rows = [{"loss_prompt": "1+2=", "completion_token_ids": [5, 6], "completion": "3 \\boxed{3}", "loss_logprobs": None}]
+    assert add_loss_logprobs(backend, rows, 1.0) is None and len(rows[0]["loss_logprobs"]) == 2
+    assert score_explanations(backend, rows, ["3"]) is None and rows[0]["explain_answer_gain"] is not None
+    server.behaviour.no_prompt_logprobs = True
+    fresh = [{**rows[0], "loss_logprobs": None}]
+    for k in ("explain_loglik", "explain_loglik_total", "explain_answer_gain"):
+        fresh[0].pop(k)
+    assert "not a vLLM server" in add_loss_logprobs(backend, fresh, 1.0)
+    assert "not a vLLM server" in score_explanations(backend, fresh, ["3"])
+    assert fresh[0]["loss_logprobs"] is None and "explain_loglik" not in fresh[0]
+    assert "without ExPO's scores" in caplog.text and "left without loss_logprobs" in caplog.text

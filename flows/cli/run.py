@@ -186,6 +186,7 @@ def online(
     """
     from flows.online import online as online_flow
     from tasks.core.config import read_run_config
+    from tasks.models.serving import check_following
     from tasks.registry import parse_config, preflight, round_stages, select_stages
     from tasks.report.runs import RunRecord
 
@@ -194,6 +195,7 @@ def online(
         cfg = parse_config(raw, where=str(config), base_dir=Path.cwd())
         ws = cfg.workspace_dir(workspace)
         preflight(cfg, select_stages(round_stages()), ws)
+        check_following(cfg, rounds or cfg.train.grpo.rounds)
         record = RunRecord.create(ws, "online", raw, str(Path.cwd().resolve()), [])
         console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
     except user_errors() as exc:

@@ -38,6 +38,20 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ServeConfig(StrictModel):
+    """How a served policy (backend openai) follows each online round's checkpoint (`guidedrl online`)."""
+
+    follow: Literal["none", "restart", "lora"] = Field(
+        "none", description="none: the server is left as it is (rounds after the first sample an older policy: refused); "
+        "restart: run `restart_command` on the new checkpoint and wait until the server lists it; lora: load the round's "
+        "LoRA adapter through vLLM's /v1/load_lora_adapter (needs train.grpo.lora) and sample it by its name")
+    restart_command: str | None = Field(
+        None, description="shell command template that (re)starts the server on a checkpoint: {checkpoint}, {model} (the "
+        "served name), {port}, {base_url}; e.g. `MODEL={checkpoint} NAME={model} PORT={port} infra/vllm-serve.sh`. If it "
+        "keeps running it is the server: guidedrl stops it (its process group) before the next restart and at the end")
+    ready_timeout_seconds: float = Field(900.0, gt=0, description="how long to wait for the server to list the new checkpoint")
+
+
 class PolicyConfig(StrictModel):
     """The policy that generates: a local checkpoint or a served model."""
 
@@ -57,7 +71,12 @@ class PolicyConfig(StrictModel):
     concurrency: int = Field(16, gt=0, description="requests in flight")
     timeout_seconds: float = Field(120.0, gt=0)
     max_retries: int = Field(5, ge=0, description="retries with exponential backoff on 429, 5xx and time-outs")
-    policy_id: str | None = Field(None, description="name of a served policy's weights (default: openai:<model>)")
+    policy_id: str | None = Field(None, description="name of a served policy's weights (default: the fingerprint of "
+                                  "`checkpoint` when it is a directory, else openai:<model>)")
+    checkpoint: str | None = Field(None, description="the local checkpoint directory the served policy's weights come from: "
+                                   "what dpo and grpo train and what policy_id names (default: `model` when it is a directory)")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="how a served policy follows the checkpoint "
+                               "each `guidedrl online` round trains")
     # vllm
     engine: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of vllm.LLM, e.g. tensor_parallel_size")
 

@@ -37,6 +37,11 @@ class BackendUnavailable(RuntimeError):
     """A backend whose dependencies are not installed or not configured."""
 
 
+class ScoringUnavailable(RuntimeError):
+    """A backend that cannot give log-probabilities of given tokens (its reason is the message):
+    the stage records that its rows are unscored, and why, instead of skipping silently."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
@@ -61,6 +66,10 @@ class GenerationBackend(Protocol):
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
         """``n`` samples for each prompt, in prompt order."""
+
+    def score(self, prompts: list[str], token_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        """Per-token log-probabilities of given completion tokens after given prompts; raises
+        ``ScoringUnavailable`` where the backend cannot."""
 
 
 def checkpoint_fingerprint(path: Path | str) -> str:
@@ -250,15 +259,68 @@ class OpenAIBackend:
         finish = choice.finish_reason if choice.finish_reason in ("stop", "length") else "stop"
         return Sample(choice.text or "", token_ids, logprobs if token_ids else None, finish)
 
-    async def _all(self, prompts, params):
+    def _client(self):
         from openai import AsyncOpenAI
 
+        return AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=self.max_retries)
+
+    async def _all(self, prompts, params):
         sem = asyncio.Semaphore(self.concurrency)
-        async with AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=self.max_retries) as client:
+        async with self._client() as client:
             return await asyncio.gather(*(self._one(client, sem, p, params, i) for i, p in enumerate(prompts)))
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
         return list(asyncio.run(self._all(prompts, params)))
+
+    tokenizer = None  # the policy's local tokenizer (policy.open_backend sets it): scoring sends token ids
+
+    async def _score_one(self, client, sem, prompt_ids: list[int], completion: list[int]) -> list[float]:
+        async with sem:
+            resp = await client.completions.create(model=self.model, prompt=prompt_ids + completion, max_tokens=1,
+                                                   temperature=0.0, extra_body={"prompt_logprobs": 0})
+        choice = resp.choices[0]
+        entries = getattr(choice, "prompt_logprobs", None)
+        if entries is None:
+            entries = (choice.model_extra or {}).get("prompt_logprobs")
+        if not isinstance(entries, list) or len(entries) != len(prompt_ids) + len(completion):
+            raise ScoringUnavailable(f"the server at {self.base_url} gives no prompt_logprobs for the prompt it was sent "
+                                     f"(got {type(entries).__name__}{'' if not isinstance(entries, list) else f' of {len(entries)}'}, "
+                                     f"expected {len(prompt_ids) + len(completion)} entries): it is not a vLLM server")
+        out = []
+        for token, entry in zip(completion, entries[len(prompt_ids):]):
+            hit = (entry or {}).get(str(token)) or (entry or {}).get(token)
+            if hit is None:
+                raise ScoringUnavailable(f"the server's prompt_logprobs have no entry for token {token}")
+            out.append(float(hit["logprob"] if isinstance(hit, dict) else hit))
+        return out
+
+    async def _score_all(self, prompts, token_ids):
+        sem = asyncio.Semaphore(self.concurrency)
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        async with self._client() as client:
+            return await asyncio.gather(*(self._score_one(client, sem, p, list(c)) for p, c in zip(encoded, token_ids) if c),
+                                        return_exceptions=True)
+
+    def score(self, prompts: list[str], token_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        """The completion tokens' log-probabilities under the served policy: each prompt and completion is
+        sent as one prompt of token ids with vLLM's ``prompt_logprobs`` (the completion "echoed" as part of
+        the prompt), and the completion's positions are read back. A server gives them at temperature 1
+        (its raw distribution), so another temperature cannot be scored here."""
+        if temperature not in (0.0, 1.0):
+            raise ScoringUnavailable(f"a server's prompt_logprobs are of its temperature-1 distribution; scoring at "
+                                     f"temperature {temperature} is left to the policy update")
+        if self.tokenizer is None:
+            raise ScoringUnavailable("no local tokenizer to send prompts as token ids (set policy.tokenizer or policy.checkpoint)")
+        results = iter(asyncio.run(self._score_all(prompts, token_ids)))
+        out = [next(results) if c else [] for c in token_ids]
+        failed = [r for r in out if isinstance(r, BaseException)]
+        if failed:
+            first = failed[0]
+            if isinstance(first, ScoringUnavailable):
+                raise first
+            raise ScoringUnavailable(f"{len(failed)} of {len(out)} scoring requests failed after retries; first: "
+                                     f"{type(first).__name__}: {str(first)[:300]}")
+        return out
 
 
 # --------------------------------------------------------------------------- in-process vLLM (optional)
@@ -301,6 +363,23 @@ class VLLMBackend:
                 samples.append(Sample(c.text, ids, lps, c.finish_reason if c.finish_reason in ("stop", "length") else "stop"))
             results.append(samples)
         return results
+
+
+    def score(self, prompts: list[str], token_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        """Completion tokens' log-probabilities from the engine's ``prompt_logprobs`` over prompt + completion
+        token ids (temperature 1: vLLM's prompt log-probabilities are of the raw distribution)."""
+        if temperature not in (0.0, 1.0):
+            raise ScoringUnavailable(f"vLLM's prompt_logprobs are of its temperature-1 distribution; scoring at temperature "
+                                     f"{temperature} is left to the policy update")
+        tok = self.llm.get_tokenizer()
+        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        todo = [(k, p, list(c)) for k, (p, c) in enumerate(zip(encoded, token_ids)) if c]
+        sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self.llm.generate([{"prompt_token_ids": p + c} for _, p, c in todo], sp) if todo else []
+        out: list[list[float]] = [[] for _ in prompts]
+        for (k, p, c), o in zip(todo, outputs):
+            out[k] = [float(entry[t].logprob) for entry, t in zip(o.prompt_logprobs[len(p):], c)]
+        return out
 
 
 def make_backend(backend: str, model: str, **options) -> GenerationBackend:

@@ -20,25 +20,44 @@ if TYPE_CHECKING:
 log = logging.getLogger("guidedrl.policy")
 
 
-def policy_id_for(config: Config) -> str:
+def checkpoint_dir(config: Config) -> Path | None:
+    """The local checkpoint the policy's weights come from: `policy.checkpoint`, else `policy.model` when it
+    is a directory (a served policy named by the server has none unless `checkpoint` says where it is)."""
     p = config.policy
-    if p.backend == "openai":
-        return p.policy_id or f"openai:{p.model}"
+    if p.checkpoint:
+        return config.resolve(p.checkpoint)
     path = config.resolve(p.model)
-    if path.is_dir():
+    return path if path.is_dir() else None
+
+
+def policy_id_for(config: Config) -> str:
+    """The policy_id its samples carry: the fingerprint of the checkpoint they come from — for a served
+    policy too, when `policy.checkpoint` (or a model directory) says which; else `policy.policy_id` or
+    `<backend>:<model>`."""
+    p = config.policy
+    if p.backend == "transformers":
+        path = config.resolve(p.model)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: policy checkpoint not found (policy.model)")
         return checkpoint_fingerprint(path)
-    if p.backend == "vllm":
-        return p.policy_id or f"vllm:{p.model}"
-    raise FileNotFoundError(f"{path}: policy checkpoint not found (policy.model)")
+    if p.policy_id:
+        return p.policy_id
+    ckpt = checkpoint_dir(config)
+    if ckpt is not None and ckpt.is_dir():
+        return checkpoint_fingerprint(ckpt)
+    return f"{p.backend}:{p.model}"
 
 
 def local_policy_dir(config: Config, stage: str) -> Path:
-    """The policy checkpoint directory a training stage starts from (it must be a local transformers model)."""
-    base = config.resolve(config.policy.model)
-    if config.policy.backend != "transformers" or not base.is_dir():
-        raise ValueError(f"{stage}: trains a local checkpoint; policy.model ({config.policy.model}) must be a model directory "
-                         "with policy.backend transformers")
-    return base
+    """The checkpoint directory a training stage starts from: the policy's local checkpoint, whatever
+    samples it (in process, or a server started on it: `policy.checkpoint`)."""
+    ckpt = checkpoint_dir(config)
+    if ckpt is None or not ckpt.is_dir():
+        where = (f"policy.checkpoint ({config.policy.checkpoint})" if config.policy.checkpoint
+                 else f"policy.model ({config.policy.model})")
+        raise ValueError(f"{stage}: trains a local checkpoint, but {where} is not a model directory; with a served policy "
+                         "set policy.checkpoint to the directory the server was started on")
+    return ckpt
 
 
 def resolve_device(spec: str = "auto") -> str:
@@ -93,7 +112,15 @@ def check_policy(config: Config) -> None:
     if p.backend == "openai":
         if not (p.base_url or os.environ.get("OPENAI_BASE_URL")):
             raise ConfigError("policy.base_url: backend openai needs the server's URL (or OPENAI_BASE_URL in the environment)")
+        if p.checkpoint and not (config.resolve(p.checkpoint) / "config.json").is_file():
+            raise ConfigError(f"{config.resolve(p.checkpoint)}: policy.checkpoint is not a transformers model directory (no config.json)")
+        if p.serve.follow == "restart" and not p.serve.restart_command:
+            raise ConfigError("policy.serve.follow: restart needs policy.serve.restart_command (e.g. "
+                              "`MODEL={checkpoint} NAME={model} PORT={port} infra/vllm-serve.sh`)")
         return
+    if p.serve.follow != "none":
+        raise ConfigError(f"policy.serve.follow: {p.serve.follow} is for a served policy (backend openai); backend "
+                          f"{p.backend} samples the checkpoint in process and follows it by itself")
     path = config.resolve(p.model)
     if p.backend == "vllm" and not path.is_dir():
         return  # a model name the vLLM engine resolves itself
@@ -123,22 +150,31 @@ def open_backend(config: Config) -> GenerationBackend:
         device, dtype = precision(config)
         return make_backend("transformers", str(config.resolve(p.model)), batch_size=p.batch_size, device=device, dtype=dtype)
     if p.backend == "openai":
-        return make_backend("openai", p.model, base_url=p.base_url, api_key_env=p.api_key_env, concurrency=p.concurrency,
-                            timeout=p.timeout_seconds, max_retries=p.max_retries, policy_id=policy_id_for(config))
+        backend = make_backend("openai", p.model, base_url=p.base_url, api_key_env=p.api_key_env, concurrency=p.concurrency,
+                               timeout=p.timeout_seconds, max_retries=p.max_retries, policy_id=policy_id_for(config))
+        backend.tokenizer = local_tokenizer(config)  # scoring sends token ids: prompt + completion
+        return backend
     return make_backend("vllm", str(config.resolve(p.model)) if config.resolve(p.model).is_dir() else p.model, **p.engine)
+
+
+def local_tokenizer(config: Config):
+    """The policy's tokenizer from disk (`policy.tokenizer`, else its checkpoint), or None."""
+    path = config.resolve(config.policy.tokenizer) if config.policy.tokenizer else checkpoint_dir(config)
+    if path is None or not path.is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def chat_tokenizer(config: Config, backend: GenerationBackend):
     """The tokenizer whose chat template wraps prompts (None: prompts go unwrapped)."""
     if getattr(backend, "tokenizer", None) is not None:
         return backend.tokenizer
-    path = config.resolve(config.policy.tokenizer or config.policy.model)
-    if path.is_dir():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path))
-    log.warning("no local tokenizer for %s: prompts are sent without a chat template (set policy.tokenizer)", config.policy.model)
-    return None
+    tokenizer = local_tokenizer(config)
+    if tokenizer is None:
+        log.warning("no local tokenizer for %s: prompts are sent without a chat template (set policy.tokenizer)", config.policy.model)
+    return tokenizer
 
 
 def render(tokenizer, user_turn: str) -> str:

@@ -45,9 +45,10 @@ from tasks.core.shards import ShardPlan, make_plan
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput
 from tasks.models.answers import steps_correct
+from tasks.models.generation import ScoringUnavailable
 from tasks.models.policy import check_policy
 from tasks.stages import _guidance as guidance
-from tasks.stages.rollouts import add_loss_logprobs
+from tasks.stages.rollouts import add_loss_logprobs, scoring_summary
 
 
 class ExplainConfig(StrictModel):
@@ -83,19 +84,28 @@ def explanation_body(completion: str) -> str:
     return completion[:i] if i >= 0 else completion
 
 
-def score_explanations(backend, rows: list[dict], answers: list[str]) -> None:
-    """Add (a) `explain_loglik`(+`_total`) and (b) `explain_answer_gain` to kept rows."""
-    if not rows or not hasattr(backend, "score"):
-        return
-    lls = backend.score([r["loss_prompt"] for r in rows], [r["completion_token_ids"] for r in rows], 1.0)
-    tok = backend.tokenizer
-    ans_ids = [tok(answer_text(a), add_special_tokens=False)["input_ids"] for a in answers]
-    with_expl = backend.score([r["loss_prompt"] + explanation_body(r["completion"]) for r in rows], ans_ids, 1.0)
-    without = backend.score([r["loss_prompt"] for r in rows], ans_ids, 1.0)
+def score_explanations(backend, rows: list[dict], answers: list[str]) -> str | None:
+    """Add (a) `explain_loglik`(+`_total`) and (b) `explain_answer_gain` to kept rows; a backend that cannot
+    score leaves them null and the reason is returned (and logged)."""
+    if not rows:
+        return None
+    tok = getattr(backend, "tokenizer", None)
+    try:
+        if tok is None:
+            raise ScoringUnavailable("no local tokenizer to encode the answers (set policy.tokenizer or policy.checkpoint)")
+        lls = backend.score([r["loss_prompt"] for r in rows], [r["completion_token_ids"] for r in rows], 1.0)
+        ans_ids = [tok(answer_text(a), add_special_tokens=False)["input_ids"] for a in answers]
+        with_expl = backend.score([r["loss_prompt"] + explanation_body(r["completion"]) for r in rows], ans_ids, 1.0)
+        without = backend.score([r["loss_prompt"] for r in rows], ans_ids, 1.0)
+    except ScoringUnavailable as exc:
+        log.warning("explain: %d explanations without ExPO's scores (explain_loglik, explain_answer_gain; select falls back "
+                    "to the first verified one): %s", len(rows), exc)
+        return str(exc)
     for r, ll, w, wo in zip(rows, lls, with_expl, without):
         r["explain_loglik_total"] = float(sum(ll))
         r["explain_loglik"] = float(sum(ll) / max(1, len(ll)))
         r["explain_answer_gain"] = float(sum(w) - sum(wo))
+    return None
 
 
 #: phrases by which an explanation leans on having been shown the answer (explain.leak_check)
@@ -147,15 +157,15 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
     """Sample, verify, score and select the explanations of shard ``i``'s problems, and write them."""
     backend, rows, params = guidance.sample_guided(STAGE.name, config.explain, config, shard_plan.shards[i], i)
     kept = [r for r in rows if r["correct"]]  # the final answer must verify
-    add_loss_logprobs(backend, kept, params.temperature)
-    score_explanations(backend, kept, [r["guidance"] for r in kept])  # the answer it was shown
+    why = add_loss_logprobs(backend, kept, params.temperature)
+    why = score_explanations(backend, kept, [r["guidance"] for r in kept]) or why  # the answer it was shown
     for r in kept:
         r["leaks_answer"] = config.explain.leak_check and leans_on_the_answer(r["completion"])
         r.setdefault("explain_loglik", None)
         r.setdefault("explain_loglik_total", None)
         r.setdefault("explain_answer_gain", None)
     select(kept, config.explain.select)  # per problem: a shard holds whole problems
-    meta = {"sampled": len(rows)}
+    meta = {"sampled": len(rows), "unscored": len(kept) if why else 0, "scoring_unavailable": why}
     shard_plan.write(i, to_table(kept, "explanations", str(shard_plan.path(i))), meta)
     return meta
 
@@ -178,6 +188,7 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
         "kept_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept),
         "selected_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept if r["selected"]),
         "select": shard_plan.stage_cfg["explain"]["select"],
+        **scoring_summary(shard_plan),
     }
     out = job.write({"explanations": parts}, summary, dataset_summaries={"explanations": summary})
     shard_plan.clean()

@@ -94,6 +94,10 @@ class GRPOTrainConfig(StrictModel):
                        "same model with its adapters switched off, when it is the policy being trained")
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
+    lora_adapter: str | None = Field(
+        None, description="continue this LoRA adapter (a previous round's checkpoint/adapter) on its own base model "
+        "(base_model_name_or_path in its adapter_config.json) instead of adding a new adapter to policy.checkpoint: the saved "
+        "adapter stays relative to the base a server holds (`guidedrl online` sets it with policy.serve.follow: lora)")
     distributed: DistributedConfig | None = Field(
         None, description="run the update as several processes on an existing engine (tasks/stages/_grpo_distributed.py): "
         "accelerate launch with a config from infra/accelerate/ (DDP, FSDP2, DeepSpeed ZeRO), or torchrun (DDP; gloo on CPU); "
@@ -546,6 +550,11 @@ def preflight(config: Config) -> None:
     """Before any work: the policy can be loaded."""
     local_policy_dir(config, STAGE.name)
     check_policy(config)
+    gc = config.train.grpo
+    if gc.lora_adapter and not gc.lora:
+        raise ValueError("train.grpo.lora_adapter continues a LoRA adapter: set train.grpo.lora: true")
+    if gc.lora_adapter:
+        lora_base(gc.lora_adapter)
 
 
 def settings(config: Config) -> dict:
@@ -607,18 +616,36 @@ def launch_distributed(config, cfg, base: Path, reference: Path, files: list[Pat
     return metrics
 
 
+def lora_base(adapter) -> Path:
+    """The base model a LoRA adapter was trained on (its adapter_config.json)."""
+    cfg_file = Path(adapter) / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"train.grpo.lora_adapter: {adapter} is not a LoRA adapter directory (no adapter_config.json)")
+    base = Path(json.loads(cfg_file.read_text()).get("base_model_name_or_path") or "")
+    if not (base / "config.json").is_file():
+        raise ValueError(f"train.grpo.lora_adapter: {cfg_file} names base model {str(base)!r}, which is not a local model directory")
+    return base
+
+
 def load_for_update(base, reference, cfg, device: str):
     """(tokenizer, policy, reference) for the update: LoRA adapters when `lora`; a reference only
     when `kl > 0` — the policy with adapters off when it is the policy being trained, else loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForCausalLM.from_pretrained(str(base)).to(device)
     ref = None
-    if cfg.lora:
-        model = with_lora(model, cfg)
-        if cfg.kl > 0 and Path(reference).resolve() == Path(base).resolve():
-            ref = adapters_off(model)
+    if cfg.lora and cfg.lora_adapter:  # the same adapter, on the base it was trained for
+        from peft import PeftModel
+
+        base = lora_base(cfg.lora_adapter)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)).to(device), str(cfg.lora_adapter),
+                                          is_trainable=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(base)).to(device)
+        if cfg.lora:
+            model = with_lora(model, cfg)
+    if cfg.lora and cfg.kl > 0 and Path(reference).resolve() == Path(base).resolve():
+        ref = adapters_off(model)
     if cfg.kl > 0 and ref is None:  # memory for a reference model only when the KL needs one
         ref = AutoModelForCausalLM.from_pretrained(str(reference)).to(device).eval()
     return tokenizer, model, ref

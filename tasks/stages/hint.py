@@ -36,7 +36,7 @@ from tasks.core.store import StageOutput
 from tasks.models.answers import steps_correct
 from tasks.models.policy import check_policy
 from tasks.stages import _guidance as guidance
-from tasks.stages.rollouts import add_loss_logprobs
+from tasks.stages.rollouts import add_loss_logprobs, scoring_summary
 
 
 class HintConfig(StrictModel):
@@ -129,8 +129,8 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
             leaks += 1
             continue
         kept.append(r)
-    add_loss_logprobs(backend, kept, params.temperature)  # the same tokens under the hint-free prompt
-    meta = {"sampled": len(rows), "leaks_rejected": leaks}
+    why = add_loss_logprobs(backend, kept, params.temperature)  # the same tokens under the hint-free prompt
+    meta = {"sampled": len(rows), "leaks_rejected": leaks, "unscored": len(kept) if why else 0, "scoring_unavailable": why}
     shard_plan.write(i, to_table(kept, "rollouts", str(shard_plan.path(i))), meta)
     return meta
 
@@ -148,6 +148,7 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
         "leaks_rejected": int(shard_plan.total("leaks_rejected")),
         **guidance.unlocked_summary(stuck, [r["problem_id"] for r in kept], shard_plan.context["levels"]),
         "kept_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept),
+        **scoring_summary(shard_plan),
     }
     out = job.write({"hints": parts}, summary, dataset_summaries={"hints": summary})
     shard_plan.clean()

@@ -31,7 +31,7 @@ from tasks.core.shards import ShardPlan, make_plan
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, read_dataset, sha256_bytes
 from tasks.models.answers import check
-from tasks.models.generation import GenerationBackend, SamplingParams
+from tasks.models.generation import GenerationBackend, SamplingParams, ScoringUnavailable
 from tasks.models.policy import chat_tokenizer, check_policy, policy_id_for, precision_settings, render, shared_backend
 from tasks.models.prompts import fill, load_template
 from tasks.report.metrics import pass_table
@@ -104,14 +104,26 @@ def sample_rows(problems: list[dict], samples, prompts: list[str], policy_id: st
     return rows
 
 
-def add_loss_logprobs(backend: GenerationBackend, rows: list[dict], temperature: float) -> None:
+def add_loss_logprobs(backend: GenerationBackend, rows: list[dict], temperature: float) -> str | None:
     """Fill ``loss_logprobs`` of guided rows: their tokens under the guidance-free
-    ``loss_prompt``, from a forward pass. Backends that cannot score leave them
-    null (the policy update recomputes them)."""
-    if rows and hasattr(backend, "score"):
+    ``loss_prompt``, from a forward pass. A backend that cannot score leaves them null
+    (the policy update recomputes them); returns why, and logs it, instead of skipping silently."""
+    if not rows:
+        return None
+    try:
         scored = backend.score([r["loss_prompt"] for r in rows], [r["completion_token_ids"] for r in rows], temperature)
-        for r, lp in zip(rows, scored):
-            r["loss_logprobs"] = lp
+    except ScoringUnavailable as exc:
+        log.warning("%s: %d rows left without loss_logprobs (the update computes them): %s", backend.name, len(rows), exc)
+        return str(exc)
+    for r, lp in zip(rows, scored):
+        r["loss_logprobs"] = lp
+    return None
+
+
+def scoring_summary(shard_plan) -> dict:
+    """The shards' scoring, for a guidance stage's summary: rows left unscored and why (null: all scored)."""
+    reasons = sorted({m["scoring_unavailable"] for m in shard_plan.metas() if m.get("scoring_unavailable")})
+    return {"unscored": int(shard_plan.total("unscored")), "scoring_unavailable": "; ".join(reasons) or None}
 
 
 def summarize(table: pa.Table, seconds: float | None = None) -> dict:
