@@ -60,6 +60,15 @@ def follow_checkpoint(raw: dict, base_dir: str, workspace: str, checkpoint: str)
     return serving.follow(config.policy, Path(checkpoint), Path(workspace) / "logs", cwd=Path(base_dir))
 
 
+@task(name="start-serving", cache_policy=None)
+def start_serving(raw: dict, base_dir: str, workspace: str) -> None:
+    """follow: restart — the server serves the initial checkpoint before round 1 (started by the command if not)."""
+    from tasks.models.policy import checkpoint_dir
+
+    config = parse_config(raw, where="run config", base_dir=base_dir)
+    serving.start(config.policy, checkpoint_dir(config), Path(workspace) / "logs", cwd=Path(base_dir))
+
+
 @task(name="frontier", cache_policy=None)
 def frontier(run_record: str) -> str:
     """The run's frontier (tasks/report/frontier.py), written into the store and noted in the run record."""
@@ -78,6 +87,8 @@ def online(raw_config: dict, base_dir: str, workspace: str, rounds: int | None =
     served: dict | None = None
     history = []
     try:
+        if config.policy.backend == "openai" and rounds > 1:
+            start_serving(raw_config, base_dir, workspace)
         for r in range(1, rounds + 1):
             raw = round_config(raw_config, policy, r, served)
             results = pipeline.with_options(name="guidedrl-round", flow_run_name=f"round-{r}")(

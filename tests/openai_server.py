@@ -47,6 +47,7 @@ class Behaviour:
         self.html = False  # answer every request with an HTML page (a proxy's error page) and status 200
         self.no_prompt_logprobs = False  # answer like a server without vLLM's prompt_logprobs
         self.models: dict[str, dict] = {}  # served name -> {"root", "parent"}; empty: any model name is answered
+        self.solve_even = False  # completions: even choices end with the right \\boxed{} answer to the prompt's last "a + b =" sum
         self.request_log: str | None = None  # a file that gets a JSON line per completion request: path, model, its root
         self.attempts: Counter = Counter()
         self.authorization: set[str] = set()  # the Authorization headers received
@@ -98,6 +99,18 @@ def judge_reply(messages: list[dict]) -> str:
         return "Checkpoints: " + ", ".join(ref_eqs) + "\n" + "\n".join(lines)
     trace = _between(user, "student_reasoning") or ""
     return f"The reference's answer is {ref_answer}.\nSCORE: {5 if _answer(trace) == ref_answer else 1}"
+
+
+_SUM = re.compile(r"(-?\d+(?:\s*[-+]\s*-?\d+)+)\s*=")
+
+
+def solved(prompt: str) -> str | None:
+    """The value of the prompt's last ``a + b - c =`` chain sum (what --solve answers), or None."""
+    found = _SUM.findall(prompt)
+    if not found:
+        return None
+    terms = re.findall(r"([-+]?)\s*(-?\d+)", found[-1])
+    return str(sum(-int(v) if sign == "-" else int(v) for sign, v in terms))
 
 
 def fake_prompt_logprob(previous: int, token: int) -> float:
@@ -199,9 +212,10 @@ def _handler(b: Behaviour):
             for i in range(n):
                 ids = [len(prompt) % 50 + i, 7, 8][: max(1, min(3, int(req.get("max_tokens", 3))))]
                 toks = [str(t) for t in ids] if b.no_token_ids else [f"token_id:{t}" for t in ids]
+                answer = solved(prompt) if b.solve_even and i % 2 == 0 else None
                 choices.append({
                     "index": i,
-                    "text": f"{prompt[-5:]}#{i}",
+                    "text": f"{prompt[-5:]}#{i}" if answer is None else f"so it is \\boxed{{{answer}}}",
                     "finish_reason": "stop",
                     "logprobs": {"tokens": toks, "token_logprobs": [-0.1 * (k + 1) for k in range(len(ids))],
                                  "top_logprobs": None, "text_offset": list(range(len(ids)))},
@@ -286,6 +300,7 @@ if __name__ == "__main__":
     ap.add_argument("--threaded", action="store_true", help="the threaded test server (all behaviours) instead of the lean one")
     ap.add_argument("--served-model-name", help="threaded: the one model it serves (others: 404), as vLLM's --served-model-name")
     ap.add_argument("--root", help="threaded: the checkpoint it lists as the served model's root (vLLM: the model path)")
+    ap.add_argument("--solve", action="store_true", help="threaded: even choices answer the prompt's chain sum right")
     ap.add_argument("--request-log", help="threaded: append a JSON line per completion request (path, model, root) to this file")
     ap.add_argument("--startup-seconds", type=float, default=0.0, help="wait this long before listening (loading a model)")
     args = ap.parse_args()
@@ -296,6 +311,7 @@ if __name__ == "__main__":
         if args.served_model_name:
             server.behaviour.models[args.served_model_name] = {"root": args.root or args.served_model_name, "parent": None}
         server.behaviour.request_log = args.request_log
+        server.behaviour.solve_even = args.solve
         print(server.base_url, flush=True)
         server.httpd.serve_forever()
     else:

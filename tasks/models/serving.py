@@ -122,9 +122,12 @@ def restart_on(policy, checkpoint: Path, log_dir: Path, cwd: Path | None = None)
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, shell=True, start_new_session=True, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     t0 = time.monotonic()
-    entry = wait_until_served(policy, policy.model, str(checkpoint), policy.serve.ready_timeout_seconds, proc, log_path)
-    if proc.poll() is None:
-        _OWNED[url] = proc  # still running: it is the server
+    _OWNED[url] = proc  # while it runs it is the server (or on its way to being it)
+    try:
+        entry = wait_until_served(policy, policy.model, str(checkpoint), policy.serve.ready_timeout_seconds, proc, log_path)
+    except BaseException:
+        stop_owned(url)  # a server that never came up is not left running
+        raise
     log.info("the server lists %s from %s after %.1f s", policy.model, checkpoint, time.monotonic() - t0)
     return entry
 
@@ -160,6 +163,22 @@ def check_following(config, rounds: int) -> None:
                           "keep sampling the first round's policy")
     if p.serve.follow == "lora" and not config.train.grpo.lora:
         raise ConfigError("policy.serve.follow: lora needs train.grpo.lora: true (the server loads the round's adapter)")
+
+
+def serving_checkpoint(policy, checkpoint: Path) -> bool:
+    """Whether the server answers now and lists the served name loaded from ``checkpoint``."""
+    try:
+        return any(m.get("id") == policy.model and _same_path(m.get("root"), str(checkpoint)) for m in served_models(policy))
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def start(policy, checkpoint: Path, log_dir: Path, cwd: Path | None = None) -> None:
+    """Before the first round (follow: restart): the server serves the initial checkpoint — one already
+    serving it is used as it is; otherwise the restart command starts it (and guidedrl owns it: a server
+    started by hand on the same port would have to be stopped by the command itself)."""
+    if policy.serve.follow == "restart" and not serving_checkpoint(policy, Path(checkpoint)):
+        restart_on(policy, Path(checkpoint).resolve(), log_dir, cwd)
 
 
 def follow(policy, checkpoint: Path, log_dir: Path, cwd: Path | None = None) -> dict:
