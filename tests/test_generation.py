@@ -114,3 +114,89 @@ def test_score_matches_the_sampling_logprobs_under_the_same_prompt(tiny):
         assert torch.allclose(torch.tensor(lp), torch.tensor(s.logprobs), atol=1e-4)
     other = tiny.score([prompts[0]] * len(flat), [s.token_ids for s in flat], temperature=0.9)
     assert any(not torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-3) for a, b in zip(other, scored))
+
+
+class _Limited:
+    """The tiny model behind a device that runs out of memory above ``most`` sequences per pass."""
+
+    def __init__(self, model, most: int):
+        self.model, self.most, self.batches = model, most, []
+
+    def _check(self, ids):
+        self.batches.append(tuple(ids.shape))
+        if ids.shape[0] > self.most:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (stand-in: {ids.shape[0]} > {self.most} sequences)")
+
+    def generate(self, input_ids, **kw):
+        self._check(input_ids)
+        return self.model.generate(input_ids=input_ids, **kw)
+
+    def __call__(self, input_ids, **kw):
+        self._check(input_ids)
+        return self.model(input_ids=input_ids, **kw)
+
+
+def _backend(most: int | None = None, batch_size: int = 8, batch_tokens: int | None = None):
+    tok = build_tokenizer()
+    model = build_model(TinyPolicyConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2), tok)
+    backend = TransformersBackend.from_objects(model, tok, "random-tiny", batch_size=batch_size)
+    backend.batch_tokens = batch_tokens
+    backend.model = _Limited(model, most if most is not None else 10**9)
+    return backend
+
+
+def test_batches_by_tokens_wide_for_short_prompts_narrow_for_long_ones():
+    backend = _backend(batch_size=16, batch_tokens=400)
+    prompts = ["1+2="] * 3 + ["a much, much longer prompt than the others: 12 + 34 - 5 + 6 - 7 ="] * 3
+    out = backend.generate(prompts, SamplingParams(n=2, max_new_tokens=6, seed=1))
+    assert all(len(ss) == 2 and all(s.token_ids for s in ss) for ss in out)
+    assert all(n * width <= 400 - 6 for n, width in backend.model.batches)  # prompt width + 6 new tokens each
+    sizes = [n for n, _ in backend.model.batches]
+    assert sizes[0] == 6 and max(sizes[1:]) < 6  # the short prompts in one batch; the long ones split
+    assert sum(sizes) == 12
+
+
+def test_out_of_memory_retries_smaller_batches_and_says_so(caplog):
+    prompts = [f"{a} + {a + 3} =" for a in range(5)]
+    params = SamplingParams(n=2, max_new_tokens=5, seed=3)
+    backend = _backend(most=3)
+    out = backend.generate(prompts, params)
+    assert all(len(ss) == 2 and all(s.token_ids and s.logprobs for s in ss) for ss in out)  # every sample, none lost
+    assert backend.oom_backoffs == 2 and backend.batch_size == 2  # 8 -> 4 -> 2, kept for the rest
+    assert [n for n, _ in backend.model.batches] == [8, 4, 2, 2, 2, 2, 2]
+    assert "out of device memory at 8 sequences" in caplog.text and "retrying with batches of 4" in caplog.text
+    flat = [(p, s.token_ids) for p, ss in zip(prompts, out) for s in ss]
+    scored = backend.score([p for p, _ in flat], [t for _, t in flat], 1.0)  # scoring keeps the smaller batches
+    whole = _backend().score([p for p, _ in flat], [t for _, t in flat], 1.0)
+    assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5) for a, b in zip(scored, whole))
+    single = _backend(most=0)
+    with pytest.raises(torch.OutOfMemoryError):  # one sequence that does not fit is an error, not a loop
+        single.generate(prompts[:1], SamplingParams(n=1, max_new_tokens=2))
+
+
+def test_vllm_scoring_reads_prompt_logprobs_of_the_completion(monkeypatch):
+    """The in-process vLLM backend scores through prompt_logprobs over prompt + completion token ids."""
+    seen = {}
+
+    class Logprob:
+        def __init__(self, logprob):
+            self.logprob = logprob
+
+    class LLMStub:
+        def __init__(self, model, **kw):
+            pass
+
+        def get_tokenizer(self):
+            return lambda text, add_special_tokens=False: {"input_ids": [ord(c) % 50 for c in text]}
+
+        def generate(self, prompts, sp):
+            seen["prompts"], seen["sampling"] = prompts, sp
+            return [types.SimpleNamespace(prompt_logprobs=[None] + [{t: Logprob(-t / 100)} for t in p["prompt_token_ids"][1:]])
+                    for p in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLMStub, SamplingParams=lambda **kw: kw))
+    be = VLLMBackend("org/model")
+    out = be.score(["ab", "c"], [[7, 8], []], 1.0)
+    assert out == [[-0.07, -0.08], []]
+    assert seen["prompts"] == [{"prompt_token_ids": [97 % 50, 98 % 50, 7, 8]}]
+    assert seen["sampling"] == {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}

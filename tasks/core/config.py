@@ -59,7 +59,11 @@ class PolicyConfig(StrictModel):
     backend: Literal["transformers", "openai", "vllm"] = "transformers"
     tokenizer: str | None = Field(None, description="local tokenizer dir whose chat template wraps prompts; default: `model` when it is a directory")
     # transformers
-    batch_size: int = Field(64, gt=0, description="sequences per generate() call")
+    batch_size: int = Field(64, gt=0, description="sequences per generate() / scoring forward pass (at most)")
+    batch_tokens: int | None = Field(
+        None, gt=0, description="memory-aware batching: at most this many padded tokens (prompt + max_new_tokens) per batch, "
+        "so short prompts batch wide and long ones narrow; e.g. 65536 for a 1.5B model on an 80 GB GPU. Out of device memory, "
+        "a batch is retried at half its size and a warning says so (whatever this is)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
                         description="where the stages that load the model run it: auto (cuda when one is visible, else cpu) | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(

@@ -26,7 +26,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from tasks.core.store import fingerprint_files
 
@@ -89,7 +89,8 @@ def checkpoint_fingerprint(path: Path | str) -> str:
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, model: str | Path, batch_size: int = 64, device: str = "cpu", threads: int | None = None, dtype: str = "float32"):
+    def __init__(self, model: str | Path, batch_size: int = 64, device: str = "cpu", threads: int | None = None, dtype: str = "float32",
+                 batch_tokens: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,7 +103,7 @@ class TransformersBackend:
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(device).eval()
         self.device = device
-        self.batch_size = batch_size
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.policy_id = checkpoint_fingerprint(path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -113,8 +114,43 @@ class TransformersBackend:
         self = cls.__new__(cls)
         self.model, self.tokenizer, self.policy_id = model.eval(), tokenizer, policy_id
         self.tokenizer.padding_side = "left"
-        self.device, self.batch_size = next(model.parameters()).device, batch_size
+        self.device, self.batch_size, self.batch_tokens = next(model.parameters()).device, batch_size, None
         return self
+
+    oom_backoffs = 0  # batches split in two after running out of device memory
+
+    def _batch_end(self, lengths: list[int], start: int, extra: int) -> int:
+        """The end of the batch that starts at ``start``: at most `batch_size` sequences and, with
+        `batch_tokens`, at most that many padded tokens (``lengths`` + ``extra`` each)."""
+        stop = min(len(lengths), start + self.batch_size)
+        if self.batch_tokens:
+            while stop - start > 1 and (max(lengths[start:stop]) + extra) * (stop - start) > self.batch_tokens:
+                stop -= 1
+        return stop
+
+    def _run_batches(self, lengths: list[int], extra: int, run: Callable[[int, int], None], what: str) -> None:
+        """``run(start, stop)`` over consecutive batches of the items. Out of device memory, the batch is
+        retried at half its size (down to one sequence), the smaller size kept for the rest of this
+        backend's work, and a warning says so."""
+        import torch
+
+        start = 0
+        while start < len(lengths):
+            stop = self._batch_end(lengths, start, extra)
+            try:
+                run(start, stop)
+            except torch.OutOfMemoryError:
+                if stop - start == 1:
+                    raise
+                if str(self.device).startswith("cuda"):
+                    torch.cuda.empty_cache()
+                self.oom_backoffs += 1
+                self.batch_size = (stop - start) // 2
+                log.warning("%s: out of device memory at %d sequences of up to %d tokens; retrying with batches of %d "
+                            "(policy.batch_size / batch_tokens lower avoid it)", what, stop - start, max(lengths[start:stop]) + extra,
+                            self.batch_size)
+                continue
+            start = stop
 
     _lock = threading.Lock()  # seeding is global in torch: one generate at a time per process keeps runs reproducible
 
@@ -131,8 +167,9 @@ class TransformersBackend:
         jobs.sort(key=lambda ij: (len(encoded[ij[0]]), ij))  # bucket by prompt length
         results: list[list[Sample | None]] = [[None] * params.n for _ in prompts]
         eos = tok.eos_token_id
-        for b in range(0, len(jobs), self.batch_size):
-            chunk = jobs[b : b + self.batch_size]
+
+        def run(b: int, stop: int) -> None:
+            chunk = jobs[b:stop]
             width = max(len(encoded[i]) for i, _ in chunk)
             pad = tok.pad_token_id
             ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i, _ in chunk], device=self.device)
@@ -169,6 +206,8 @@ class TransformersBackend:
                     logprobs=[float(x) for x in logp[row, :end].tolist()],
                     finish_reason=reason,
                 )
+
+        self._run_batches([len(encoded[i]) for i, _ in jobs], params.max_new_tokens, run, "generate")
         return results  # type: ignore[return-value]
 
 
@@ -178,11 +217,13 @@ class TransformersBackend:
         a guided sample uses: the same tokens under the prompt *without* the guidance)."""
         import torch
 
-        tok, out = self.tokenizer, []
+        tok = self.tokenizer
+        out: list[list[float]] = []
         t = temperature if temperature > 0 else 1.0
-        for b in range(0, len(prompts), self.batch_size):
-            ps = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[b : b + self.batch_size]]
-            cs = token_ids[b : b + self.batch_size]
+        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+        def run(b: int, stop: int) -> None:
+            ps, cs = encoded[b:stop], token_ids[b:stop]
             seqs = [p + c for p, c in zip(ps, cs)]
             width = max(len(x) for x in seqs)
             ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in seqs], device=self.device)
@@ -195,6 +236,8 @@ class TransformersBackend:
                 start = width - len(c)  # first completion position; predicted from the one before
                 picked = logp[row, start - 1 : width - 1].gather(-1, torch.tensor(c, device=self.device)[:, None]).squeeze(-1)
                 out.append([float(x) for x in picked.tolist()])
+
+        self._run_batches([len(p) + len(c) for p, c in zip(encoded, token_ids)], 0, run, "score")
         return out
 
 

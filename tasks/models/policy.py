@@ -148,7 +148,8 @@ def open_backend(config: Config) -> GenerationBackend:
     p = config.policy
     if p.backend == "transformers":
         device, dtype = precision(config)
-        return make_backend("transformers", str(config.resolve(p.model)), batch_size=p.batch_size, device=device, dtype=dtype)
+        return make_backend("transformers", str(config.resolve(p.model)), batch_size=p.batch_size, batch_tokens=p.batch_tokens,
+                            device=device, dtype=dtype)
     if p.backend == "openai":
         backend = make_backend("openai", p.model, base_url=p.base_url, api_key_env=p.api_key_env, concurrency=p.concurrency,
                                timeout=p.timeout_seconds, max_retries=p.max_retries, policy_id=policy_id_for(config))

@@ -171,7 +171,7 @@ def compute(job: Job) -> StageOutput:
         found = measured_before(job, pid)
         if found is None:
             backend = open_backend(config) if ckpt is None else make_backend("transformers", str(ckpt), batch_size=config.policy.batch_size,
-                                                                             device=device, dtype=dtype)
+                                                                             batch_tokens=config.policy.batch_tokens, device=device, dtype=dtype)
             groups, derived = evaluate_policy(backend, chat_tokenizer(config, backend), problems, template, params, ec.check_derivation)
             found = pass_table(groups), (pass_table(derived) if derived is not None else None)
         tables[label] = table = found[0]

@@ -181,9 +181,9 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
     prompts = [render(tokenizer, fill(template, p["question"])) for p in shard]
     params = SamplingParams(n=rc.samples_per_problem, temperature=rc.temperature, top_p=rc.top_p,
                             max_new_tokens=rc.max_new_tokens, seed=rc.seed + i)
-    t0 = time.time()
+    t0, backoffs = time.time(), getattr(backend, "oom_backoffs", 0)
     samples = backend.generate(prompts, params)
-    meta = {"generation_seconds": time.time() - t0}
+    meta = {"generation_seconds": time.time() - t0, "oom_backoffs": getattr(backend, "oom_backoffs", 0) - backoffs}
     shard_plan.write(i, to_table(sample_rows(shard, samples, prompts, backend.policy_id, rc.temperature), "rollouts", str(shard_plan.path(i))), meta)
     return meta
 
@@ -193,6 +193,8 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     parts = shard_plan.parts("rollouts")  # the shard files themselves, linked into the output
     counted = shard_plan.columns(parts, ["problem_id", "level", "correct", "finish_reason"])
     summary = summarize(counted, shard_plan.total("generation_seconds"))
+    if shard_plan.total("oom_backoffs"):  # batches retried smaller after running out of device memory
+        summary["oom_backoffs"] = int(shard_plan.total("oom_backoffs"))
     out = job.write({"rollouts": parts}, summary, dataset_summaries={"rollouts": summary})
     shard_plan.clean()
     log.info("rollouts: %d samples of %d problems, pass@1 %s, %d all-fail -> %s", summary["samples"], summary["problems"],
