@@ -83,3 +83,32 @@ def test_infra_accelerate_configs_load_with_accelerates_reader(name, kind, proce
 
     cfg = load_config_from_file(str(ROOT / "infra" / "accelerate" / f"{name}.yaml"))
     assert cfg.distributed_type.name == kind and cfg.num_processes == processes
+
+
+def test_dpo_under_a_launcher_trains_on_trls_own_distributed_path(tmp_path):
+    """train.dpo.distributed: TRL's DPOTrainer in the launched processes. One accelerate process trains exactly as
+    in this process; two torchrun processes (DDP over gloo) train, and the main process alone writes the gathered
+    checkpoint and the held-out metrics."""
+    from tasks.stages import dpo
+    from tasks.stages.dpo import DPOTrainConfig
+    from tests.test_training import TINY, _dpo_dir
+
+    data = _dpo_dir(tmp_path, n=16)
+    config = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}}, base_dir=ROOT)
+    common = {"learning_rate": 5e-4, "max_steps": 2, "batch_size": 4, "max_length": 128, "heldout_fraction": 0.25}
+    alone = dpo.train(TINY, data, tmp_path / "alone", DPOTrainConfig(**common))
+    acc = DPOTrainConfig(**common, distributed={"config_file": "infra/accelerate/cpu.yaml"})
+    m1 = dpo.launch_distributed(config, acc, TINY, data, tmp_path / "acc", "cpu", "float32")
+    assert m1["processes"] == 1 and m1["train_pairs"] == alone["train_pairs"]
+    assert m1["heldout_after"]["loss"] == pytest.approx(alone["heldout_after"]["loss"], abs=1e-6)
+    same = _params(tmp_path / "alone")
+    for name, value in _params(tmp_path / "acc").items():
+        torch.testing.assert_close(value, same[name], atol=1e-6, rtol=1e-6)
+
+    two = DPOTrainConfig(**{**common, "batch_size": 2}, distributed={"launcher": "torchrun", "num_processes": 2})
+    m2 = dpo.launch_distributed(config, two, TINY, data, tmp_path / "ddp", "cpu", "float32")
+    assert m2["processes"] == 2 and m2["heldout_after"]["pairs"] == alone["heldout_after"]["pairs"]
+    assert m2["heldout_after"]["log_ratio_margin"] > m2["heldout_before"]["log_ratio_margin"]  # it learned the preference
+    base = _params(TINY)
+    assert max((v - base[n]).abs().max().item() for n, v in _params(tmp_path / "ddp").items()) > 1e-4
+    assert (tmp_path / "ddp" / "tokenizer.json").is_file() and not (tmp_path / "ddp" / "metrics.json").exists()

@@ -30,7 +30,8 @@ def worker(spec_path: str) -> None:
     """One process of the update (see the module doc)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    from tasks.stages.grpo import DISTRIBUTED_METRICS, GRPORows, GRPOTrainConfig, Totals, expo_beta_at, load_for_update, make_optimizer, minibatches, save_checkpoint, step_backward
+    from tasks.stages._launch import METRICS
+    from tasks.stages.grpo import GRPORows, GRPOTrainConfig, Totals, expo_beta_at, load_for_update, make_optimizer, minibatches, save_checkpoint, step_backward
 
     spec = json.loads(Path(spec_path).read_text())
     cfg = GRPOTrainConfig(**spec["cfg"])
@@ -72,7 +73,7 @@ def worker(spec_path: str) -> None:
         metrics = {"steps": len(losses), "rows": len(rows), "processes": world}
         if losses:
             metrics.update(first_loss=losses[0], last_loss=losses[-1], mean_loss=sum(losses) / len(losses))
-        (out / DISTRIBUTED_METRICS).write_text(json.dumps(metrics))
+        (out / METRICS).write_text(json.dumps(metrics))
     acc.wait_for_everyone()
     acc.end_training()
 

@@ -28,6 +28,7 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, read_manifest
 from tasks.models.policy import check_policy, local_policy_dir, policy_id_for, precision, precision_settings
 from tasks.report import progress
+from tasks.stages._launch import DistributedConfig, launch
 
 if TYPE_CHECKING:
     from tasks.registry import Config
@@ -48,6 +49,10 @@ class DPOTrainConfig(StrictModel):
     lora: bool = Field(False, description="train LoRA adapters (peft) and merge them into the saved checkpoint")
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
+    distributed: DistributedConfig | None = Field(
+        None, description="train under a launcher as several processes (tasks/stages/_dpo_distributed.py): TRL's DPOTrainer on "
+        "accelerate launch with a config from infra/accelerate/ (DDP, FSDP2, DeepSpeed ZeRO) or torchrun (DDP; gloo on CPU); "
+        "batch_size is per process; default: in this process")
     seed: int = 0
 
 
@@ -149,16 +154,32 @@ def train(base_model: str | Path, dataset_dir: Path, out_dir: Path, cfg, device:
         trainer.remove_callback(PrinterCallback)  # metrics go to the log and the manifest, not raw dicts on stdout
         trainer.train()
         history = [h for h in trainer.state.log_history if "loss" in h]
-        model = trainer.model
-        if cfg.lora:
-            model = model.merge_and_unload()
+        out_dir = Path(out_dir)
+        several = trainer.accelerator.num_processes > 1
+        if several:  # launched (train.dpo.distributed): the trainer gathers the model (FSDP, ZeRO) and the main process writes it
+            trainer.save_model(str(out_dir / "adapter" if cfg.lora else out_dir))
+            trainer.accelerator.wait_for_everyone()
+            if not trainer.accelerator.is_main_process:
+                return {}
+            model = AutoModelForCausalLM.from_pretrained(str(base_model))
+            if cfg.lora:
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, str(out_dir / "adapter")).merge_and_unload()
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(out_dir))
+        else:
+            model = trainer.model
+            if cfg.lora:
+                model = model.merge_and_unload()
     after = heldout_metrics(model, ref, tokenizer, held, cfg.beta)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    if cfg.lora or not several:
+        model.save_pretrained(out_dir)
     fault("checkpoint.save", STAGE.name)
     tokenizer.save_pretrained(out_dir)
     return {"train_pairs": len(train_ds), "heldout_before": before, "heldout_after": after,
-            "train_log": [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in history]}
+            "train_log": [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in history],
+            **({"processes": trainer.accelerator.num_processes} if several else {})}
 
 
 def preflight(config: Config) -> None:
@@ -175,11 +196,26 @@ def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
     return {"dpo": upstream["materialize"].fingerprints["dpo"], "policy": policy_id_for(config)}
 
 
+#: the module every process of a distributed dpo runs (tasks/stages/_dpo_distributed.py)
+DISTRIBUTED_WORKER = "tasks.stages._dpo_distributed"
+
+
+def launch_distributed(config, cfg, base: Path, data: Path, out: Path, device: str, dtype: str) -> dict:
+    """Train as the configured launcher's processes; the checkpoint lands in ``out``; the main process's metrics."""
+    spec = {"base": str(base), "data": str(data), "cfg": cfg.model_dump(mode="json"), "device": device, "dtype": dtype}
+    return launch(config, cfg.distributed, STAGE.name, DISTRIBUTED_WORKER, spec, out)
+
+
 def compute(job: Job) -> StageOutput:
     config = job.config
     base = local_policy_dir(config, STAGE.name)
+    cfg, data = config.train.dpo, job.upstream["materialize"].dataset_path("dpo")
+    device, dtype = precision(config)
     with job.scratch() as work:
-        metrics = train(base, job.upstream["materialize"].dataset_path("dpo"), work / "checkpoint", config.train.dpo, *precision(config))
+        if cfg.distributed:
+            metrics = launch_distributed(config, cfg, base, data, work / "checkpoint", device, dtype)
+        else:
+            metrics = train(base, data, work / "checkpoint", cfg, device, dtype)
         summary = {"base_policy": job.inputs["policy"], "data": job.inputs["dpo"], **metrics}
         out = job.write({}, summary, directories={"checkpoint": work / "checkpoint"})
     b, a = metrics["heldout_before"], metrics["heldout_after"]

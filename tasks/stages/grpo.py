@@ -33,18 +33,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import socket
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from tasks.core.config import StrictModel
 from tasks.core.faults import fault
@@ -53,26 +49,10 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, data_files, iter_batches
 from tasks.models.policy import check_policy, local_policy_dir, policy_id_for, precision, precision_settings
 from tasks.report import progress
+from tasks.stages._launch import DistributedConfig, launch
 
 if TYPE_CHECKING:
     from tasks.registry import Config
-
-
-class DistributedConfig(StrictModel):
-    """How the grpo update is launched as several processes (each reads its share of every step's rows)."""
-
-    launcher: Literal["accelerate", "torchrun"] = Field(
-        "accelerate", description="accelerate: `accelerate launch --config_file CONFIG_FILE` (processes, DDP/FSDP/DeepSpeed and "
-        "precision from that file); torchrun: `torchrun --nproc_per_node NUM_PROCESSES` (DDP; on CPU over gloo)")
-    config_file: str | None = Field(None, description="accelerate's config file, e.g. infra/accelerate/fsdp2.yaml (launcher: accelerate)")
-    num_processes: int = Field(2, gt=0, description="processes on this machine (launcher: torchrun)")
-    extra_args: list[str] = Field([], description="more launcher arguments, placed before the worker module")
-
-    @model_validator(mode="after")
-    def _config_file_for_accelerate(self):
-        if self.launcher == "accelerate" and not self.config_file:
-            raise ValueError("launcher accelerate needs config_file (an accelerate config, e.g. infra/accelerate/ddp.yaml)")
-        return self
 
 
 class GRPOTrainConfig(StrictModel):
@@ -569,51 +549,15 @@ def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
 
 #: the module every process of a distributed update runs (tasks/stages/_grpo_distributed.py)
 DISTRIBUTED_WORKER = "tasks.stages._grpo_distributed"
-#: the file its main process leaves beside the checkpoint
-DISTRIBUTED_METRICS = "metrics.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_command(dc, spec: Path, resolve=Path) -> list[str]:
-    """The launcher command line for the worker on ``spec``."""
-    port = str(_free_port())
-    if dc.launcher == "torchrun":
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(dc.num_processes), "--master_port", port]
-    else:
-        head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolve(dc.config_file)),
-                "--main_process_port", port]
-    return [*head, *dc.extra_args, "-m", DISTRIBUTED_WORKER, str(spec)]
 
 
 def launch_distributed(config, cfg, base: Path, reference: Path, files: list[Path], out: Path, device: str, dtype: str,
                        count: int | None = None) -> dict:
     """Run the update as the configured launcher's processes (``count``: the files' trainable rows, where known);
-    the checkpoint lands in ``out``.
-    Returns the metrics the main process wrote. A failed launch is an error with its output's tail."""
-    dc = cfg.distributed
-    if dc.launcher == "accelerate" and not config.resolve(dc.config_file).is_file():
-        raise ValueError(f"train.grpo.distributed.config_file: {config.resolve(dc.config_file)} is not a file "
-                         "(an accelerate config; examples in infra/accelerate/)")
-    out.mkdir(parents=True, exist_ok=True)
-    spec = out.parent / "grpo-spec.json"
-    spec.write_text(json.dumps({"base": str(base), "reference": str(reference), "files": [str(f) for f in files],
-                                "cfg": cfg.model_dump(mode="json"), "device": device, "dtype": dtype, "out": str(out),
-                                "count": count}))
-    cmd = launch_command(dc, spec, config.resolve)
-    log.info("grpo: launching the update: %s", " ".join(cmd))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not (out / DISTRIBUTED_METRICS).is_file():
-        tail = (proc.stdout[-2000:] + "\n" + proc.stderr[-4000:]).strip()
-        raise RuntimeError(f"grpo: the distributed update failed (exit {proc.returncode}; {' '.join(cmd)}):\n{tail}")
-    metrics = json.loads((out / DISTRIBUTED_METRICS).read_text())
-    (out / DISTRIBUTED_METRICS).unlink()
-    return metrics
+    the checkpoint lands in ``out``. Returns the metrics the main process wrote."""
+    spec = {"base": str(base), "reference": str(reference), "files": [str(f) for f in files], "cfg": cfg.model_dump(mode="json"),
+            "device": device, "dtype": dtype, "count": count}
+    return launch(config, cfg.distributed, STAGE.name, DISTRIBUTED_WORKER, spec, out)
 
 
 def lora_base(adapter) -> Path:
