@@ -1,6 +1,6 @@
 """The `bootstrap` flow: build and train the tiny policy, then measure it.
 
-    guidedrl bootstrap [--out data/models/tiny-policy] [--seed 0] [--steps N]
+    guidedrl bootstrap [--out data/models/tiny-policy] [--seed 0] [--steps N] [--size tiny|100m] [--device auto]
 
 The checkpoint committed under data/models/tiny-policy was made by this flow
 with the defaults of tasks.models.tiny_policy.TinyPolicyConfig; the same seed reproduces it.
@@ -19,23 +19,23 @@ from tasks.models.tiny_policy import TinyPolicyConfig, evaluate_policy, train_ti
 
 
 @task(name="train-tiny-policy", cache_policy=None)
-def train(cfg: dict, out_dir: str) -> dict:
-    return train_tiny_policy(TinyPolicyConfig(**cfg), Path(out_dir))
+def train(cfg: dict, out_dir: str, device: str = "cpu") -> dict:
+    return train_tiny_policy(TinyPolicyConfig(**cfg), Path(out_dir), device)
 
 
 @task(name="evaluate-tiny-policy", cache_policy=None)
-def evaluate(out_dir: str, cfg: dict, problems_per_level: int, n: int) -> dict:
+def evaluate(out_dir: str, cfg: dict, problems_per_level: int, n: int, device: str = "cpu") -> dict:
     c = TinyPolicyConfig(**cfg)
-    backend = TransformersBackend(out_dir, batch_size=256)
+    backend = TransformersBackend(out_dir, batch_size=256, device=device)
     return evaluate_policy(backend, {"easy": c.easy, "hard": c.hard}, problems_per_level=problems_per_level, n=n,
                            max_new_tokens=c.max_new_tokens)
 
 
 @flow(name="guidedrl-bootstrap")
-def bootstrap(out_dir: str, cfg: dict | None = None, problems_per_level: int = 40, n: int = 64) -> dict:
+def bootstrap(out_dir: str, cfg: dict | None = None, problems_per_level: int = 40, n: int = 64, device: str = "cpu") -> dict:
     cfg = asdict(TinyPolicyConfig(**(cfg or {})))
-    info = train(cfg, out_dir)
-    report = evaluate(out_dir, cfg, problems_per_level, n)
+    info = train(cfg, out_dir, device)
+    report = evaluate(out_dir, cfg, problems_per_level, n, device)
     info["eval"] = report
     path = Path(out_dir) / "bootstrap.json"
     tmp = path.with_name(".bootstrap.json.tmp")

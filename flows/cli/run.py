@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -222,19 +223,32 @@ def bootstrap(
     hard_fraction: Optional[float] = typer.Option(None, help="How often the hard level appears in training."),
     eval_problems: int = typer.Option(40, help="Problems per level for the pass@k report."),
     eval_samples: int = typer.Option(64, help="Samples per problem for the pass@k report."),
+    size: str = typer.Option("tiny", "--size", help="Model size (tasks/models/tiny_policy.py: SIZES): tiny — the CPU quickstart's "
+                             "(~0.8M parameters); 100m — ~99M parameters of the same family, to check a GPU end to end."),
+    device: str = typer.Option("cpu", "--device", help="Where to train it: cpu | cuda | cuda:N | auto (a GPU when torch sees one)."),
 ):
     """Build the tiny CPU policy from scratch (character tokenizer + small Llama), train it and report pass@k."""
     from flows.bootstrap import bootstrap as bootstrap_flow
-    from tasks.models.tiny_policy import FAMILIES
+    from tasks.core.config import ConfigError
+    from tasks.models.policy import resolve_device
+    from tasks.models.tiny_policy import FAMILIES, SIZES
 
     if family not in FAMILIES:
         fail(f"unknown --family {family!r}; families: {', '.join(FAMILIES)}")
-    cfg = {**FAMILIES[family], "seed": seed}
+    if size not in SIZES:
+        fail(f"unknown --size {size!r}; sizes: {', '.join(SIZES)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        fail(f"--device {device!r}: one of auto, cpu, cuda, cuda:N")
+    try:
+        device = resolve_device(device)
+    except ConfigError as exc:
+        fail(str(exc).replace("policy.device", "--device"))
+    cfg = {**FAMILIES[family], **SIZES[size], "seed": seed}
     if steps is not None:
         cfg["steps"] = steps
     if hard_fraction is not None:
         cfg["hard_fraction"] = hard_fraction
-    info = bootstrap_flow(out_dir=str(out), cfg=cfg, problems_per_level=eval_problems, n=eval_samples)
+    info = bootstrap_flow(out_dir=str(out), cfg=cfg, problems_per_level=eval_problems, n=eval_samples, device=device)
     console.print(f"tiny policy written to {out} ({info['parameters'] / 1e6:.2f}M parameters, {info['train_seconds']:.0f}s of training)")
     print_pass_table("plain prompt (the question alone)", info["eval"]["plain"])
     print_pass_table("explain prompt (the answer given)", info["eval"]["explain"])

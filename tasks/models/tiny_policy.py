@@ -16,6 +16,7 @@ reproduce the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -91,6 +92,15 @@ FAMILIES: dict[str, dict] = {
         "hard_fraction": 0.002,
         "max_new_tokens": 128,
     },
+}
+
+
+#: model sizes of the bootstrap (`guidedrl bootstrap --size`): tiny is the CPU quickstart's; 100m a from-scratch
+#: ~100M-parameter model of the same family, for a GPU (12 layers of 768, ~99M parameters)
+SIZES: dict[str, dict] = {
+    "tiny": {},
+    "100m": {"hidden_size": 768, "intermediate_size": 2560, "num_layers": 12, "num_heads": 12, "max_positions": 512,
+             "lr": 6e-4, "warmup_steps": 100},
 }
 
 
@@ -193,12 +203,13 @@ def _batch(pairs, tokenizer):
     return input_ids, attn, label_t
 
 
-def train_tiny_policy(cfg: TinyPolicyConfig, out_dir: Path) -> dict:
-    """Build and train the tiny policy; save model + tokenizer to ``out_dir``."""
+def train_tiny_policy(cfg: TinyPolicyConfig, out_dir: Path, device: str = "cpu") -> dict:
+    """Build and train the tiny policy (on ``device``; bfloat16 autocast on a GPU); save model + tokenizer to ``out_dir``."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tokenizer = build_tokenizer()
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tiny policy: %.2fM parameters, %d steps of batch %d", n_params / 1e6, cfg.steps, cfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -210,8 +221,9 @@ def train_tiny_policy(cfg: TinyPolicyConfig, out_dir: Path) -> dict:
     model.train()
     start, losses = time.time(), []
     for step in progress.track(range(cfg.steps), "bootstrap: training the tiny policy"):
-        input_ids, attn, labels = _batch([next(stream) for _ in range(cfg.batch_size)], tokenizer)
-        loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+        input_ids, attn, labels = (t.to(device) for t in _batch([next(stream) for _ in range(cfg.batch_size)], tokenizer))
+        with autocast:
+            loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -220,7 +232,7 @@ def train_tiny_policy(cfg: TinyPolicyConfig, out_dir: Path) -> dict:
         losses.append(loss.item())
         if (step + 1) % 100 == 0:
             log.info("step %d/%d loss %.4f (%.0fs)", step + 1, cfg.steps, sum(losses[-100:]) / 100, time.time() - start)
-    model.eval()
+    model.eval().to("cpu")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")  # a killed run leaves no half checkpoint
