@@ -200,3 +200,18 @@ def test_vllm_scoring_reads_prompt_logprobs_of_the_completion(monkeypatch):
     assert out == [[-0.07, -0.08], []]
     assert seen["prompts"] == [{"prompt_token_ids": [97 % 50, 98 % 50, 7, 8]}]
     assert seen["sampling"] == {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+
+
+def test_attention_kernels_are_the_ones_transformers_offers(monkeypatch, random_checkpoint):
+    import importlib.util
+
+    from tasks.models.generation import attention_implementation
+
+    assert attention_implementation("cpu", "float32") == "sdpa" and attention_implementation("cuda", "bfloat16") in ("sdpa", "flash_attention_2")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    assert attention_implementation("cuda:1", "bfloat16") == "flash_attention_2"
+    assert attention_implementation("cuda", "float32") == "sdpa" and attention_implementation("cpu", "bfloat16") == "sdpa"
+    monkeypatch.undo()
+    backend = TransformersBackend(random_checkpoint, device="cpu")
+    assert backend.model.config._attn_implementation == "sdpa"

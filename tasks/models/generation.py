@@ -86,6 +86,18 @@ def checkpoint_fingerprint(path: Path | str) -> str:
 # --------------------------------------------------------------------------- transformers
 
 
+def attention_implementation(device: str, dtype: str) -> str:
+    """The attention kernels transformers is asked for: FlashAttention-2 for bfloat16 weights on a GPU when the
+    `flash_attn` package is installed, else PyTorch's SDPA (which itself picks its flash / memory-efficient
+    kernels on a GPU). Nothing hand-written."""
+    import importlib.util
+
+    if str(device).startswith("cuda") and dtype == "bfloat16" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+
 class TransformersBackend:
     name = "transformers"
 
@@ -101,7 +113,8 @@ class TransformersBackend:
             torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
+                                                          attn_implementation=attention_implementation(device, dtype)).to(device).eval()
         self.device = device
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.policy_id = checkpoint_fingerprint(path)
