@@ -88,12 +88,17 @@ def test_restart_on_each_checkpoint_then_the_next_requests_reach_the_new_server(
             assert _requests(requests)[-1] == {"path": "/v1/completions", "model": "served-policy", "root": str(ckpt)}
             if round_idx == 1:
                 old = proc
+                # as if this process died and a new one resumes the run: the server it started still holds the port;
+                # the next restart stops it through its pid file
+                assert (tmp_path / "logs" / f"serve-{port}.pid").read_text().strip() == str(proc.pid)
+                serving._OWNED.clear()
+                serving._PIDFILES.clear()
         assert old.poll() is not None  # the first server was stopped before the second started
         assert [r["root"] for r in _requests(requests)] == [str(first), str(second)]
         assert len(list((tmp_path / "logs").glob("serve-*.log"))) == 2
     finally:
         serving.stop_owned()
-    assert proc.poll() is not None  # and the last one when the run ends
+    assert proc.poll() is not None and not (tmp_path / "logs" / f"serve-{port}.pid").exists()  # and the last one when the run ends
 
 
 def test_a_restart_that_fails_or_never_serves_the_checkpoint_is_an_error_with_its_log(random_checkpoint, tmp_path):

@@ -91,22 +91,70 @@ def wait_until_served(policy, name: str, root: str, timeout: float, proc: subpro
         time.sleep(0.5)
 
 
+#: pid files of the servers started (a run killed before it could stop its server: the next one stops it)
+_PIDFILES: dict[str, Path] = {}
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie — exited, not yet reaped — does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _stop_group(pid: int) -> None:
+    """SIGTERM to a process group, SIGKILL after 30 s."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def stop_owned(base_url: str | None = None) -> None:
     """Stop the server processes this process started (all, or the one for ``base_url``): SIGTERM to the
     process group, SIGKILL after 30 s."""
     for url in [u for u in list(_OWNED) if base_url is None or u == base_url]:
         proc = _OWNED.pop(url)
-        if proc.poll() is not None:
-            continue
-        log.info("stopping the policy server it started (pid %d, %s)", proc.pid, url)
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            log.info("stopping the policy server it started (pid %d, %s)", proc.pid, url)
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        pidfile = _PIDFILES.pop(url, None)
+        if pidfile is not None:
+            pidfile.unlink(missing_ok=True)
+
+
+def stop_orphan(pidfile: Path) -> None:
+    """A server an earlier run started and could not stop (it was killed): stop it now, it holds the port."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    if _alive(pid):
+        log.warning("stopping the policy server a previous run started and left running (pid %d, %s)", pid, pidfile)
+        _stop_group(pid)
+    pidfile.unlink(missing_ok=True)
 
 
 def restart_on(policy, checkpoint: Path, log_dir: Path, cwd: Path | None = None) -> dict:
@@ -117,12 +165,15 @@ def restart_on(policy, checkpoint: Path, log_dir: Path, cwd: Path | None = None)
                                               port=port, base_url=shlex.quote(url))
     stop_owned(url)  # the server it started for the previous round
     log_dir.mkdir(parents=True, exist_ok=True)
+    pidfile = log_dir / f"serve-{port}.pid"
+    stop_orphan(pidfile)
     log_path = log_dir / f"serve-{time.strftime('%Y%m%d-%H%M%S')}-{checkpoint_fingerprint(checkpoint)[5:13]}.log"
     log.info("restarting the policy server on %s: %s (log %s)", checkpoint, cmd, log_path)
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, shell=True, start_new_session=True, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+    pidfile.write_text(f"{proc.pid}\n")
     t0 = time.monotonic()
-    _OWNED[url] = proc  # while it runs it is the server (or on its way to being it)
+    _OWNED[url], _PIDFILES[url] = proc, pidfile  # while it runs it is the server (or on its way to being it)
     try:
         entry = wait_until_served(policy, policy.model, str(checkpoint), policy.serve.ready_timeout_seconds, proc, log_path)
     except BaseException:
@@ -161,6 +212,12 @@ def check_following(config, rounds: int) -> None:
         raise ConfigError("guidedrl online over several rounds with a served policy: set policy.serve.follow (restart: "
                           "restart_command on each new checkpoint; lora: load each round's adapter), or the server would "
                           "keep sampling the first round's policy")
+    from tasks.models.policy import checkpoint_dir
+
+    ckpt = checkpoint_dir(config)
+    if ckpt is None or not ckpt.is_dir():
+        raise ConfigError(f"guidedrl online with a served policy: policy.checkpoint ({p.checkpoint}) must be the local model "
+                          "directory the server was started on (the rounds train it and the server follows it)")
     if p.serve.follow == "lora" and not config.train.grpo.lora:
         raise ConfigError("policy.serve.follow: lora needs train.grpo.lora: true (the server loads the round's adapter)")
 
