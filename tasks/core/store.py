@@ -402,7 +402,7 @@ class Store:
                 pid = int(tmp.name.split("-")[-2])
             except (ValueError, IndexError):
                 pid = -1
-            if pid > 0 and _pid_alive(pid):
+            if pid > 0 and pid_alive(pid):
                 continue
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
@@ -515,11 +515,15 @@ def _publish(tmp: Path, final: Path) -> None:
             raise
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie — exited, not yet reaped — does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 import httpx
 
 from tasks.core.config import ConfigError
+from tasks.core.store import pid_alive
 from tasks.models.generation import checkpoint_fingerprint
 
 log = logging.getLogger("guidedrl.serving")
@@ -95,20 +96,6 @@ def wait_until_served(policy, name: str, root: str, timeout: float, proc: subpro
 _PIDFILES: dict[str, Path] = {}
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie — exited, not yet reaped — does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _stop_group(pid: int) -> None:
     """SIGTERM to a process group, SIGKILL after 30 s."""
     try:
@@ -116,9 +103,9 @@ def _stop_group(pid: int) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 30
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(pid):
+    if pid_alive(pid):
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -151,7 +138,7 @@ def stop_orphan(pidfile: Path) -> None:
         pid = int(pidfile.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return
-    if _alive(pid):
+    if pid_alive(pid):
         log.warning("stopping the policy server a previous run started and left running (pid %d, %s)", pid, pidfile)
         _stop_group(pid)
     pidfile.unlink(missing_ok=True)

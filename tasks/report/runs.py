@@ -99,11 +99,11 @@ class RunRecord:
     def status(self) -> str:
         """The run's status; ``interrupted`` for a run recorded as running whose process is gone
         (killed, or its machine went down) — not ``failed``: nothing said it failed, it stopped."""
-        from tasks.core.store import _pid_alive
+        from tasks.core.store import pid_alive
 
         status = self.data.get("status", "")
         here = self.data.get("host", socket.gethostname()) == socket.gethostname()  # a pid says nothing about another machine
-        if status == "running" and here and not _pid_alive(int(self.data.get("pid") or -1)):
+        if status == "running" and here and not pid_alive(int(self.data.get("pid") or -1)):
             return "interrupted"
         return status
 
@@ -197,7 +197,7 @@ def list_runs(workspace: Path) -> list[RunRecord]:
 def gc(workspace: Path, keep: int, dry_run: bool = False) -> dict:
     """Remove store outputs that none of the ``keep`` newest runs refers to, and
     leftovers of crashed writers. Outputs of a run still going are kept."""
-    from tasks.core.store import TMP_PREFIX, Store, _pid_alive
+    from tasks.core.store import TMP_PREFIX, Store, pid_alive
 
     store = Store(workspace)
     runs = list_runs(workspace)
@@ -219,7 +219,7 @@ def gc(workspace: Path, keep: int, dry_run: bool = False) -> dict:
             continue
         if name.startswith(TMP_PREFIX):
             try:
-                if _pid_alive(int(name.split("-")[-2])):
+                if pid_alive(int(name.split("-")[-2])):
                     continue
             except (ValueError, IndexError):
                 pass
@@ -233,7 +233,7 @@ def gc(workspace: Path, keep: int, dry_run: bool = False) -> dict:
             leftovers.append(str(lock))
     for tmp in (Path(workspace) / RUNS_DIR).glob(f"*/.{RECORD}.tmp-*"):  # a run record's update cut short
         try:
-            if _pid_alive(int(tmp.name.rsplit("-", 1)[-1])):
+            if pid_alive(int(tmp.name.rsplit("-", 1)[-1])):
                 continue
         except ValueError:
             pass
