@@ -132,3 +132,8 @@ def test_guidance_stages_record_unscored_rows_instead_of_skipping(server, random
     assert "not a vLLM server" in score_explanations(backend, fresh, ["3"])
     assert fresh[0]["loss_logprobs"] is None and "explain_loglik" not in fresh[0]
     assert "without ExPO's scores" in caplog.text and "left without loss_logprobs" in caplog.text
+    from tasks.stages.explain import describe
+
+    said = describe({"unlocked_problems": 1, "stuck_problems": 2, "unlocked_fraction": 0.5, "kept": 3, "kept_with_all_steps_right": 1,
+                     "unscored": 3, "scoring_unavailable": "not a vLLM server"})
+    assert said.endswith("; 3 rows unscored (not a vLLM server)")

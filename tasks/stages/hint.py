@@ -36,7 +36,7 @@ from tasks.core.store import StageOutput
 from tasks.models.answers import steps_correct
 from tasks.models.policy import check_policy
 from tasks.stages import _guidance as guidance
-from tasks.stages.rollouts import add_loss_logprobs, scoring_summary
+from tasks.stages.rollouts import add_loss_logprobs, scoring_summary, unscored_note
 
 
 class HintConfig(StrictModel):
@@ -160,4 +160,4 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
 def describe(s: dict) -> str:
     return (f"LTE unlocked {s.get('unlocked_problems')} of {s.get('stuck_problems')} stuck problems "
             f"({s.get('unlocked_fraction', 0):.1%}) with a verified hinted sample; {s.get('kept')} kept, "
-            f"{s.get('kept_with_all_steps_right')} with every step right")
+            f"{s.get('kept_with_all_steps_right')} with every step right{unscored_note(s)}")

@@ -126,6 +126,11 @@ def scoring_summary(shard_plan) -> dict:
     return {"unscored": int(shard_plan.total("unscored")), "scoring_unavailable": "; ".join(reasons) or None}
 
 
+def unscored_note(summary: dict) -> str:
+    """What a guidance stage's one-line description adds when some rows could not be scored."""
+    return f"; {summary['unscored']} rows unscored ({summary.get('scoring_unavailable')})" if summary.get("unscored") else ""
+
+
 def summarize(table: pa.Table, seconds: float | None = None) -> dict:
     groups: dict[str, tuple[str | None, list[bool]]] = {}
     for pid, level, correct in zip(table.column("problem_id").to_pylist(), table.column("level").to_pylist(), table.column("correct").to_pylist()):
