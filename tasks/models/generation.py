@@ -16,6 +16,10 @@ tokens under the sampling policy, and a finish reason (``stop``, ``length`` or
   ``token_ids``/``logprobs=None``, which the policy update leaves out.
 - ``vllm``: in-process ``vllm.LLM``, imported lazily; not part of the default
   install (vLLM pins its own torch and transformers).
+
+Each also has ``score``: the log-probabilities of given completion tokens after given
+prompts (a forward pass; for the served and vLLM backends, vLLM's ``prompt_logprobs`` over
+prompt + completion), or ``ScoringUnavailable`` with the reason it cannot.
 """
 
 from __future__ import annotations
@@ -95,7 +99,6 @@ def attention_implementation(device: str, dtype: str) -> str:
     if str(device).startswith("cuda") and dtype == "bfloat16" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
-
 
 
 class TransformersBackend:
@@ -419,7 +422,6 @@ class VLLMBackend:
                 samples.append(Sample(c.text, ids, lps, c.finish_reason if c.finish_reason in ("stop", "length") else "stop"))
             results.append(samples)
         return results
-
 
     def score(self, prompts: list[str], token_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         """Completion tokens' log-probabilities from the engine's ``prompt_logprobs`` over prompt + completion
