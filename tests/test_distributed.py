@@ -112,3 +112,11 @@ def test_dpo_under_a_launcher_trains_on_trls_own_distributed_path(tmp_path):
     base = _params(TINY)
     assert max((v - base[n]).abs().max().item() for n, v in _params(tmp_path / "ddp").items()) > 1e-4
     assert (tmp_path / "ddp" / "tokenizer.json").is_file() and not (tmp_path / "ddp" / "metrics.json").exists()
+
+    lora = DPOTrainConfig(**{**common, "batch_size": 2, "learning_rate": 2e-3}, lora=True, lora_r=4, lora_alpha=8,
+                          distributed={"launcher": "torchrun", "num_processes": 2})
+    m3 = dpo.launch_distributed(config, lora, TINY, data, tmp_path / "lora", "cpu", "float32")
+    assert m3["processes"] == 2 and m3["heldout_after"]["log_ratio_margin"] > m3["heldout_before"]["log_ratio_margin"]
+    merged = _params(tmp_path / "lora")  # the gathered adapter, merged by the main process; the adapter kept beside it
+    assert not any("lora" in n for n in merged) and (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+    assert max((v - base[n]).abs().max().item() for n, v in merged.items()) > 1e-5

@@ -218,3 +218,34 @@ def test_online_with_a_served_policy_restarts_the_server_on_each_rounds_checkpoi
     assert not serving._OWNED
     with pytest.raises(Exception):
         serving.served_models(parse_config(raw, base_dir=tmp_path).policy, timeout=2)  # nothing answers any more
+
+
+def test_online_with_lora_following_loads_each_rounds_adapter_and_continues_it(prefect_server, tmp_path):
+    """`guidedrl online` with `follow: lora`: round 1 trains a LoRA adapter on the served base, the server loads it, round 2
+    samples it by name and continues the same adapter on the same base."""
+    from flows.online import online
+    from tasks.core.store import Store
+    from tests.test_online import TINY, _raw
+
+    with OpenAIServer() as server:
+        server.behaviour.models["served-policy"] = {"root": str(TINY), "parent": None}
+        server.behaviour.solve_even = True
+        raw = _raw()
+        raw["policy"] = {"backend": "openai", "model": "served-policy", "checkpoint": str(TINY), "base_url": server.base_url,
+                         "max_retries": 1, "serve": {"follow": "lora"}}
+        raw["train"]["grpo"].update(lora=True, lora_r=4, lora_alpha=8, learning_rate=1e-3)
+        history = online(raw_config=raw, base_dir=str(tmp_path), workspace=str(tmp_path / "ws"), rounds=2)
+        ckpt1 = Path(history[0]["policy"]).resolve()
+        name = serving.adapter_name(ckpt1)
+        loads = [r for r in server.behaviour.requests if "lora_name" in r]
+        assert loads == [{"lora_name": name, "lora_path": str(ckpt1 / "adapter")}]  # once, between the rounds
+        first = server.behaviour.requests.index(loads[0])
+        models = [r.get("model") for r in server.behaviour.requests[first + 1:] if "prompt" in r]
+        assert models and set(models) == {name}  # round 2 sampled only the adapter
+    store = Store(tmp_path / "ws")
+    rows = store.get("rollouts", Path(history[1]["results"]["rollouts"]["path"]).name).read("rollouts")
+    assert set(rows["policy_id"].to_pylist()) == {checkpoint_fingerprint(ckpt1)}
+    ckpt2 = Path(history[1]["policy"])
+    base = json.loads((ckpt2 / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).resolve() == TINY.resolve()  # round 2's adapter is still relative to the server's base
+    assert history[1]["results"]["grpo"]["summary"]["steps"] >= 1
