@@ -52,6 +52,47 @@ def test_micro_batches_and_checkpointing_give_the_step_of_the_whole_batch(policy
         assert not model.is_activation_checkpointing
 
 
+def test_micro_batches_by_tokens_keep_the_step_and_the_budget(policy):
+    from tasks.stages.grpo import batch_tokens, micro_batches
+
+    _, tok = policy
+    rows = _rows(tok)
+    whole, w = _step(policy)
+    budget = batch_tokens(rows[:3], tok)  # about three rows a pass, fewer where they are long
+    cfg = GRPOTrainConfig(micro_batch_tokens=budget, micro_batch_size=4)
+    parts = micro_batches(rows, tok, cfg)
+    assert [r for part in parts for r in part] == rows and len(parts) >= 3  # in order, every row once
+    assert all(len(part) <= 4 and (len(part) == 1 or batch_tokens(part, tok) <= budget) for part in parts)
+    model, out = _step(policy, micro_batch_tokens=budget, micro_batch_size=4)
+    assert out["first_loss"] == pytest.approx(w["first_loss"], abs=1e-5)
+    for a, b in zip(model.parameters(), whole.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
+
+
+def test_out_of_memory_in_a_forward_pass_splits_the_micro_batch_and_keeps_the_step(policy, monkeypatch, caplog):
+    import tasks.stages.grpo as grpo
+
+    whole, w = _step(policy)
+    real, sizes = grpo.completion_logps, []
+
+    def small_device(model, batch, **kw):  # a device that holds at most 3 rows' activations
+        sizes.append(batch.input_ids.shape[0])
+        if batch.input_ids.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(grpo, "completion_logps", small_device)
+    model, out = _step(policy)
+    assert sizes[:3] == [8, 4, 2] and sum(s for s in sizes if s <= 3) == 8  # 8 -> 4 + 4 -> 2 + 2 + 4 -> ...
+    assert "out of device memory in the forward pass of 8 rows" in caplog.text
+    assert out["first_loss"] == pytest.approx(w["first_loss"], abs=1e-5)
+    for a, b in zip(model.parameters(), whole.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
+    monkeypatch.setattr(grpo, "completion_logps", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("one row")))
+    with pytest.raises(torch.OutOfMemoryError):  # one row that does not fit is an error
+        _step(policy, micro_batch_size=1)
+
+
 def test_totals_of_rows_are_the_masks_counts(policy):
     """The normalisers counted from the rows equal those a whole batch's masks give."""
     _, tok = policy

@@ -31,7 +31,7 @@ def worker(spec_path: str) -> None:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     from tasks.stages._launch import METRICS
-    from tasks.stages.grpo import GRPORows, GRPOTrainConfig, Totals, expo_beta_at, load_for_update, make_optimizer, minibatches, save_checkpoint, step_backward
+    from tasks.stages.grpo import GRPORows, GRPOTrainConfig, Totals, expo_beta_at, load_for_update, make_optimizer, micro_batches, minibatches, save_checkpoint, step_backward
 
     spec = json.loads(Path(spec_path).read_text())
     cfg = GRPOTrainConfig(**spec["cfg"])
@@ -54,8 +54,7 @@ def worker(spec_path: str) -> None:
     for step, step_rows in enumerate(batches):
         mine = step_rows[rank::world]
         # every rank runs as many forward/backward passes as the busiest (sharded engines gather in each)
-        size = cfg.micro_batch_size or -(-len(step_rows) // world)
-        parts = max(-(-len(step_rows[r::world]) // size) for r in range(world))
+        parts = max(len(micro_batches(step_rows[r::world], tokenizer, cfg)) for r in range(world))
         loss = step_backward(model, tokenizer, mine, cfg, ref, expo_beta_at(cfg, step, total), str(acc.device), spec["dtype"],
                              totals=Totals.of_rows(step_rows), scale=world, backward=acc.backward,
                              no_sync=lambda: acc.no_sync(model), parts=parts, pad_row=step_rows[0])

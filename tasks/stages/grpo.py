@@ -68,6 +68,11 @@ class GRPOTrainConfig(StrictModel):
     micro_batch_size: int | None = Field(
         None, gt=0, description="samples per forward/backward pass; the step's gradient is accumulated over its micro-batches "
         "and equals the one of the whole batch (every loss normaliser is the whole batch's); default: the whole batch at once")
+    micro_batch_tokens: int | None = Field(
+        None, gt=0, description="memory-aware micro-batches: at most this many padded tokens (rows x (longest prompt + longest "
+        "completion)) per forward/backward pass, under micro_batch_size; a row longer than this goes alone. The step's gradient "
+        "is unchanged (every normaliser is the step's). In one process, a micro-batch whose forward pass runs out of device "
+        "memory is retried in halves, with a warning")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory, ~30% more time)")
     lora: bool = Field(False, description="train LoRA adapters (peft) on every linear layer and merge them into the saved "
                        "checkpoint (the adapter is saved beside it, in checkpoint/adapter/); with kl > 0 the reference is the "
@@ -454,18 +459,66 @@ def step_backward(model, tokenizer, rows: list[dict], cfg, ref_model, expo_beta:
     import contextlib
 
     totals = totals or Totals.of_rows(rows)
-    size = cfg.micro_batch_size or max(1, len(rows))
-    chunks = [(rows[start : start + size], scale) for start in range(0, len(rows), size)]
+    chunks = [(chunk, scale) for chunk in micro_batches(rows, tokenizer, cfg)]
     chunks += [([pad_row], 0.0)] * (parts - len(chunks))
-    loss = 0.0
-    for k, (chunk, weight) in enumerate(chunks):
+    alone = no_sync is None and not parts  # one process: a micro-batch may be split without the other ranks knowing
+    loss, k = 0.0, 0
+    while k < len(chunks):
+        chunk, weight = chunks[k]
         batch = make_batch(chunk, tokenizer, device)
         with no_sync() if no_sync and k < len(chunks) - 1 else contextlib.nullcontext():
-            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                part = update_loss(model, batch, cfg, ref_model, expo_beta, totals=totals) * weight
+            try:
+                with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                    part = update_loss(model, batch, cfg, ref_model, expo_beta, totals=totals) * weight
+            except torch.OutOfMemoryError:  # in the forward pass: no gradient touched yet, the halves give the same sum
+                if not alone or len(chunk) == 1:
+                    raise
+                del batch
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()
+                half = len(chunk) // 2
+                log.warning("grpo: out of device memory in the forward pass of %d rows (%d tokens padded); retrying as %d + %d "
+                            "(train.grpo.micro_batch_size / micro_batch_tokens lower avoid it)", len(chunk),
+                            int(batch_tokens(chunk, tokenizer)), half, len(chunk) - half)
+                chunks[k:k + 1] = [(chunk[:half], weight), (chunk[half:], weight)]
+                continue
             (backward or torch.Tensor.backward)(part)
         loss += float(part.detach())
+        k += 1
     return loss
+
+
+def _row_lengths(row: dict, tokenizer) -> tuple[int, int]:
+    comp = row["completion_token_ids"]
+    return len(tokenizer(row["loss_prompt"], add_special_tokens=False)["input_ids"]), len(comp) if comp is not None else 0
+
+
+def batch_tokens(rows: list[dict], tokenizer) -> int:
+    """Padded tokens of ``rows`` as one batch (``make_batch``): rows x (longest prompt + longest completion)."""
+    lengths = [_row_lengths(r, tokenizer) for r in rows]
+    return len(rows) * (max(p for p, _ in lengths) + max(1, max(c for _, c in lengths)))
+
+
+def micro_batches(rows: list[dict], tokenizer, cfg) -> list[list[dict]]:
+    """A step's rows, in order, as the forward/backward passes: `micro_batch_size` rows at most (default: all) and,
+    with `micro_batch_tokens`, at most that many padded tokens (a longer row goes alone)."""
+    size = cfg.micro_batch_size or max(1, len(rows))
+    budget = getattr(cfg, "micro_batch_tokens", None)
+    if not budget:
+        return [rows[start:start + size] for start in range(0, len(rows), size)]
+    out: list[list[dict]] = []
+    chunk, pmax, cmax = [], 0, 1
+    for row in rows:
+        p, c = _row_lengths(row, tokenizer)
+        wider = (len(chunk) + 1) * (max(pmax, p) + max(cmax, c))
+        if chunk and (len(chunk) == size or wider > budget):
+            out.append(chunk)
+            chunk, pmax, cmax = [], 0, 1
+        chunk.append(row)
+        pmax, cmax = max(pmax, p), max(cmax, c)
+    if chunk:
+        out.append(chunk)
+    return out
 
 
 def train_update(model, tokenizer, rows: list[dict] | GRPORows, cfg, ref_model=None, device: str = "cpu", dtype: str = "float32") -> dict:
