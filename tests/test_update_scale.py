@@ -89,8 +89,8 @@ def test_out_of_memory_in_a_forward_pass_splits_the_micro_batch_and_keeps_the_st
     for a, b in zip(model.parameters(), whole.parameters()):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
     monkeypatch.setattr(grpo, "completion_logps", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("one row")))
-    with pytest.raises(torch.OutOfMemoryError):  # one row that does not fit is an error
-        _step(policy, micro_batch_size=1)
+    with pytest.raises(torch.OutOfMemoryError, match="forward pass of 1 rows; lower train.grpo.micro_batch_size"):
+        _step(policy, micro_batch_size=1)  # one row that does not fit is an error that says what to change
 
 
 def test_totals_of_rows_are_the_masks_counts(policy):

@@ -470,9 +470,9 @@ def step_backward(model, tokenizer, rows: list[dict], cfg, ref_model, expo_beta:
             try:
                 with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
                     part = update_loss(model, batch, cfg, ref_model, expo_beta, totals=totals) * weight
-            except torch.OutOfMemoryError:  # in the forward pass: no gradient touched yet, the halves give the same sum
+            except torch.OutOfMemoryError as exc:  # in the forward pass: no gradient touched yet, the halves give the same sum
                 if not alone or len(chunk) == 1:
-                    raise
+                    raise out_of_memory("forward", chunk) from exc
                 del batch
                 if torch.device(device).type == "cuda":
                     torch.cuda.empty_cache()
@@ -482,10 +482,18 @@ def step_backward(model, tokenizer, rows: list[dict], cfg, ref_model, expo_beta:
                             int(batch_tokens(chunk, tokenizer)), half, len(chunk) - half)
                 chunks[k:k + 1] = [(chunk[:half], weight), (chunk[half:], weight)]
                 continue
-            (backward or torch.Tensor.backward)(part)
+            try:
+                (backward or torch.Tensor.backward)(part)
+            except torch.OutOfMemoryError as exc:  # gradients partly accumulated: no retry can take the same step
+                raise out_of_memory("backward", chunk) from exc
         loss += float(part.detach())
         k += 1
     return loss
+
+
+def out_of_memory(where: str, chunk: list[dict]) -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError(f"grpo: out of device memory in the {where} pass of {len(chunk)} rows; lower "
+                                  "train.grpo.micro_batch_size or micro_batch_tokens, or set gradient_checkpointing: true")
 
 
 def _row_lengths(row: dict, tokenizer) -> tuple[int, int]:
