@@ -33,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from tasks.models import judge
-    from tasks.stages.curate import chain_sum_reference
+    from tasks.models.answers import chain_sum_reference
 
     server = subprocess.Popen([sys.executable, "-m", "tests.openai_server", "--delay", str(args.delay)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)

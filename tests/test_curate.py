@@ -4,7 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.stages.curate import ProblemsConfig, SourceError, chain_sum_reference, curate, normalize_text, problem_id
+from tasks.models.answers import chain_sum_reference
+from tasks.stages.curate import ProblemsConfig, SourceError, curate, normalize_text, problem_id
 from tests.conftest import write_jsonl
 
 GSM = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?"

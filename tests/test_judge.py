@@ -267,7 +267,7 @@ def test_llm_rubric_stage_feeds_item_scores_to_the_grade_stage(tmp_path):
 
 def test_eval_counts_a_derivation_only_when_every_checkpoint_is_stated():
     from tasks.models.answers import check
-    from tasks.stages.eval import derivation_right
+    from tasks.models.judge import derivation_right
 
     j = RuleJudge("outcome")
     problem = {"problem_id": "p1", "question": "1 + 5 + 5 - 3 =", "answer": "8",

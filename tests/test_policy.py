@@ -3,9 +3,8 @@ import string
 
 from tasks.models.answers import steps_correct
 from tasks.models.generation import SamplingParams, TransformersBackend, checkpoint_fingerprint
-from tasks.models.prompts import chat, fill, load_template
+from tasks.models.prompts import chat, fill, hint_text, load_template
 from tasks.models.tiny_policy import TinyPolicyConfig, build_tokenizer, solution_text, train_tiny_policy
-from tasks.stages.hint import hint_text
 
 
 def test_character_tokenizer_covers_printable_ascii_and_round_trips():

@@ -8,12 +8,12 @@ from transformers import AutoModelForCausalLM
 
 from tasks.core.schemas import to_table
 from tasks.core.store import Store
+from tasks.models.answers import chain_sum_reference
 from tasks.models.prompts import chat, fill, load_template
 from tasks.models.tiny_policy import solution_text
 from tasks.registry import parse_config
 from tasks.stages import curate, dpo
 from tasks.stages import eval as evaluate
-from tasks.stages.curate import chain_sum_reference
 from tasks.stages.dpo import DPOTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

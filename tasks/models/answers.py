@@ -184,3 +184,22 @@ def steps_correct(text: str) -> bool:
     return bool(steps) and all(
         int(a) + (int(b) if op == "+" else -int(b)) == int(c) for a, op, b, c in (m.groups() for m in steps)
     )
+
+
+def chain_sum_reference(expression: str) -> str:
+    """Left-to-right partial sums of a reasoning-gym chain sum, one per line,
+    e.g. ``12 + 7 - 3`` -> ``12 + 7 = 19`` / ``19 - 3 = 16`` / ``The answer is 16.``"""
+    parts = expression.split()
+    if len(parts) % 2 == 0 or any(op not in "+-" for op in parts[1::2]):
+        raise ValueError(f"not a chain sum expression: {expression!r}")
+    total = int(parts[0])
+    lines = []
+    for op, term in zip(parts[1::2], parts[2::2]):
+        value = int(term)
+        new = total + value if op == "+" else total - value
+        lines.append(f"{total} {op} {value} = {new}")
+        total = new
+    if not lines:
+        lines.append(f"{total} = {total}")
+    lines.append(f"The answer is {total}.")
+    return "\n".join(lines)

@@ -576,3 +576,12 @@ def check_failures(stage: str, rows: list[dict], max_failed_fraction: float, cli
                          f"{client.max_retries} retries ({', '.join(f'{n}x {why}' for why, n in reasons)}); the answers received "
                          f"are cached under {client.cache.root}, a re-run sends only the missing requests "
                          f"(judge.max_failed_fraction = {max_failed_fraction})")
+
+
+def derivation_right(judge: RuleJudge, problem: dict, text: str, correct: bool) -> bool:
+    """A right answer that states every intermediate result of the problem's reference (a reference
+    without checkable lines: the answer alone decides)."""
+    if not correct:
+        return False
+    g = judge.grade_one(Trace("", str(problem["problem_id"]), problem["question"], reference_text(problem), text, True))
+    return not g["parse_ok"] or g["outcome_score"] >= 1.0

@@ -37,3 +37,13 @@ def chat(tokenizer, user_turn: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": user_turn}], tokenize=False, add_generation_prompt=True)
     return user_turn
+
+
+def hint_text(wrong: list[str], truncated: bool) -> str:
+    """LTE's hint: the policy's distinct wrong answers and/or a call to be concise."""
+    parts = []
+    if wrong:
+        parts.append("These answers are wrong: " + ", ".join(wrong) + ".")
+    if truncated:
+        parts.append("Be concise.")
+    return " ".join(parts)

@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 
 from tasks.core.store import swap_in
-from tasks.models.prompts import chat, fill, load_template
+from tasks.models.answers import chain_sum_reference
+from tasks.models.prompts import chat, fill, hint_text, load_template
 from tasks.report import progress
-from tasks.stages.curate import chain_sum_reference
-from tasks.stages.hint import hint_text
 
 log = logging.getLogger("guidedrl.policy")
 
@@ -260,9 +259,8 @@ def evaluate_policy(backend, levels: dict[str, dict], problems_per_level: int = 
 
     from tasks.models.answers import check
     from tasks.models.generation import SamplingParams
-    from tasks.models.judge import RuleJudge
+    from tasks.models.judge import RuleJudge, derivation_right
     from tasks.report.metrics import pass_table
-    from tasks.stages.eval import derivation_right
 
     judge = RuleJudge("outcome")
     report = {}

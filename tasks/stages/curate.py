@@ -43,6 +43,7 @@ from tasks.core.config import StrictModel
 from tasks.core.schemas import to_table
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, fingerprint_files, iter_batches, write_parquet
+from tasks.models.answers import chain_sum_reference
 from tasks.report import progress
 
 # --------------------------------------------------------------------------- settings (config section `problems`)
@@ -223,25 +224,6 @@ def _split_of(pid: str, seed: int, eval_fraction: float) -> str:
 
 
 # --------------------------------------------------------------------------- reference solutions
-
-
-def chain_sum_reference(expression: str) -> str:
-    """Left-to-right partial sums of a reasoning-gym chain sum, one per line,
-    e.g. ``12 + 7 - 3`` -> ``12 + 7 = 19`` / ``19 - 3 = 16`` / ``The answer is 16.``"""
-    parts = expression.split()
-    if len(parts) % 2 == 0 or any(op not in "+-" for op in parts[1::2]):
-        raise ValueError(f"not a chain sum expression: {expression!r}")
-    total = int(parts[0])
-    lines = []
-    for op, term in zip(parts[1::2], parts[2::2]):
-        value = int(term)
-        new = total + value if op == "+" else total - value
-        lines.append(f"{total} {op} {value} = {new}")
-        total = new
-    if not lines:
-        lines.append(f"{total} = {total}")
-    lines.append(f"The answer is {total}.")
-    return "\n".join(lines)
 
 
 #: reasoning-gym task -> writer of a worked solution from the entry's metadata

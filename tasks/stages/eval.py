@@ -22,7 +22,7 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, sha256_bytes
 from tasks.models.answers import check
 from tasks.models.generation import SamplingParams, checkpoint_fingerprint, make_backend
-from tasks.models.judge import RuleJudge, Trace, reference_text
+from tasks.models.judge import RuleJudge, derivation_right
 from tasks.models.policy import chat_tokenizer, check_policy, open_backend, policy_id_for, precision, precision_settings, render
 from tasks.models.prompts import fill, load_template
 from tasks.report.metrics import pass_table
@@ -65,15 +65,6 @@ def policies(config: Config, upstream: dict[str, StageOutput]) -> list[tuple[str
 
 #: eval problems sent to the backend at a time: only their samples' texts are held, then only the verdicts
 EVAL_BATCH = 256
-
-
-def derivation_right(judge: RuleJudge, problem: dict, text: str, correct: bool) -> bool:
-    """A right answer that states every intermediate result of the problem's reference (a reference
-    without checkable lines: the answer alone decides)."""
-    if not correct:
-        return False
-    g = judge.grade_one(Trace("", str(problem["problem_id"]), problem["question"], reference_text(problem), text, True))
-    return not g["parse_ok"] or g["outcome_score"] >= 1.0
 
 
 def evaluate_policy(backend, tokenizer, problems: list[dict], template, params: SamplingParams,

@@ -35,6 +35,7 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput
 from tasks.models.answers import steps_correct
 from tasks.models.policy import check_policy
+from tasks.models.prompts import hint_text
 from tasks.stages import _guidance as guidance
 from tasks.stages.rollouts import add_loss_logprobs, scoring_summary, unscored_note
 
@@ -55,16 +56,6 @@ STAGE = Stage(name="hint", version="2", module=__name__, upstream=guidance.UPSTR
               section="hint", settings_model=HintConfig, sharded=True)
 
 log = logging.getLogger("guidedrl.hint")
-
-
-def hint_text(wrong: list[str], truncated: bool) -> str:
-    """LTE's hint: the policy's distinct wrong answers and/or a call to be concise."""
-    parts = []
-    if wrong:
-        parts.append("These answers are wrong: " + ", ".join(wrong) + ".")
-    if truncated:
-        parts.append("Be concise.")
-    return " ".join(parts)
 
 
 def build_hint(rows: list[dict], max_wrong: int | None = None) -> tuple[str, str] | None:
