@@ -192,14 +192,15 @@ def bench_update(size: str, device: str, dtype_name: str, rows: int, prompt_len:
     return result
 
 
-def quickstart_on_gpu(device: str, work: Path) -> dict:
+def quickstart_on_gpu(device: str, work: Path, size: str = "100m", steps: int | None = None) -> dict:
     """`guidedrl bootstrap --size 100m` on the GPU, then the quickstart config on it with policy.device."""
     guidedrl = [sys.executable, "-m", "flows.cli"]
-    model = work / "policy-100m"
+    model = work / f"policy-{size}"
     env = {**os.environ, "GUIDEDRL_PROGRESS": "0"}
     t0 = time.perf_counter()
-    boot = subprocess.run([*guidedrl, "bootstrap", "--size", "100m", "--device", device, "--out", str(model), "--eval-problems", "10",
-                           "--eval-samples", "16"], cwd=ROOT, env=env, capture_output=True, text=True)
+    boot = subprocess.run([*guidedrl, "bootstrap", "--size", size, "--device", device, "--out", str(model), "--eval-problems", "10",
+                           "--eval-samples", "16", *(["--steps", str(steps)] if steps else [])], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
     boot_s = time.perf_counter() - t0
     if boot.returncode:
         return {"ok": False, "step": "bootstrap", "tail": (boot.stdout + boot.stderr)[-1500:]}
