@@ -142,8 +142,12 @@ def test_lora_following_loads_each_rounds_adapter_before_the_next_requests(rando
         assert policy_id_for(nxt) == checkpoint_fingerprint(ckpt)
         [[sample]] = open_backend(nxt).generate(["after"], PARAMS)
         assert sample.finish_reason == "stop" and server.behaviour.requests[-1]["model"] == name
+        again = serving.follow(nxt.policy, ckpt, tmp_path / "logs")  # a resumed run: served already, not loaded twice
+        assert again == served and len([r for r in server.behaviour.requests if "lora_name" in r]) == 1
+        other = _checkpoint(ckpt, tmp_path / "round-x", 3)
+        server.behaviour.models[serving.adapter_name(other)] = {"root": "/elsewhere", "parent": "served-policy"}
         with pytest.raises(serving.ServingError, match="refused LoRA adapter.*already been loaded"):
-            serving.follow(nxt.policy, ckpt, tmp_path / "logs")
+            serving.follow(nxt.policy, other, tmp_path / "logs")  # the name taken by another adapter: the server's refusal
 
 
 def test_a_continued_adapter_stays_relative_to_the_servers_base(random_checkpoint, tmp_path):

@@ -119,13 +119,7 @@ def stop_owned(base_url: str | None = None) -> None:
         proc = _OWNED.pop(url)
         if proc.poll() is None:
             log.info("stopping the policy server it started (pid %d, %s)", proc.pid, url)
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            _stop_group(proc.pid)
             proc.wait()
         pidfile = _PIDFILES.pop(url, None)
         if pidfile is not None:
@@ -178,6 +172,9 @@ def adapter_name(checkpoint: Path) -> str:
 def load_adapter(policy, adapter: Path, name: str) -> dict:
     """Load a LoRA adapter into the server (vLLM's ``/v1/load_lora_adapter``) and wait until it is listed."""
     url = _base_url(policy)
+    if serving_checkpoint(policy, adapter, name):  # loaded before (a resumed run): loading again would be refused
+        log.info("the server already serves LoRA adapter %s from %s", name, adapter)
+        return next(m for m in served_models(policy) if m.get("id") == name)
     resp = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapter)},
                       headers=_headers(policy), timeout=policy.timeout_seconds)
     if resp.status_code >= 400:
@@ -209,10 +206,10 @@ def check_following(config, rounds: int) -> None:
         raise ConfigError("policy.serve.follow: lora needs train.grpo.lora: true (the server loads the round's adapter)")
 
 
-def serving_checkpoint(policy, checkpoint: Path) -> bool:
-    """Whether the server answers now and lists the served name loaded from ``checkpoint``."""
+def serving_checkpoint(policy, checkpoint: Path, name: str | None = None) -> bool:
+    """Whether the server answers now and lists ``name`` (default: the served name) loaded from ``checkpoint``."""
     try:
-        return any(m.get("id") == policy.model and _same_path(m.get("root"), str(checkpoint)) for m in served_models(policy))
+        return any(m.get("id") == (name or policy.model) and _same_path(m.get("root"), str(checkpoint)) for m in served_models(policy))
     except (httpx.HTTPError, ValueError):
         return False
 
