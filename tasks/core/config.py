@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 _SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|secret[_-]?key|access[_-]?key|token|secret|password|passwd)$", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
@@ -50,6 +50,13 @@ class ServeConfig(StrictModel):
         "served name), {port}, {base_url}; e.g. `MODEL={checkpoint} NAME={model} PORT={port} infra/vllm-serve.sh`. If it "
         "keeps running it is the server: guidedrl stops it (its process group) before the next restart and at the end")
     ready_timeout_seconds: float = Field(900.0, gt=0, description="how long to wait for the server to list the new checkpoint")
+
+    @model_validator(mode="after")
+    def _restart_needs_a_command(self):
+        if self.follow == "restart" and not self.restart_command:
+            raise ValueError("policy.serve.follow: restart needs policy.serve.restart_command (e.g. "
+                             "`MODEL={checkpoint} NAME={model} PORT={port} infra/vllm-serve.sh`)")
+        return self
 
 
 class PolicyConfig(StrictModel):

@@ -260,6 +260,13 @@ class TransformersBackend:
 # --------------------------------------------------------------------------- openai-compatible servers
 
 
+def at_temperature_one(temperature: float, whose: str) -> None:
+    """vLLM's prompt_logprobs are of the raw (temperature-1) distribution: scoring at another temperature is refused."""
+    if temperature not in (0.0, 1.0):
+        raise ScoringUnavailable(f"{whose} prompt_logprobs are of its temperature-1 distribution; scoring at temperature "
+                                 f"{temperature} is left to the policy update")
+
+
 class OpenAIBackend:
     """Completions endpoint of an OpenAI-compatible server (vLLM ``serve``, SGLang, ...)."""
 
@@ -365,9 +372,7 @@ class OpenAIBackend:
         sent as one prompt of token ids with vLLM's ``prompt_logprobs`` (the completion "echoed" as part of
         the prompt), and the completion's positions are read back. A server gives them at temperature 1
         (its raw distribution), so another temperature cannot be scored here."""
-        if temperature not in (0.0, 1.0):
-            raise ScoringUnavailable(f"a server's prompt_logprobs are of its temperature-1 distribution; scoring at "
-                                     f"temperature {temperature} is left to the policy update")
+        at_temperature_one(temperature, "a server's")
         if self.tokenizer is None:
             raise ScoringUnavailable("no local tokenizer to send prompts as token ids (set policy.tokenizer or policy.checkpoint)")
         results = iter(asyncio.run(self._score_all(prompts, token_ids)))
@@ -426,9 +431,7 @@ class VLLMBackend:
     def score(self, prompts: list[str], token_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         """Completion tokens' log-probabilities from the engine's ``prompt_logprobs`` over prompt + completion
         token ids (temperature 1: vLLM's prompt log-probabilities are of the raw distribution)."""
-        if temperature not in (0.0, 1.0):
-            raise ScoringUnavailable(f"vLLM's prompt_logprobs are of its temperature-1 distribution; scoring at temperature "
-                                     f"{temperature} is left to the policy update")
+        at_temperature_one(temperature, "vLLM's")
         tok = self.llm.get_tokenizer()
         encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         todo = [(k, p, list(c)) for k, (p, c) in enumerate(zip(encoded, token_ids)) if c]

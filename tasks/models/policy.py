@@ -114,9 +114,6 @@ def check_policy(config: Config) -> None:
             raise ConfigError("policy.base_url: backend openai needs the server's URL (or OPENAI_BASE_URL in the environment)")
         if p.checkpoint and not (config.resolve(p.checkpoint) / "config.json").is_file():
             raise ConfigError(f"{config.resolve(p.checkpoint)}: policy.checkpoint is not a transformers model directory (no config.json)")
-        if p.serve.follow == "restart" and not p.serve.restart_command:
-            raise ConfigError("policy.serve.follow: restart needs policy.serve.restart_command (e.g. "
-                              "`MODEL={checkpoint} NAME={model} PORT={port} infra/vllm-serve.sh`)")
         return
     if p.serve.follow != "none":
         raise ConfigError(f"policy.serve.follow: {p.serve.follow} is for a served policy (backend openai); backend "

@@ -68,6 +68,19 @@ def _same_path(a: str | None, b: str) -> bool:
     return a is not None and (a == b or Path(a).resolve() == Path(b).resolve())
 
 
+def _find(models: list[dict], name: str, root: str) -> dict | None:
+    """The entry of ``models`` (``/v1/models``) that serves ``name`` loaded from ``root``."""
+    return next((m for m in models if m.get("id") == name and _same_path(m.get("root"), root)), None)
+
+
+def listed(policy, name: str, root: Path | str) -> dict | None:
+    """What the server lists now for ``name`` loaded from ``root`` (None: not listed, or no answer)."""
+    try:
+        return _find(served_models(policy), name, str(root))
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 def wait_until_served(policy, name: str, root: str, timeout: float, proc: subprocess.Popen | None = None,
                       log_path: Path | None = None) -> dict:
     """Poll ``/v1/models`` until it lists ``name`` loaded from ``root``; the entry. Fails when ``proc``
@@ -76,9 +89,9 @@ def wait_until_served(policy, name: str, root: str, timeout: float, proc: subpro
     while True:
         try:
             models = served_models(policy)
-            for m in models:
-                if m.get("id") == name and _same_path(m.get("root"), root):
-                    return m
+            entry = _find(models, name, root)
+            if entry is not None:
+                return entry
             last = ", ".join(f"{m.get('id')} (root {m.get('root')})" for m in models) or "no models"
         except (httpx.HTTPError, ValueError) as exc:
             last = f"nothing ({type(exc).__name__}: {str(exc)[:200]})"
@@ -172,9 +185,10 @@ def adapter_name(checkpoint: Path) -> str:
 def load_adapter(policy, adapter: Path, name: str) -> dict:
     """Load a LoRA adapter into the server (vLLM's ``/v1/load_lora_adapter``) and wait until it is listed."""
     url = _base_url(policy)
-    if serving_checkpoint(policy, adapter, name):  # loaded before (a resumed run): loading again would be refused
+    entry = listed(policy, name, adapter)
+    if entry is not None:  # loaded before (a resumed run): loading again would be refused
         log.info("the server already serves LoRA adapter %s from %s", name, adapter)
-        return next(m for m in served_models(policy) if m.get("id") == name)
+        return entry
     resp = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapter)},
                       headers=_headers(policy), timeout=policy.timeout_seconds)
     if resp.status_code >= 400:
@@ -206,19 +220,11 @@ def check_following(config, rounds: int) -> None:
         raise ConfigError("policy.serve.follow: lora needs train.grpo.lora: true (the server loads the round's adapter)")
 
 
-def serving_checkpoint(policy, checkpoint: Path, name: str | None = None) -> bool:
-    """Whether the server answers now and lists ``name`` (default: the served name) loaded from ``checkpoint``."""
-    try:
-        return any(m.get("id") == (name or policy.model) and _same_path(m.get("root"), str(checkpoint)) for m in served_models(policy))
-    except (httpx.HTTPError, ValueError):
-        return False
-
-
 def start(policy, checkpoint: Path, log_dir: Path, cwd: Path | None = None) -> None:
     """Before the first round (follow: restart): the server serves the initial checkpoint — one already
     serving it is used as it is; otherwise the restart command starts it (and guidedrl owns it: a server
     started by hand on the same port would have to be stopped by the command itself)."""
-    if policy.serve.follow == "restart" and not serving_checkpoint(policy, Path(checkpoint)):
+    if policy.serve.follow == "restart" and listed(policy, policy.model, checkpoint) is None:
         restart_on(policy, Path(checkpoint).resolve(), log_dir, cwd)
 
 

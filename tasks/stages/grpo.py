@@ -497,8 +497,7 @@ def out_of_memory(where: str, chunk: list[dict]) -> torch.OutOfMemoryError:
 
 
 def _row_lengths(row: dict, tokenizer) -> tuple[int, int]:
-    comp = row["completion_token_ids"]
-    return len(tokenizer(row["loss_prompt"], add_special_tokens=False)["input_ids"]), len(comp) if comp is not None else 0
+    return len(tokenizer(row["loss_prompt"], add_special_tokens=False)["input_ids"]), n_tokens(row["completion_token_ids"])
 
 
 def batch_tokens(rows: list[dict], tokenizer) -> int:
