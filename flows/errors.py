@@ -24,10 +24,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tasks.core.config import ConfigError
     from tasks.core.schemas import SchemaError
     from tasks.core.share import ShareError
+    from tasks.core.shards import GenerationFailed
     from tasks.models.judge import JudgeError
     from tasks.stages.curate import SourceError
 
-    return (ConfigError, SourceError, SchemaError, JudgeError, ShareError, FileNotFoundError, ValueError, PermissionError)
+    return (ConfigError, SourceError, SchemaError, JudgeError, ShareError, GenerationFailed, FileNotFoundError, ValueError,
+            PermissionError)
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -45,8 +47,12 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     from tasks.core.share import ShareError
     from tasks.stages.curate import SourceError
 
+    from tasks.core.shards import GenerationFailed
+    from tasks.models.served import ServerError
+
     exc = state.data if isinstance(state.data, BaseException) else None
-    return not (isinstance(exc, (ConfigError, SourceError, SchemaError, ShareError, PermissionError)) or
+    # a failed generation has had the client's retries; the re-run regenerates only what failed
+    return not (isinstance(exc, (ConfigError, SourceError, SchemaError, ShareError, PermissionError, GenerationFailed, ServerError)) or
                 (exc is not None and is_disk_full(exc)))
 
 

@@ -137,8 +137,9 @@ def _handler(b: Behaviour):
         def do_GET(self):
             if not self.path.endswith("/models"):
                 return self._send(404, b'{"error": {"message": "not found"}}')
-            with b.lock:
-                data = [{"id": name, "object": "model", "owned_by": "vllm", **m} for name, m in b.models.items()]
+            with b.lock:  # a vLLM server lists what it serves; with no names configured, one (any name is answered)
+                data = [{"id": name, "object": "model", "owned_by": "vllm", **m} for name, m in b.models.items()] or \
+                    [{"id": "any", "object": "model", "owned_by": "vllm"}]
             self._send(200, json.dumps({"object": "list", "data": data}).encode())
 
         def _load_lora(self, req):
@@ -211,7 +212,8 @@ def _handler(b: Behaviour):
             choices = []
             for i in range(n):
                 ids = [len(prompt) % 50 + i, 7, 8][: max(1, min(3, int(req.get("max_tokens", 3))))]
-                toks = [str(t) for t in ids] if b.no_token_ids else [f"token_id:{t}" for t in ids]
+                as_ids = req.get("return_tokens_as_token_ids") and not b.no_token_ids  # vLLM's field: ids only when asked
+                toks = [f"token_id:{t}" for t in ids] if as_ids else [str(t) for t in ids]
                 answer = solved(prompt) if b.solve_even and i % 2 == 0 else None
                 choices.append({
                     "index": i,

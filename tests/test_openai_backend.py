@@ -5,6 +5,7 @@ import time
 import pytest
 
 from tasks.models.generation import BackendUnavailable, OpenAIBackend, SamplingParams
+from tasks.models.served import PROBE_IDS, PROBE_PROMPT
 from tests.openai_server import OpenAIServer
 
 PARAMS = SamplingParams(n=2, temperature=1.0, max_new_tokens=3, seed=0)
@@ -26,7 +27,7 @@ def test_token_ids_and_logprobs_come_through(server):
     out = _backend(server).generate(["hello", "world!"], PARAMS)
     assert [[s.text for s in ss] for ss in out] == [["hello#0", "hello#1"], ["orld!#0", "orld!#1"]]
     assert out[0][1].token_ids == [5 + 1, 7, 8] and out[0][1].logprobs == pytest.approx([-0.1, -0.2, -0.3])
-    req = server.behaviour.requests[0]
+    req = next(r for r in server.behaviour.requests if r["prompt"] not in (PROBE_PROMPT, PROBE_IDS))
     assert req["logprobs"] == 1 and req["return_tokens_as_token_ids"] is True and req["n"] == 2
 
 
@@ -86,7 +87,7 @@ def test_score_reads_the_completion_positions_of_prompt_logprobs(server, random_
         ids = backend.tokenizer(p, add_special_tokens=False)["input_ids"] + c
         want = [fake_prompt_logprob(a, b) for a, b in zip(ids, ids[1:])][len(ids) - 1 - len(c):]
         assert got == pytest.approx(want) and len(got) == len(c)
-    sent = [r for r in server.behaviour.requests if "prompt_logprobs" in r]
+    sent = [r for r in server.behaviour.requests if "prompt_logprobs" in r and r["prompt"] != PROBE_IDS]
     assert len(sent) == 2  # the empty completion sends nothing
     assert all(r["prompt_logprobs"] == 0 and r["max_tokens"] == 1 and isinstance(r["prompt"], list) for r in sent)
 

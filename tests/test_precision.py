@@ -74,7 +74,7 @@ def test_the_update_under_bfloat16_autocast_runs_and_keeps_float32_weights(rando
              "completion_token_ids": ids, "reward": float(i % 2), "advantage": 1.0 if i % 2 else -1.0, "token_advantages": None,
              "behaviour_logprobs": [-1.0] * len(ids), "loss_logprobs": None, "temperature": 1.0, "is_guided": False,
              "prompt_kind": "plain"} for i in range(4)]
-    cfg = GRPOTrainConfig(learning_rate=1e-3, batch_size=4)
+    cfg = GRPOTrainConfig(learning_rate=1e-3, batch_size=4, old_logprobs="sampler")  # (recomputed: ratio 1, loss 0 here)
     results = {}
     for dtype in ("float32", "bfloat16"):
         model = copy.deepcopy(base)

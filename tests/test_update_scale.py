@@ -70,9 +70,9 @@ def test_micro_batches_by_tokens_keep_the_step_and_the_budget(policy):
 
 
 def test_out_of_memory_in_a_forward_pass_splits_the_micro_batch_and_keeps_the_step(policy, monkeypatch, caplog):
-    import tasks.stages.grpo as grpo
+    import tasks.stages._grpo_loop as grpo
 
-    whole, w = _step(policy)
+    whole, w = _step(policy, old_logprobs="sampler")  # (π_old recomputed: the same step, tested in tests/test_old_logprobs.py)
     real, sizes = grpo.completion_logps, []
 
     def small_device(model, batch, **kw):  # a device that holds at most 3 rows' activations
@@ -82,7 +82,7 @@ def test_out_of_memory_in_a_forward_pass_splits_the_micro_batch_and_keeps_the_st
         return real(model, batch, **kw)
 
     monkeypatch.setattr(grpo, "completion_logps", small_device)
-    model, out = _step(policy)
+    model, out = _step(policy, old_logprobs="sampler")
     assert sizes[:3] == [8, 4, 2] and sum(s for s in sizes if s <= 3) == 8  # 8 -> 4 + 4 -> 2 + 2 + 4 -> ...
     assert "out of device memory in the forward pass of 8 rows" in caplog.text
     assert out["first_loss"] == pytest.approx(w["first_loss"], abs=1e-5)
@@ -90,7 +90,7 @@ def test_out_of_memory_in_a_forward_pass_splits_the_micro_batch_and_keeps_the_st
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
     monkeypatch.setattr(grpo, "completion_logps", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("one row")))
     with pytest.raises(torch.OutOfMemoryError, match="forward pass of 1 rows; lower train.grpo.micro_batch_size"):
-        _step(policy, micro_batch_size=1)  # one row that does not fit is an error that says what to change
+        _step(policy, micro_batch_size=1, old_logprobs="sampler")  # one row that does not fit is an error that says what to change
 
 
 def test_totals_of_rows_are_the_masks_counts(policy):

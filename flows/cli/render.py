@@ -52,10 +52,11 @@ def print_pass_table(title: str, table_data: dict) -> None:
     first = next(iter(table_data.values()))
     ks = [k for k in first if k.startswith("pass@") and k.split("@")[1] in ("1", "8", "64", str(first["n"]))]
     table = Table(title=title)
-    for col in ["level", "problems", "samples", *ks, "all wrong"]:
+    for col in ["level", "problems", "samples", *ks, "all wrong", "errors"]:
         table.add_column(col, justify="right" if col != "level" else "left")
     for level, row in table_data.items():
-        cells = [level, str(row["problems"]), str(row["n"]), *[f"{row[k]:.3f}" for k in ks], str(row["all_fail"])]
+        # errors: failed generations, left out of pass@k (never counted as wrong answers)
+        cells = [level, str(row["problems"]), str(row["n"]), *[f"{row[k]:.3f}" for k in ks], str(row["all_fail"]), str(row.get("errors", 0))]
         table.add_row(*cells)
     console.print(table)
 

@@ -88,6 +88,14 @@ class PolicyConfig(StrictModel):
                                    "what dpo and grpo train and what policy_id names (default: `model` when it is a directory)")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="how a served policy follows the checkpoint "
                                "each `guidedrl online` round trains")
+    server: Literal["auto", "vllm", "sglang", "generic"] = Field(
+        "auto", description="what kind of OpenAI-compatible server serves the policy: auto (asked once per stage: /v1/models and "
+        "a short probe request; a field it refuses is not sent again) | vllm (token ids, sampled and prompt log-probs: the exact "
+        "path) | sglang | generic (text only: token ids from the policy's tokenizer, log-probs from the local checkpoint)")
+    max_error_fraction: float = Field(
+        0.0, ge=0, le=1, description="the share of a sampling stage's prompts whose generation may fail (after the client's "
+        "retries) before the stage fails and publishes nothing; failed generations are never data: they are counted apart "
+        "and left out of pass@k, filter, guidance, grades and training (0: any failure fails the stage)")
     # vllm
     engine: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of vllm.LLM, e.g. tensor_parallel_size")
 

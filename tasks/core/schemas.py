@@ -289,28 +289,31 @@ def conform(table: pa.Table, kind: str, where: str = "<in memory>") -> pa.Table:
 # --------------------------------------------------------------------------- grpo rows by kind
 
 
-def _grpo_kinds():
+def _grpo_kinds(needs_behaviour: bool = True):
     """(explanation row, usable sample row) as polars expressions over a grpo dataset's columns: the rows
-    the update trains on are either (tasks/stages/grpo.py ``row_kind``); the rest are masked."""
+    the update trains on are either (tasks/stages/_grpo_data.py ``row_kind``); the rest are masked. A sample
+    row needs behaviour log-probs when the update's π_old is the sampler's (``needs_behaviour``), and always
+    when it is guided."""
     import polars as pl
 
     explain = pl.col("prompt_kind") == "explain"
-    usable = (pl.col("advantage").is_not_null() & pl.col("behaviour_logprobs").is_not_null()
+    behaviour = pl.col("behaviour_logprobs").is_not_null()
+    usable = (pl.col("advantage").is_not_null() & (behaviour if needs_behaviour else behaviour | ~pl.col("is_guided"))
               & (pl.col("completion_token_ids").list.len() > 0))
     return explain, usable
 
 
-def trainable(lf):
+def trainable(lf, needs_behaviour: bool = True):
     """A grpo LazyFrame's rows the update trains on (``row_kind`` not masked), as a polars filter."""
-    explain, usable = _grpo_kinds()
+    explain, usable = _grpo_kinds(needs_behaviour)
     return lf.filter(explain | usable)
 
 
-def kind_counts(lf) -> dict[str, int]:
+def kind_counts(lf, needs_behaviour: bool = True) -> dict[str, int]:
     """``rows_by_kind`` of a grpo LazyFrame, counted in one streaming query."""
     import polars as pl
 
-    explain, usable = _grpo_kinds()
+    explain, usable = _grpo_kinds(needs_behaviour)
     masked = ~explain & ~usable
     counts = lf.select(explain.sum().alias("explain"), masked.sum().alias("masked"),
                        (~explain & ~masked & pl.col("is_guided")).sum().alias("guided"),

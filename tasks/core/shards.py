@@ -86,8 +86,24 @@ class ShardPlan:
     def done(self) -> int:
         return len(self.shards) - len(self.todo())
 
+    def failed_path(self, i: int) -> Path:
+        return self.work / f"shard-{i:05d}.failed.json"
+
+    def fail(self, i: int, meta: dict) -> None:
+        """Record that shard ``i``'s generation failed (its counts and first error; no rows): the shard stays
+        unfinished, so the next run regenerates it."""
+        tmp = self.failed_path(i).with_name(f".{self.failed_path(i).name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(meta, sort_keys=True))
+        os.rename(tmp, self.failed_path(i))
+
+    def failures(self) -> list[dict]:
+        """The failure records of the shards that are still unfinished."""
+        return [json.loads(self.failed_path(i).read_text()) for i in range(len(self.shards))
+                if not self.finished(i) and self.failed_path(i).exists()]
+
     def write(self, i: int, table: pa.Table, meta: dict | None = None) -> None:
         """Shard ``i``'s rows and counts, each written to a temporary name and renamed (counts first)."""
+        self.failed_path(i).unlink(missing_ok=True)
         meta_tmp = self.meta_path(i).with_name(f".{self.meta_path(i).name}.{os.getpid()}.tmp")
         meta_tmp.write_text(json.dumps(meta or {}, sort_keys=True))
         os.rename(meta_tmp, self.meta_path(i))
@@ -179,4 +195,75 @@ def run_stage(job: "Job", run_shards: Callable[[ShardPlan], None] | None = None)
         (run_shards or in_turn)(shard_plan)
     finally:
         release_backends()
+    check_generation(job, shard_plan)
     return module.assemble(job, shard_plan)
+
+
+# --------------------------------------------------------------------------- failed generations
+
+
+class GenerationFailed(RuntimeError):
+    """A sampling stage whose failed generations exceed `policy.max_error_fraction`: nothing is published."""
+
+
+def generation_meta(samples: list[list]) -> dict:
+    """A shard's counts of its prompts and of those whose generation failed (any sample with finish_reason
+    ``error``), the first error, and where its token ids came from (``tokens_from``: source -> samples)."""
+    errored = [s.error for group in samples for s in group if s.finish_reason == "error"]
+    failed_prompts = sum(any(s.finish_reason == "error" for s in group) for group in samples)
+    sources: dict[str, int] = {}
+    for group in samples:
+        for s in group:
+            if s.finish_reason != "error":
+                sources[s.token_source] = sources.get(s.token_source, 0) + 1
+    return {"prompts": len(samples), "errored_prompts": failed_prompts, "errored_samples": len(errored),
+            "first_error": errored[0] if errored else None, "tokens_from": sources}
+
+
+def write_or_fail(shard_plan: ShardPlan, i: int, table: pa.Table, meta: dict, max_error_fraction: float) -> dict:
+    """Write shard ``i`` — unless its generation failed for some prompt and no failure is tolerated
+    (`policy.max_error_fraction` 0): then only a failure record, so a failure never becomes data and the
+    next run regenerates the shard."""
+    if meta.get("errored_prompts") and not max_error_fraction:
+        shard_plan.fail(i, meta)
+        log.warning("%s: shard %d: generation failed for %d of %d prompts (%s); the shard is not kept", shard_plan.stage, i,
+                    meta["errored_prompts"], meta["prompts"], meta.get("first_error"))
+    else:
+        shard_plan.write(i, table, meta)
+    return meta
+
+
+def tokens_from(shard_plan: ShardPlan) -> dict[str, int]:
+    """Samples by where their token ids came from, over the finished shards."""
+    total: dict[str, int] = {}
+    for m in shard_plan.metas():
+        for k, v in (m.get("tokens_from") or {}).items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
+def check_generation(job: "Job", shard_plan: ShardPlan) -> None:
+    """Fail the stage — publishing nothing — when its failed generations exceed `policy.max_error_fraction` of its
+    prompts: one line naming the server, the count and the first error. Shards without errors are kept (the re-run
+    regenerates only the others); finished shards with errors are removed when the stage fails."""
+    finished = [(i, json.loads(shard_plan.meta_path(i).read_text())) for i in range(len(shard_plan.shards)) if shard_plan.finished(i)]
+    failed = shard_plan.failures()
+    metas = [m for _, m in finished] + failed
+    prompts = sum(m.get("prompts", 0) for m in metas)
+    errored = sum(m.get("errored_prompts", 0) for m in metas)
+    if not errored:
+        return
+    policy = job.config.policy
+    if not failed and errored <= policy.max_error_fraction * prompts:
+        log.warning("%s: generation failed for %d of %d prompts, within policy.max_error_fraction %s: those rows are kept as "
+                    "errors (counted apart, never data)", job.name, errored, prompts, policy.max_error_fraction)
+        return
+    for i, m in finished:  # the errored shards are regenerated by the next run
+        if m.get("errored_prompts"):
+            shard_plan.path(i).unlink(missing_ok=True)
+    first = next(m["first_error"] for m in metas if m.get("first_error"))
+    where = policy.base_url or "the policy server" if policy.backend == "openai" else f"the {policy.backend} backend"
+    kept = len(shard_plan.shards) - len(shard_plan.todo())
+    raise GenerationFailed(f"{job.name}: generation failed for {errored} of {prompts} prompts at {where} (policy.max_error_fraction "
+                           f"{policy.max_error_fraction}); first error: {first} — nothing published; {kept} finished shards "
+                           f"without errors kept: re-run once the server answers and only the failed ones are regenerated")

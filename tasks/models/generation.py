@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+from tasks.core.interrupt import run_cancellable
 from tasks.core.store import fingerprint_files
 
 log = logging.getLogger("guidedrl.generation")
@@ -62,6 +63,9 @@ class Sample:
     logprobs: list[float] | None
     finish_reason: str  # 'stop' | 'length' | 'error'
     error: str | None = None
+    #: where token_ids came from: engine (in process) | server | tokenizer (re-tokenized text) | mismatch (re-tokenized
+    #: ids that do not decode back to the text: left empty) | none (no tokenizer to re-tokenize with)
+    token_source: str = "engine"
 
 
 class GenerationBackend(Protocol):
@@ -268,7 +272,14 @@ def at_temperature_one(temperature: float, whose: str) -> None:
 
 
 class OpenAIBackend:
-    """Completions endpoint of an OpenAI-compatible server (vLLM ``serve``, SGLang, ...)."""
+    """Completions endpoint of an OpenAI-compatible server (vLLM ``serve``, SGLang, ``transformers serve``, ...).
+
+    What the server gives is found by a probe (tasks/models/served.py; ``capabilities``): only the fields it
+    takes are sent, ``n`` becomes n requests where it answers one choice, and what it does not give is
+    computed here — token ids from the policy's tokenizer (``retokenize``), scores from a forward pass of the
+    local checkpoint (``local_scorer``). A request that fails after the client's retries gives samples with
+    ``finish_reason`` ``error`` (never data: the stages count them apart and fail past
+    `policy.max_error_fraction`)."""
 
     name = "openai"
 
@@ -281,49 +292,106 @@ class OpenAIBackend:
         timeout: float = 120.0,
         max_retries: int = 5,
         policy_id: str | None = None,
+        capabilities=None,
     ):
         self.model = model
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         if not self.base_url:
             raise BackendUnavailable("backend openai needs `base_url` in the config or OPENAI_BASE_URL in the environment")
+        self.api_key_env = api_key_env
         self.api_key = os.environ.get(api_key_env) or "EMPTY"  # local vLLM servers accept any key
         self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
         self.policy_id = policy_id or f"openai:{model}"
+        self._capabilities = capabilities
+
+    tokenizer = None  # the policy's local tokenizer (policy.open_backend sets it): re-tokenizing, scoring
+    local_scorer: Callable[[], "TransformersBackend"] | None = None  # the local checkpoint's forward pass (lazy)
+    _scorer = None
+
+    @property
+    def capabilities(self):
+        """What the server gives (probed on first use: a short request and /v1/models)."""
+        if self._capabilities is None:
+            from tasks.models.served import probe
+
+            self._capabilities = probe(self.base_url, self.model, self.api_key_env, "auto", max(self.timeout, 30.0),
+                                       min(self.max_retries, 3))
+        return self._capabilities
+
+    def _request(self, prompt: str, params: SamplingParams, n: int, seed: int) -> dict:
+        """The request's fields: the basics and, of the optional ones, those the server takes."""
+        caps = self.capabilities
+        body = {"model": self.model, "prompt": prompt, "temperature": params.temperature, "top_p": params.top_p,
+                "max_tokens": params.max_new_tokens}
+        extra = {}
+        if "n" in caps.fields:
+            body["n"] = n
+        if "seed" in caps.fields:
+            body["seed"] = seed
+        if "logprobs" in caps.fields and (caps.sampled_logprobs or caps.token_ids):
+            body["logprobs"] = 1
+        if "return_tokens_as_token_ids" in caps.fields:
+            extra["return_tokens_as_token_ids"] = True
+        return {**body, **({"extra_body": extra} if extra else {})}
 
     async def _one(self, client, sem, prompt: str, params: SamplingParams, index: int) -> list[Sample]:
-        async with sem:
-            try:
-                resp = await client.completions.create(
-                    model=self.model,
-                    prompt=prompt,
-                    n=params.n,
-                    temperature=params.temperature,
-                    top_p=params.top_p,
-                    max_tokens=params.max_new_tokens,
-                    logprobs=1,
-                    seed=params.seed + index,
-                    extra_body={"return_tokens_as_token_ids": True},
-                )
-                choices = sorted(resp.choices, key=lambda c: c.index)
-                if len(choices) != params.n:
-                    raise ValueError(f"server returned {len(choices)} choices, asked for {params.n}")
-                return [self._sample(c) for c in choices]
-            except Exception as exc:  # every prompt ends with a result or a recorded error
-                msg = f"{type(exc).__name__}: {exc}"[:500]
-                log.warning("prompt %d failed after retries: %s", index, msg)
-                return [Sample("", [], None, "error", msg) for _ in range(params.n)]
+        caps = self.capabilities
+        # a server that answers one choice per request gets n requests, each with its own seed
+        calls = [(params.n, params.seed + index)] if caps.n or params.n == 1 else \
+            [(1, (params.seed + index) * 1_000_003 + j) for j in range(params.n)]
 
-    @staticmethod
-    def _sample(choice) -> Sample:
+        async def call(n: int, seed: int) -> list[Sample]:
+            async with sem:
+                try:
+                    resp = await client.completions.create(**self._request(prompt, params, n, seed))
+                    choices = sorted(resp.choices, key=lambda c: c.index)
+                    if len(choices) != n:
+                        raise ValueError(f"server returned {len(choices)} choices, asked for {n}")
+                    return [self._sample(c) for c in choices]
+                except Exception as exc:  # every prompt ends with a result or a recorded error
+                    msg = f"{type(exc).__name__}: {exc}"[:500]
+                    log.warning("prompt %d failed after retries: %s", index, msg)
+                    return [Sample("", [], None, "error", msg, token_source="none") for _ in range(n)]
+
+        groups = await asyncio.gather(*(call(n, seed) for n, seed in calls))
+        return [s for g in groups for s in g]
+
+    def _sample(self, choice) -> Sample:
         lp = getattr(choice, "logprobs", None)
         token_ids: list[int] = []
         logprobs = None
-        if lp is not None and lp.tokens and lp.token_logprobs:
-            if all(isinstance(t, str) and t.startswith("token_id:") for t in lp.tokens):
-                token_ids = [int(t.split(":", 1)[1]) for t in lp.tokens]
-                logprobs = [float(x) if x is not None else float("nan") for x in lp.token_logprobs]
+        tokens = list(getattr(lp, "tokens", None) or []) if lp is not None else []
+        values = list(getattr(lp, "token_logprobs", None) or []) if lp is not None else []
+        if tokens and all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
+            token_ids = [int(t.split(":", 1)[1]) for t in tokens]  # vLLM's return_tokens_as_token_ids
+        elif lp is not None and (getattr(lp, "model_extra", None) or {}).get("token_ids"):
+            token_ids = [int(t) for t in lp.model_extra["token_ids"]]  # SGLang's logprobs.token_ids
+        if token_ids and len(values) == len(token_ids):
+            logprobs = [float(x) if x is not None else float("nan") for x in values]
         finish = choice.finish_reason if choice.finish_reason in ("stop", "length") else "stop"
-        return Sample(choice.text or "", token_ids, logprobs if token_ids else None, finish)
+        text = choice.text or ""
+        if token_ids:
+            return Sample(text, token_ids, logprobs, finish, token_source="server")
+        return self.retokenize(text, finish, tokens, values)
+
+    def retokenize(self, text: str, finish: str, tokens: list | None = None, values: list | None = None) -> Sample:
+        """A text-only answer's token ids from the policy's tokenizer, tokenized as the update tokenizes
+        (no special tokens added; the end-of-sequence token appended when the server stopped on it), and
+        checked: ids that do not decode back to the text are flagged (`token_source` ``mismatch``) and left
+        empty, so no update trains on tokens that were not sampled. The server's per-token log-probs are kept
+        only when its tokens are these ids' tokens one for one."""
+        tok = self.tokenizer
+        if tok is None:
+            return Sample(text, [], None, finish, token_source="none")
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        if tok.decode(ids, skip_special_tokens=True) != text:
+            return Sample(text, [], None, finish, token_source="mismatch")
+        if finish == "stop" and tok.eos_token_id is not None:
+            ids.append(tok.eos_token_id)
+        logprobs = None
+        if tokens and values and len(values) == len(ids) and all(tok.decode([i]) == t for i, t in zip(ids, tokens)):
+            logprobs = [float(x) if x is not None else float("nan") for x in values]
+        return Sample(text, ids, logprobs, finish, token_source="tokenizer")
 
     def _client(self):
         from openai import AsyncOpenAI
@@ -336,9 +404,8 @@ class OpenAIBackend:
             return await asyncio.gather(*(self._one(client, sem, p, params, i) for i, p in enumerate(prompts)))
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
-        return list(asyncio.run(self._all(prompts, params)))
-
-    tokenizer = None  # the policy's local tokenizer (policy.open_backend sets it): scoring sends token ids
+        self.capabilities  # probe before the requests: what to send
+        return list(run_cancellable(self._all(prompts, params)))
 
     async def _score_one(self, client, sem, prompt_ids: list[int], completion: list[int]) -> list[float]:
         async with sem:
@@ -367,15 +434,30 @@ class OpenAIBackend:
             return await asyncio.gather(*(self._score_one(client, sem, p, list(c)) for p, c in zip(encoded, token_ids) if c),
                                         return_exceptions=True)
 
+    def _local_score(self, prompts, token_ids, temperature: float, why: str) -> list[list[float]]:
+        """Scores from a forward pass of the local checkpoint (the trainer's numbers), or ``ScoringUnavailable``."""
+        if self.local_scorer is None:
+            raise ScoringUnavailable(f"{why}; and no local checkpoint to score with (set policy.checkpoint)")
+        if self._scorer is None:
+            log.info("scoring with a forward pass of the local checkpoint: %s", why)
+            self._scorer = self.local_scorer()
+        return self._scorer.score(prompts, token_ids, temperature)
+
     def score(self, prompts: list[str], token_ids: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
-        """The completion tokens' log-probabilities under the served policy: each prompt and completion is
-        sent as one prompt of token ids with vLLM's ``prompt_logprobs`` (the completion "echoed" as part of
-        the prompt), and the completion's positions are read back. A server gives them at temperature 1
-        (its raw distribution), so another temperature cannot be scored here."""
-        at_temperature_one(temperature, "a server's")
+        """The completion tokens' log-probabilities under the served policy: with vLLM's ``prompt_logprobs``
+        each prompt and completion is sent as one prompt of token ids (the completion "echoed" as part of the
+        prompt) and the completion's positions are read back — at temperature 1 (the server's raw
+        distribution). A server without them, or another temperature: a forward pass of the local checkpoint
+        (`policy.checkpoint`, the weights the server was started on)."""
         if self.tokenizer is None:
             raise ScoringUnavailable("no local tokenizer to send prompts as token ids (set policy.tokenizer or policy.checkpoint)")
-        results = iter(asyncio.run(self._score_all(prompts, token_ids)))
+        if not self.capabilities.prompt_logprobs:
+            return self._local_score(prompts, token_ids, temperature, f"the server at {self.base_url} gives no prompt_logprobs")
+        try:
+            at_temperature_one(temperature, "a server's")
+        except ScoringUnavailable as exc:
+            return self._local_score(prompts, token_ids, temperature, str(exc))
+        results = iter(run_cancellable(self._score_all(prompts, token_ids)))
         out = [next(results) if c else [] for c in token_ids]
         failed = [r for r in out if isinstance(r, BaseException)]
         if failed:

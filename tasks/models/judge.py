@@ -42,6 +42,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from tasks.core.interrupt import run_cancellable
 from tasks.models.prompts import load_template
 
 log = logging.getLogger("guidedrl.judge")
@@ -375,7 +376,7 @@ class JudgeClient:
             if self.max_requests is not None and self.stats["requests"] + len(todo) > self.max_requests:
                 raise JudgeError(f"the judge would send {len(todo)} requests (plus {self.stats['requests']} already sent), over "
                                  f"judge.max_requests = {self.max_requests}; nothing was sent. Raise the limit or grade fewer traces.")
-            for i, reply in zip(todo, asyncio.run(self._send_all([batch[i] for i in todo]))):
+            for i, reply in zip(todo, run_cancellable(self._send_all([batch[i] for i in todo]))):
                 replies[i] = reply
         return replies  # type: ignore[return-value]
 

@@ -114,6 +114,10 @@ def check_policy(config: Config) -> None:
             raise ConfigError("policy.base_url: backend openai needs the server's URL (or OPENAI_BASE_URL in the environment)")
         if p.checkpoint and not (config.resolve(p.checkpoint) / "config.json").is_file():
             raise ConfigError(f"{config.resolve(p.checkpoint)}: policy.checkpoint is not a transformers model directory (no config.json)")
+        if p.serve.follow != "restart":  # (a server guidedrl restarts on each checkpoint is started by the online run)
+            from tasks.models.served import capabilities
+
+            capabilities(p)  # nothing listening, a refused key, a model it does not serve, a field it refuses: an error now
         return
     if p.serve.follow != "none":
         raise ConfigError(f"policy.serve.follow: {p.serve.follow} is for a served policy (backend openai); backend "
@@ -148,9 +152,17 @@ def open_backend(config: Config) -> GenerationBackend:
         return make_backend("transformers", str(config.resolve(p.model)), batch_size=p.batch_size, batch_tokens=p.batch_tokens,
                             device=device, dtype=dtype)
     if p.backend == "openai":
+        from tasks.models.served import capabilities
+
         backend = make_backend("openai", p.model, base_url=p.base_url, api_key_env=p.api_key_env, concurrency=p.concurrency,
-                               timeout=p.timeout_seconds, max_retries=p.max_retries, policy_id=policy_id_for(config))
-        backend.tokenizer = local_tokenizer(config)  # scoring sends token ids: prompt + completion
+                               timeout=p.timeout_seconds, max_retries=p.max_retries, policy_id=policy_id_for(config),
+                               capabilities=capabilities(p))
+        backend.tokenizer = local_tokenizer(config)  # re-tokenizing text-only answers; scoring sends token ids
+        ckpt = checkpoint_dir(config)
+        if ckpt is not None and (ckpt / "config.json").is_file():  # scores the server cannot give: the checkpoint's forward pass
+            device, dtype = precision(config)
+            backend.local_scorer = lambda: make_backend("transformers", str(ckpt), batch_size=p.batch_size,
+                                                        batch_tokens=p.batch_tokens, device=device, dtype=dtype)
         return backend
     return make_backend("vllm", str(config.resolve(p.model)) if config.resolve(p.model).is_dir() else p.model, **p.engine)
 
@@ -195,6 +207,19 @@ def shared_backend(config: Config) -> GenerationBackend:
 
 
 def release_backends() -> None:
-    """Forget this process's shared backends (a stage is done with them)."""
+    """Forget this process's shared backends (a stage is done with them) and what the policy server gave
+    (the next stage asks again)."""
+    from tasks.models.served import forget
+
     with _BACKENDS_LOCK:
         _BACKENDS.clear()
+    forget()
+
+
+def server_summary(config: Config) -> dict:
+    """What the policy's server gave and what guidedrl computed itself (a stage's summary: `server`)."""
+    if config.policy.backend != "openai":
+        return {"kind": config.policy.backend, "gave": ["text", "token ids", "sampled log-probs", "prompt log-probs"], "computed": []}
+    from tasks.models.served import capabilities
+
+    return capabilities(config.policy).summary()

@@ -14,6 +14,8 @@ import json
 import logging
 from pathlib import Path
 
+from tasks.models import served
+
 log = logging.getLogger("guidedrl.report")
 
 CSS = """
@@ -143,16 +145,21 @@ def _round_charts(record, out_dir: Path, plt) -> dict[str, str]:
 
 
 def _pass_table(passes: dict) -> str:
+    """pass@1 / pass@n by level, one column per policy; an `errors` column (failed generations, left out of
+    pass@k) when there were any."""
     if not passes:
         return ""
     labels = list(passes)
     levels = list(next(iter(passes.values())))
     n = max((v.get("n", 0) for t in passes.values() for v in t.values()), default=0)
+    errors = {lvl: sum(passes[lab][lvl].get("errors", 0) for lab in labels if lvl in passes[lab]) for lvl in levels}
+    shown = any(errors.values())
     rows = "".join(
         f"<tr><td>{_e(lvl)}</td>" + "".join(
             f"<td class=num>{passes[lab][lvl]['pass@1']:.3f} / {passes[lab][lvl].get(f'pass@{n}', 0):.3f}</td>" if lvl in passes[lab]
-            else "<td>-</td>" for lab in labels) + "</tr>" for lvl in levels)
+            else "<td>-</td>" for lab in labels) + (f"<td class=num>{errors[lvl]}</td>" if shown else "") + "</tr>" for lvl in levels)
     head = "".join(f"<th>{_e(lab)}<br><span class=muted>pass@1 / pass@{n}</span></th>" for lab in labels)
+    head += "<th>errors<br><span class=muted>failed generations</span></th>" if shown else ""
     return f"<table><tr><th>level</th>{head}</tr>{rows}</table>"
 
 
@@ -189,7 +196,8 @@ def render(record, charts: dict) -> str:
     if rollouts or evals:
         parts.append("<h2>Pass rates by level</h2>")
         for n, v in rollouts:
-            parts.append(f"<p>{_e(n)}: the policy's rollouts ({_e(v.get('samples'))} samples)</p>"
+            server = served.describe(v.get("server"))
+            parts.append(f"<p>{_e(n)}: the policy's rollouts ({_e(v.get('samples'))} samples{'; ' + _e(server) if server else ''})</p>"
                          + _pass_table({"rollouts": {k: x for k, x in v["pass"].items()}}))
         for n, v in evals:
             parts.append(f"<p>{_e(n)}: eval split, before/after training</p>" + _pass_table(v["pass"]))

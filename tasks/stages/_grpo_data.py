@@ -14,16 +14,19 @@ import torch
 from tasks.core.schemas import trainable
 from tasks.core.store import iter_batches
 
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (B, P + T), prompts left-padded, completions right-padded
     attention_mask: torch.Tensor
     completion_mask: torch.Tensor  # (B, T)
-    behaviour: torch.Tensor  # (B, T) behaviour log-probs (0 where unknown)
+    behaviour: torch.Tensor  # (B, T) π_old's log-probs: recomputed by the trainer (`old_logprobs`) or the sampler's (0 where unknown)
     advantages: torch.Tensor  # (B, T)
     kind: torch.Tensor  # (B,) 0 plain, 1 guided (shaped), 2 explanation (NLL), -1 masked
     temperature: torch.Tensor  # (B,) the sampling temperature log π_θ is computed at (1 for explanation rows: NLL)
     prompt_width: int
+    sampler: torch.Tensor | None = None  # (B, T) the sampler's log-probs where π_old was recomputed (for the mismatch correction)
+    sampler_known: torch.Tensor | None = None  # (B, T) 1 where both the sampler's and the recomputed log-prob are known
 
 
 KIND_PLAIN, KIND_GUIDED, KIND_EXPLAIN, KIND_MASKED = 0, 1, 2, -1
@@ -35,18 +38,26 @@ def n_tokens(values) -> int:
     return 0 if values is None else len(values)
 
 
-def row_kind(row: dict) -> int:
+def row_kind(row: dict, needs_behaviour: bool = True) -> int:
+    """The row's kind in the update. A sample row needs behaviour log-probs when π_old is the sampler's
+    (``needs_behaviour``: `old_logprobs: sampler`) and always when it is guided (LTE's behaviour is under the
+    hinted prompt, which the trainer does not recompute: the hint stage gives it, from the server or a forward
+    pass of the sampling checkpoint)."""
     if row["prompt_kind"] == "explain":
         return KIND_EXPLAIN
-    if row.get("advantage") is None or row.get("behaviour_logprobs") is None or not n_tokens(row["completion_token_ids"]):
+    if row.get("advantage") is None or not n_tokens(row["completion_token_ids"]):
+        return KIND_MASKED
+    if row.get("behaviour_logprobs") is None and (needs_behaviour or row["is_guided"]):
         return KIND_MASKED
     return KIND_GUIDED if row["is_guided"] else KIND_PLAIN
 
 
-def make_batch(rows: list[dict], tokenizer, device: str = "cpu") -> Batch:
+def make_batch(rows: list[dict], tokenizer, device: str = "cpu", needs_behaviour: bool = True) -> Batch:
     """The rows (per-token columns as lists or NumPy arrays) as padded tensors: prompts left-padded,
     completions right-padded; behaviour log-probs of the wrong length count as unknown (0); a row
-    without token advantages of its completion's length gets its advantage on every position."""
+    without token advantages of its completion's length gets its advantage on every position. A row
+    with recomputed π_old (``old_logprobs``, set by the loop) uses them as its behaviour, and its sampler's
+    log-probs go to ``sampler`` for the mismatch correction."""
     prompts = [tokenizer(r["loss_prompt"], add_special_tokens=False)["input_ids"] for r in rows]
     comps = [r["completion_token_ids"] if r["completion_token_ids"] is not None else () for r in rows]
     pw, cw = max(len(p) for p in prompts), max(1, max(len(c) for c in comps))
@@ -55,22 +66,27 @@ def make_batch(rows: list[dict], tokenizer, device: str = "cpu") -> Batch:
     ids, attn = np.full((n, pw + cw), pad, np.int64), np.zeros((n, pw + cw), np.int64)
     cmask, beh, adv = np.zeros((n, cw), np.float32), np.zeros((n, cw), np.float32), np.zeros((n, cw), np.float32)
     kinds, temps = np.zeros(n, np.int64), np.ones(n, np.float32)
+    sampler, known = np.zeros((n, cw), np.float32), np.zeros((n, cw), np.float32)
     for i, (r, p, c) in enumerate(zip(rows, prompts, comps)):
         ids[i, pw - len(p):pw], ids[i, pw:pw + len(c)] = p, c
         attn[i, pw - len(p):pw + len(c)] = 1
         cmask[i, :len(c)] = 1.0
-        b = r.get("behaviour_logprobs")
-        if b is not None and len(b) == len(c):
+        b, old = r.get("behaviour_logprobs"), r.get("old_logprobs")
+        if old is not None and len(old) == len(c):
+            beh[i, :len(c)] = old
+            if b is not None and len(b) == len(c):
+                sampler[i, :len(c)], known[i, :len(c)] = b, 1.0
+        elif b is not None and len(b) == len(c):
             beh[i, :len(c)] = b
         ta = r.get("token_advantages")
         if ta is not None and len(ta) == len(c):
             adv[i, :len(c)] = ta
         else:
             adv[i, :] = float(r.get("advantage") or 0.0)
-        kinds[i] = row_kind(r)
+        kinds[i] = row_kind(r, needs_behaviour)
         temps[i] = 1.0 if kinds[i] == KIND_EXPLAIN else float(r.get("temperature") or 1.0)
     t = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
-    return Batch(t(ids), t(attn), t(cmask), t(beh), t(adv), t(kinds), t(temps), pw)
+    return Batch(t(ids), t(attn), t(cmask), t(beh), t(adv), t(kinds), t(temps), pw, t(sampler), t(known))
 
 
 
@@ -96,12 +112,15 @@ class GRPORows:
     shuffle_buffer: int
     #: the trainable rows, where known (materialize records them): else counted with a query over the files
     count: int | None = None
+    #: sample rows need the sampler's behaviour log-probs (`old_logprobs: sampler`); else only guided ones do
+    needs_behaviour: bool = True
 
     def __post_init__(self):
         if self.count is None:
             import polars as pl
 
-            self.count = trainable(pl.scan_parquet([str(f) for f in self.files])).select(pl.len()).collect().item()
+            lf = trainable(pl.scan_parquet([str(f) for f in self.files]), self.needs_behaviour)
+            self.count = lf.select(pl.len()).collect().item()
 
     def __len__(self) -> int:
         return self.count
@@ -119,10 +138,11 @@ class GRPORows:
             for name in self.PER_TOKEN:  # per row a NumPy view of the batch's values, not a list of Python numbers
                 for r, values in zip(rows, _row_arrays(batch.column(name))):
                     r[name] = values
-            yield from (r for r in rows if row_kind(r) != KIND_MASKED)
+            yield from (r for r in rows if row_kind(r, self.needs_behaviour) != KIND_MASKED)
 
 
-def minibatches(rows: list[dict] | GRPORows, batch_size: int, epochs: int, seed: int) -> tuple[int, Iterator[list[dict]]]:
+def minibatches(rows: list[dict] | GRPORows, batch_size: int, epochs: int, seed: int, needs_behaviour: bool = True
+                ) -> tuple[int, Iterator[list[dict]]]:
     """(number of minibatches, the minibatches) of `epochs` shuffled passes over the trainable rows
     (seeded; the last minibatch of a pass may be short). A list, or a ``GRPORows`` that fits its
     buffer: each pass is a permutation of all rows (``random.Random(seed).shuffle``). A bigger
@@ -131,7 +151,7 @@ def minibatches(rows: list[dict] | GRPORows, batch_size: int, epochs: int, seed:
     if isinstance(rows, GRPORows) and len(rows) <= rows.shuffle_buffer:
         rows = list(rows.read())
     if isinstance(rows, list):
-        rows = [r for r in rows if row_kind(r) != KIND_MASKED]
+        rows = [r for r in rows if row_kind(r, needs_behaviour) != KIND_MASKED]
         n = len(rows)
     else:
         n = len(rows)

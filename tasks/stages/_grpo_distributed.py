@@ -31,6 +31,7 @@ def worker(spec_path: str) -> None:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     from tasks.stages._launch import METRICS
+    from tasks.stages._grpo_loop import mismatch_summary, old_policy
     from tasks.stages.grpo import GRPORows, GRPOTrainConfig, Totals, expo_beta_at, load_for_update, make_optimizer, micro_batches, minibatches, save_checkpoint, step_backward
 
     spec = json.loads(Path(spec_path).read_text())
@@ -40,6 +41,7 @@ def worker(spec_path: str) -> None:
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     torch.manual_seed(cfg.seed)
     tokenizer, model, ref = load_for_update(spec["base"], spec["reference"], cfg, str(acc.device))
+    old_model, stats = old_policy(model, cfg), {}  # π_old: the starting policy, before the engine wraps it
     opt = make_optimizer(model, cfg)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -47,8 +49,9 @@ def worker(spec_path: str) -> None:
             model.enable_input_require_grads()
     model, opt = acc.prepare(model, opt)
     model.train()
-    rows = GRPORows([Path(f) for f in spec["files"]], cfg.shuffle_buffer, spec.get("count"))
-    total, batches = minibatches(rows, cfg.batch_size, cfg.epochs, cfg.seed)
+    needs_behaviour = cfg.old_logprobs == "sampler"
+    rows = GRPORows([Path(f) for f in spec["files"]], cfg.shuffle_buffer, spec.get("count"), needs_behaviour)
+    total, batches = minibatches(rows, cfg.batch_size, cfg.epochs, cfg.seed, needs_behaviour)
     rank, world = acc.process_index, acc.num_processes
     losses = []
     for step, step_rows in enumerate(batches):
@@ -56,8 +59,8 @@ def worker(spec_path: str) -> None:
         # every rank runs as many forward/backward passes as the busiest (sharded engines gather in each)
         parts = max(len(micro_batches(step_rows[r::world], tokenizer, cfg)) for r in range(world))
         loss = step_backward(model, tokenizer, mine, cfg, ref, expo_beta_at(cfg, step, total), str(acc.device), spec["dtype"],
-                             totals=Totals.of_rows(step_rows), scale=world, backward=acc.backward,
-                             no_sync=lambda: acc.no_sync(model), parts=parts, pad_row=step_rows[0])
+                             totals=Totals.of_rows(step_rows, needs_behaviour), scale=world, backward=acc.backward,
+                             no_sync=lambda: acc.no_sync(model), parts=parts, pad_row=step_rows[0], old_model=old_model, stats=stats)
         if cfg.max_grad_norm:
             acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
@@ -69,7 +72,9 @@ def worker(spec_path: str) -> None:
     if acc.is_main_process:
         out = Path(spec["out"])
         save_checkpoint(acc.unwrap_model(model), tokenizer, out, cfg, state_dict=state)
-        metrics = {"steps": len(losses), "rows": len(rows), "processes": world}
+        metrics = {"steps": len(losses), "rows": len(rows), "processes": world, "old_logprobs": cfg.old_logprobs}
+        if old_model is not None:  # the main process's share of the rows
+            metrics["mismatch"] = mismatch_summary(stats)
         if losses:
             metrics.update(first_loss=losses[0], last_loss=losses[-1], mean_loss=sum(losses) / len(losses))
         (out / METRICS).write_text(json.dumps(metrics))

@@ -20,6 +20,7 @@ from tasks.stages._grpo_losses import LOSS_AGG, Totals, clipped_surrogate, expo_
 
 log = logging.getLogger("guidedrl.grpo")
 
+
 def completion_logps(model, batch: Batch, with_entropy: bool = False):
     """(B, T) log π_θ of each completion token under its loss prompt, at the row's temperature (logits / T);
     with ``with_entropy`` also the (B, T) entropy of π_θ at each position."""
@@ -56,11 +57,64 @@ def update_loss(model, batch: Batch, cfg, ref_model=None, expo_beta: float | Non
     if entropy is not None:  # the bonus: higher entropy, lower loss
         per_token = per_token - cfg.entropy * entropy
     samples = mask * ((kind == KIND_PLAIN) | (kind == KIND_GUIDED)).float()
+    correction = getattr(cfg, "rollout_correction", "none")
+    if correction != "none" and batch.sampler_known is not None:  # the training–inference mismatch (π_old recomputed)
+        weight, keep = rollout_weights(batch.behaviour, batch.sampler, batch.sampler_known, correction, cfg.rollout_is_threshold)
+        per_token, samples = per_token * weight, samples * keep
     explanations = mask * (kind == KIND_EXPLAIN).float()
     beta = cfg.expo_beta if expo_beta is None else expo_beta
     return (LOSS_AGG[cfg.loss_agg](per_token, samples, cfg.loss_scale_factor, totals=totals)
             + expo_term(logp, explanations, beta, totals=totals))
 
+
+
+def recompute_old(old_model, tokenizer, rows: list[dict], cfg, device: str, dtype: str, stats: dict | None = None) -> None:
+    """π_old as verl computes it (`old_logprobs: recompute`): a forward pass of the sampling checkpoint
+    (``old_model``) over prompt + completion at each row's sampling temperature, set as the row's
+    ``old_logprobs`` (once per row: a row that has them keeps them). Plain sample rows only: a guided row's
+    behaviour is under the hinted prompt, which the hint stage scored. Where the sampler's log-probs are
+    known, the mismatch goes into ``stats`` (``mismatch``) and, for `token-mask`, the row's tokens left out
+    (``masked_tokens``) so the step's normalisers leave them out too."""
+    todo = [r for r in rows if "old_logprobs" not in r and row_kind(r, False) == KIND_PLAIN]
+    correction, cap = getattr(cfg, "rollout_correction", "none"), getattr(cfg, "rollout_is_threshold", 2.0)
+    chunks = micro_batches(todo, tokenizer, cfg)
+    while chunks:
+        chunk = chunks.pop(0)
+        batch = make_batch(chunk, tokenizer, device, needs_behaviour=False)
+        try:
+            with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                old = completion_logps(old_model, batch).float()
+        except torch.OutOfMemoryError as exc:  # no gradient here: halves give the same numbers
+            if len(chunk) == 1:
+                raise out_of_memory("π_old", chunk) from exc
+            del batch
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            chunks[:0] = [chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]]
+            continue
+        known = torch.zeros_like(old)
+        for i, r in enumerate(chunk):
+            n = len(r["completion_token_ids"])
+            r["old_logprobs"] = old[i, :n].cpu().numpy().astype(np.float32)
+            b = r.get("behaviour_logprobs")
+            if b is not None and len(b) == n:
+                known[i, :n] = 1.0
+        sampler = make_batch(chunk, tokenizer, "cpu", needs_behaviour=False).behaviour.to(old.device)  # the sampler's own numbers
+        if stats is not None:
+            for k, v in mismatch(old, sampler, known, cap, correction).items():
+                stats[k] = max(stats.get(k, 0.0), v) if k == "abs_max" else stats.get(k, 0) + v
+        if correction == "token-mask":
+            _, keep = rollout_weights(old, sampler, known, correction, cap)
+            for i, r in enumerate(chunk):
+                r["masked_tokens"] = int(len(r["completion_token_ids"]) - keep[i, :len(r["completion_token_ids"])].sum())
+
+
+def mismatch_summary(stats: dict) -> dict:
+    """The grpo summary's sampler–trainer mismatch: mean and max |Δ log p| over the tokens whose sampler log-prob
+    is known, and the share of them the cap touched."""
+    n = stats.get("tokens", 0)
+    return {"tokens": int(n), "mean_abs_logp_diff": round(stats["abs_sum"] / n, 6) if n else None,
+            "max_abs_logp_diff": round(stats["abs_max"], 6) if n else None, "capped_share": round(stats["capped"] / n, 6) if n else None}
 
 
 def make_optimizer(model, cfg):
@@ -81,24 +135,30 @@ def make_optimizer(model, cfg):
 
 def step_backward(model, tokenizer, rows: list[dict], cfg, ref_model, expo_beta: float, device: str, dtype: str,
                   totals: Totals | None = None, scale: float = 1.0, backward: Callable | None = None,
-                  no_sync: Callable | None = None, parts: int = 0, pad_row: dict | None = None) -> float:
+                  no_sync: Callable | None = None, parts: int = 0, pad_row: dict | None = None, old_model=None,
+                  stats: dict | None = None) -> float:
     """Backward of one update step's loss over ``rows`` in micro-batches of `micro_batch_size`
     (gradients accumulate; each part is normalised by the whole step's ``totals``, so the
     gradient is that of the step taken at once); returns the loss. ``totals``/``scale``: the
     normalisers and weight of a larger step this is a share of (a data-parallel rank's);
     ``backward``/``no_sync``: the engine's (accelerate's), no gradient sync before the last part;
     ``parts``/``pad_row``: at least this many forward/backward passes, the missing ones on
-    ``pad_row`` with weight 0 (every rank of a sharded engine must run as many as the others)."""
+    ``pad_row`` with weight 0 (every rank of a sharded engine must run as many as the others);
+    ``old_model``: the sampling checkpoint, whose log-probs become π_old first (``recompute_old``;
+    the sampler–trainer mismatch is added to ``stats``)."""
     import contextlib
 
-    totals = totals or Totals.of_rows(rows)
+    needs_behaviour = getattr(cfg, "old_logprobs", "sampler") == "sampler"
+    if old_model is not None:
+        recompute_old(old_model, tokenizer, rows, cfg, device, dtype, stats)
+    totals = totals or Totals.of_rows(rows, needs_behaviour)
     chunks = [(chunk, scale) for chunk in micro_batches(rows, tokenizer, cfg)]
     chunks += [([pad_row], 0.0)] * (parts - len(chunks))
     alone = no_sync is None and not parts  # one process: a micro-batch may be split without the other ranks knowing
     loss, k = 0.0, 0
     while k < len(chunks):
         chunk, weight = chunks[k]
-        batch = make_batch(chunk, tokenizer, device)
+        batch = make_batch(chunk, tokenizer, device, needs_behaviour)
         with no_sync() if no_sync and k < len(chunks) - 1 else contextlib.nullcontext():
             try:
                 with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
@@ -130,13 +190,31 @@ def out_of_memory(where: str, chunk: list[dict]) -> torch.OutOfMemoryError:
 
 
 
+def old_policy(model, cfg):
+    """The sampling checkpoint π_old is recomputed with (`old_logprobs: recompute`): a frozen copy of the policy
+    as the update starts (one more copy of the weights, no gradients or optimizer state); None for `sampler`."""
+    import copy
+
+    if getattr(cfg, "old_logprobs", "sampler") != "recompute":
+        return None
+    old = copy.deepcopy(model).eval()
+    for p in old.parameters():
+        p.requires_grad_(False)
+    return old
+
+
 def train_update(model, tokenizer, rows: list[dict] | GRPORows, cfg, ref_model=None, device: str = "cpu", dtype: str = "float32") -> dict:
     """`cfg.epochs` passes over the rows in shuffled minibatches (``minibatches``); AdamW (or SGD).
-    With ``dtype`` bfloat16 the forward passes run under bfloat16 autocast; weights and optimizer stay float32."""
-    total, batches = minibatches(rows, cfg.batch_size, cfg.epochs, cfg.seed)
+    With ``dtype`` bfloat16 the forward passes run under bfloat16 autocast; weights and optimizer stay float32.
+    With `old_logprobs: recompute` π_old is the starting policy's forward pass (``recompute_old``)."""
+    needs_behaviour = getattr(cfg, "old_logprobs", "sampler") == "sampler"
+    if isinstance(rows, list):  # recomputed π_old is kept on the rows for later epochs: never on the caller's dicts
+        rows = [dict(r) for r in rows]
+    total, batches = minibatches(rows, cfg.batch_size, cfg.epochs, cfg.seed, needs_behaviour)
     if not total:
         return {"steps": 0, "rows": 0, "losses": []}
-    n = len(rows) if isinstance(rows, GRPORows) else sum(row_kind(r) != KIND_MASKED for r in rows)
+    n = len(rows) if isinstance(rows, GRPORows) else sum(row_kind(r, needs_behaviour) != KIND_MASKED for r in rows)
+    old_model, stats = old_policy(model, cfg), {}
     opt = make_optimizer(model, cfg)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()  # transformers 5's name for gradient checkpointing
@@ -145,7 +223,8 @@ def train_update(model, tokenizer, rows: list[dict] | GRPORows, cfg, ref_model=N
     model.train()
     losses, steps = [], 0
     for step, rows_of_step in enumerate(progress.track(batches, f"grpo: updating on {n} samples", total=total)):
-        loss = step_backward(model, tokenizer, rows_of_step, cfg, ref_model, expo_beta_at(cfg, step, total), device, dtype)
+        loss = step_backward(model, tokenizer, rows_of_step, cfg, ref_model, expo_beta_at(cfg, step, total), device, dtype,
+                             old_model=old_model, stats=stats)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
@@ -155,8 +234,11 @@ def train_update(model, tokenizer, rows: list[dict] | GRPORows, cfg, ref_model=N
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_disable()
     model.eval()
-    return {"steps": steps, "rows": n, "first_loss": losses[0], "last_loss": losses[-1],
-            "mean_loss": sum(losses) / len(losses)}
+    out = {"steps": steps, "rows": n, "first_loss": losses[0], "last_loss": losses[-1], "mean_loss": sum(losses) / len(losses),
+           "old_logprobs": getattr(cfg, "old_logprobs", "sampler")}
+    if old_model is not None:
+        out["mismatch"] = mismatch_summary(stats)
+    return out
 
 
 

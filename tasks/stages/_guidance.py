@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from tasks.core.store import StageOutput, sha256_bytes
 from tasks.models.generation import GenerationBackend, SamplingParams
-from tasks.models.policy import chat_tokenizer, policy_id_for, precision_settings, render, shared_backend
+from tasks.core.shards import generation_meta
+from tasks.models.policy import chat_tokenizer, policy_id_for, precision_settings, render, server_summary, shared_backend
 from tasks.models.prompts import fill, load_template
 from tasks.stages.rollouts import sample_rows
 
@@ -97,10 +98,12 @@ def sampling_params(section, config: Config, shard: int = 0) -> SamplingParams:
 PLACEHOLDER = {"explain": "answer", "hint": "hint"}
 
 
-def sample_guided(stage: str, section, config: Config, items: list[dict], shard: int) -> tuple[GenerationBackend, list[dict], SamplingParams]:
+def sample_guided(stage: str, section, config: Config, items: list[dict], shard: int
+                  ) -> tuple[GenerationBackend, list[dict], SamplingParams, dict]:
     """Sample a shard of guided prompts. Each item: `problem`, `guidance` (shown through
     the stage's template) and `loss_prompt` (the original prompt, for the loss side).
-    Returns the backend, the checked rollout rows and the sampling parameters."""
+    Returns the backend, the checked rollout rows (failed generations among them: finish_reason
+    ``error``), the sampling parameters and the shard's generation counts (``generation_meta``)."""
     backend = shared_backend(config)
     tokenizer = chat_tokenizer(config, backend)
     template = load_template(config.template_path(stage))
@@ -110,7 +113,7 @@ def sample_guided(stage: str, section, config: Config, items: list[dict], shard:
     samples = backend.generate(prompts, params)
     rows = sample_rows(problems, samples, prompts, backend.policy_id, params.temperature, prompt_kind=stage,
                        guidance=[it["guidance"] for it in items], loss_prompts=[it["loss_prompt"] for it in items])
-    return backend, rows, params
+    return backend, rows, params, {**generation_meta(samples), "server": server_summary(config)}
 
 
 def unlocked_summary(stuck: list[str], unlocked: list[str], levels: dict[str, str | None]) -> dict:

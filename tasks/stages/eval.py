@@ -19,6 +19,7 @@ from pydantic import Field
 from tasks.core.config import StrictModel
 from tasks.core.schemas import to_table
 from tasks.core.stage import Job, Stage
+from tasks.core.shards import GenerationFailed, generation_meta
 from tasks.core.store import StageOutput, sha256_bytes
 from tasks.models.answers import check
 from tasks.models.generation import SamplingParams, checkpoint_fingerprint, make_backend
@@ -68,20 +69,33 @@ EVAL_BATCH = 256
 
 
 def evaluate_policy(backend, tokenizer, problems: list[dict], template, params: SamplingParams,
-                    check_derivation: bool = False) -> tuple[dict[str, tuple[str, list[bool]]], dict[str, tuple[str, list[bool]]] | None]:
+                    check_derivation: bool = False, max_error_fraction: float = 0.0,
+                    ) -> tuple[dict[str, tuple[str, list[bool]]], dict[str, tuple[str, list[bool]]] | None]:
     """problem_id -> (level, [correct per sample]), ``EVAL_BATCH`` problems at a time; with ``check_derivation``
-    also problem_id -> (level, [right answer and every reference checkpoint stated, per sample])."""
+    also problem_id -> (level, [right answer and every reference checkpoint stated, per sample]). A failed
+    generation is no sample (left out; a problem with none is left out); more failed prompts than
+    ``max_error_fraction`` of them is ``GenerationFailed``."""
     out, derived = {}, ({} if check_derivation else None)
     judge = RuleJudge("outcome") if check_derivation else None
+    failed, first = 0, None
     for start in range(0, len(problems), EVAL_BATCH):
         batch = problems[start : start + EVAL_BATCH]
         prompts = [render(tokenizer, fill(template, p["question"])) for p in batch]
         samples = backend.generate(prompts, params)
+        meta = generation_meta(samples)
+        failed, first = failed + meta["errored_prompts"], first or meta["first_error"]
         for p, group in zip(batch, samples):
-            verdicts = [s.finish_reason != "error" and check(s.text, p)[1] for s in group]
+            group = [s for s in group if s.finish_reason != "error"]
+            if not group:
+                continue
+            verdicts = [check(s.text, p)[1] for s in group]
             out[p["problem_id"]] = (str(p["level"]), verdicts)
             if derived is not None:
                 derived[p["problem_id"]] = (str(p["level"]), [derivation_right(judge, p, s.text, ok) for s, ok in zip(group, verdicts)])
+    if failed > max_error_fraction * len(problems):
+        where = getattr(backend, "base_url", None) or f"the {backend.name} backend"
+        raise GenerationFailed(f"eval: generation failed for {failed} of {len(problems)} prompts at {where} (policy.max_error_fraction "
+                               f"{max_error_fraction}); first error: {first} — nothing published")
     return out, derived
 
 
@@ -163,7 +177,8 @@ def compute(job: Job) -> StageOutput:
         if found is None:
             backend = open_backend(config) if ckpt is None else make_backend("transformers", str(ckpt), batch_size=config.policy.batch_size,
                                                                              batch_tokens=config.policy.batch_tokens, device=device, dtype=dtype)
-            groups, derived = evaluate_policy(backend, chat_tokenizer(config, backend), problems, template, params, ec.check_derivation)
+            groups, derived = evaluate_policy(backend, chat_tokenizer(config, backend), problems, template, params, ec.check_derivation,
+                                              config.policy.max_error_fraction)
             found = pass_table(groups), (pass_table(derived) if derived is not None else None)
         tables[label] = table = found[0]
         if ec.check_derivation:

@@ -41,14 +41,14 @@ from pydantic import Field
 
 from tasks.core.config import StrictModel
 from tasks.core.schemas import to_table
-from tasks.core.shards import ShardPlan, make_plan
+from tasks.core.shards import ShardPlan, make_plan, write_or_fail
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput
 from tasks.models.answers import steps_correct
 from tasks.models.generation import ScoringUnavailable
 from tasks.models.policy import check_policy
 from tasks.stages import _guidance as guidance
-from tasks.stages.rollouts import add_loss_logprobs, scoring_summary, unscored_note
+from tasks.stages.rollouts import add_loss_logprobs, scoring_summary, served_note, served_summary, unscored_note
 
 
 class ExplainConfig(StrictModel):
@@ -155,7 +155,7 @@ def plan(job: Job) -> ShardPlan:
 
 def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
     """Sample, verify, score and select the explanations of shard ``i``'s problems, and write them."""
-    backend, rows, params = guidance.sample_guided(STAGE.name, config.explain, config, shard_plan.shards[i], i)
+    backend, rows, params, generated = guidance.sample_guided(STAGE.name, config.explain, config, shard_plan.shards[i], i)
     kept = [r for r in rows if r["correct"]]  # the final answer must verify
     why = add_loss_logprobs(backend, kept, params.temperature)
     why = score_explanations(backend, kept, [r["guidance"] for r in kept]) or why  # the answer it was shown
@@ -165,9 +165,8 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
         r.setdefault("explain_loglik_total", None)
         r.setdefault("explain_answer_gain", None)
     select(kept, config.explain.select)  # per problem: a shard holds whole problems
-    meta = {"sampled": len(rows), "unscored": len(kept) if why else 0, "scoring_unavailable": why}
-    shard_plan.write(i, to_table(kept, "explanations", str(shard_plan.path(i))), meta)
-    return meta
+    meta = {"sampled": len(rows), "unscored": len(kept) if why else 0, "scoring_unavailable": why, **generated}
+    return write_or_fail(shard_plan, i, to_table(kept, "explanations", str(shard_plan.path(i))), meta, config.policy.max_error_fraction)
 
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
@@ -189,6 +188,8 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
         "selected_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept if r["selected"]),
         "select": shard_plan.stage_cfg["explain"]["select"],
         **scoring_summary(shard_plan),
+        "errors": int(shard_plan.total("errored_samples")),
+        **served_summary(shard_plan),
     }
     out = job.write({"explanations": parts}, summary, dataset_summaries={"explanations": summary})
     shard_plan.clean()
@@ -201,4 +202,4 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
 def describe(s: dict) -> str:
     return (f"ExPO explained {s.get('unlocked_problems')} of {s.get('stuck_problems')} stuck problems "
             f"({s.get('unlocked_fraction', 0):.1%}) with a verified explanation; {s.get('kept')} kept, "
-            f"{s.get('kept_with_all_steps_right')} with every step right{unscored_note(s)}")
+            f"{s.get('kept_with_all_steps_right')} with every step right{unscored_note(s)}{served_note(s)}")

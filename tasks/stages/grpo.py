@@ -106,6 +106,15 @@ class GRPOTrainConfig(StrictModel):
         "initial", description="initial: the policy the run started from (pi_0, as the papers); round: the round's starting policy")
     reference_model: str | None = Field(
         None, description="the initial policy's checkpoint for kl_reference: initial (guidedrl online sets it; default: policy.model)")
+    old_logprobs: Literal["recompute", "sampler"] = Field(
+        "recompute", description="π_old of the ratio: recompute (verl's default): a forward pass of the sampling checkpoint over "
+        "prompt + completion at the row's sampling temperature before its first step (one frozen copy of the weights), so any "
+        "server trains, text-only ones too; sampler: the sampler's own log-probs (rows without them are masked)")
+    rollout_correction: Literal["none", "token-truncate", "token-mask"] = Field(
+        "none", description="where both the sampler's and the recomputed log-probs exist, the training–inference mismatch "
+        "correction (verl, slime, ms-swift): token-truncate weights each token's loss by min(π_old / π_sampler, C) (truncated "
+        "importance sampling); token-mask leaves tokens whose ratio is outside [1/C, C] out of the loss and its denominator")
+    rollout_is_threshold: float = Field(2.0, gt=1, description="C of rollout_correction (verl's rollout_is_threshold, 2.0)")
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
     shuffle_buffer: int = Field(
@@ -137,6 +146,9 @@ def preflight(config: Config) -> None:
         raise ValueError("train.grpo.lora_adapter continues a LoRA adapter: set train.grpo.lora: true")
     if gc.lora_adapter:
         lora_base(gc.lora_adapter)
+    if gc.distributed and gc.rollout_correction == "token-mask":
+        raise ValueError("train.grpo.rollout_correction: token-mask under train.grpo.distributed is not supported yet (each rank "
+                         "would need every rank's masked tokens for the step's denominator); use token-truncate")
 
 
 def settings(config: Config) -> dict:
@@ -180,7 +192,8 @@ def compute(job: Job) -> StageOutput:
     files = data_files(data.dataset_path("grpo"))
     # the rows by kind as materialize counted them when it wrote them (the output's fingerprint binds its
     # summary to these files); an output without them (written before) is counted here
-    by_kind = data.summary.get("grpo", {}).get("rows_by_kind") or kind_counts(data.scan("grpo"))
+    needs_behaviour = gc.old_logprobs == "sampler"
+    by_kind = (data.summary.get("grpo", {}).get("rows_by_kind") if needs_behaviour else None) or kind_counts(data.scan("grpo"), needs_behaviour)
     with job.scratch() as work:
         if gc.distributed:
             metrics = launch_distributed(config, gc, base, reference_dir(config), files, work / "checkpoint", device, dtype,
@@ -188,7 +201,7 @@ def compute(job: Job) -> StageOutput:
         else:
             torch.manual_seed(gc.seed)
             tokenizer, model, ref = load_for_update(base, reference_dir(config), gc, device)
-            rows = GRPORows(files, gc.shuffle_buffer, trainable_count(by_kind))
+            rows = GRPORows(files, gc.shuffle_buffer, trainable_count(by_kind), needs_behaviour)
             metrics = train_update(model, tokenizer, rows, gc, ref, device=device, dtype=dtype)
             save_checkpoint(model, tokenizer, work / "checkpoint", gc)
         summary = {"base_policy": job.inputs["policy"], "data": job.inputs["grpo"], **metrics, "rows_by_kind": by_kind}
@@ -201,7 +214,12 @@ def compute(job: Job) -> StageOutput:
 
 def describe(s: dict) -> str:
     k = s.get("rows_by_kind", {})
+    m = s.get("mismatch") or {}
+    seen = (f"; π_old recomputed, sampler–trainer |Δ log p| mean {m['mean_abs_logp_diff']:.2g} max {m['max_abs_logp_diff']:.2g} over "
+            f"{m['tokens']} tokens ({m['capped_share']:.1%} capped)" if m.get("tokens") else
+            "; π_old recomputed (the sampler gave no log-probs)" if s.get("old_logprobs") == "recompute" else "")
     return (f"{s.get('steps')} update steps over {s.get('rows')} samples ({k.get('plain')} plain, {k.get('guided')} guided, "
-            f"{k.get('explain')} explanations, {k.get('masked')} masked); loss {s.get('first_loss', 0):.4f} -> {s.get('last_loss', 0):.4f}")
+            f"{k.get('explain')} explanations, {k.get('masked')} masked); loss {s.get('first_loss', 0):.4f} -> "
+            f"{s.get('last_loss', 0):.4f}{seen}")
 
 

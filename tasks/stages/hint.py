@@ -30,14 +30,14 @@ from pydantic import Field
 
 from tasks.core.config import StrictModel
 from tasks.core.schemas import to_table
-from tasks.core.shards import ShardPlan, make_plan
+from tasks.core.shards import ShardPlan, make_plan, write_or_fail
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput
 from tasks.models.answers import steps_correct
 from tasks.models.policy import check_policy
 from tasks.models.prompts import hint_text
 from tasks.stages import _guidance as guidance
-from tasks.stages.rollouts import add_loss_logprobs, scoring_summary, unscored_note
+from tasks.stages.rollouts import add_loss_logprobs, scoring_summary, served_note, served_summary, unscored_note
 
 
 class HintConfig(StrictModel):
@@ -111,7 +111,7 @@ def plan(job: Job) -> ShardPlan:
 def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
     """Sample shard ``i``'s problems with their hints, keep the verified samples, and write them."""
     hc = config.hint
-    backend, rows, params = guidance.sample_guided(STAGE.name, hc, config, shard_plan.shards[i], i)
+    backend, rows, params, generated = guidance.sample_guided(STAGE.name, hc, config, shard_plan.shards[i], i)
     kept, leaks = [], 0
     for r in rows:
         if not r["correct"]:
@@ -121,9 +121,9 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
             continue
         kept.append(r)
     why = add_loss_logprobs(backend, kept, params.temperature)  # the same tokens under the hint-free prompt
-    meta = {"sampled": len(rows), "leaks_rejected": leaks, "unscored": len(kept) if why else 0, "scoring_unavailable": why}
-    shard_plan.write(i, to_table(kept, "rollouts", str(shard_plan.path(i))), meta)
-    return meta
+    meta = {"sampled": len(rows), "leaks_rejected": leaks, "unscored": len(kept) if why else 0, "scoring_unavailable": why,
+            **generated}
+    return write_or_fail(shard_plan, i, to_table(kept, "rollouts", str(shard_plan.path(i))), meta, config.policy.max_error_fraction)
 
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
@@ -140,6 +140,8 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
         **guidance.unlocked_summary(stuck, [r["problem_id"] for r in kept], shard_plan.context["levels"]),
         "kept_with_all_steps_right": sum(steps_correct(r["completion"]) for r in kept),
         **scoring_summary(shard_plan),
+        "errors": int(shard_plan.total("errored_samples")),
+        **served_summary(shard_plan),
     }
     out = job.write({"hints": parts}, summary, dataset_summaries={"hints": summary})
     shard_plan.clean()
@@ -151,4 +153,4 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
 def describe(s: dict) -> str:
     return (f"LTE unlocked {s.get('unlocked_problems')} of {s.get('stuck_problems')} stuck problems "
             f"({s.get('unlocked_fraction', 0):.1%}) with a verified hinted sample; {s.get('kept')} kept, "
-            f"{s.get('kept_with_all_steps_right')} with every step right{unscored_note(s)}")
+            f"{s.get('kept_with_all_steps_right')} with every step right{unscored_note(s)}{served_note(s)}")

@@ -27,12 +27,13 @@ from pydantic import Field
 
 from tasks.core.config import StrictModel
 from tasks.core.schemas import to_table
-from tasks.core.shards import ShardPlan, make_plan
+from tasks.core.shards import ShardPlan, generation_meta, make_plan, tokens_from, write_or_fail
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, read_dataset, sha256_bytes
 from tasks.models.answers import check
 from tasks.models.generation import GenerationBackend, SamplingParams, ScoringUnavailable
-from tasks.models.policy import chat_tokenizer, check_policy, policy_id_for, precision_settings, render, shared_backend
+from tasks.models import served
+from tasks.models.policy import chat_tokenizer, check_policy, policy_id_for, precision_settings, render, server_summary, shared_backend
 from tasks.models.prompts import fill, load_template
 from tasks.report.metrics import pass_table
 
@@ -100,6 +101,7 @@ def sample_rows(problems: list[dict], samples, prompts: list[str], policy_id: st
                 "loss_logprobs": s.logprobs if prompt_kind == "plain" else None,
                 "level": problem.get("level"),
                 "error": s.error,
+                "token_source": s.token_source,
             })
     return rows
 
@@ -132,16 +134,30 @@ def unscored_note(summary: dict) -> str:
 
 
 def summarize(table: pa.Table, seconds: float | None = None) -> dict:
+    """Counts and pass@k by level. A failed generation (finish_reason ``error``) is no sample: it is left out of
+    pass@k and of the all-fail count and counted apart (``errors``, and per level in the pass table)."""
     groups: dict[str, tuple[str | None, list[bool]]] = {}
-    for pid, level, correct in zip(table.column("problem_id").to_pylist(), table.column("level").to_pylist(), table.column("correct").to_pylist()):
-        groups.setdefault(pid, (level, []))[1].append(correct)
+    errors: dict[str, int] = {}
+    rows = zip(table.column("problem_id").to_pylist(), table.column("level").to_pylist(), table.column("correct").to_pylist(),
+               table.column("finish_reason").to_pylist())
+    for pid, level, correct, reason in rows:
+        group = groups.setdefault(pid, (level, []))
+        if reason == "error":
+            errors[str(level)] = errors.get(str(level), 0) + 1
+        else:
+            group[1].append(correct)
     reasons = table.column("finish_reason").to_pylist()
+    generated = {pid: g for pid, g in groups.items() if g[1]}
+    passes = pass_table(generated) if generated else {}
+    for level, entry in passes.items():
+        entry["errors"] = sum(errors.values()) if level == "all" else errors.get(level, 0)
     summary = {
         "samples": table.num_rows,
         "problems": len(groups),
-        "pass": pass_table(groups),
+        "pass": passes,
         "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
-        "all_fail_problems": sum(not any(c) for _, c in groups.values()),
+        "errors": sum(errors.values()),
+        "all_fail_problems": sum(not any(c) for _, c in generated.values()),
     }
     if seconds is not None:
         summary["generation_seconds"] = round(seconds, 2)
@@ -188,9 +204,10 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
                             max_new_tokens=rc.max_new_tokens, seed=rc.seed + i)
     t0, backoffs = time.time(), getattr(backend, "oom_backoffs", 0)
     samples = backend.generate(prompts, params)
-    meta = {"generation_seconds": time.time() - t0, "oom_backoffs": getattr(backend, "oom_backoffs", 0) - backoffs}
-    shard_plan.write(i, to_table(sample_rows(shard, samples, prompts, backend.policy_id, rc.temperature), "rollouts", str(shard_plan.path(i))), meta)
-    return meta
+    meta = {"generation_seconds": time.time() - t0, "oom_backoffs": getattr(backend, "oom_backoffs", 0) - backoffs,
+            **generation_meta(samples), "server": server_summary(config)}
+    table = to_table(sample_rows(shard, samples, prompts, backend.policy_id, rc.temperature), "rollouts", str(shard_plan.path(i)))
+    return write_or_fail(shard_plan, i, table, meta, config.policy.max_error_fraction)
 
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
@@ -198,6 +215,7 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     parts = shard_plan.parts("rollouts")  # the shard files themselves, linked into the output
     counted = shard_plan.columns(parts, ["problem_id", "level", "correct", "finish_reason"])
     summary = summarize(counted, shard_plan.total("generation_seconds"))
+    summary.update(served_summary(shard_plan))
     if shard_plan.total("oom_backoffs"):  # batches retried smaller after running out of device memory
         summary["oom_backoffs"] = int(shard_plan.total("oom_backoffs"))
     out = job.write({"rollouts": parts}, summary, dataset_summaries={"rollouts": summary})
@@ -207,8 +225,28 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     return out
 
 
+def served_summary(shard_plan: ShardPlan) -> dict:
+    """What the server gave and guidedrl computed (``server``), and where the samples' token ids came from."""
+    server = next((m["server"] for m in shard_plan.metas() if m.get("server")), None)
+    return {**({"server": server} if server else {}), "tokens_from": tokens_from(shard_plan)}
+
+
+def served_note(s: dict) -> str:
+    """What a sampling stage's one-line description adds: failed generations, re-tokenized rows, the server."""
+    notes = []
+    if s.get("errors"):
+        notes.append(f"{s['errors']} failed generations (counted apart)")
+    mismatch = (s.get("tokens_from") or {}).get("mismatch")
+    if mismatch:
+        notes.append(f"{mismatch} re-tokenized completions did not decode back to their text (no token ids: not trained on)")
+    if s.get("server") and s["server"].get("computed"):
+        notes.append(served.describe(s["server"]))
+    return "".join(f"; {n}" for n in notes)
+
+
 def describe(s: dict) -> str:
-    return f"{s.get('samples')} samples of {s.get('problems')} problems; {s.get('all_fail_problems')} problems with every sample wrong"
+    return (f"{s.get('samples')} samples of {s.get('problems')} problems; {s.get('all_fail_problems')} problems with every sample "
+            f"wrong{served_note(s)}")
 
 
 def read_rollouts(out: StageOutput) -> pa.Table:

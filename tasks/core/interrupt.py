@@ -1,0 +1,108 @@
+"""Stopping means stopping: SIGTERM (what `timeout`, a Prefect worker's cancel and a cluster scheduler
+send) and SIGINT (Ctrl-C) end a `guidedrl run` / `online` within seconds.
+
+``install(on_stop)`` (the CLI, around a flow) turns either signal into: the stop flag set — every
+request loop run by ``run_cancellable`` (the policy and judge clients) cancels its in-flight
+requests, and the shard loops stop taking work —; ``KeyboardInterrupt`` raised in the main thread,
+so the flow unwinds; and a watchdog that ends the process after ``grace`` seconds whatever still
+runs (a worker thread blocked in a read, Prefect's event service draining to a server that is
+gone). ``on_stop`` runs once, first (it records the run as interrupted). Nothing half-written
+survives either way: every write goes to a temporary name and is renamed, and the store's locks
+are released by the kernel when the process ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any, Callable, Coroutine
+
+log = logging.getLogger("guidedrl.interrupt")
+
+STOP = threading.Event()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Work stopped because a stop was requested (a signal)."""
+
+
+def stopping() -> bool:
+    return STOP.is_set()
+
+
+def check() -> None:
+    """Raise ``Interrupted`` when a stop was requested (between units of work)."""
+    if STOP.is_set():
+        raise Interrupted("stop requested")
+
+
+def run_cancellable(coro: Coroutine) -> Any:
+    """``asyncio.run(coro)``, cancelled (in-flight requests dropped) as soon as a stop is requested:
+    raises ``Interrupted`` then."""
+    async def main():
+        task = asyncio.ensure_future(coro)
+        while not task.done():
+            if STOP.is_set():
+                task.cancel()
+                break
+            await asyncio.wait({task}, timeout=0.2)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            raise Interrupted("stop requested: requests in flight cancelled") from None
+
+    check()
+    return asyncio.run(main())
+
+
+def install(on_stop: Callable[[int], None] | None = None, grace: float = 10.0) -> None:
+    """SIGTERM and SIGINT stop the process (see the module doc); ``on_stop(signum)`` runs once, first.
+    A second signal ends the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    fired = threading.Event()
+
+    def handler(signum, frame):
+        if fired.is_set():
+            os._exit(128 + signum)
+        fired.set()
+        STOP.set()
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping (in-flight requests cancelled; finished shards kept; the next run resumes)", file=sys.stderr,
+              flush=True)
+
+        def last_resort():
+            if not STOP.wait(0) or not fired.is_set():
+                return
+            finish(on_stop, signum)
+
+        timer = threading.Timer(grace, last_resort)
+        timer.daemon = True
+        timer.start()
+        raise Interrupted(name)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+_FINISHED = threading.Lock()
+
+
+def finish(on_stop: Callable[[int], None] | None, signum: int) -> None:
+    """Record (``on_stop``), flush and end the process now: no wait on worker threads or on Prefect's
+    services. Runs once, from the main thread's unwinding or from the watchdog, whichever comes first."""
+    if not _FINISHED.acquire(blocking=False):
+        return
+    try:
+        if on_stop is not None:
+            on_stop(signum)
+    except Exception as exc:  # the exit must happen
+        print(f"while stopping: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
