@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +24,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 from prefect.futures import wait
 
 from flows.errors import quiet_user_errors, retry_unless_bad_input
+from tasks.core import interrupt
 from tasks.core.shards import ShardPlan
 from tasks.core.store import StageOutput, Store
 from tasks.registry import REGISTRY, Config, parse_config
@@ -137,7 +139,12 @@ def run_sharded_stage(stage: str, config: Config, raw_config: dict, base_dir: st
                                      parameters={"stage": stage, "raw_config": raw_config, "base_dir": base_dir,
                                                  "shard_plan": shard_plan.for_shard(i), "index": i})
                        for i in todo]
-            wait(futures)  # every shard ends (done or failed after its retries) before a failure ends the stage
+            try:
+                wait(futures)  # every shard ends (done or failed after its retries) before a failure ends the stage
+            except BaseException as exc:  # a signal (Prefect's TerminationSignal, KeyboardInterrupt): the shards stop now
+                if not isinstance(exc, Exception):
+                    interrupt.request_stop(getattr(exc, "signal", None) or signal.SIGTERM)
+                raise
             done = [f.result() for f in futures]  # raises the first failed shard's error
         workers.extend(sorted({d["worker"] for d in done}))
         log.info("%s: %d of %d shards as tasks on %s (%d worker process%s)", stage, len(todo), len(shard_plan.shards),

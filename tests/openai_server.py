@@ -41,6 +41,7 @@ class Behaviour:
         self.garbage = "GARBAGE"  # prompts containing this get a non-JSON 200
         self.no_token_ids = False  # answer like a server without return_tokens_as_token_ids
         self.hang_seconds = 30.0  # how long JUDGE-HANG requests hang
+        self.hang_marker: str | None = None  # requests whose text contains this hang for hang_seconds (a server that never answers)
         self.drop_first = 0  # drop the connection for the first N attempts of each request
         self.refuse_status = 0  # answer every request with this status (401: a bad key)
         self.retry_after = None  # seconds sent as Retry-After with each 429
@@ -174,7 +175,7 @@ def _handler(b: Behaviour):
                 attempt = b.attempts[prompt]
             if b.slow_seconds:
                 time.sleep(b.slow_seconds)
-            if "JUDGE-HANG" in prompt:
+            if "JUDGE-HANG" in prompt or (b.hang_marker and b.hang_marker in prompt):
                 time.sleep(b.hang_seconds)
             if "JUDGE-DROP" in prompt or attempt <= b.drop_first:
                 self.close_connection = True

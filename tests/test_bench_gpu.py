@@ -17,7 +17,7 @@ def test_gpu_bench_runs_its_code_paths_on_cpu(tmp_path):
     assert text.startswith("# GPU checks — cpu (")
     rollout = next(line for line in text.splitlines() if line.startswith("| tiny |") and "| 16 |" in line)
     ours, raw, ratio = (float(c.replace(",", "")) for c in rollout.split("|")[5:8])
-    assert ours > 0 and raw > 0 and abs(ratio - ours / raw) < 0.02
+    assert ours > 0 and raw > 0 and abs(ratio - ours / raw) < 0.02 + ours / raw / raw  # (tokens/s are printed rounded)
     update = [line for line in text.splitlines() if line.startswith("| tiny |") and "8 × 32" in line]
     assert update and "4 / 2" in update[0] and "| True |" in update[0]
 

@@ -11,6 +11,7 @@ import typer
 from flows.cli.app import PROJECT_ROOT, QUICKSTART_CONFIG, MethodOpt, WorkspaceOpt, app, console, fail, parse_stages
 from flows.cli.render import print_pass_table, print_results, print_rounds
 from flows.errors import user_errors
+from tasks.core.interrupt import is_stop
 
 
 def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]], command: str = "run",
@@ -33,19 +34,50 @@ def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
     from flows.pipeline import pipeline  # after the checks: importing Prefect's flow engine costs seconds
     record = RunRecord.create(ws, command, raw, str(base_dir.resolve()), to_run, rerun_of=rerun_of)
     console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
+    stop_on_signals(record, f"guidedrl {command} again resumes where it stopped")
     try:
         with record.running():
             results = pipeline(raw_config=raw, base_dir=str(base_dir.resolve()), workspace=str(ws), stages=to_run,
                                force=force, run_record=str(record.path))
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+        if is_stop(exc):
+            stopped(record)
         closed = RunRecord.open(record.path)
         stage = closed.data.get("failed_stage")
         hint = f" — after fixing the cause: guidedrl rerun {record.run_id} --stage {stage} --downstream --workspace {ws}" if stage else ""
         fail(f"run {record.run_id} failed: {closed.data['error']}{hint}")
     print_results(results)
     console.print(f"run {record.run_id} completed; report: {record.dir / 'report.html'}")
+
+
+def stop_on_signals(record, resume: str) -> None:
+    """SIGTERM / SIGINT end this run within seconds (tasks/core/interrupt.py): the record says `interrupted`."""
+    from tasks.core import interrupt
+
+    def on_stop(signum: int) -> None:
+        from tasks.report.runs import RunRecord
+
+        fresh = RunRecord.open(record.path)
+        if fresh.data.get("status") == "running":  # the watchdog came first: the flow never unwound
+            fresh.data["error"] = fresh.data.get("error") or f"interrupted ({signal_name(signum)})"
+            fresh.finish("interrupted")
+        console.print(f"run {record.run_id} interrupted ({signal_name(signum)}); {resume} (finished shards and stages are kept)")
+
+    interrupt.install(on_stop)
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+def stopped(record) -> None:
+    """The run unwound after a signal (the record is closed `interrupted`): end the process now, without waiting on
+    worker threads still in a request or on Prefect's services."""
+    from tasks.core import interrupt
+
+    interrupt.finish(interrupt._ON_STOP, interrupt.SIGNAL or 2)
 
 
 def _dry_run(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]], where: str = "<config>") -> None:
@@ -201,13 +233,14 @@ def online(
         console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
     except user_errors() as exc:
         fail(str(exc))
+    stop_on_signals(record, "`guidedrl online` again resumes where it stopped")
     try:
         with record.running():
             history = online_flow(raw_config=raw, base_dir=str(Path.cwd().resolve()), workspace=str(ws), rounds=rounds,
                                   run_record=str(record.path))
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+        if is_stop(exc):
+            stopped(record)
         fail(f"run {record.run_id} failed: {RunRecord.open(record.path).data['error']} — `guidedrl online` again resumes where it stopped")
     print_rounds(history)
     console.print(f"last checkpoint: {history[-1]['policy']}\nrun {record.run_id} completed; report: {record.dir / 'report.html'}")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Coroutine
 log = logging.getLogger("guidedrl.interrupt")
 
 STOP = threading.Event()
+SIGNAL: int | None = None  # the signal that asked for the stop
 
 
 class Interrupted(KeyboardInterrupt):
@@ -59,30 +60,49 @@ def run_cancellable(coro: Coroutine) -> Any:
     return asyncio.run(main())
 
 
+_ON_STOP: Callable[[int], None] | None = None
+_GRACE = 10.0
+_REQUESTED = threading.Lock()
+
+
+def is_stop(exc: BaseException) -> bool:
+    """Whether ``exc`` is a stop (a signal) rather than a failure: ``KeyboardInterrupt``, Prefect's
+    ``TerminationSignal`` (its flow engine turns SIGTERM into one), or anything raised once a stop was requested."""
+    return isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "TerminationSignal" or STOP.is_set()
+
+
+def request_stop(signum: int) -> None:
+    """Set the stop flag (request loops cancel, shard loops stop) and arm the watchdog that ends the process after
+    the grace period whatever still runs. Idempotent."""
+    global SIGNAL
+    if not _REQUESTED.acquire(blocking=False):
+        return
+    SIGNAL = signum
+    STOP.set()
+    timer = threading.Timer(_GRACE, finish, args=(_ON_STOP, signum))
+    timer.daemon = True
+    timer.start()
+
+
 def install(on_stop: Callable[[int], None] | None = None, grace: float = 10.0) -> None:
     """SIGTERM and SIGINT stop the process (see the module doc); ``on_stop(signum)`` runs once, first.
-    A second signal ends the process at once."""
+    A second signal ends the process at once. (Inside a flow run Prefect's engine puts its own SIGTERM
+    handler in front of this one; the flow's shard fan-out requests the stop when that handler's
+    ``TerminationSignal`` reaches it, and the engine hands the signal on to this handler as it unwinds.)"""
+    global _ON_STOP, _GRACE
     if threading.current_thread() is not threading.main_thread():
         return
+    _ON_STOP, _GRACE = on_stop, grace
     fired = threading.Event()
 
     def handler(signum, frame):
         if fired.is_set():
             os._exit(128 + signum)
         fired.set()
-        STOP.set()
+        request_stop(signum)
         name = signal.Signals(signum).name
         print(f"\n{name}: stopping (in-flight requests cancelled; finished shards kept; the next run resumes)", file=sys.stderr,
               flush=True)
-
-        def last_resort():
-            if not STOP.wait(0) or not fired.is_set():
-                return
-            finish(on_stop, signum)
-
-        timer = threading.Timer(grace, last_resort)
-        timer.daemon = True
-        timer.start()
         raise Interrupted(name)
 
     signal.signal(signal.SIGTERM, handler)

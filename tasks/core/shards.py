@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.core import interrupt
 from tasks.core.faults import fault
 from tasks.core.schemas import to_table, validate_table
 from tasks.core.store import StageOutput, write_parquet
@@ -188,6 +189,7 @@ def run_stage(job: "Job", run_shards: Callable[[ShardPlan], None] | None = None)
     def in_turn(shard_plan: ShardPlan) -> None:
         items = sum(map(len, shard_plan.shards))
         for i in progress.track(range(len(shard_plan.shards)), f"{name}: {items} items in {len(shard_plan.shards)} shards"):
+            interrupt.check()  # a stop requested (SIGTERM / SIGINT): no new shard starts
             if not shard_plan.finished(i):
                 module.run_shard(job.config, shard_plan, i)
 

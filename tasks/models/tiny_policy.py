@@ -235,6 +235,9 @@ def train_tiny_policy(cfg: TinyPolicyConfig, out_dir: Path, device: str = "cpu")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")  # a killed run leaves no half checkpoint
+    # a server that samples with the model's own generation config (`transformers serve`) samples as the in-process
+    # backend does: from the whole distribution (no top-k), at the request's temperature
+    model.generation_config.do_sample, model.generation_config.top_k = True, 0
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     info = {"config": asdict(cfg), "parameters": n_params, "final_loss": sum(losses[-50:]) / min(50, len(losses)),

@@ -24,6 +24,7 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Iterator
 
+from tasks.core import interrupt
 from tasks.core.faults import fault
 from tasks.core.store import _now
 
@@ -144,10 +145,15 @@ class RunRecord:
         self.save()
 
     def stage_failed(self, stage: str, exc: BaseException) -> None:
+        """A stage that failed — or was interrupted (a signal: ``KeyboardInterrupt``), which is no failure of its own."""
         s = self.data["stages"].setdefault(stage, {})
-        s.update({"status": "failed", "finished": _now(), "seconds": round(time.time() - s.pop("t0", time.time()), 2),
-                  "error": one_line(exc)})
-        self.data.update({"status": "failed", "failed_stage": stage, "error": f"stage {stage} failed: {one_line(exc)}"})
+        stopped = interrupt.is_stop(exc)
+        s.update({"status": "interrupted" if stopped else "failed", "finished": _now(),
+                  "seconds": round(time.time() - s.pop("t0", time.time()), 2), "error": one_line(exc)})
+        if stopped:
+            self.data.update({"status": "interrupted", "error": f"interrupted during stage {stage} ({one_line(exc)})"})
+        else:
+            self.data.update({"status": "failed", "failed_stage": stage, "error": f"stage {stage} failed: {one_line(exc)}"})
         self.save()
 
     def finish(self, status: str = "completed", error: str | None = None) -> None:
@@ -162,7 +168,8 @@ class RunRecord:
         from tasks.report.html import write_report
 
         fresh = RunRecord.open(self.path)
-        fresh.finish("completed" if exc is None else "failed", error=None if exc is None else one_line(exc))
+        status = "completed" if exc is None else "interrupted" if interrupt.is_stop(exc) else "failed"
+        fresh.finish(status, error=None if exc is None else one_line(exc))
         write_report(fresh)
         return fresh
 

@@ -92,6 +92,7 @@ def recompute_old(old_model, tokenizer, rows: list[dict], cfg, device: str, dtyp
                 torch.cuda.empty_cache()
             chunks[:0] = [chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]]
             continue
+        sampler = batch.behaviour.float()  # the sampler's own numbers (0 where it gave none)
         known = torch.zeros_like(old)
         for i, r in enumerate(chunk):
             n = len(r["completion_token_ids"])
@@ -99,7 +100,6 @@ def recompute_old(old_model, tokenizer, rows: list[dict], cfg, device: str, dtyp
             b = r.get("behaviour_logprobs")
             if b is not None and len(b) == n:
                 known[i, :n] = 1.0
-        sampler = make_batch(chunk, tokenizer, "cpu", needs_behaviour=False).behaviour.to(old.device)  # the sampler's own numbers
         if stats is not None:
             for k, v in mismatch(old, sampler, known, cap, correction).items():
                 stats[k] = max(stats.get(k, 0.0), v) if k == "abs_max" else stats.get(k, 0) + v

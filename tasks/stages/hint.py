@@ -37,7 +37,7 @@ from tasks.models.answers import steps_correct
 from tasks.models.policy import check_policy
 from tasks.models.prompts import hint_text
 from tasks.stages import _guidance as guidance
-from tasks.stages.rollouts import add_loss_logprobs, scoring_summary, served_note, served_summary, unscored_note
+from tasks.stages.rollouts import add_behaviour_logprobs, add_loss_logprobs, scoring_summary, served_note, served_summary, unscored_note
 
 
 class HintConfig(StrictModel):
@@ -121,6 +121,7 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
             continue
         kept.append(r)
     why = add_loss_logprobs(backend, kept, params.temperature)  # the same tokens under the hint-free prompt
+    why = add_behaviour_logprobs(backend, kept, params.temperature) or why  # a text-only server's: the checkpoint's forward pass
     meta = {"sampled": len(rows), "leaks_rejected": leaks, "unscored": len(kept) if why else 0, "scoring_unavailable": why,
             **generated}
     return write_or_fail(shard_plan, i, to_table(kept, "rollouts", str(shard_plan.path(i))), meta, config.policy.max_error_fraction)

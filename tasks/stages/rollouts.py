@@ -122,6 +122,24 @@ def add_loss_logprobs(backend: GenerationBackend, rows: list[dict], temperature:
     return None
 
 
+def add_behaviour_logprobs(backend: GenerationBackend, rows: list[dict], temperature: float) -> str | None:
+    """Fill ``behaviour_logprobs`` of rows whose sampler gave none (a text-only server): their tokens under the
+    prompt they were sampled with, from a forward pass of the sampling checkpoint (``score``) — what LTE's shaped
+    ratio divides by. Returns why when that cannot be done (the rows stay without, and the update masks them)."""
+    todo = [r for r in rows if r["behaviour_logprobs"] is None and r["completion_token_ids"]]
+    if not todo:
+        return None
+    try:
+        scored = backend.score([r["prompt"] for r in todo], [r["completion_token_ids"] for r in todo], temperature)
+    except ScoringUnavailable as exc:
+        log.warning("%s: %d rows left without behaviour log-probs (the update masks guided rows without them): %s", backend.name,
+                    len(todo), exc)
+        return str(exc)
+    for r, lp in zip(todo, scored):
+        r["behaviour_logprobs"] = lp
+    return None
+
+
 def scoring_summary(shard_plan) -> dict:
     """The shards' scoring, for a guidance stage's summary: rows left unscored and why (null: all scored)."""
     reasons = sorted({m["scoring_unavailable"] for m in shard_plan.metas() if m.get("scoring_unavailable")})
