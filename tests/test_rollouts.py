@@ -149,31 +149,75 @@ def test_filter_keeps_the_band_and_records_every_rate():
     assert kept.column("problem_id").to_pylist() == ["b", "c"]
 
 
-def test_rollout_stage_through_an_openai_compatible_server(tmp_path, random_checkpoint):
-    """The stage over real HTTP: failed prompts become error rows, never lost; no ids -> marked rows."""
+def _served_config(server, checkpoint, **policy):
+    return parse_config({
+        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 30, "seed": 2, "level": "easy",
+                                                    "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}}],
+                     "eval_fraction": 0.0},
+        "policy": {"backend": "openai", "model": "served-tiny", "base_url": server.base_url, "tokenizer": str(checkpoint),
+                   "max_retries": 1, "timeout_seconds": 5, "concurrency": 4, **policy},
+        "prompts": {"plain": "tiny_plain"},
+        "rollouts": {"samples_per_problem": 2, "max_new_tokens": 3, "shard_size": 8},
+    })
+
+
+def test_a_failed_generation_is_never_data_and_the_rerun_regenerates_only_what_failed(tmp_path, random_checkpoint):
+    """Prompts that fail after the client's retries fail the stage (policy.max_error_fraction 0): one error naming the
+    server, the count and the first error; nothing published; the shards without errors are kept, and the re-run with
+    the server fixed asks only for the failed shards' prompts and ends with the rows of an uninterrupted run."""
+    from tasks.core.shards import GenerationFailed
     from tests.openai_server import OpenAIServer
 
     with OpenAIServer() as server:
         server.behaviour.always_fail = "+ 3 ="  # every problem whose question ends in "+ 3 =" fails for good
-        config = parse_config({
-            "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 30, "seed": 2, "level": "easy",
-                                                        "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}}],
-                         "eval_fraction": 0.0},
-            "policy": {"backend": "openai", "model": "served-tiny", "base_url": server.base_url, "tokenizer": str(random_checkpoint),
-                       "max_retries": 1, "timeout_seconds": 5, "concurrency": 4},
-            "prompts": {"plain": "tiny_plain"},
-            "rollouts": {"samples_per_problem": 2, "max_new_tokens": 3, "shard_size": 8},
-        })
+        config = _served_config(server, random_checkpoint)
+        store = Store(tmp_path / "ws")
+        cur, _ = curate.STAGE.run(config, store)
+        problems = cur.read("problems").to_pylist()
+        failing = {p["problem_id"] for p in problems if p["question"].endswith("+ 3 =")}
+        assert failing and len(failing) < len(problems)  # the test covers both kinds of problem
+        with pytest.raises(GenerationFailed) as err:
+            rollouts_mod.STAGE.run(config, store, {"curate": cur})
+        msg = str(err.value)
+        assert server.base_url in msg and f"failed for {len(failing)} of {len(problems)} prompts" in msg and "InternalServerError" in msg
+        assert store.outputs("rollouts") == []  # nothing published
+        [work] = (store.root / "rollouts").glob(".work-*")
+        kept = sorted(p.name for p in work.glob("shard-*.parquet"))
+        failed = sorted(p.name for p in work.glob("shard-*.failed.json"))
+        assert kept and failed and len(kept) + len(failed) == -(-len(problems) // 8)
+
+        server.behaviour.always_fail = "NEVER"  # the server is fixed
+        asked_before = len(server.behaviour.requests)
+        out, _ = rollouts_mod.STAGE.run(config, store, {"curate": cur})
+        again = [r for r in server.behaviour.requests[asked_before:] if isinstance(r.get("prompt"), str) and "<|user|>" in r["prompt"]]
+        assert len(again) == 8 * len(failed)  # only the failed shards' problems (8 a shard) were sampled again
+        fresh, _, whole, _ = _run_all(config, tmp_path / "fresh")
+    key = lambda r: r["sample_id"]  # noqa: E731
+    assert sorted(out.read("rollouts").to_pylist(), key=key) == sorted(whole.read("rollouts").to_pylist(), key=key)
+    assert out.summary["errors"] == 0 and out.summary["finish_reasons"] == {"stop": 2 * len(problems)}
+
+
+def test_tolerated_failures_are_counted_apart_and_left_out_of_pass_rates(tmp_path, random_checkpoint):
+    """Within policy.max_error_fraction the failed rows are kept as errors: counted apart (summary and pass table), left
+    out of pass@k and of the filter's rates."""
+    from tests.openai_server import OpenAIServer
+
+    with OpenAIServer() as server:
+        server.behaviour.always_fail = "+ 3 ="
+        config = _served_config(server, random_checkpoint, max_error_fraction=0.5)
         store, cur, out, _ = _run_all(config, tmp_path / "ws")
+        rates = filter_stage.STAGE.run(config, store, {"curate": cur, "rollouts": out})[0].read("pass_rates").to_pylist()
     rows = out.read("rollouts").to_pylist()
     problems = cur.read("problems").to_pylist()
-    assert len(rows) == 2 * len(problems)
     failing = {p["problem_id"] for p in problems if p["question"].endswith("+ 3 =")}
-    assert failing  # the test covers both kinds of problem
+    assert len(rows) == 2 * len(problems)
     for r in rows:
         assert r["prompt"].startswith("<|user|>") and r["policy_id"] == "openai:served-tiny"
         if r["problem_id"] in failing:
             assert r["finish_reason"] == "error" and r["error"] and r["behaviour_logprobs"] is None and not r["correct"]
         else:
             assert r["finish_reason"] == "stop" and r["error"] is None and len(r["completion_token_ids"]) == 3
-    assert out.summary["finish_reasons"]["error"] == 2 * len(failing)
+    s = out.summary
+    assert s["errors"] == 2 * len(failing) and s["pass"]["easy"]["errors"] == 2 * len(failing)
+    assert s["pass"]["easy"]["problems"] == len(problems) - len(failing)  # failed ones are no wrong answers
+    assert all(r["n"] == 0 and r["pass_rate"] is None for r in rates if r["problem_id"] in failing)
