@@ -164,7 +164,8 @@ def _handler(b: Behaviour):
             if b.request_log:
                 with b.lock, open(b.request_log, "a") as f:
                     f.write(json.dumps({"path": self.path, "model": req.get("model"),
-                                        "root": b.models.get(req.get("model"), {}).get("root")}) + "\n")
+                                        "root": b.models.get(req.get("model"), {}).get("root"),
+                                        **({"probe": True} if raw_prompt in ("1 + 1 =", [1, 2, 3]) else {})}) + "\n")
             if b.models and req.get("model") not in b.models:
                 return self._send(404, json.dumps({"error": {"message": f"The model `{req.get('model')}` does not exist.",
                                                              "type": "NotFoundError", "code": 404}}).encode())

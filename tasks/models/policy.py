@@ -114,7 +114,7 @@ def check_policy(config: Config) -> None:
             raise ConfigError("policy.base_url: backend openai needs the server's URL (or OPENAI_BASE_URL in the environment)")
         if p.checkpoint and not (config.resolve(p.checkpoint) / "config.json").is_file():
             raise ConfigError(f"{config.resolve(p.checkpoint)}: policy.checkpoint is not a transformers model directory (no config.json)")
-        if p.serve.follow != "restart":  # (a server guidedrl restarts on each checkpoint is started by the online run)
+        if p.serve.follow == "none":  # (a server that follows the rounds is started or loaded by the online run)
             from tasks.models.served import capabilities
 
             capabilities(p)  # nothing listening, a refused key, a model it does not serve, a field it refuses: an error now
