@@ -77,7 +77,7 @@ def stopped(record) -> None:
     worker threads still in a request or on Prefect's services."""
     from tasks.core import interrupt
 
-    interrupt.finish(interrupt._ON_STOP, interrupt.SIGNAL or 2)
+    interrupt.finish()
 
 
 def _dry_run(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]], where: str = "<config>") -> None:

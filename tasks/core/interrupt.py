@@ -14,14 +14,11 @@ are released by the kernel when the process ends.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
 import threading
 from typing import Any, Callable, Coroutine
-
-log = logging.getLogger("guidedrl.interrupt")
 
 STOP = threading.Event()
 SIGNAL: int | None = None  # the signal that asked for the stop
@@ -29,10 +26,6 @@ SIGNAL: int | None = None  # the signal that asked for the stop
 
 class Interrupted(KeyboardInterrupt):
     """Work stopped because a stop was requested (a signal)."""
-
-
-def stopping() -> bool:
-    return STOP.is_set()
 
 
 def check() -> None:
@@ -79,7 +72,7 @@ def request_stop(signum: int) -> None:
         return
     SIGNAL = signum
     STOP.set()
-    timer = threading.Timer(_GRACE, finish, args=(_ON_STOP, signum))
+    timer = threading.Timer(_GRACE, finish, args=(signum,))
     timer.daemon = True
     timer.start()
 
@@ -112,14 +105,16 @@ def install(on_stop: Callable[[int], None] | None = None, grace: float = 10.0) -
 _FINISHED = threading.Lock()
 
 
-def finish(on_stop: Callable[[int], None] | None, signum: int) -> None:
-    """Record (``on_stop``), flush and end the process now: no wait on worker threads or on Prefect's
-    services. Runs once, from the main thread's unwinding or from the watchdog, whichever comes first."""
+def finish(signum: int | None = None) -> None:
+    """Record (the ``on_stop`` that ``install`` was given), flush and end the process now: no wait on worker
+    threads or on Prefect's services. Runs once, from the main thread's unwinding or from the watchdog,
+    whichever comes first; ``signum`` defaults to the signal that asked for the stop."""
     if not _FINISHED.acquire(blocking=False):
         return
+    signum = signum or SIGNAL or signal.SIGINT
     try:
-        if on_stop is not None:
-            on_stop(signum)
+        if _ON_STOP is not None:
+            _ON_STOP(signum)
     except Exception as exc:  # the exit must happen
         print(f"while stopping: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     finally:

@@ -207,6 +207,13 @@ def run_stage(job: "Job", run_shards: Callable[[ShardPlan], None] | None = None)
 class GenerationFailed(RuntimeError):
     """A sampling stage whose failed generations exceed `policy.max_error_fraction`: nothing is published."""
 
+    @classmethod
+    def of(cls, stage: str, errored: int, prompts: int, where: str, fraction: float, first: str | None, after: str = ""
+           ) -> "GenerationFailed":
+        """The one line: the stage, the count, the server, the setting, the first error, what was kept."""
+        return cls(f"{stage}: generation failed for {errored} of {prompts} prompts at {where} (policy.max_error_fraction "
+                   f"{fraction}); first error: {first} — nothing published{after}")
+
 
 def generation_meta(samples: list[list]) -> dict:
     """A shard's counts of its prompts and of those whose generation failed (any sample with finish_reason
@@ -264,8 +271,9 @@ def check_generation(job: "Job", shard_plan: ShardPlan) -> None:
         if m.get("errored_prompts"):
             shard_plan.path(i).unlink(missing_ok=True)
     first = next(m["first_error"] for m in metas if m.get("first_error"))
-    where = policy.base_url or "the policy server" if policy.backend == "openai" else f"the {policy.backend} backend"
+    where = ((policy.base_url or os.environ.get("OPENAI_BASE_URL") or "the policy server") if policy.backend == "openai"
+             else f"the {policy.backend} backend")
     kept = len(shard_plan.shards) - len(shard_plan.todo())
-    raise GenerationFailed(f"{job.name}: generation failed for {errored} of {prompts} prompts at {where} (policy.max_error_fraction "
-                           f"{policy.max_error_fraction}); first error: {first} — nothing published; {kept} finished shards "
-                           f"without errors kept: re-run once the server answers and only the failed ones are regenerated")
+    raise GenerationFailed.of(job.name, errored, prompts, where, policy.max_error_fraction, first,
+                              f"; {kept} finished shards without errors kept: re-run once the server answers and only the "
+                              "failed ones are regenerated")

@@ -23,11 +23,10 @@ tokenizer, log-probabilities from a forward pass of the local checkpoint (``comp
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -41,7 +40,6 @@ FIELDS = {
 }
 #: the fields without which a kind named in the config is not that kind (an error, not a fallback)
 ESSENTIAL = {"vllm": ("return_tokens_as_token_ids", "logprobs"), "sglang": ("logprobs",), "generic": ()}
-KINDS = ("vllm", "sglang", "generic")
 #: what the probe sends: a short text prompt, and a prompt of token ids to score (vLLM's prompt_logprobs)
 PROBE_PROMPT, PROBE_IDS = "1 + 1 =", [1, 2, 3]
 
@@ -85,12 +83,9 @@ class Capabilities:
         return {"url": self.url, "kind": self.kind, "gave": self.gave(), "computed": self.computed(),
                 **({"refused_fields": list(self.refused)} if self.refused else {})}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Capabilities":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
-
-def _headers(api_key_env: str) -> dict:
+def headers(api_key_env: str) -> dict:
+    """The request headers for the API key in the environment variable ``api_key_env`` (local servers take any)."""
     return {"Authorization": f"Bearer {os.environ.get(api_key_env) or 'EMPTY'}"}
 
 
@@ -112,7 +107,7 @@ def _unreachable(url: str, exc: Exception) -> ServerError:
 def list_models(url: str, api_key_env: str, timeout: float) -> tuple[list[dict] | None, httpx.Response | None]:
     """(/v1/models entries or None when the server gives no usable list, the response)."""
     try:
-        resp = httpx.get(f"{url}/models", headers=_headers(api_key_env), timeout=timeout)
+        resp = httpx.get(f"{url}/models", headers=headers(api_key_env), timeout=timeout)
     except httpx.HTTPError as exc:
         raise _unreachable(url, exc) from None
     if resp.status_code in (401, 403):
@@ -148,7 +143,7 @@ def _post(url: str, body: dict, api_key_env: str, timeout: float, retries: int) 
 
     for attempt in range(retries + 1):
         try:
-            resp = httpx.post(f"{url}/completions", json=body, headers=_headers(api_key_env), timeout=timeout)
+            resp = httpx.post(f"{url}/completions", json=body, headers=headers(api_key_env), timeout=timeout)
         except httpx.ConnectError as exc:
             raise _unreachable(url, exc) from None
         except httpx.HTTPError as exc:
@@ -170,9 +165,9 @@ def probe(url: str, model: str, api_key_env: str = "OPENAI_API_KEY", server: str
     kind = guess_kind(models) if server == "auto" else server
     fields, refused = list(FIELDS[kind]), []
     while True:
+        optional = {"n": 2, "seed": 0, "logprobs": 1, "return_tokens_as_token_ids": True}
         body = {"model": model, "prompt": PROBE_PROMPT, "max_tokens": 2, "temperature": 1.0,
-                **{"n": 2, "seed": 0, "logprobs": 1, "return_tokens_as_token_ids": True}}
-        body = {k: v for k, v in body.items() if k in ("model", "prompt", "max_tokens", "temperature") or k in fields}
+                **{k: v for k, v in optional.items() if k in fields}}
         resp = _post(url, body, api_key_env, timeout, retries)
         if resp.status_code == 200:
             break
@@ -214,7 +209,7 @@ def _gives_prompt_logprobs(url: str, model: str, api_key_env: str, timeout: floa
     """Whether the server scores a prompt of token ids with vLLM's `prompt_logprobs` (one entry per position)."""
     body = {"model": model, "prompt": PROBE_IDS, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
     try:
-        resp = httpx.post(f"{url}/completions", json=body, headers=_headers(api_key_env), timeout=timeout)
+        resp = httpx.post(f"{url}/completions", json=body, headers=headers(api_key_env), timeout=timeout)
         entries = (resp.json().get("choices") or [{}])[0].get("prompt_logprobs") if resp.status_code == 200 else None
     except (httpx.HTTPError, ValueError, AttributeError, IndexError):
         return False
@@ -248,7 +243,3 @@ def describe(summary: dict | None) -> str:
         return ""
     computed = "; ".join(summary.get("computed") or []) or "nothing"
     return f"server {summary.get('kind')} gave {', '.join(summary.get('gave') or [])}; guidedrl computed {computed}"
-
-
-def as_json(caps: Capabilities) -> str:
-    return json.dumps(asdict(caps), sort_keys=True)

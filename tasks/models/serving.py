@@ -35,6 +35,7 @@ import httpx
 from tasks.core.config import ConfigError
 from tasks.core.store import pid_alive
 from tasks.models.generation import checkpoint_fingerprint
+from tasks.models.served import headers
 
 log = logging.getLogger("guidedrl.serving")
 
@@ -47,7 +48,7 @@ class ServingError(RuntimeError):
 
 
 def _headers(policy) -> dict:
-    return {"Authorization": f"Bearer {os.environ.get(policy.api_key_env) or 'EMPTY'}"}
+    return headers(policy.api_key_env)
 
 
 def _base_url(policy) -> str:

@@ -38,6 +38,12 @@ def n_tokens(values) -> int:
     return 0 if values is None else len(values)
 
 
+def needs_sampler_logprobs(cfg) -> bool:
+    """Whether the update's sample rows need the sampler's behaviour log-probs (`old_logprobs: sampler`): with
+    `recompute` the trainer computes π_old itself."""
+    return cfg.old_logprobs == "sampler"
+
+
 def row_kind(row: dict, needs_behaviour: bool = True) -> int:
     """The row's kind in the update. A sample row needs behaviour log-probs when π_old is the sampler's
     (``needs_behaviour``: `old_logprobs: sampler`) and always when it is guided (LTE's behaviour is under the

@@ -31,6 +31,7 @@ def worker(spec_path: str) -> None:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     from tasks.stages._launch import METRICS
+    from tasks.stages._grpo_data import needs_sampler_logprobs
     from tasks.stages._grpo_loop import mismatch_summary, old_policy
     from tasks.stages.grpo import GRPORows, GRPOTrainConfig, Totals, expo_beta_at, load_for_update, make_optimizer, micro_batches, minibatches, save_checkpoint, step_backward
 
@@ -49,7 +50,7 @@ def worker(spec_path: str) -> None:
             model.enable_input_require_grads()
     model, opt = acc.prepare(model, opt)
     model.train()
-    needs_behaviour = cfg.old_logprobs == "sampler"
+    needs_behaviour = needs_sampler_logprobs(cfg)
     rows = GRPORows([Path(f) for f in spec["files"]], cfg.shuffle_buffer, spec.get("count"), needs_behaviour)
     total, batches = minibatches(rows, cfg.batch_size, cfg.epochs, cfg.seed, needs_behaviour)
     rank, world = acc.process_index, acc.num_processes

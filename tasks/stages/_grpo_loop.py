@@ -15,7 +15,7 @@ import torch
 from tasks.core.faults import fault
 from tasks.report import progress
 from tasks.stages._grpo_data import (KIND_EXPLAIN, KIND_GUIDED, KIND_MASKED, KIND_PLAIN, Batch, GRPORows, batch_tokens, make_batch,
-                                     micro_batches, minibatches, row_kind)
+                                     micro_batches, minibatches, needs_sampler_logprobs, row_kind)
 from tasks.stages._grpo_losses import LOSS_AGG, Totals, clipped_surrogate, expo_beta_at, expo_term, kl_k3, mismatch, rollout_weights, shaped_surrogate
 
 log = logging.getLogger("guidedrl.grpo")
@@ -57,7 +57,7 @@ def update_loss(model, batch: Batch, cfg, ref_model=None, expo_beta: float | Non
     if entropy is not None:  # the bonus: higher entropy, lower loss
         per_token = per_token - cfg.entropy * entropy
     samples = mask * ((kind == KIND_PLAIN) | (kind == KIND_GUIDED)).float()
-    correction = getattr(cfg, "rollout_correction", "none")
+    correction = cfg.rollout_correction
     if correction != "none" and batch.sampler_known is not None:  # the training–inference mismatch (π_old recomputed)
         weight, keep = rollout_weights(batch.behaviour, batch.sampler, batch.sampler_known, correction, cfg.rollout_is_threshold)
         per_token, samples = per_token * weight, samples * keep
@@ -76,7 +76,7 @@ def recompute_old(old_model, tokenizer, rows: list[dict], cfg, device: str, dtyp
     known, the mismatch goes into ``stats`` (``mismatch``) and, for `token-mask`, the row's tokens left out
     (``masked_tokens``) so the step's normalisers leave them out too."""
     todo = [r for r in rows if "old_logprobs" not in r and row_kind(r, False) == KIND_PLAIN]
-    correction, cap = getattr(cfg, "rollout_correction", "none"), getattr(cfg, "rollout_is_threshold", 2.0)
+    correction, cap = cfg.rollout_correction, cfg.rollout_is_threshold
     chunks = micro_batches(todo, tokenizer, cfg)
     while chunks:
         chunk = chunks.pop(0)
@@ -148,7 +148,7 @@ def step_backward(model, tokenizer, rows: list[dict], cfg, ref_model, expo_beta:
     the sampler–trainer mismatch is added to ``stats``)."""
     import contextlib
 
-    needs_behaviour = getattr(cfg, "old_logprobs", "sampler") == "sampler"
+    needs_behaviour = needs_sampler_logprobs(cfg)
     if old_model is not None:
         recompute_old(old_model, tokenizer, rows, cfg, device, dtype, stats)
     totals = totals or Totals.of_rows(rows, needs_behaviour)
@@ -195,7 +195,7 @@ def old_policy(model, cfg):
     as the update starts (one more copy of the weights, no gradients or optimizer state); None for `sampler`."""
     import copy
 
-    if getattr(cfg, "old_logprobs", "sampler") != "recompute":
+    if cfg.old_logprobs != "recompute":
         return None
     old = copy.deepcopy(model).eval()
     for p in old.parameters():
@@ -207,7 +207,7 @@ def train_update(model, tokenizer, rows: list[dict] | GRPORows, cfg, ref_model=N
     """`cfg.epochs` passes over the rows in shuffled minibatches (``minibatches``); AdamW (or SGD).
     With ``dtype`` bfloat16 the forward passes run under bfloat16 autocast; weights and optimizer stay float32.
     With `old_logprobs: recompute` π_old is the starting policy's forward pass (``recompute_old``)."""
-    needs_behaviour = getattr(cfg, "old_logprobs", "sampler") == "sampler"
+    needs_behaviour = needs_sampler_logprobs(cfg)
     if isinstance(rows, list):  # recomputed π_old is kept on the rows for later epochs: never on the caller's dicts
         rows = [dict(r) for r in rows]
     total, batches = minibatches(rows, cfg.batch_size, cfg.epochs, cfg.seed, needs_behaviour)
@@ -235,7 +235,7 @@ def train_update(model, tokenizer, rows: list[dict] | GRPORows, cfg, ref_model=N
         model.activation_checkpointing_disable()
     model.eval()
     out = {"steps": steps, "rows": n, "first_loss": losses[0], "last_loss": losses[-1], "mean_loss": sum(losses) / len(losses),
-           "old_logprobs": getattr(cfg, "old_logprobs", "sampler")}
+           "old_logprobs": cfg.old_logprobs}
     if old_model is not None:
         out["mismatch"] = mismatch_summary(stats)
     return out

@@ -94,8 +94,7 @@ def evaluate_policy(backend, tokenizer, problems: list[dict], template, params: 
                 derived[p["problem_id"]] = (str(p["level"]), [derivation_right(judge, p, s.text, ok) for s, ok in zip(group, verdicts)])
     if failed > max_error_fraction * len(problems):
         where = getattr(backend, "base_url", None) or f"the {backend.name} backend"
-        raise GenerationFailed(f"eval: generation failed for {failed} of {len(problems)} prompts at {where} (policy.max_error_fraction "
-                               f"{max_error_fraction}); first error: {first} — nothing published")
+        raise GenerationFailed.of("eval", failed, len(problems), where, max_error_fraction, first)
     return out, derived
 
 

@@ -44,7 +44,7 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, data_files
 from tasks.models.policy import check_policy, local_policy_dir, policy_id_for, precision, precision_settings
 from tasks.stages._grpo_data import (KIND_EXPLAIN, KIND_GUIDED, KIND_MASKED, KIND_PLAIN, KINDS, READ_ROWS, Batch, GRPORows,  # noqa: F401
-                                     batch_tokens, make_batch, micro_batches, minibatches, n_tokens, row_kind)
+                                     batch_tokens, make_batch, micro_batches, minibatches, n_tokens, needs_sampler_logprobs, row_kind)
 from tasks.stages._grpo_losses import (LOSS_AGG, Totals, clipped_surrogate, expo_beta_at, expo_term, kl_k3, nll,  # noqa: F401
                                        register_loss_agg, rollout_weights, seq_mean_token_mean, seq_mean_token_sum_norm,
                                        shaped_surrogate, token_mean)
@@ -192,7 +192,7 @@ def compute(job: Job) -> StageOutput:
     files = data_files(data.dataset_path("grpo"))
     # the rows by kind as materialize counted them when it wrote them (the output's fingerprint binds its
     # summary to these files); an output without them (written before) is counted here
-    needs_behaviour = gc.old_logprobs == "sampler"
+    needs_behaviour = needs_sampler_logprobs(gc)
     by_kind = (data.summary.get("grpo", {}).get("rows_by_kind") if needs_behaviour else None) or kind_counts(data.scan("grpo"), needs_behaviour)
     with job.scratch() as work:
         if gc.distributed:

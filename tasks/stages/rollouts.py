@@ -106,38 +106,33 @@ def sample_rows(problems: list[dict], samples, prompts: list[str], policy_id: st
     return rows
 
 
-def add_loss_logprobs(backend: GenerationBackend, rows: list[dict], temperature: float) -> str | None:
-    """Fill ``loss_logprobs`` of guided rows: their tokens under the guidance-free
-    ``loss_prompt``, from a forward pass. A backend that cannot score leaves them null
-    (the policy update recomputes them); returns why, and logs it, instead of skipping silently."""
+def fill_logprobs(backend: GenerationBackend, rows: list[dict], temperature: float, prompt: str, into: str, otherwise: str
+                  ) -> str | None:
+    """Set ``into`` of each row to its completion tokens' log-probabilities under its ``prompt`` column (``score``:
+    the server's prompt log-probs, else a forward pass of the local checkpoint). A backend that cannot score
+    leaves them null; returns why, and logs it with ``otherwise`` (what happens then), instead of skipping silently."""
     if not rows:
         return None
     try:
-        scored = backend.score([r["loss_prompt"] for r in rows], [r["completion_token_ids"] for r in rows], temperature)
+        scored = backend.score([r[prompt] for r in rows], [r["completion_token_ids"] for r in rows], temperature)
     except ScoringUnavailable as exc:
-        log.warning("%s: %d rows left without loss_logprobs (the update computes them): %s", backend.name, len(rows), exc)
+        log.warning("%s: %d rows left without %s (%s): %s", backend.name, len(rows), into, otherwise, exc)
         return str(exc)
     for r, lp in zip(rows, scored):
-        r["loss_logprobs"] = lp
+        r[into] = lp
     return None
+
+
+def add_loss_logprobs(backend: GenerationBackend, rows: list[dict], temperature: float) -> str | None:
+    """Fill ``loss_logprobs`` of guided rows: their tokens under the guidance-free ``loss_prompt``."""
+    return fill_logprobs(backend, rows, temperature, "loss_prompt", "loss_logprobs", "the update computes them")
 
 
 def add_behaviour_logprobs(backend: GenerationBackend, rows: list[dict], temperature: float) -> str | None:
     """Fill ``behaviour_logprobs`` of rows whose sampler gave none (a text-only server): their tokens under the
-    prompt they were sampled with, from a forward pass of the sampling checkpoint (``score``) — what LTE's shaped
-    ratio divides by. Returns why when that cannot be done (the rows stay without, and the update masks them)."""
+    prompt they were sampled with, from the sampling checkpoint — what LTE's shaped ratio divides by."""
     todo = [r for r in rows if r["behaviour_logprobs"] is None and r["completion_token_ids"]]
-    if not todo:
-        return None
-    try:
-        scored = backend.score([r["prompt"] for r in todo], [r["completion_token_ids"] for r in todo], temperature)
-    except ScoringUnavailable as exc:
-        log.warning("%s: %d rows left without behaviour log-probs (the update masks guided rows without them): %s", backend.name,
-                    len(todo), exc)
-        return str(exc)
-    for r, lp in zip(todo, scored):
-        r["behaviour_logprobs"] = lp
-    return None
+    return fill_logprobs(backend, todo, temperature, "prompt", "behaviour_logprobs", "the update masks guided rows without them")
 
 
 def scoring_summary(shard_plan) -> dict:
