@@ -109,7 +109,8 @@ def bench_rollouts(size: str, device: str, dtype_name: str, prompts: int, n: int
 
     import torch
 
-    from tasks.models.generation import SamplingParams, TransformersBackend
+    from tasks.models.generation import SamplingParams
+    from tasks.models.transformers_backend import TransformersBackend
 
     dtype = getattr(torch, dtype_name)
     model, params = build(size, device, dtype)

@@ -3,7 +3,9 @@
     python bench/rollouts.py [--model data/models/tiny-policy] [--problems 96] [--samples 8]
 
 Both sides run in this process on the same batches (same prompts, same order,
-same batch size, same seeds), with log-probabilities on (`output_scores`).
+same batch size), with log-probabilities on (`output_scores`); the rollout side
+draws each row from its own seeded stream (tasks/models/sampling.py), the raw
+loop from torch's global generator.
 Prints tokens/s of each and their ratio (goal: >= 0.9), and the time of
 answer checking and of writing the Parquet shard as a share of the whole stage
 (goal: < 10%).
@@ -37,7 +39,8 @@ def main() -> None:
     import torch
 
     from tasks.core.schemas import to_table
-    from tasks.models.generation import SamplingParams, TransformersBackend
+    from tasks.models.generation import SamplingParams
+    from tasks.models.transformers_backend import TransformersBackend
     from tasks.models.prompts import chat, fill, load_template
     from tasks.stages.rollouts import sample_rows
 
@@ -85,7 +88,7 @@ def main() -> None:
     raw_tps, our_tps = tokens_raw / min(raw_t), tokens_ours / min(our_t)
 
     t0 = time.perf_counter()
-    rows = sample_rows(problems, samples, prompts, backend.policy_id)
+    rows = sample_rows(problems, samples, prompts, backend.policy_id, params.temperature)
     check_s = time.perf_counter() - t0
     to_table(rows[:1], "rollouts")  # pyarrow imports helpers on first use: once per process, not per shard
     t0 = time.perf_counter()

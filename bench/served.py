@@ -33,7 +33,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from tasks.models.answers import check
-    from tasks.models.generation import OpenAIBackend, SamplingParams
+    from tasks.models.generation import SamplingParams
+    from tasks.models.openai_backend import OpenAIBackend
     from tasks.models.prompts import chat, fill, load_template
     from tasks.models.served import probe
 

@@ -36,7 +36,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.models.generation import SamplingParams, TransformersBackend
+    from tasks.models.generation import SamplingParams
+    from tasks.models.transformers_backend import TransformersBackend
     from tasks.models.prompts import chat, fill, load_template
     from tasks.stages.grpo import GRPOTrainConfig, completion_logps, make_batch, train_update
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from tasks.models.generation import TransformersBackend
+from tasks.models.transformers_backend import TransformersBackend
 from tasks.models.tiny_policy import TinyPolicyConfig, evaluate_policy, train_tiny_policy
 
 

@@ -1,7 +1,7 @@
 """A real local HTTP server that speaks the OpenAI protocol, for tests and benchmarks.
 
 ``/v1/completions`` (the policy backend): deterministic completions from the
-prompt's length and the choice index, with vLLM-style ``token_id:N`` tokens and
+prompt's length and the sample (its ``seed`` plus the choice index), with vLLM-style ``token_id:N`` tokens and
 log-probabilities.
 
 ``/v1/chat/completions`` (the judge): it grades from the request itself — it
@@ -213,13 +213,14 @@ def _handler(b: Behaviour):
             n = int(req.get("n", 1))
             choices = []
             for i in range(n):
-                ids = [len(prompt) % 50 + i, 7, 8][: max(1, min(3, int(req.get("max_tokens", 3))))]
+                v = int(req.get("seed") or 0) + i  # the sample: its seed (vLLM: a seeded request is reproducible) and index
+                ids = [(len(prompt) + v) % 50, 7, 8][: max(1, min(3, int(req.get("max_tokens", 3))))]
                 as_ids = req.get("return_tokens_as_token_ids") and not b.no_token_ids  # vLLM's field: ids only when asked
                 toks = [f"token_id:{t}" for t in ids] if as_ids else [str(t) for t in ids]
-                answer = solved(prompt) if b.solve_even and i % 2 == 0 else None
+                answer = solved(prompt) if b.solve_even and v % 2 == 0 else None
                 choices.append({
                     "index": i,
-                    "text": f"{prompt[-5:]}#{i}" if answer is None else f"so it is \\boxed{{{answer}}}",
+                    "text": f"{prompt[-5:]}#{v}" if answer is None else f"so it is \\boxed{{{answer}}}",
                     "finish_reason": "stop",
                     "logprobs": {"tokens": toks, "token_logprobs": [-0.1 * (k + 1) for k in range(len(ids))],
                                  "top_logprobs": None, "text_offset": list(range(len(ids)))},

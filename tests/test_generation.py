@@ -5,7 +5,9 @@ import types
 import pytest
 import torch
 
-from tasks.models.generation import BackendUnavailable, SamplingParams, TransformersBackend, VLLMBackend
+from tasks.models.generation import BackendUnavailable, SamplingParams
+from tasks.models.transformers_backend import TransformersBackend
+from tasks.models.vllm_backend import VLLMBackend
 from tasks.models.prompts import chat
 from tasks.models.tiny_policy import TinyPolicyConfig, build_model, build_tokenizer
 
@@ -66,12 +68,13 @@ def test_vllm_backend_says_clearly_when_vllm_is_missing(monkeypatch):
 
 
 def test_vllm_adapter_against_a_stand_in_module(monkeypatch):
-    """The adapter speaks vLLM's documented LLM.generate / SamplingParams / RequestOutput shapes."""
-    seen = {}
+    """The adapter speaks vLLM's documented LLM.generate / SamplingParams / RequestOutput shapes: one request per
+    sample, each with its own seed."""
+    seen = {"sampling": []}
 
     class SamplingParamsStub:
         def __init__(self, **kw):
-            seen["sampling"] = kw
+            self.kw = kw
 
     class Logprob:
         def __init__(self, logprob):
@@ -81,22 +84,25 @@ def test_vllm_adapter_against_a_stand_in_module(monkeypatch):
         def __init__(self, model, **kw):
             seen["model"], seen["engine"] = model, kw
 
-        def generate(self, prompts, sp):
+        def generate(self, prompts, sps):
+            assert len(prompts) == len(sps)
             outs = []
-            for k, p in enumerate(prompts):
-                comps = [types.SimpleNamespace(index=i, text=f"{p}->{i}", token_ids=[5 + i, 6],
+            for k, (p, sp) in enumerate(zip(prompts, sps)):
+                seen["sampling"].append(sp.kw)
+                i = sp.kw["seed"] % 2
+                comps = [types.SimpleNamespace(index=0, text=f"{p}->{sp.kw['seed']}", token_ids=[5 + i, 6],
                                                logprobs=[{5 + i: Logprob(-0.5), 99: Logprob(-3.0)}, {6: Logprob(-0.25)}],
-                                               finish_reason="length" if i else "stop")
-                         for i in reversed(range(seen["sampling"]["n"]))]
+                                               finish_reason="length" if k % 2 else "stop")]
                 outs.append(types.SimpleNamespace(prompt=p, outputs=comps))
             return outs
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLMStub, SamplingParams=SamplingParamsStub))
     be = VLLMBackend("org/model", tensor_parallel_size=2)
-    out = be.generate(["a", "b"], SamplingParams(n=2, temperature=0.8, max_new_tokens=7, seed=3))
+    out = be.generate(["a", "b"], SamplingParams(n=2, temperature=0.8, max_new_tokens=7), seeds=[[10, 11], [20, 21]])
     assert seen["model"] == "org/model" and seen["engine"] == {"tensor_parallel_size": 2}
-    assert seen["sampling"] == {"n": 2, "temperature": 0.8, "top_p": 1.0, "max_tokens": 7, "seed": 3, "logprobs": 0}
-    assert [[s.text for s in ss] for ss in out] == [["a->0", "a->1"], ["b->0", "b->1"]]
+    assert seen["sampling"] == [{"n": 1, "temperature": 0.8, "top_p": 1.0, "max_tokens": 7, "seed": s, "logprobs": 0}
+                                for s in (10, 11, 20, 21)]
+    assert [[s.text for s in ss] for ss in out] == [["a->10", "a->11"], ["b->20", "b->21"]]
     assert out[0][1].token_ids == [6, 6] and out[0][1].logprobs == [-0.5, -0.25]
     assert [s.finish_reason for s in out[1]] == ["stop", "length"]
     assert be.policy_id == "vllm:org/model"
@@ -127,12 +133,9 @@ class _Limited:
         if ids.shape[0] > self.most:
             raise torch.OutOfMemoryError(f"CUDA out of memory (stand-in: {ids.shape[0]} > {self.most} sequences)")
 
-    def generate(self, input_ids, **kw):
-        self._check(input_ids)
-        return self.model.generate(input_ids=input_ids, **kw)
-
     def __call__(self, input_ids, **kw):
-        self._check(input_ids)
+        if kw.get("past_key_values") is None:  # a batch's first pass (generation) or its only one (scoring)
+            self._check(input_ids)
         return self.model(input_ids=input_ids, **kw)
 
 
@@ -205,7 +208,7 @@ def test_vllm_scoring_reads_prompt_logprobs_of_the_completion(monkeypatch):
 def test_attention_kernels_are_the_ones_transformers_offers(monkeypatch, random_checkpoint):
     import importlib.util
 
-    from tasks.models.generation import attention_implementation
+    from tasks.models.transformers_backend import attention_implementation
 
     assert attention_implementation("cpu", "float32") == "sdpa" and attention_implementation("cuda", "bfloat16") in ("sdpa", "flash_attention_2")
     real = importlib.util.find_spec
@@ -215,3 +218,33 @@ def test_attention_kernels_are_the_ones_transformers_offers(monkeypatch, random_
     monkeypatch.undo()
     backend = TransformersBackend(random_checkpoint, device="cpu")
     assert backend.model.config._attn_implementation == "sdpa"
+
+
+def test_a_row_does_not_depend_on_its_batch_mates(tiny):
+    """Each row is drawn from its own seeded stream: a problem sampled alone, with short or long batch-mates, in a
+    batch of 2 or of 5, gives the same texts (log-probs within 1e-4); another seed gives other texts."""
+    from tasks.models.sampling import sample_seeds
+
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.95, max_new_tokens=14)
+    target = chat(tiny.tokenizer, "5 + 6 - 2 =")
+    seeds = sample_seeds(0, "p-5", 3)
+    alone = tiny.generate([target], params, [seeds])[0]
+    mates = [chat(tiny.tokenizer, q) for q in ("1=", "a much longer prompt than the target one: 12 + 34 - 5 + 6 =", "77 - 3 =")]
+    for batch in ([mates[1], target], [mates[0], target, mates[2]], mates[::-1] + [target]):
+        out = tiny.generate(batch, params, [sample_seeds(0, f"m{k}", 3) if p != target else seeds for k, p in enumerate(batch)])
+        got = out[batch.index(target)]
+        assert [s.text for s in got] == [s.text for s in alone]
+        for a, b in zip(got, alone):
+            assert a.token_ids == b.token_ids
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+    other = tiny.generate([target], params, [sample_seeds(1, "p-5", 3)])[0]
+    assert [s.token_ids for s in other] != [s.token_ids for s in alone]
+
+
+def test_sample_seeds_depend_on_problem_index_kind_and_seed_only():
+    from tasks.models.sampling import SEED_RANGE, sample_seed, sample_seeds
+
+    s = sample_seeds(0, "prob-a", 4)
+    assert s == [sample_seed(0, "prob-a", j, "plain") for j in range(4)] and len(set(s)) == 4
+    assert all(0 <= x < SEED_RANGE for x in s)
+    assert sample_seed(0, "prob-a", 0, "hint") != s[0] and sample_seed(1, "prob-a", 0) != s[0] and sample_seed(0, "prob-b", 0) != s[0]

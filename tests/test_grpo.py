@@ -67,7 +67,8 @@ def test_one_step_on_a_group_whose_only_correct_sample_is_hinted_raises_it_under
     sample rises on most and on average. It can fall on a group whose failures share
     its uncertain tokens: their negative advantages push those down, and the shaped
     term weighs a guided token at most 1/4 of a plain one (f'(r) r <= 1/4)."""
-    from tasks.models.generation import SamplingParams, TransformersBackend
+    from tasks.models.generation import SamplingParams
+    from tasks.models.transformers_backend import TransformersBackend
 
     base, tok = tiny
     backend = TransformersBackend(str(TINY))
@@ -167,7 +168,8 @@ def test_one_sgd_step_matches_trls_grpo_trainer_on_an_on_policy_group(tiny, tmp_
 def test_before_the_first_step_every_tokens_ratio_is_one_at_the_sampling_temperature(tiny):
     """Rows sampled at T = 0.8: the update scores their tokens at 0.8 (logits / T), so π_θ / π_behaviour is 1
     for plain rows and π_θ(· | plain prompt) equals the loss-side log-probs of guided rows, token by token."""
-    from tasks.models.generation import SamplingParams, TransformersBackend
+    from tasks.models.generation import SamplingParams
+    from tasks.models.transformers_backend import TransformersBackend
     from tasks.stages.rollouts import sample_rows
 
     model, tok = tiny

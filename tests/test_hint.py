@@ -2,7 +2,7 @@ import torch
 
 import tasks.stages.rollouts as rollouts_mod
 from tasks.core.store import Store
-from tasks.models.generation import TransformersBackend
+from tasks.models.transformers_backend import TransformersBackend
 from tasks.registry import parse_config
 from tasks.stages import curate, hint
 from tasks.stages import filter as filter_stage

@@ -77,7 +77,8 @@ def test_the_update_step_with_truncated_importance_weights_by_hand(policy):
 def test_recomputed_old_logprobs_equal_the_in_process_samplers(policy):
     """The in-process backend's sampler log-probs (log_softmax of the processed logits it sampled from) and the
     trainer's recomputed π_old agree within 1e-5 at the sampling temperature: the mismatch on this backend is 0."""
-    from tasks.models.generation import SamplingParams, TransformersBackend
+    from tasks.models.generation import SamplingParams
+    from tasks.models.transformers_backend import TransformersBackend
 
     model, tok = policy
     backend = TransformersBackend.from_objects(model, tok, "p", batch_size=8)

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from tasks.models.generation import BackendUnavailable, OpenAIBackend, SamplingParams
+from tasks.models.generation import BackendUnavailable, SamplingParams
+from tasks.models.openai_backend import OpenAIBackend
 from tasks.models.served import PROBE_IDS, PROBE_PROMPT
 from tests.openai_server import OpenAIServer
 
@@ -24,11 +25,13 @@ def _backend(server, **kw):
 
 
 def test_token_ids_and_logprobs_come_through(server):
-    out = _backend(server).generate(["hello", "world!"], PARAMS)
-    assert [[s.text for s in ss] for ss in out] == [["hello#0", "hello#1"], ["orld!#0", "orld!#1"]]
+    out = _backend(server).generate(["hello", "world!"], PARAMS, seeds=[[0, 1], [0, 1]])
+    assert [[s.text for s in ss] for ss in out] == [["hello#0", "hello#1"], ["orld!#0", "orld!#1"]]  # each sample its seed
     assert out[0][1].token_ids == [5 + 1, 7, 8] and out[0][1].logprobs == pytest.approx([-0.1, -0.2, -0.3])
     req = next(r for r in server.behaviour.requests if r["prompt"] not in (PROBE_PROMPT, PROBE_IDS))
-    assert req["logprobs"] == 1 and req["return_tokens_as_token_ids"] is True and req["n"] == 2
+    assert req["logprobs"] == 1 and req["return_tokens_as_token_ids"] is True
+    asked = [(r["prompt"], r["n"], r["seed"]) for r in server.behaviour.requests if r["prompt"] in ("hello", "world!")]
+    assert sorted(asked) == [("hello", 1, 0), ("hello", 1, 1), ("world!", 1, 0), ("world!", 1, 1)]  # a request per sample, its seed
 
 
 def test_server_without_token_ids_marks_samples(server):
@@ -45,10 +48,10 @@ def test_failing_and_rate_limited_server_retried_and_nothing_lost(server):
     assert len(out) == len(prompts) and all(len(ss) == 2 for ss in out)
     for p, ss in zip(prompts[:12], out[:12]):
         assert [s.finish_reason for s in ss] == ["stop", "stop"] and ss[0].text.startswith(p[-5:])
-        assert b.attempts[p] == 3
+        assert b.attempts[p] == 4  # a request per sample: a 500, a 429 (the prompt's first two), then both answered
     failed = out[12]
     assert all(s.finish_reason == "error" and ("500" in s.error or "InternalServerError" in s.error) for s in failed)
-    assert b.attempts["x ALWAYS-FAIL"] == 4  # 1 + max_retries
+    assert b.attempts["x ALWAYS-FAIL"] == 8  # (1 + max_retries) for each of its 2 samples
     assert all(s.finish_reason == "error" and s.error for s in out[13])
 
 

@@ -2,7 +2,8 @@ import json
 import string
 
 from tasks.models.answers import steps_correct
-from tasks.models.generation import SamplingParams, TransformersBackend, checkpoint_fingerprint
+from tasks.models.generation import SamplingParams, checkpoint_fingerprint
+from tasks.models.transformers_backend import TransformersBackend
 from tasks.models.prompts import chat, fill, hint_text, load_template
 from tasks.models.tiny_policy import TinyPolicyConfig, build_tokenizer, solution_text, train_tiny_policy
 

@@ -51,7 +51,8 @@ def test_precision_enters_the_keys_only_when_it_is_not_float32(tmp_path, monkeyp
 
 
 def test_bfloat16_sampling_backend_loads_bf16_weights_and_generates(random_checkpoint):
-    from tasks.models.generation import SamplingParams, TransformersBackend
+    from tasks.models.generation import SamplingParams
+    from tasks.models.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(random_checkpoint, batch_size=4, device="cpu", dtype="bfloat16")
     assert next(backend.model.parameters()).dtype == torch.bfloat16

@@ -59,7 +59,7 @@ def test_text_only_server_runs_the_pipeline_to_the_update(tserve, cli, tmp_path)
     # the trainer's π_old of these rows equals an in-process forward pass of them (the local checkpoint's score)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.models.generation import TransformersBackend
+    from tasks.models.transformers_backend import TransformersBackend
     from tasks.stages._grpo_loop import recompute_old
     from tasks.stages.grpo import GRPOTrainConfig
 

@@ -9,6 +9,7 @@ import pytest
 
 from flows.pipeline import pipeline
 from tasks.core.store import Store
+from tests.sampled_rows import assert_same_rows
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
 
@@ -94,11 +95,12 @@ def test_threads_fan_out_shards_and_the_output_matches_the_sequential_stage(pref
     raw = _raw(TINY, max_workers=2)
     out = pipeline(raw_config=raw, base_dir=str(tmp_path), workspace=str(tmp_path / "ws"), stages=["rollouts"])
     fanned = Store(tmp_path / "ws").get("rollouts", Path(out["rollouts"]["path"]).name).read("rollouts")
-    # the same stage without Prefect, shard after shard, in another workspace: the same rows
-    config = parse_config(raw, base_dir=tmp_path)
+    # the same stage without Prefect, shard after shard, in shards of another size, in another workspace: the same rows
+    config = parse_config({**raw, "rollouts": {**raw["rollouts"], "shard_size": 5}}, base_dir=tmp_path)
     store = Store(tmp_path / "seq")
     seq, _ = rollouts.STAGE.run(config, store, {"curate": curate.STAGE.run(config, store)[0]})
-    assert fanned.num_rows == 24 and fanned.select(["sample_id", "completion"]).equals(seq.read("rollouts").select(["sample_id", "completion"]))
+    assert fanned.num_rows == 24
+    assert_same_rows(fanned, seq.read("rollouts"))
     assert not any(p.name.startswith(".work-") for p in (tmp_path / "ws" / "store" / "rollouts").iterdir())
     assert out["rollouts"]["shard_workers"] == [f"{socket.gethostname()}:{os.getpid()}"]  # threads of this process
 
@@ -117,6 +119,20 @@ def test_ray_runs_the_shard_tasks_on_a_local_cluster(prefect_server, tmp_path):
     assert {r.name for r in _shard_runs() if r.state and r.state.is_completed()} >= {f"rollouts-shard-{i:05d}" for i in range(6)}
     assert {r.name for r in _shard_runs("grade") if r.state and r.state.is_completed()} >= {f"grade-shard-{i:05d}" for i in range(5)}
     assert out["grade"]["summary"]["traces"] == 44 and out["explain"]["summary"]["kept"] > 0
+    # Ray workers, shards of 4 and 5: the rows of one process sampling shards of 7 problems, in another workspace
+    from tasks.registry import parse_config
+    from tasks.stages import curate, explain, rollouts
+    from tasks.stages import filter as filter_stage
+
+    config = parse_config({**raw, "rollouts": {**raw["rollouts"], "shard_size": 7}, "explain": {**raw["explain"], "shard_size": 7}},
+                          base_dir=tmp_path)
+    store = Store(tmp_path / "one-process")
+    up = {"curate": curate.STAGE.run(config, store)[0]}
+    up["rollouts"] = rollouts.STAGE.run(config, store, up)[0]
+    up["filter"] = filter_stage.STAGE.run(config, store, up)[0]
+    alone = {"rollouts": up["rollouts"], "explain": explain.STAGE.run(config, store, up)[0]}
+    for stage, dataset in {"rollouts": "rollouts", "explain": "explanations"}.items():
+        assert_same_rows(Store(tmp_path / "ws").get(stage, Path(out[stage]["path"]).name).read(dataset), alone[stage].read(dataset))
 
 
 def test_a_failed_shard_is_retried_alone_with_the_stage_retries_of_the_config(prefect_server, tmp_path, monkeypatch):

@@ -56,12 +56,17 @@ def gc(
     keep: int = typer.Option(..., "--keep", help="Keep the outputs of this many newest runs (and of runs still going)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
 ):
-    """Remove stage outputs that no kept run refers to, and what crashed writers left behind."""
+    """Remove stage outputs that no kept run refers to, and what crashed writers left behind.
+
+    Kept besides: the outputs whose sampled rows the next night would reuse (for each problem of the kept runs'
+    policies, the newest rollouts / explain / hint output holding its rows), so a nightly job's cost stays what changed."""
     from tasks.report.runs import gc as gc_store
 
     out = gc_store(workspace, keep, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
-    console.print(f"kept {out['outputs_kept']} outputs of runs {', '.join(out['runs_kept']) or '(none)'}; {verb} "
+    reuse = out["outputs_kept_for_reuse"]
+    console.print(f"kept {out['outputs_kept']} outputs of runs {', '.join(out['runs_kept']) or '(none)'}"
+                  f"{f' (of them {len(reuse)} older ones that hold the newest rows of problems the next night reuses)' if reuse else ''}; {verb} "
                   f"{len(out['outputs_removed'])} outputs ({out['bytes_freed'] / 1e6:.1f} MB) and {len(out['leftovers_removed'])} leftovers")
     for p in out["outputs_removed"] + out["leftovers_removed"]:
         console.print(f"  {p}")

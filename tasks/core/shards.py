@@ -67,6 +67,8 @@ class ShardPlan:
     context: dict = field(default_factory=dict)
     #: the upstream outputs (stage -> path) that shards whose items are row ranges read their rows from; shard tasks get it
     sources: dict[str, Path] = field(default_factory=dict)
+    #: look up each problem's rows in the store's earlier outputs (tasks/core/reuse.py); off for a forced run
+    reuse: bool = True
 
     def for_shard(self, i: int) -> "ShardPlan":
         """This plan with only shard ``i``'s items and no context: what a shard task is sent."""
@@ -172,7 +174,8 @@ def make_plan(job: "Job", items: Sequence, shard_size: int | None, context: dict
     work.mkdir(parents=True, exist_ok=True)
     size = shard_size or max(1, len(items))
     shards = [items[i : i + size] for i in range(0, len(items), size)]
-    return ShardPlan(job.name, job.key, job.settings, job.inputs, job.store.workspace, work, shards, context or {}, sources or {})
+    return ShardPlan(job.name, job.key, job.settings, job.inputs, job.store.workspace, work, shards, context or {}, sources or {},
+                     reuse=not job.force)
 
 
 def run_stage(job: "Job", run_shards: Callable[[ShardPlan], None] | None = None) -> StageOutput:
@@ -222,11 +225,19 @@ def generation_meta(samples: list[list]) -> dict:
     failed_prompts = sum(any(s.finish_reason == "error" for s in group) for group in samples)
     sources: dict[str, int] = {}
     for group in samples:
-        for s in group:
-            if s.finish_reason != "error":
-                sources[s.token_source] = sources.get(s.token_source, 0) + 1
+        for k, v in group_tokens_from(group).items():
+            sources[k] = sources.get(k, 0) + v
     return {"prompts": len(samples), "errored_prompts": failed_prompts, "errored_samples": len(errored),
             "first_error": errored[0] if errored else None, "tokens_from": sources}
+
+
+def group_tokens_from(group: list) -> dict[str, int]:
+    """One prompt's samples by where their token ids came from (failed generations left out)."""
+    sources: dict[str, int] = {}
+    for s in group:
+        if s.finish_reason != "error":
+            sources[s.token_source] = sources.get(s.token_source, 0) + 1
+    return sources
 
 
 def write_or_fail(shard_plan: ShardPlan, i: int, table: pa.Table, meta: dict, max_error_fraction: float) -> dict:

@@ -11,7 +11,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.models.generation import GenerationBackend, checkpoint_fingerprint, make_backend
+from tasks.models.generation import GenerationBackend, checkpoint_fingerprint
+from tasks.models.backends import make_backend
 from tasks.models.prompts import chat
 
 if TYPE_CHECKING:

@@ -203,16 +203,21 @@ def list_runs(workspace: Path) -> list[RunRecord]:
 
 def gc(workspace: Path, keep: int, dry_run: bool = False) -> dict:
     """Remove store outputs that none of the ``keep`` newest runs refers to, and
-    leftovers of crashed writers. Outputs of a run still going are kept."""
+    leftovers of crashed writers. Outputs of a run still going are kept, and so are the outputs
+    the next night would reuse rows from: for every problem key of the policies the kept runs
+    sampled with, the newest output of each sampling stage that holds its rows (tasks/core/reuse.py)."""
+    from tasks.core.reuse import latest_holders, policies_of
     from tasks.core.store import TMP_PREFIX, Store, pid_alive
 
     store = Store(workspace)
     runs = list_runs(workspace)
     kept_runs = runs[:keep] + [r for r in runs[keep:] if r.status == "running"]
     keep_paths = {str(Path(p).resolve()) for r in kept_runs for p in r.outputs()}
+    policies = policies_of([Path(p) for p in keep_paths])
+    for_reuse = {str(p) for p in latest_holders(store, policies)} - keep_paths if policies else set()
     removed, kept, freed = [], 0, 0
     for out in store.outputs():
-        if str(out.path.resolve()) in keep_paths:
+        if str(out.path.resolve()) in keep_paths | for_reuse:
             kept += 1
             continue
         freed += sum(f.stat().st_size for f in out.path.rglob("*") if f.is_file())
@@ -247,7 +252,8 @@ def gc(workspace: Path, keep: int, dry_run: bool = False) -> dict:
         leftovers.append(str(tmp))
         if not dry_run:
             tmp.unlink(missing_ok=True)
-    return {"runs_kept": [r.run_id for r in kept_runs], "outputs_kept": kept, "outputs_removed": removed,
+    return {"runs_kept": [r.run_id for r in kept_runs], "outputs_kept": kept, "outputs_kept_for_reuse": sorted(for_reuse),
+            "outputs_removed": removed,
             "leftovers_removed": leftovers, "bytes_freed": freed, "dry_run": dry_run}
 
 

@@ -6,17 +6,22 @@ an underscore)."""
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+from tasks.core import reuse
+from tasks.core.schemas import to_table
+from tasks.core.shards import ShardPlan, generation_meta, group_tokens_from
 from tasks.core.store import StageOutput, sha256_bytes
 from tasks.models.generation import GenerationBackend, SamplingParams
-from tasks.core.shards import generation_meta
 from tasks.models.policy import chat_tokenizer, policy_id_for, precision_settings, render, server_summary, shared_backend
 from tasks.models.prompts import fill, load_template
+from tasks.models.sampling import sample_seeds
 from tasks.stages.rollouts import sample_rows
 
 if TYPE_CHECKING:
+    from tasks.core.stage import Stage
     from tasks.registry import Config
 
 #: what a guidance stage reads
@@ -81,39 +86,64 @@ def load_groups(stage: str, config: Config, upstream: dict[str, StageOutput], on
     return problems, by_problem, kept
 
 
-def sampling_params(section, config: Config, shard: int = 0) -> SamplingParams:
-    """A guided pass samples like the rollouts unless its config section says
-    otherwise; shard ``i`` with seed `seed + i`."""
+def sampling_params(section, config: Config) -> SamplingParams:
+    """A guided pass samples like the rollouts unless its config section says otherwise (its own `seed`)."""
     rc = config.rollouts
     return SamplingParams(
         n=getattr(section, "samples_per_problem", None) or rc.samples_per_problem,
         temperature=rc.temperature if section.temperature is None else section.temperature,
         top_p=rc.top_p,
         max_new_tokens=section.max_new_tokens or rc.max_new_tokens,
-        seed=section.seed + shard,
+        seed=section.seed,
     )
 
 
 #: the template placeholder that shows a guidance stage's `guidance` (the answer, the hint)
 PLACEHOLDER = {"explain": "answer", "hint": "hint"}
 
+#: a guidance stage's processing of its sampled rows: (backend, rows, params) -> (the rows kept, why they could not
+#: be scored or None, extra counts by problem_id)
+Process = Callable[[GenerationBackend, list[dict], SamplingParams], tuple[list[dict], "str | None", dict[str, dict]]]
 
-def sample_guided(stage: str, section, config: Config, items: list[dict], shard: int
-                  ) -> tuple[GenerationBackend, list[dict], SamplingParams, dict]:
-    """Sample a shard of guided prompts. Each item: `problem`, `guidance` (shown through
-    the stage's template) and `loss_prompt` (the original prompt, for the loss side).
-    Returns the backend, the checked rollout rows (failed generations among them: finish_reason
-    ``error``), the sampling parameters and the shard's generation counts (``generation_meta``)."""
+
+def run_guided_shard(stage: Stage, section, config: Config, shard_plan: ShardPlan, i: int, schema: str, process: Process,
+                     **key_settings) -> dict:
+    """Shard ``i`` of a guidance stage. Each item: `problem`, `guidance` (shown through the stage's template) and
+    `loss_prompt` (the original prompt, for the loss side). Sample j of a problem is drawn with the seed of
+    (`<stage>.seed`, `problem_id`, j, the stage's prompt kind); a problem whose rows an earlier output holds is
+    copied (tasks/core/reuse.py; ``key_settings``: the stage's settings that change its kept rows), the others
+    are sampled, checked and handed to ``process``; the shard is written with per-problem counts (``sampled``,
+    ``unscored``, ``tokens_from``, and what ``process`` adds)."""
+    items = shard_plan.shards[i]
     backend = shared_backend(config)
     tokenizer = chat_tokenizer(config, backend)
-    template = load_template(config.template_path(stage))
+    template = load_template(config.template_path(stage.name))
     problems = [it["problem"] for it in items]
-    prompts = [render(tokenizer, fill(template, it["problem"]["question"], **{PLACEHOLDER[stage]: it["guidance"]})) for it in items]
-    params = sampling_params(section, config, shard)
-    samples = backend.generate(prompts, params)
-    rows = sample_rows(problems, samples, prompts, backend.policy_id, params.temperature, prompt_kind=stage,
-                       guidance=[it["guidance"] for it in items], loss_prompts=[it["loss_prompt"] for it in items])
-    return backend, rows, params, {**generation_meta(samples), "server": server_summary(config)}
+    prompts = [render(tokenizer, fill(template, it["problem"]["question"], **{PLACEHOLDER[stage.name]: it["guidance"]})) for it in items]
+    params = sampling_params(section, config)
+    seeds = [sample_seeds(section.seed, p["problem_id"], params.n, stage.name) for p in problems]
+    keys = [reuse.key_for(stage, config, backend, params, s, prompt, it["problem"], guidance=it["guidance"],
+                          loss_prompt=it["loss_prompt"], settings=key_settings) for it, s, prompt in zip(items, seeds, prompts)]
+
+    def sample(todo: list[int]) -> reuse.Sampled:
+        t0 = time.time()
+        samples = backend.generate([prompts[k] for k in todo], params, [seeds[k] for k in todo])
+        meta = {"generation_seconds": time.time() - t0, **generation_meta(samples), "server": server_summary(config)}
+        rows = sample_rows([problems[k] for k in todo], samples, [prompts[k] for k in todo], backend.policy_id, params.temperature,
+                           prompt_kind=stage.name, guidance=[items[k]["guidance"] for k in todo],
+                           loss_prompts=[items[k]["loss_prompt"] for k in todo])
+        kept, why, extra = process(backend, rows, params)
+        by_problem: dict[str, list[dict]] = defaultdict(list)
+        for r in kept:
+            by_problem[r["problem_id"]].append(r)
+        pids = [problems[k]["problem_id"] for k in todo]
+        counts = [{"sampled": len(g), "unscored": len(by_problem[pid]) if why else 0, "scoring_unavailable": why,
+                   "tokens_from": group_tokens_from(g), **extra.get(pid, {})} for pid, g in zip(pids, samples)]
+        return reuse.Sampled([by_problem[pid] for pid in pids], counts, [all(x.finish_reason != "error" for x in g) for g in samples],
+                             meta)
+
+    return reuse.run_shard(shard_plan, i, keys, [p["problem_id"] for p in problems], sample,
+                           lambda rows: to_table(rows, schema, str(shard_plan.path(i))), config.policy.max_error_fraction)
 
 
 def unlocked_summary(stuck: list[str], unlocked: list[str], levels: dict[str, str | None]) -> dict:

@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from pydantic import Field
 
+from tasks.core import reuse
 from tasks.core.config import StrictModel
 from tasks.core.schemas import to_table
 from tasks.core.stage import Job, Stage
 from tasks.core.shards import GenerationFailed, generation_meta
 from tasks.core.store import StageOutput, sha256_bytes
 from tasks.models.answers import check
-from tasks.models.generation import SamplingParams, checkpoint_fingerprint, make_backend
+from tasks.models.generation import SamplingParams, checkpoint_fingerprint
+from tasks.models.backends import make_backend
 from tasks.models.judge import RuleJudge, derivation_right
 from tasks.models.policy import chat_tokenizer, check_policy, open_backend, policy_id_for, precision, precision_settings, render
 from tasks.models.prompts import fill, load_template
+from tasks.models.sampling import sample_seeds
 from tasks.report.metrics import pass_table
 from tasks.stages.rollouts import select_problems
 
@@ -69,33 +72,49 @@ EVAL_BATCH = 256
 
 
 def evaluate_policy(backend, tokenizer, problems: list[dict], template, params: SamplingParams,
-                    check_derivation: bool = False, max_error_fraction: float = 0.0,
-                    ) -> tuple[dict[str, tuple[str, list[bool]]], dict[str, tuple[str, list[bool]]] | None]:
+                    check_derivation: bool = False, max_error_fraction: float = 0.0, store_root: Path | None = None,
+                    key_of: Callable[[dict, str], str] | None = None,
+                    ) -> tuple[dict[str, tuple[str, list[bool]]], dict[str, tuple[str, list[bool]]] | None, list[dict]]:
     """problem_id -> (level, [correct per sample]), ``EVAL_BATCH`` problems at a time; with ``check_derivation``
-    also problem_id -> (level, [right answer and every reference checkpoint stated, per sample]). A failed
-    generation is no sample (left out; a problem with none is left out); more failed prompts than
+    also problem_id -> (level, [right answer and every reference checkpoint stated, per sample]); and the
+    problems' reuse entries. With ``key_of`` (problem, prompt -> its key) a problem whose verdicts an earlier eval
+    output in ``store_root`` holds is not sampled again (tasks/core/reuse.py). A failed generation is no sample
+    (left out; a problem with none is left out, and never indexed); more failed prompts than
     ``max_error_fraction`` of them is ``GenerationFailed``."""
     out, derived = {}, ({} if check_derivation else None)
     judge = RuleJudge("outcome") if check_derivation else None
-    failed, first = 0, None
+    failed, first, entries = 0, None, []
     for start in range(0, len(problems), EVAL_BATCH):
         batch = problems[start : start + EVAL_BATCH]
         prompts = [render(tokenizer, fill(template, p["question"])) for p in batch]
-        samples = backend.generate(prompts, params)
+        keys = [key_of(p, prompt) for p, prompt in zip(batch, prompts)] if key_of else [None] * len(batch)
+        found = reuse.lookup(store_root, STAGE.name, [k for k in keys if k]) if key_of and store_root else {}
+        todo = [k for k, key in enumerate(keys) if key not in found]
+        samples = backend.generate([prompts[k] for k in todo], params,
+                                   [sample_seeds(params.seed, batch[k]["problem_id"], params.n) for k in todo]) if todo else []
         meta = generation_meta(samples)
         failed, first = failed + meta["errored_prompts"], first or meta["first_error"]
-        for p, group in zip(batch, samples):
-            group = [s for s in group if s.finish_reason != "error"]
-            if not group:
+        groups = {k: [s for s in group if s.finish_reason != "error"] for k, group in zip(todo, samples)}
+        for k, (p, key) in enumerate(zip(batch, keys)):
+            if key in found:
+                counts = found[key].counts
+            elif groups[k]:
+                verdicts = [check(s.text, p)[1] for s in groups[k]]
+                counts = {"verdicts": verdicts}
+                if derived is not None:
+                    counts["derived"] = [derivation_right(judge, p, s.text, ok) for s, ok in zip(groups[k], verdicts)]
+            else:
                 continue
-            verdicts = [check(s.text, p)[1] for s in group]
-            out[p["problem_id"]] = (str(p["level"]), verdicts)
+            out[p["problem_id"]] = (str(p["level"]), counts["verdicts"])
             if derived is not None:
-                derived[p["problem_id"]] = (str(p["level"]), [derivation_right(judge, p, s.text, ok) for s, ok in zip(group, verdicts)])
+                derived[p["problem_id"]] = (str(p["level"]), counts["derived"])
+            if key and len(groups.get(k, counts["verdicts"])) == params.n:  # every sample generated: the next eval may reuse it
+                entries.append({"problem_key": key, "problem_id": p["problem_id"], "policy_id": backend.policy_id, "part": "",
+                                "row_start": 0, "num_rows": 0, "counts": counts, "reused": key in found})
     if failed > max_error_fraction * len(problems):
         where = getattr(backend, "base_url", None) or f"the {backend.name} backend"
         raise GenerationFailed.of("eval", failed, len(problems), where, max_error_fraction, first)
-    return out, derived
+    return out, derived, entries
 
 
 def chart(rows: list[dict], path: Path) -> None:
@@ -169,15 +188,22 @@ def compute(job: Job) -> StageOutput:
     template = load_template(config.template_path("plain"))
     params = SamplingParams(n=ec.samples_per_problem, temperature=ec.temperature, top_p=config.rollouts.top_p,
                             max_new_tokens=ec.max_new_tokens or config.rollouts.max_new_tokens, seed=ec.seed)
-    rows, tables, derivation_tables = [], {}, {}
+    rows, tables, derivation_tables, index = [], {}, {}, []
     device, dtype = precision(config)
     for label, pid, ckpt in policies(config, upstream):
         found = measured_before(job, pid)
         if found is None:
             backend = open_backend(config) if ckpt is None else make_backend("transformers", str(ckpt), batch_size=config.policy.batch_size,
                                                                              batch_tokens=config.policy.batch_tokens, device=device, dtype=dtype)
-            groups, derived = evaluate_policy(backend, chat_tokenizer(config, backend), problems, template, params, ec.check_derivation,
-                                              config.policy.max_error_fraction)
+
+            def key_of(problem: dict, prompt: str, backend=backend) -> str:
+                seeds = sample_seeds(params.seed, problem["problem_id"], params.n)
+                return reuse.key_for(STAGE, config, backend, params, seeds, prompt, problem, check_derivation=ec.check_derivation)
+
+            groups, derived, entries = evaluate_policy(backend, chat_tokenizer(config, backend), problems, template, params,
+                                                       ec.check_derivation, config.policy.max_error_fraction,
+                                                       None if job.force else job.store.root, key_of)
+            index.extend(entries)
             found = pass_table(groups), (pass_table(derived) if derived is not None else None)
         tables[label] = table = found[0]
         if ec.check_derivation:
@@ -190,15 +216,18 @@ def compute(job: Job) -> StageOutput:
         charts = tmp / "charts"
         charts.mkdir()
         chart(rows, charts / "eval.png")
-        summary = {"problems": len(problems), "n": ec.samples_per_problem, "pass": tables}
+        reused = sum(e["reused"] for e in index)
+        summary = {"problems": len(problems), "n": ec.samples_per_problem, "pass": tables, "reused_problems": reused,
+                   "sampled_problems": len(index) - reused}
         if ec.check_derivation:
             summary["pass_with_derivation"] = derivation_tables
+        reuse.write_entries(index, tmp / reuse.INDEX_DIR)
         out = job.write({"eval": to_table(rows, "eval", "eval/eval")}, summary, dataset_summaries={"eval": summary},
-                        directories={"charts": charts})
+                        directories={"charts": charts, reuse.INDEX_DIR: tmp / reuse.INDEX_DIR})
     log.info("eval: %d eval problems x %d samples; pass@1 %s -> %s", len(problems), ec.samples_per_problem,
              {label: {lvl: v["pass@1"] for lvl, v in t.items()} for label, t in tables.items()}, out.path / "charts" / "eval.png")
     return out
 
 
 def describe(s: dict) -> str:
-    return f"{s.get('problems')} eval problems x {s.get('n')} samples: see the before/after table"
+    return f"{s.get('problems')} eval problems x {s.get('n')} samples: see the before/after table{reuse.reuse_note(s)}"

@@ -8,7 +8,8 @@ answer, "explain step by step").
 Method:
 1. targets: the problems `filter` kept — by default those whose rollouts all failed (`explain.problems: stuck`),
    or every rolled-out problem (`all`), in shards of `explain.shard_size`
-   (shard i samples with seed + i; tasks/core/shards.py);
+   (sample j of a problem drawn with the seed of (seed, problem_id, j, explain); a problem an earlier
+   output holds with the same key is copied from there: tasks/core/reuse.py);
 2. sample m explanations from the answer-conditioned prompt; keep those whose
    final answer checks correct;
 3. score each kept explanation on the two properties that make a useful
@@ -40,8 +41,8 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.core.config import StrictModel
-from tasks.core.schemas import to_table
-from tasks.core.shards import ShardPlan, make_plan, write_or_fail
+from tasks.core import reuse
+from tasks.core.shards import ShardPlan, make_plan
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput
 from tasks.models.answers import steps_correct
@@ -62,7 +63,7 @@ class ExplainConfig(StrictModel):
     select: Literal["loglik", "answer_gain", "all"] = Field(
         "loglik", description="per problem keep the correct explanation with the highest per-token log-likelihood, the highest answer gain, or all"
     )
-    shard_size: int = Field(32, gt=0, description="problems per shard (sampled with seed + shard index); a crash resumes at the first unfinished shard")
+    shard_size: int = Field(32, gt=0, description="problems per shard (the rows do not depend on it); a crash resumes at the first unfinished shard")
     leak_check: bool = Field(True, description="flag explanations that lean on having been given the answer (\"as given\", "
                              "\"we are told the answer\") and never select them: the policy never sees the answer at training time")
 
@@ -154,19 +155,24 @@ def plan(job: Job) -> ShardPlan:
 
 
 def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
-    """Sample, verify, score and select the explanations of shard ``i``'s problems, and write them."""
-    backend, rows, params, generated = guidance.sample_guided(STAGE.name, config.explain, config, shard_plan.shards[i], i)
-    kept = [r for r in rows if r["correct"]]  # the final answer must verify
-    why = add_loss_logprobs(backend, kept, params.temperature)
-    why = score_explanations(backend, kept, [r["guidance"] for r in kept]) or why  # the answer it was shown
-    for r in kept:
-        r["leaks_answer"] = config.explain.leak_check and leans_on_the_answer(r["completion"])
-        r.setdefault("explain_loglik", None)
-        r.setdefault("explain_loglik_total", None)
-        r.setdefault("explain_answer_gain", None)
-    select(kept, config.explain.select)  # per problem: a shard holds whole problems
-    meta = {"sampled": len(rows), "unscored": len(kept) if why else 0, "scoring_unavailable": why, **generated}
-    return write_or_fail(shard_plan, i, to_table(kept, "explanations", str(shard_plan.path(i))), meta, config.policy.max_error_fraction)
+    """Shard ``i``'s problems: their explanations reused from an earlier output, or sampled, verified, scored and
+    selected; written."""
+    ec = config.explain
+
+    def process(backend, rows: list[dict], params) -> tuple[list[dict], str | None, dict]:
+        kept = [r for r in rows if r["correct"]]  # the final answer must verify
+        why = add_loss_logprobs(backend, kept, params.temperature)
+        why = score_explanations(backend, kept, [r["guidance"] for r in kept]) or why  # the answer it was shown
+        for r in kept:
+            r["leaks_answer"] = ec.leak_check and leans_on_the_answer(r["completion"])
+            r.setdefault("explain_loglik", None)
+            r.setdefault("explain_loglik_total", None)
+            r.setdefault("explain_answer_gain", None)
+        select(kept, ec.select)  # per problem: a shard holds whole problems
+        return kept, why, {}
+
+    return guidance.run_guided_shard(STAGE, ec, config, shard_plan, i, "explanations", process, select=ec.select,
+                                     leak_check=ec.leak_check)
 
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
@@ -191,7 +197,9 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
         "errors": int(shard_plan.total("errored_samples")),
         **served_summary(shard_plan),
     }
-    out = job.write({"explanations": parts}, summary, dataset_summaries={"explanations": summary})
+    summary.update(reuse.reuse_summary(shard_plan))
+    out = reuse.write_output(job, shard_plan, {"explanations": parts}, summary, "explanations",
+                             dataset_summaries={"explanations": summary})
     shard_plan.clean()
     log.info("explain: %d of %d stuck problems got a verified explanation (%d kept, %d with every step right); "
              "%d target problems without one -> %s", summary["unlocked_problems"], len(stuck), len(kept),
@@ -202,4 +210,4 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
 def describe(s: dict) -> str:
     return (f"ExPO explained {s.get('unlocked_problems')} of {s.get('stuck_problems')} stuck problems "
             f"({s.get('unlocked_fraction', 0):.1%}) with a verified explanation; {s.get('kept')} kept, "
-            f"{s.get('kept_with_all_steps_right')} with every step right{unscored_note(s)}{served_note(s)}")
+            f"{s.get('kept_with_all_steps_right')} with every step right{unscored_note(s)}{reuse.reuse_note(s)}{served_note(s)}")

@@ -4,7 +4,8 @@ Inputs: the curated `problems`, the plain `rollouts` of the current policy, the
 problems `filter` kept (the stuck ones), the `hint` prompt template.
 
 Method, only for the problems `filter` kept where every one of the G rollouts failed (in shards of
-`hint.shard_size`, shard i sampled with seed + i; tasks/core/shards.py):
+`hint.shard_size`; sample j of a problem drawn with the seed of (seed, problem_id, j, hint); a problem an
+earlier output holds with the same key is copied: tasks/core/reuse.py):
 1. collect the distinct wrong extracted answers and whether samples were
    truncated (`finish_reason == 'length'`), and build one of three hints: the
    answers that are wrong; "be concise" (all truncated); both (some truncated);
@@ -29,8 +30,8 @@ from collections import Counter
 from pydantic import Field
 
 from tasks.core.config import StrictModel
-from tasks.core.schemas import to_table
-from tasks.core.shards import ShardPlan, make_plan, write_or_fail
+from tasks.core import reuse
+from tasks.core.shards import ShardPlan, make_plan
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput
 from tasks.models.answers import steps_correct
@@ -49,7 +50,7 @@ class HintConfig(StrictModel):
     seed: int = 0
     max_wrong_answers: int | None = Field(None, gt=0, description="at most this many distinct wrong answers in a hint (LTE: all of them)")
     leak_check: bool = Field(False, description="reject hinted samples that mention the hint")
-    shard_size: int = Field(32, gt=0, description="problems per shard (sampled with seed + shard index); a crash resumes at the first unfinished shard")
+    shard_size: int = Field(32, gt=0, description="problems per shard (the rows do not depend on it); a crash resumes at the first unfinished shard")
 
 
 STAGE = Stage(name="hint", version="2", module=__name__, upstream=guidance.UPSTREAM, writes={"hints": "rollouts"},
@@ -109,22 +110,24 @@ def plan(job: Job) -> ShardPlan:
 
 
 def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
-    """Sample shard ``i``'s problems with their hints, keep the verified samples, and write them."""
+    """Shard ``i``'s problems with their hints: their kept samples reused from an earlier output, or sampled and
+    verified; written."""
     hc = config.hint
-    backend, rows, params, generated = guidance.sample_guided(STAGE.name, hc, config, shard_plan.shards[i], i)
-    kept, leaks = [], 0
-    for r in rows:
-        if not r["correct"]:
-            continue
-        if hc.leak_check and mentions_hint(r["completion"], r["guidance"]):
-            leaks += 1
-            continue
-        kept.append(r)
-    why = add_loss_logprobs(backend, kept, params.temperature)  # the same tokens under the hint-free prompt
-    why = add_behaviour_logprobs(backend, kept, params.temperature) or why  # a text-only server's: the checkpoint's forward pass
-    meta = {"sampled": len(rows), "leaks_rejected": leaks, "unscored": len(kept) if why else 0, "scoring_unavailable": why,
-            **generated}
-    return write_or_fail(shard_plan, i, to_table(kept, "rollouts", str(shard_plan.path(i))), meta, config.policy.max_error_fraction)
+
+    def process(backend, rows: list[dict], params) -> tuple[list[dict], str | None, dict]:
+        kept, leaks = [], Counter()
+        for r in rows:
+            if not r["correct"]:
+                continue
+            if hc.leak_check and mentions_hint(r["completion"], r["guidance"]):
+                leaks[r["problem_id"]] += 1
+                continue
+            kept.append(r)
+        why = add_loss_logprobs(backend, kept, params.temperature)  # the same tokens under the hint-free prompt
+        why = add_behaviour_logprobs(backend, kept, params.temperature) or why  # a text-only server's: the checkpoint's forward pass
+        return kept, why, {pid: {"leaks_rejected": n} for pid, n in leaks.items()}
+
+    return guidance.run_guided_shard(STAGE, hc, config, shard_plan, i, "rollouts", process, leak_check=hc.leak_check)
 
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
@@ -144,7 +147,8 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
         "errors": int(shard_plan.total("errored_samples")),
         **served_summary(shard_plan),
     }
-    out = job.write({"hints": parts}, summary, dataset_summaries={"hints": summary})
+    summary.update(reuse.reuse_summary(shard_plan))
+    out = reuse.write_output(job, shard_plan, {"hints": parts}, summary, "hints", dataset_summaries={"hints": summary})
     shard_plan.clean()
     log.info("hint: %d of %d stuck problems unlocked by a verified hinted sample (%d kept, %d with every step right) -> %s",
              summary["unlocked_problems"], len(stuck), len(kept), summary["kept_with_all_steps_right"], out.path)
@@ -154,4 +158,4 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
 def describe(s: dict) -> str:
     return (f"LTE unlocked {s.get('unlocked_problems')} of {s.get('stuck_problems')} stuck problems "
             f"({s.get('unlocked_fraction', 0):.1%}) with a verified hinted sample; {s.get('kept')} kept, "
-            f"{s.get('kept_with_all_steps_right')} with every step right{unscored_note(s)}{served_note(s)}")
+            f"{s.get('kept_with_all_steps_right')} with every step right{unscored_note(s)}{reuse.reuse_note(s)}{served_note(s)}")

@@ -4,8 +4,11 @@ Inputs: the curated `problems` (the configured split and levels), the policy
 (a checkpoint or a served model) and the `plain` prompt template.
 
 Method: problems are ordered by `problem_id` and cut into shards of
-`shard_size` problems. Each shard is generated with its own seed
-(`seed + shard index`), checked answer by answer, and written atomically to
+`shard_size` problems. Sample j of a problem is drawn with its own seed, from
+(`seed`, `problem_id`, j) — never from the shard — so the rows are the same for
+any shard size, worker count or fan-out; a problem whose rows an earlier output
+holds (same policy, prompt, settings and seeds: tasks/core/reuse.py) is copied
+from there, not sampled. Each shard is checked answer by answer, and written atomically to
 `<store>/rollouts/.work-<key>/shard-NNNNN.parquet`. A crashed run resumes at
 the first unfinished shard and ends with exactly the rows of an uninterrupted
 run. When all shards exist they become the parts of the output dataset.
@@ -27,7 +30,8 @@ from pydantic import Field
 
 from tasks.core.config import StrictModel
 from tasks.core.schemas import to_table
-from tasks.core.shards import ShardPlan, generation_meta, make_plan, tokens_from, write_or_fail
+from tasks.core import reuse
+from tasks.core.shards import ShardPlan, generation_meta, group_tokens_from, make_plan, tokens_from
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, read_dataset, sha256_bytes
 from tasks.models.answers import check
@@ -35,6 +39,7 @@ from tasks.models.generation import GenerationBackend, SamplingParams, ScoringUn
 from tasks.models import served
 from tasks.models.policy import chat_tokenizer, check_policy, policy_id_for, precision_settings, render, server_summary, shared_backend
 from tasks.models.prompts import fill, load_template
+from tasks.models.sampling import sample_seeds
 from tasks.report.metrics import pass_table
 
 
@@ -206,7 +211,8 @@ def plan(job: Job) -> ShardPlan:
 
 
 def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
-    """Sample and check shard ``i`` (seed `rollouts.seed + i`) and write it; its generation time."""
+    """Shard ``i``: each problem's G samples (seeds from `rollouts.seed`, its `problem_id` and the sample's index) —
+    copied from an earlier output that holds them (tasks/core/reuse.py), else sampled and checked — written."""
     rc = config.rollouts
     backend = shared_backend(config)
     tokenizer = chat_tokenizer(config, backend)
@@ -214,13 +220,21 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
     shard = shard_plan.shards[i]
     prompts = [render(tokenizer, fill(template, p["question"])) for p in shard]
     params = SamplingParams(n=rc.samples_per_problem, temperature=rc.temperature, top_p=rc.top_p,
-                            max_new_tokens=rc.max_new_tokens, seed=rc.seed + i)
-    t0, backoffs = time.time(), getattr(backend, "oom_backoffs", 0)
-    samples = backend.generate(prompts, params)
-    meta = {"generation_seconds": time.time() - t0, "oom_backoffs": getattr(backend, "oom_backoffs", 0) - backoffs,
-            **generation_meta(samples), "server": server_summary(config)}
-    table = to_table(sample_rows(shard, samples, prompts, backend.policy_id, rc.temperature), "rollouts", str(shard_plan.path(i)))
-    return write_or_fail(shard_plan, i, table, meta, config.policy.max_error_fraction)
+                            max_new_tokens=rc.max_new_tokens, seed=rc.seed)
+    seeds = [sample_seeds(rc.seed, p["problem_id"], rc.samples_per_problem, "plain") for p in shard]
+    keys = [reuse.key_for(STAGE, config, backend, params, s, prompt, p) for p, s, prompt in zip(shard, seeds, prompts)]
+
+    def sample(todo: list[int]) -> reuse.Sampled:
+        t0, backoffs = time.time(), getattr(backend, "oom_backoffs", 0)
+        samples = backend.generate([prompts[k] for k in todo], params, [seeds[k] for k in todo])
+        meta = {"generation_seconds": time.time() - t0, "oom_backoffs": getattr(backend, "oom_backoffs", 0) - backoffs,
+                **generation_meta(samples), "server": server_summary(config)}
+        rows = [sample_rows([shard[k]], [group], [prompts[k]], backend.policy_id, rc.temperature) for k, group in zip(todo, samples)]
+        return reuse.Sampled(rows, [{"tokens_from": group_tokens_from(g)} for g in samples],
+                             [all(x.finish_reason != "error" for x in g) for g in samples], meta)
+
+    return reuse.run_shard(shard_plan, i, keys, [p["problem_id"] for p in shard], sample,
+                           lambda rows: to_table(rows, "rollouts", str(shard_plan.path(i))), config.policy.max_error_fraction)
 
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
@@ -231,7 +245,8 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     summary.update(served_summary(shard_plan))
     if shard_plan.total("oom_backoffs"):  # batches retried smaller after running out of device memory
         summary["oom_backoffs"] = int(shard_plan.total("oom_backoffs"))
-    out = job.write({"rollouts": parts}, summary, dataset_summaries={"rollouts": summary})
+    summary.update(reuse.reuse_summary(shard_plan))
+    out = reuse.write_output(job, shard_plan, {"rollouts": parts}, summary, "rollouts", dataset_summaries={"rollouts": summary})
     shard_plan.clean()
     log.info("rollouts: %d samples of %d problems, pass@1 %s, %d all-fail -> %s", summary["samples"], summary["problems"],
              {lvl: v["pass@1"] for lvl, v in summary["pass"].items()}, summary["all_fail_problems"], out.path)
@@ -259,7 +274,7 @@ def served_note(s: dict) -> str:
 
 def describe(s: dict) -> str:
     return (f"{s.get('samples')} samples of {s.get('problems')} problems; {s.get('all_fail_problems')} problems with every sample "
-            f"wrong{served_note(s)}")
+            f"wrong{reuse.reuse_note(s)}{served_note(s)}")
 
 
 def read_rollouts(out: StageOutput) -> pa.Table:
