@@ -100,6 +100,8 @@ def main() -> None:
                   ("3: new policy", night(n2, other))]
 
     base = nights[0][1]
+    rolled = [sum(r["stages"]["rollouts"][:2]) for _, r in nights]  # problems after curation (duplicates dropped)
+    n1, n2 = rolled[0], rolled[1]
     share = (n2 - n1) / n1  # the new work, as a share of night 1's
     print(f"\nnightly reuse, {n1} -> {n2} problems (growth {share:.2%}), G = {args.samples}, the tiny policy on {os.cpu_count()} CPUs\n")
     print("| night | sampling s | vs night 1 | policy calls (samples) | vs night 1 | rollouts sampled/reused | explain | hint |")

@@ -197,4 +197,4 @@ def test_eval_samples_only_the_eval_problems_it_has_not_measured(tmp_path, sampl
     assert sum(map(len, sampled)) == new  # only the new eval problems' prompts went to the policy
     scratch = run(_problems(26), tmp_path / "scratch")
     assert grown.summary["pass"] == scratch.summary["pass"]
-    assert f"sampled {new}, reused {first.summary['problems']}" in eval_mod.describe(grown.summary)
+    assert f"(policy, problem) pairs sampled {new}, reused {first.summary['problems']}" in eval_mod.describe(grown.summary)

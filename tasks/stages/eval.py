@@ -230,4 +230,6 @@ def compute(job: Job) -> StageOutput:
 
 
 def describe(s: dict) -> str:
-    return f"{s.get('problems')} eval problems x {s.get('n')} samples: see the before/after table{reuse.reuse_note(s)}"
+    note = (f"; (policy, problem) pairs sampled {s['sampled_problems']}, reused {s['reused_problems']}"
+            if "reused_problems" in s else "")
+    return f"{s.get('problems')} eval problems x {s.get('n')} samples: see the before/after table{note}"
