@@ -236,9 +236,13 @@ def write_output(job: "Job", shard_plan: "ShardPlan", datasets: dict, summary: d
     """``job.write`` with the output's reuse index (``reuse/``) beside its datasets."""
     from tasks.models.policy import policy_id_for
 
+    counts = reuse_summary(shard_plan)
+    if counts["reused_problems"]:
+        log.info("%s: %d problems' rows copied from earlier outputs (same policy, prompt, settings and seeds), %d sampled",
+                 job.name, counts["reused_problems"], counts["sampled_problems"])
     with job.scratch() as tmp:
         write_index(shard_plan, dataset, policy_id_for(job.config), tmp / INDEX_DIR)
-        return job.write(datasets, {**summary, **reuse_summary(shard_plan)}, directories={INDEX_DIR: tmp / INDEX_DIR}, **kwargs)
+        return job.write(datasets, {**summary, **counts}, directories={INDEX_DIR: tmp / INDEX_DIR}, **kwargs)
 
 
 def latest_holders(store: "Store", policy_ids: set[str] | None = None) -> set[Path]:
