@@ -149,7 +149,7 @@ def test_fault_points_cover_every_writer():
     """Every fault point is used, and every stage that writes is killed at least once."""
     from tasks.registry import STAGES
 
-    assert {p for p, _, _ in FAULT_TRIALS} == set(POINTS)
+    assert {p for p, _, _ in FAULT_TRIALS} == set(POINTS) - {"share.publish.part"}  # that one: tests/test_s3.py kills a publish
     assert {s for _, s, _ in FAULT_TRIALS} == set(STAGES)
 
 

@@ -9,15 +9,33 @@ from typing import Optional
 import typer
 
 from flows.cli.app import JsonOpt, console, datasets_app, fail
-from flows.cli.render import dataset_entries, print_datasets, print_diff
+from flows.cli.render import dataset_entries, print_datasets, print_diff, print_published
 from flows.errors import user_errors
 
 
 @datasets_app.command("ls")
-def datasets_ls(workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory."),
+def datasets_ls(url: Optional[str] = typer.Argument(None, help="A shared location (s3://bucket/prefix/, a directory): list the "
+                                                     "datasets published there instead of the workspace's."),
+                workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory."),
                 as_json: bool = JsonOpt):
-    """List finished stage outputs and their datasets in the workspace store."""
+    """List finished stage outputs and their datasets in the workspace store — or, given URL, the datasets published
+    there (a team's catalogue: name, kind, rows, fingerprint, created, the run it came from)."""
     from tasks.core.store import Store
+
+    if url is not None:
+        from tasks.core.share import list_published
+
+        try:
+            entries = list_published(url)
+        except user_errors() as exc:
+            fail(str(exc))
+        if as_json:
+            print(json.dumps(entries, indent=1))
+        elif not entries:
+            console.print(f"no published datasets under {url}")
+        else:
+            print_published(entries, f"datasets published under {url}")
+        return
 
     outputs = Store(workspace).outputs()
     if as_json:
@@ -42,7 +60,9 @@ def datasets_publish(
     except user_errors() as exc:
         fail(str(exc))
     console.print(f"published {path} ({m.get('kind')}, {m.get('num_rows')} rows, {m.get('fingerprint')}) to {url}")
-    console.print(f'load it without guidedrl: datasets.load_dataset("parquet", data_files="{url.rstrip("/")}/data/*.parquet")')
+    extra = ", storage_options={...}" if url.startswith(("s3://", "gs://", "az://", "abfs://")) else ""
+    console.print(f'load it without guidedrl: datasets.load_dataset("parquet", data_files="{url.rstrip("/")}/data/*.parquet"{extra})'
+                  + (" — the README's \"Past one machine\" shows polars, pyarrow and datasets reading from S3" if extra else ""))
 
 
 @datasets_app.command("pull")
@@ -62,12 +82,14 @@ def datasets_pull(
 
 
 @datasets_app.command("diff")
-def datasets_diff(a: Path = typer.Argument(..., help="A dataset directory."), b: Path = typer.Argument(..., help="Another one.")):
-    """Rows, schema and per-column statistics of two datasets, side by side."""
-    from tasks.core.share import describe
+def datasets_diff(a: str = typer.Argument(..., help="A dataset directory, or a published dataset's URL (s3://...)."),
+                  b: str = typer.Argument(..., help="Another one.")):
+    """Rows, schema and per-column statistics of two datasets, side by side (a URL is pulled, verified, first)."""
+    from tasks.core.share import describe, fetched
 
     try:
-        da, db = describe(a), describe(b)
+        with fetched(a) as pa_, fetched(b) as pb:
+            da, db = describe(pa_), describe(pb)
     except user_errors() as exc:
         fail(str(exc))
     print_diff(a, b, da, db)
@@ -118,7 +140,8 @@ def datasets_export(
     path: Path = typer.Argument(..., help="A dataset directory, e.g. <workspace>/store/curate/<key>/problems or .../materialize/<key>/dpo."),
     to: str = typer.Option(..., "--to", help="verl (RL data from problems), trl (dpo, sft, problems), openrlhf (dpo, sft, problems), "
                            "hf (any dataset: a directory datasets.load_dataset reads with named splits)."),
-    dest: Path = typer.Argument(..., help="A new directory to write the export to."),
+    dest: str = typer.Argument(..., help="A new directory to write the export to, or a URL (s3://bucket/prefix: written here, then "
+                               "uploaded, its card last)."),
     guidance: list[Path] = typer.Option([], "--guidance", help="verl: an explain stage's `explanations` or a hint stage's `hints` "
                                         "dataset; each problem's selected explanation or hint goes into extra_info (repeatable)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="The policy's tokenizer directory: where it has a chat template, "
@@ -131,10 +154,19 @@ def datasets_export(
 
     from tasks.core.export import ExportError, export
 
+    import tempfile
+
+    from tasks.core.share import is_url, upload_dir
+
+    command = "guidedrl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        record = export(path, to, dest, guidance=guidance, tokenizer=tokenizer, force=force,
-                        command="guidedrl " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        if is_url(dest):
+            with tempfile.TemporaryDirectory(prefix="guidedrl-export-") as tmp:
+                record = export(path, to, Path(tmp) / "export", guidance=guidance, tokenizer=tokenizer, command=command)
+                upload_dir(Path(tmp) / "export", dest, last="README.md")
+        else:
+            record = export(path, to, Path(dest), guidance=guidance, tokenizer=tokenizer, force=force, command=command)
     except (ExportError, *user_errors()) as exc:
         fail(str(exc))
     files = ", ".join(f"{f['path']} ({f['rows']} rows)" for f in record["files"].values())
-    console.print(f"exported {path} ({record['source_kind']}) for {to} to {dest}: {files}; card: {dest / 'README.md'}", soft_wrap=True)
+    console.print(f"exported {path} ({record['source_kind']}) for {to} to {dest}: {files}; card: {dest.rstrip('/')}/README.md", soft_wrap=True)

@@ -140,6 +140,17 @@ def print_datasets(entries: list[dict], title: str) -> None:
     console.print(table)
 
 
+def print_published(entries: list[dict], title: str) -> None:
+    """`datasets ls URL`: the datasets published under a shared location."""
+    table = Table(title=title)
+    columns = ("name", "kind", "rows", "fingerprint", "created", "published", "run")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        table.add_row(*("" if e[c] is None else str(e[c]) for c in columns))
+    console.print(table)
+
+
 def print_diff(a, b, da: dict, db: dict) -> None:
     """`datasets diff`: kind, rows, fingerprint, and per column its type and statistics, A beside B (differences marked)."""
     table = Table(title=f"A = {a}\nB = {b}")

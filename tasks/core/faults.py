@@ -34,6 +34,7 @@ POINTS = {
     "store.publish.after-rename": "a stage output is published; the run record does not know it yet",
     "checkpoint.save": "a checkpoint's weights are written, its tokenizer not yet",
     "record.save.before-rename": "a run record's new version is written to its temporary name, not yet renamed",
+    "share.publish.part": "a published dataset's data file is put, its manifest not yet (an object store has no rename)",
 }
 
 _hits: Counter = Counter()
