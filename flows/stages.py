@@ -106,7 +106,18 @@ def run_shard(stage: str, raw_config: dict, base_dir: str, shard_plan: ShardPlan
 
     module = REGISTRY[stage].impl
     meta = {} if shard_plan.finished(index) else module.run_shard(_config(raw_config, base_dir), shard_plan, index)
-    return {**meta, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    return {**meta, "worker": f"{socket.gethostname()}:{os.getpid()}", "node": _ray_node()}
+
+
+def _ray_node() -> str | None:
+    """The Ray node this task runs on (None outside Ray)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def task_runner_for(config: Config):
@@ -129,6 +140,7 @@ def run_sharded_stage(stage: str, config: Config, raw_config: dict, base_dir: st
     shards fan out as `shard` tasks on the configured task runner, then the shards
     become the stage output. Shards finished by an earlier (killed) run are not redone."""
     workers: list[str] = []
+    nodes: dict[str, str] = {}  # shard task -> the Ray node it ran on
 
     def fan_out(shard_plan: ShardPlan) -> None:
         todo = shard_plan.todo()
@@ -147,8 +159,9 @@ def run_sharded_stage(stage: str, config: Config, raw_config: dict, base_dir: st
                 raise
             done = [f.result() for f in futures]  # raises the first failed shard's error
         workers.extend(sorted({d["worker"] for d in done}))
+        nodes.update({f"{stage}-shard-{i:05d}": d.get("node") for i, d in zip(todo, done) if d.get("node")})
         log.info("%s: %d of %d shards as tasks on %s (%d worker process%s)", stage, len(todo), len(shard_plan.shards),
                  config.prefect.task_runner, len(workers), "" if len(workers) == 1 else "es")
 
     out, reused = REGISTRY[stage].run(config, Store(workspace), load_upstream(upstream), force, run_shards=fan_out)
-    return _result(stage, out, reused, shard_workers=workers)
+    return _result(stage, out, reused, shard_workers=workers, **({"shard_nodes": nodes} if nodes else {}))

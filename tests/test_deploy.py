@@ -51,3 +51,38 @@ def test_deploy_schedules_nightly_runs_and_a_worker_runs_one(tmp_path, cli, pref
     [record] = list_runs(ws)
     assert record.data["command"] == "deployment:data" and record.data["status"] == "completed"
     assert record.data["stages"]["curate"]["status"] == "computed" and Path(record.data["stages"]["curate"]["path"]).is_dir()
+
+
+def test_a_worker_elsewhere_runs_both_deployments_over_the_shared_workspace(tmp_path, cli, prefect_server):
+    """Deployed from one directory with relative paths; a worker started from another directory with another HOME
+    (what a second machine sharing the file system sees) runs the nightly data and the training deployments: what
+    was deployed is absolute, and both runs' outputs land in the one shared store."""
+    deployer, machine, home = tmp_path / "deployer", tmp_path / "worker-machine", tmp_path / "worker-home"
+    for d in (deployer, machine, home):
+        d.mkdir()
+    tiny = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
+    (deployer / "nightly.yaml").write_text(yaml.safe_dump({
+        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 16, "seed": 4,
+                                                    "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}}],
+                     "eval_fraction": 0.25},
+        "policy": {"model": str(tiny)}, "prompts": {"plain": "tiny_plain"},
+        "eval": {"samples_per_problem": 2, "max_new_tokens": 16}, "prefect": {"retries": 0}}))
+    cli("deploy", "nightly.yaml", "--work-pool", "elsewhere-pool", "--cron", "0 4 * * *", "--workspace", "ws", "--stages", "curate",
+        cwd=deployer)
+    from prefect.deployments import run_deployment
+
+    env = {**os.environ, "HOME": str(home)}
+    worker = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "elsewhere-pool", "--run-once"]
+    for name, params in (("guidedrl-data/nightly-data", {}), ("guidedrl-training/training", {"stages": ["eval"]})):
+        run = run_deployment(name, parameters=params, timeout=0)
+        assert Path(run.parameters["config_path"]).is_absolute() and Path(run.parameters["workspace"]).is_absolute()
+        proc = subprocess.run(worker, capture_output=True, text=True, timeout=300, env=env, cwd=machine)
+        done = [r for r in asyncio.run(_runs(name.split("/")[1])) if r.id == run.id]
+        assert done and done[0].state.is_completed(), (proc.stdout[-3000:], proc.stderr[-3000:])
+    records = {r.data["command"]: r for r in list_runs(deployer / "ws")}
+    assert set(records) == {"deployment:data", "deployment:training"}
+    assert records["deployment:data"].data["stages"]["curate"]["status"] == "computed"
+    assert records["deployment:training"].data["stages"]["curate"]["status"] in ("reused", "cached")  # the shared store's
+    assert records["deployment:training"].data["stages"]["eval"]["status"] == "computed"
+    assert all(Path(p).resolve().is_relative_to((deployer / "ws").resolve()) for r in records.values() for p in r.outputs())
+    assert not (machine / "ws").exists() and not any(machine.iterdir())  # nothing written where the worker was started

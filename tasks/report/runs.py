@@ -141,7 +141,8 @@ class RunRecord:
     def stage_finished(self, stage: str, result: dict) -> None:
         s = self.data["stages"].setdefault(stage, {})
         s.update({"status": result["status"], "finished": _now(), "seconds": round(time.time() - s.pop("t0", time.time()), 2),
-                  "key": result["key"], "path": result["path"], "summary": result.get("summary", {})})
+                  "key": result["key"], "path": result["path"], "summary": result.get("summary", {}),
+                  **{k: result[k] for k in ("shard_workers", "shard_nodes") if result.get(k)}})
         self.save()
 
     def stage_failed(self, stage: str, exc: BaseException) -> None:
