@@ -366,3 +366,25 @@ def test_rows_read_from_files_make_the_batches_of_the_same_rows_in_memory(tiny, 
         assert torch.equal(getattr(from_files, field), getattr(in_memory, field)), field
     assert from_files.behaviour[4].abs().sum() == 0 and from_files.temperature[-1] == 1.0
     assert torch.allclose(from_files.advantages[0, :1], torch.tensor([0.0])) and from_files.advantages[2, 0] == 0.5
+
+
+def test_expo_term_sequence_is_the_papers_sum_and_token_mean_its_per_token_mean():
+    """Two explanations of 3 and 2 tokens, β = 0.04, by hand: sequence = β·(Σ NLL₁ + Σ NLL₂)/2; token-mean =
+    β·(mean NLL₁ + mean NLL₂)/2. Cut into two micro-batches with the step's Totals, the parts add up to the whole."""
+    import torch
+
+    from tasks.stages._grpo_losses import Totals, expo_term
+
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    beta = 0.04
+    assert float(expo_term(logp, mask, beta, form="sequence")) == pytest.approx(beta * (6.0 + 2.0) / 2)
+    assert float(expo_term(logp, mask, beta, form="token-mean")) == pytest.approx(beta * (2.0 + 1.0) / 2)
+    totals = Totals(tokens=0.0, sequences=0.0, explanations=2.0, width=3)
+    for form in ("sequence", "token-mean"):
+        parts = sum(float(expo_term(logp[i : i + 1], mask[i : i + 1], beta, totals=totals, form=form)) for i in range(2))
+        assert parts == pytest.approx(float(expo_term(logp, mask, beta, form=form)))
+    from tasks.core.config import apply_preset
+
+    raw, sources = apply_preset({}, "expo")
+    assert raw["train"]["grpo"]["expo_nll"] == "sequence" and "train.grpo.expo_nll" in sources

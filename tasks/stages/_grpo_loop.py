@@ -64,7 +64,7 @@ def update_loss(model, batch: Batch, cfg, ref_model=None, expo_beta: float | Non
     explanations = mask * (kind == KIND_EXPLAIN).float()
     beta = cfg.expo_beta if expo_beta is None else expo_beta
     return (LOSS_AGG[cfg.loss_agg](per_token, samples, cfg.loss_scale_factor, totals=totals)
-            + expo_term(logp, explanations, beta, totals=totals))
+            + expo_term(logp, explanations, beta, totals=totals, form=cfg.expo_nll))
 
 
 

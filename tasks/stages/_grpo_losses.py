@@ -108,9 +108,17 @@ def seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor, scale: 
     return (per_seq * live).sum() / max(n, 1.0)
 
 
-def expo_term(logp: torch.Tensor, mask: torch.Tensor, beta: float, totals: Totals | None = None) -> torch.Tensor:
-    """ExPO: β · mean over explanation rows of each row's per-token NLL (``mask``: the explanation rows' tokens)."""
-    return seq_mean_token_mean(nll(logp, beta), mask, sequences=totals.explanations if totals else None)
+def expo_term(logp: torch.Tensor, mask: torch.Tensor, beta: float, totals: Totals | None = None, form: str = "token-mean"
+              ) -> torch.Tensor:
+    """ExPO's term over the explanation rows (``mask``: their tokens), averaged over the step's explanation rows:
+    ``sequence`` — β · (−log π_θ(c̃, a* | q)), each explanation's NLL summed over its tokens (the paper's form);
+    ``token-mean`` — β · each explanation's per-token mean NLL (the paper's β divided by the explanation's length)."""
+    explanations = totals.explanations if totals else None
+    if form == "sequence":
+        live = _live_sequences(mask)
+        n = explanations if explanations is not None else float(live.sum())
+        return (nll(logp, beta) * mask).sum() / max(n, 1.0)
+    return seq_mean_token_mean(nll(logp, beta), mask, sequences=explanations)
 
 
 def expo_beta_at(cfg, step: int, steps: int) -> float:

@@ -92,6 +92,10 @@ class GRPOTrainConfig(StrictModel):
     clip_high: float = Field(0.28, ge=0, description="epsilon above 1, clip-higher (DAPO 0.28; ExpRL 0.28)")
     gamma: float = Field(0.1, gt=0, description="LTE's policy shaping f(r) = r / (r + gamma) on guided samples (LUFFY 0.1)")
     expo_beta: float = Field(0.04, ge=0, description="ExPO's weight of the explanation NLL term (ExPO 0.04; 0.5 was worse than GRPO)")
+    expo_nll: Literal["token-mean", "sequence"] = Field(
+        "token-mean", description="ExPO's term per explanation: sequence — the NLL of the whole explanation with its answer, "
+        "summed over its tokens (ExPO's β · log π(c̃, a* | q); the expo preset), averaged over the step's explanation rows; "
+        "token-mean — its per-token mean (then β acts as the paper's β divided by the explanation's length)")
     expo_beta_schedule: Literal["constant", "linear"] = Field(
         "constant", description="constant: beta on every step; linear: beta decays linearly to 0 over the stage's update steps")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
