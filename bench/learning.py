@@ -50,6 +50,17 @@ METHODS = {
     "lte": {"materialize": {"include_explanations": False, "lte_replace": True, "reward": "verify"}},
     "exprl": {"materialize": {"include_explanations": False, "lte_replace": False, "reward": "judge"}},
 }
+#: each method at its paper's own settings (--paper): the loss terms the papers fix, with the values of the
+#: presets in configs/presets/ (where their sources are); sample counts, temperatures and rounds stay the
+#: study's, so every method spends the same policy-sample budget
+PAPER = {
+    "grpo": {"train": {"grpo": {"clip_low": 0.2, "clip_high": 0.28, "kl": 0.0, "loss_agg": "token-mean"}}},
+    "expo": {"train": {"grpo": {"expo_beta": 0.04, "expo_nll": "sequence", "expo_beta_schedule": "constant"}}},
+    "lte": {"train": {"grpo": {"gamma": 0.1, "loss_agg": "token-mean"}}},
+    "exprl": {"judge": {"mode": "process", "process_protocol": "segment", "overlong": "zero"},
+              "train": {"grpo": {"clip_low": 0.2, "clip_high": 0.26, "kl": 0.001, "kl_reference": "initial", "entropy": 0.0,
+                                 "loss_agg": "token-mean"}}},
+}
 #: the methods whose guidance costs no policy samples: they get the 2G rollouts
 DOUBLE_ROLLOUTS = ("grpo", "exprl")
 MODELS = {"chain2": ROOT / "data" / "models" / "tiny-policy", "chain6": ROOT / "data" / "models" / "tiny-chain6"}
@@ -84,10 +95,23 @@ def base_config(train_per_level: int, eval_per_level: int, samples: int, eval_sa
     }
 
 
-def method_config(raw: dict, method: str, samples: int) -> dict:
+def _merge(into: dict, over: dict) -> dict:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = copy.deepcopy(v)
+    return into
+
+
+def method_config(raw: dict, method: str, samples: int, paper: bool = False, lr: float | None = None) -> dict:
+    """``raw`` for ``method``: its training signal, with ``paper`` its paper's loss settings (PAPER), with ``lr`` its rate."""
     raw = copy.deepcopy(raw)
-    for section, values in METHODS[method].items():
-        raw.setdefault(section, {}).update(values)
+    _merge(raw, METHODS[method])
+    if paper:
+        _merge(raw, PAPER[method])
+    if lr is not None:
+        raw["train"]["grpo"]["learning_rate"] = lr
     if method in DOUBLE_ROLLOUTS:  # the same budget: the guidance samples the others spend become rollouts
         raw["rollouts"]["samples_per_problem"] = 2 * samples
     return raw
@@ -135,8 +159,8 @@ def run_method(method: str, raw: dict, rounds: int, workspace: Path, seed: int =
 def table(rows: list[dict], k: int) -> str:
     """One line per method, seed and round."""
     head = (f"| method | seed | round | policy samples | hard pass@1 | hard pass@{k} | hard pass@{k}, derivation right | easy pass@1 | "
-            f"easy pass@{k} | stuck (train) | update rows (plain/guided/explain) | all-fail groups with token advantages |\n"
-            f"| {' | '.join(['---'] * 12)} |")
+            f"easy pass@{k} | stuck (train) | update rows (plain/guided/explain) | all-fail groups with token advantages | lr |\n"
+            f"| {' | '.join(['---'] * 13)} |")
     lines = [head]
     for r in rows:
         h, e, u = r["pass"].get("hard", {}), r["pass"].get("easy", {}), r["update"]
@@ -146,7 +170,7 @@ def table(rows: list[dict], k: int) -> str:
         signal = f"{r['all_fail_groups_with_token_advantages']} of {r['all_fail_groups']}" if r.get("all_fail_groups") is not None else ""
         lines.append(f"| {r['method']} | {r.get('seed', 0)} | {r['round']} | {r['samples']} | {h.get('pass@1', 0):.3f} | "
                      f"{h.get(f'pass@{k}', 0):.3f} | {hd.get(f'pass@{k}', 0):.3f} | {e.get('pass@1', 0):.3f} | {e.get(f'pass@{k}', 0):.3f} | {stuck} | "
-                     f"{upd} | {signal} |")
+                     f"{upd} | {signal} | {r.get('lr', '')} |")
     return "\n".join(lines)
 
 
@@ -162,7 +186,7 @@ def aggregate(rows: list[dict], k: int) -> tuple[str, dict]:
     rounds = sorted({r["round"] for r in rows})
     out = {}
     lines = [f"| method | round | seeds | policy samples | hard pass@1 | hard pass@{k} | hard pass@{k}, derivation right | easy pass@1 | "
-             "stuck (train) | stuck reached by guidance |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "stuck (train) | stuck reached by guidance | lr |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     what = {"expo": "explain", "lte": "hint", "exprl": "judge"}
     for m in methods:
         for rd in rounds:
@@ -179,7 +203,7 @@ def aggregate(rows: list[dict], k: int) -> tuple[str, dict]:
             reached = (_spread([f[g] / f["stuck"] if f["stuck"] else 0.0 for f in fr]) if fr and g and fr[0].get(g) is not None else "")
             out[(m, rd)] = {"hard_pass_at_1": hard1, "hard_pass_at_k": hardk, "hard_derivation_pass_at_k": hardd, "easy_pass_at_1": easy1}
             lines.append(f"| {m} | {rd} | {len(sel)} | {sum(r['samples'] for r in sel) // len(sel)} | {_spread(hard1)} | {_spread(hardk)} | "
-                         f"{_spread(hardd)} | {_spread(easy1)} | {stuck} | {reached} |")
+                         f"{_spread(hardd)} | {_spread(easy1)} | {stuck} | {reached} | {', '.join(f'{x:g}' for x in dict.fromkeys(r['lr'] for r in sel if 'lr' in r))} |")
     return "\n".join(lines), out
 
 
@@ -210,15 +234,82 @@ def chart(agg: dict, k: int, path: Path, title: str) -> None:
 
 
 def study(rounds: int, train_per_level: int, eval_per_level: int, samples: int, eval_samples: int, seed: int,
-          methods: list[str], workspace: Path, family: str = "chain2", easy_eval: int | None = None, **update) -> list[dict]:
+          methods: list[str], workspace: Path, family: str = "chain2", easy_eval: int | None = None, paper: bool = False,
+          lrs: dict[str, float] | None = None, phase: str = "final", **update) -> list[dict]:
+    """Every method from the same start on seed ``seed``; ``lrs`` gives a method its own learning rate."""
     raw = base_config(train_per_level, eval_per_level, samples, eval_samples, seed, family=family, easy_eval=easy_eval, **update)
     rows = []
     for method in methods:
-        print(f"{method} (seed {seed}):", flush=True)
+        cfg = method_config(raw, method, samples, paper=paper, lr=(lrs or {}).get(method))
+        lr = cfg["train"]["grpo"]["learning_rate"]
+        print(f"{method} (seed {seed}, lr {lr:g}, {phase}):", flush=True)
         # one store for all methods: what they share (curate, the start's eval, round 1's rollouts and guidance
         # where their settings agree) is computed once — outputs are keyed by what they are made of
-        rows += run_method(method, method_config(raw, method, samples), rounds, workspace, seed)
+        rows += [{**r, "lr": lr, "phase": phase} for r in run_method(method, cfg, rounds, workspace, seed)]
     return rows
+
+
+def tune(rates: list[float], tune_seed: int, methods: list[str], workspace: Path, **kw) -> list[dict]:
+    """Each rate for each method on one seed whose problems are drawn apart from the final seeds': its held-out
+    split is the validation split (the final runs are measured on their own eval splits, never on this one)."""
+    rows = []
+    for method in methods:
+        for lr in rates:
+            rows += study(seed=tune_seed, methods=[method], workspace=workspace, lrs={method: lr}, phase="tune", **kw)
+    return rows
+
+
+#: the easy level may lose at most this much pass@1 against the start for a rate to be chosen
+EASY_LOSS = 0.02
+
+
+def choose(rows: list[dict], k: int) -> tuple[dict[str, float], str]:
+    """Per method, the rate with the best validation stuck-level pass@k (by answer) after the last round among
+    those that keep the easy level within EASY_LOSS of the start; where none does, the best pass@k (marked).
+    Returns the chosen rates and the tuning table."""
+    lines = [f"| method | lr | validation stuck pass@{k} (answer) | (derivation right) | easy pass@1 | easy change | chosen |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    chosen = {}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == m]
+        last = max(r["round"] for r in sel)
+        cands = []
+        for lr in dict.fromkeys(r["lr"] for r in sel):
+            start = next(r for r in sel if r["lr"] == lr and r["round"] == 0)
+            end = next(r for r in sel if r["lr"] == lr and r["round"] == last)
+            hk = end["pass"].get("hard", {}).get(f"pass@{k}", 0.0)
+            hd = (end.get("pass_with_derivation") or {}).get("hard", {}).get(f"pass@{k}", 0.0)
+            e1 = end["pass"].get("easy", {}).get("pass@1", 0.0)
+            change = e1 - start["pass"].get("easy", {}).get("pass@1", 0.0)
+            cands.append((change >= -EASY_LOSS, hk, -lr, lr, hd, e1, change))
+        best = max(cands)
+        chosen[m] = best[3]
+        for ok, hk, _, lr, hd, e1, change in cands:
+            mark = ("yes" if ok else "yes (no rate kept the easy level)") if lr == best[3] else ""
+            lines.append(f"| {m} | {lr:g} | {hk:.3f} | {hd:.3f} | {e1:.3f} | {change:+.3f} | {mark} |")
+    return chosen, "\n".join(lines)
+
+
+def render(rows: list[dict], k: int, setting: str, out: Path | None) -> str:
+    """The tables (tuning, chosen rates, mean [min–max] of the final runs, every run) and, with ``out``, the files."""
+    tuned = [r for r in rows if r.get("phase") == "tune"]
+    final = [r for r in rows if r.get("phase", "final") == "final"]
+    parts = [setting]
+    chosen = {}
+    if tuned:
+        chosen, tune_table = choose(tuned, k)
+        parts.append(f"Tuning (one seed, validation split; a rate is chosen by stuck pass@{k} after the last round among those "
+                     f"losing at most {EASY_LOSS * 100:.0f} points of easy pass@1):\n\n{tune_table}")
+    summary, agg = aggregate(final, k)
+    parts += [f"Mean [min–max] over seeds (eval split):\n\n{summary}", f"Every run:\n\n{table(final, k)}"]
+    md = "\n\n".join(parts)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(md + "\n")
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+        rates = ", ".join(f"{m} {lr:g}" for m, lr in chosen.items())
+        chart(agg, k, out.with_suffix(".png"), setting[: setting.index("; ")] + (f"; chosen lr: {rates}" if rates else ""))
+    return md
 
 
 def main() -> None:
@@ -233,11 +324,19 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8, help="G, rollouts per problem (grpo and exprl get 2G)")
     ap.add_argument("--eval-samples", type=int, default=8, help="samples per eval problem (pass@k at k = this)")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--lr", type=float, default=5e-5, help="learning rate of the update (AdamW)")
+    ap.add_argument("--lr", type=float, default=5e-5, help="learning rate of the update (AdamW), every method (without --tune)")
+    ap.add_argument("--tune", default=None, metavar="lr=A,B,C",
+                    help="tune each method's learning rate: each rate on one seed (--tune-seed) measured on its validation split, "
+                         "then each method's best rate on --seeds, measured on the eval split")
+    ap.add_argument("--tune-seed", type=int, default=100, help="the tuning seed: its problems are drawn apart from the final seeds'")
+    ap.add_argument("--paper", action="store_true", help="each method at its paper's loss settings (PAPER: ExPO β 0.04 on the whole "
+                    "explanation, LTE γ 0.1, ExpRL's clip 0.2/0.26, KL 0.001 (k3) and the segment judge protocol)")
     ap.add_argument("--epochs", type=int, default=1, help="passes over each round's grpo dataset")
-    ap.add_argument("--expo-beta", type=float, default=1.0, help="ExPO's weight of the explanation NLL term")
+    ap.add_argument("--expo-beta", type=float, default=1.0, help="ExPO's weight of the explanation NLL term (--paper: 0.04)")
     ap.add_argument("--small", action="store_true", help="1 round, 1 seed, 8 problems per level: the test suite's version")
     ap.add_argument("--workspace", type=Path, default=None, help="keep the stage outputs here (default: a temporary directory)")
+    ap.add_argument("--merge", default=None, metavar="A.json,B.json",
+                    help="no runs: the tables and chart of the rows of earlier --out runs, together (e.g. methods run apart)")
     ap.add_argument("--out", type=Path, default=None, help="write PREFIX.md (tables), PREFIX.json (rows) and PREFIX.png (chart)")
     args = ap.parse_args()
     if args.small:
@@ -245,29 +344,43 @@ def main() -> None:
     import os
 
     os.environ.setdefault("GUIDEDRL_PROGRESS", "0")
+    k = args.eval_samples
+    if args.merge:
+        rows = [r for f in args.merge.split(",") for r in json.loads(Path(f).read_text())]
+        setting = f"merged from {args.merge}; tables as each run's"
+        print(render(rows, k, setting, args.out))
+        return
+    rates = None
+    if args.tune:
+        key, _, values = args.tune.partition("=")
+        if key != "lr" or not values:
+            ap.error("--tune takes lr=A,B,C (the learning rates to try)")
+        rates = [float(v) for v in values.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
     t0 = time.time()
+    kw = dict(rounds=args.rounds, train_per_level=args.train_per_level, eval_per_level=args.eval_per_level, samples=args.samples,
+              eval_samples=k, family=args.family, easy_eval=args.easy_eval, paper=args.paper, lr=args.lr, expo_beta=args.expo_beta,
+              epochs=args.epochs, model=args.model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ws = args.workspace or Path(tmp)
+        lrs = None
+        if rates:
+            rows += tune(rates, args.tune_seed, methods, ws / f"tune-seed-{args.tune_seed}", **kw)
+            lrs, tune_table = choose(rows, k)
+            print(tune_table, flush=True)
         for seed in seeds:
-            rows += study(args.rounds, args.train_per_level, args.eval_per_level, args.samples, args.eval_samples, seed,
-                          args.methods.split(","), ws / f"seed-{seed}", family=args.family, easy_eval=args.easy_eval,
-                          lr=args.lr, expo_beta=args.expo_beta, epochs=args.epochs, model=args.model)
+            rows += study(seed=seed, methods=methods, workspace=ws / f"seed-{seed}", lrs=lrs, **kw)
     took = time.time() - t0
-    k = args.eval_samples
-    summary, agg = aggregate(rows, k)
-    setting = (f"family {args.family}, seeds {args.seeds}, lr {args.lr}, epochs {args.epochs}, expo_beta {args.expo_beta}, G {args.samples}, "
+    beta = "ExPO's paper settings" if args.paper else f"expo_beta {args.expo_beta}"
+    lr_text = f"lr tuned over {args.tune} on seed {args.tune_seed}" if rates else f"lr {args.lr}"
+    setting = (f"family {args.family}, seeds {args.seeds}, {lr_text}, epochs {args.epochs}, {beta}"
+               f"{', each method at its paper settings (--paper)' if args.paper else ''}, G {args.samples}, "
                f"rounds {args.rounds}, {args.train_per_level} train / {args.eval_per_level} eval hard problems, {args.easy_eval} eval easy problems, "
                f"{k} samples per eval problem; {took / 60:.1f} min on this machine")
-    md = f"{setting}\n\nMean [min–max] over seeds:\n\n{summary}\n\nEvery run:\n\n{table(rows, k)}"
-    print(md)
+    print(render(rows, k, setting, args.out))
     print(f"total {took:.0f}s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(md + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-        chart(agg, k, args.out.with_suffix(".png"), setting[: setting.index("; ")])
 
 
 if __name__ == "__main__":
