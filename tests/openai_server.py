@@ -89,6 +89,18 @@ def judge_reply(messages: list[dict]) -> str:
         scores = [5 if (it.removeprefix("final answer ") == _answer(trace) if it.startswith("final answer") else it in trace) else 1
                   for it in items]
         return "Checked each item.\n" + "\n".join(f"ITEM {k}: {s}" for k, s in enumerate(scores, 1))
+    step = _between(user, "student_step")
+    if step is not None:  # the segment protocol: this step alone
+        eqs = _EQ.findall(step)
+        if any(e not in ref_eqs for e in eqs):
+            score = 1 if any(e.split("=")[0] == r.split("=")[0] for e in eqs for r in ref_eqs) else 2  # a checkpoint's sum, another result
+        elif eqs:
+            score = 5
+        elif re.search(r"\\boxed\{", step):
+            score = 5 if _answer(step) == ref_answer else 1
+        else:
+            score = 3
+        return "Checkpoints: " + ", ".join(ref_eqs) + f"\nThis step alone: {step.strip()[:40]}\nSCORE: {score}"
     steps_block = _between(user, "student_steps")
     if steps_block is not None:
         steps = re.split(r"\[step \d+\]\n", steps_block)[1:]

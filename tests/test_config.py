@@ -75,15 +75,26 @@ def test_method_presets_set_the_papers_values_and_set_still_wins(tmp_path):
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({**BASE, "rollouts": {"samples_per_problem": 4, "max_new_tokens": 99}}))
-    assert presets() == ["expo", "exprl", "grpo", "lte"]
+    assert presets() == ["expo", "exprl", "exprl-outcome", "grpo", "lte"]
     raw, preset = read_run_config(path, "exprl", ["train.grpo.kl=0.01"])
     cfg = parse_config(raw)
-    assert cfg.rollouts.samples_per_problem == 16 and cfg.rollouts.temperature == 0.8 and cfg.rollouts.max_new_tokens == 99
-    assert cfg.judge.mode == "process" and cfg.materialize.reward == "judge" and cfg.train.grpo.learning_rate == 1e-6
-    assert cfg.train.grpo.kl == 0.01 and preset["train.grpo.kl"] == (0.001, "ExpRL: KL 0.001 to the initial policy")
+    # the ExpRL authors' process script (../shared/methods/what-the-authors-do.md)
+    assert cfg.rollouts.samples_per_problem == 16 and cfg.rollouts.temperature == 0.8
+    assert cfg.rollouts.max_new_tokens == 16384 and cfg.rollouts.max_prompt_tokens == 4096
+    assert cfg.judge.mode == "process" and cfg.judge.process_protocol == "segment" and cfg.judge.step_split == "###"
+    assert cfg.judge.temperature == 0.0 and cfg.judge.max_tokens == 2048 and cfg.prompts.judge_outcome == "judge_outcome_exact"
+    g = cfg.train.grpo
+    assert cfg.materialize.reward == "judge" and g.learning_rate == 1e-6 and g.kl_reference == "initial"
+    assert (g.clip_low, g.clip_high, g.entropy, g.loss_agg, g.epochs) == (0.2, 0.26, 0.0, "token-mean", 1)
+    assert g.kl == 0.01 and preset["train.grpo.kl"][0] == 0.001 and "low_var_kl" in preset["train.grpo.kl"][1]
+    assert "k3" in preset["train.grpo.kl"][1]
+    raw, preset = read_run_config(path, "exprl-outcome")
+    cfg = parse_config(raw)
+    assert cfg.rollouts.samples_per_problem == 10 and cfg.judge.mode == "outcome" and cfg.train.grpo.clip_high == 0.28
+    assert cfg.materialize.advantage == "grpo" and cfg.prompts.judge_outcome == "judge_outcome_exact" and cfg.train.grpo.kl == 0.001
     for method in presets():  # every preset is a valid config over any config, and names a source for what it sets
         raw, preset = read_run_config(path, method)
         parse_config(raw)
         assert preset and all(src for _, src in preset.values())
-    with pytest.raises(ConfigError, match="no preset .*presets: expo, exprl, grpo, lte"):
+    with pytest.raises(ConfigError, match="no preset .*presets: expo, exprl, exprl-outcome, grpo, lte"):
         read_run_config(path, "ppo")

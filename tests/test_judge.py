@@ -76,7 +76,8 @@ def server():
 def _llm(server, tmp_path, mode="outcome", protocol="trace", **kw):
     kw = {"max_retries": 1, "timeout": 5.0, **kw}
     client = judge.JudgeClient("judge-model", server.base_url, "GUIDEDRL_TEST_KEY", judge.RequestCache(tmp_path / "cache"), **kw)
-    prompts = judge.JudgePrompts.load({"outcome": "judge_outcome", "process": "judge_process", "items": "judge_items", "rubric": "rubric"})
+    prompts = judge.JudgePrompts.load({"outcome": "judge_outcome", "process": "judge_process", "items": "judge_items", "rubric": "rubric",
+                                       "segment": "judge_segment"})
     return judge.LLMJudge(client, prompts, mode, protocol=protocol)
 
 
@@ -109,6 +110,45 @@ def test_prefix_protocol_scores_each_step_prefix_in_its_own_request(server, tmp_
     # prefix 1 ("12 + 7 = 19") does not reach 16; prefixes 2 and 3 do
     assert rows[0]["step_scores"] == [0.0, 1.0, 1.0] and rows[0]["outcome_score"] == 1.0 and rows[0]["parse_ok"]
     assert rows[1]["step_scores"] == [0.0, 0.0]
+
+
+def test_segment_protocol_shows_each_step_alone_in_its_own_request(server, tmp_path):
+    """The ExpRL authors' main protocol: one request per step, that step alone (no earlier step), the
+    problem and the whole reference; s_t = (score_t - 1)/4 of step t alone; the outcome is their mean."""
+    traces = [_trace(RIGHT, sid="right"), _trace("12 + 7 = 20\n\\boxed{20}", sid="wrong")]
+    j = _llm(server, tmp_path, "process", protocol="segment")
+    assert len(j.requests(traces)) == 5  # what the dry run counts: 3 + 2 steps
+    rows = j.grade(traces)
+    sent = [r["messages"][0]["content"] for r in _chat_requests(server)]
+    shown = [text.split("<student_step>\n")[1].split("\n</student_step>")[0] for text in sent]
+    assert sorted(shown) == sorted(["12 + 7 = 19", "19 - 3 = 16", "\\boxed{16}", "12 + 7 = 20", "\\boxed{20}"])
+    assert all(REF in text and "<student_reasoning>" not in text for text in sent)  # the reference whole, no earlier step
+    steps = ["12 + 7 = 19", "19 - 3 = 16", "\\boxed{16}", "12 + 7 = 20", "\\boxed{20}"]
+    assert all(sum(st in text.split("</reference_solution>")[1] for st in steps) == 1 for text in sent)
+    assert rows[0]["step_scores"] == [1.0, 1.0, 1.0] and rows[0]["outcome_score"] == 1.0 and rows[0]["parse_ok"]
+    assert rows[1]["step_scores"] == [0.0, 0.0] and rows[1]["outcome_score"] == 0.0
+    assert rows[0]["steps"] == RIGHT.splitlines()
+    # a step whose reply does not parse (also after the reminder) masks the whole trace, never a 0
+    bad = j.grade([_trace("12 + 7 = 19\nJUDGE-NONSENSE\n\\boxed{16}", sid="bad")])[0]
+    assert not bad["parse_ok"] and bad["step_scores"] is None and bad["error"].startswith("step 2 of 3: unparseable")
+
+
+def test_rule_judge_segment_scores_each_step_alone_on_the_authors_scale():
+    """5 establishes a checkpoint, 1 contradicts the reference or is wrong, 2 true but off the path, 3 generic;
+    the final answer step: 5 when right, 1 when wrong. Token advantages: s_t - s_(t-1), the first s_1 - s_T."""
+    from tasks.stages.materialize import step_advantages
+
+    j = RuleJudge("process", protocol="segment")
+    text = "12 + 7 = 19\n19 - 3 = 17\n17 + 0 = 17\nLet me check.\n\\boxed{17}"
+    g = j.grade_one(_trace(text))
+    assert [int(4 * s + 1) for s in g["step_scores"]] == [5, 1, 2, 3, 1]
+    assert g["step_scores"] == [1.0, 0.0, 0.25, 0.5, 0.0] and g["outcome_score"] == pytest.approx(0.35)
+    assert step_advantages(g["step_scores"]) == [1.0, -1.0, 0.25, 0.25, -0.5]  # by hand from the scores above
+    right = j.grade_one(_trace(RIGHT))
+    assert right["step_scores"] == [1.0, 1.0, 1.0] and step_advantages(right["step_scores"]) == [0.0, 0.0, 0.0]
+    # the trace protocol on the same text: progress after each step, not each step alone
+    assert RuleJudge("process").grade_one(_trace(text))["step_scores"] == [0.5, 0.5, 0.5, 0.5, 0.5]
+    assert j.grade_one(_trace("12 * 7 = 19"))["step_scores"] == [0.0]  # wrong arithmetic
 
 
 def test_unparseable_answers_get_one_reminder_then_are_recorded_never_scored(server, tmp_path):
@@ -250,6 +290,22 @@ def test_grade_stage_fails_when_the_judge_is_down_then_a_rerun_pays_only_for_wha
         assert grade.dry_run(config, store, up)["requests"] == 0  # all cached now
         grade.STAGE.run(config, store, up, force=True)
         assert len(_chat_requests(srv)) == 2  # the forced re-run came from the cache
+
+
+def test_grade_stage_with_the_segment_protocol_counts_and_sends_one_request_per_step(tmp_path):
+    store, up = _upstream(tmp_path, [RIGHT, "12 + 7 = 20\n\\boxed{20}"])
+    rule = _config(tmp_path, backend="rule", mode="process", process_protocol="segment")
+    up["rubric"], _ = rubric.STAGE.run(rule, store, up)
+    out, _ = grade.STAGE.run(rule, store, up)
+    assert [r["step_scores"] for r in out.read("grades").to_pylist()] == [[1.0, 1.0, 1.0], [0.0, 0.0]]
+    with OpenAIServer() as srv:
+        config = _config(tmp_path, backend="openai", base_url=srv.base_url, model="m", mode="process", process_protocol="segment")
+        plan = grade.dry_run(config, store, up)
+        assert plan["requests"] == 5 and plan["traces"] == 2 and not _chat_requests(srv)  # counted, nothing sent
+        llm, _ = grade.STAGE.run(config, store, up)
+        assert [r["step_scores"] for r in llm.read("grades").to_pylist()] == [[1.0, 1.0, 1.0], [0.0, 0.0]]
+        assert len(_chat_requests(srv)) == 5 and llm.summary["judge_requests"]["requests"] == 5
+        assert grade.dry_run(config, store, up)["requests"] == 0  # every step's answer is cached
 
 
 def test_llm_rubric_stage_feeds_item_scores_to_the_grade_stage(tmp_path):

@@ -221,3 +221,34 @@ def test_tolerated_failures_are_counted_apart_and_left_out_of_pass_rates(tmp_pat
     assert s["errors"] == 2 * len(failing) and s["pass"]["easy"]["errors"] == 2 * len(failing)
     assert s["pass"]["easy"]["problems"] == len(problems) - len(failing)  # failed ones are no wrong answers
     assert all(r["n"] == 0 and r["pass_rate"] is None for r in rates if r["problem_id"] in failing)
+
+
+def test_problems_whose_prompt_is_over_max_prompt_tokens_are_left_out_and_counted(tmp_path, random_checkpoint):
+    """`rollouts.max_prompt_tokens` (ExpRL: 4096; verl's filter_overlong_prompts): a prompt longer than the limit,
+    counted in the policy's tokenizer with the chat template applied, gets no samples; the summary counts it."""
+    from transformers import AutoTokenizer
+
+    from tasks.models.policy import render
+    from tasks.models.prompts import fill, load_template
+
+    def config(**rollouts):  # 1- and 2-digit terms: prompts of several lengths
+        raw = _config(random_checkpoint, **rollouts).model_dump(mode="json", exclude_unset=True)
+        raw["problems"]["sources"][0]["reasoning_gym"]["config"]["max_digits"] = 2
+        return parse_config(raw)
+
+    whole = config()
+    _, cur, all_out, _ = _run_all(whole, tmp_path / "ws")
+    tok = AutoTokenizer.from_pretrained(str(random_checkpoint))
+    template = load_template(whole.template_path("plain"))
+    lengths = {p["problem_id"]: len(tok(render(tok, fill(template, p["question"])), add_special_tokens=False)["input_ids"])
+               for p in cur.read("problems").to_pylist()}
+    limit = min(lengths.values())  # the shortest prompts are kept, the longer ones left out
+    longer = {pid for pid, n in lengths.items() if n > limit}
+    assert 0 < len(longer) < len(lengths)
+    _, _, cut, _ = _run_all(config(max_prompt_tokens=limit), tmp_path / "ws")
+    kept = {r["problem_id"] for r in cut.read("rollouts").to_pylist()}
+    assert kept == set(lengths) - longer and cut.summary["prompts_over_max"] == len(longer)
+    assert f"{len(longer)} problems left out (prompt over rollouts.max_prompt_tokens)" in rollouts_mod.describe(cut.summary)
+    # the problems kept have the rows of the run without a limit (their seeds do not depend on the others)
+    same = [r for r in all_out.read("rollouts").to_pylist() if r["problem_id"] in kept]
+    assert [r["completion"] for r in cut.read("rollouts").to_pylist()] == [r["completion"] for r in same]

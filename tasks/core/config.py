@@ -110,6 +110,7 @@ class PromptsConfig(StrictModel):
     judge_process: str = "judge_process"
     judge_items: str = "judge_items"
     rubric: str = "rubric"
+    judge_segment: str = "judge_segment"
 
 
 class JudgeConfig(StrictModel):
@@ -117,12 +118,16 @@ class JudgeConfig(StrictModel):
 
     backend: Literal["rule", "openai"] = Field("rule", description="rule: the reference's checkable intermediate results; openai: an LLM judge")
     mode: Literal["outcome", "process"] = Field("process", description="outcome: one score per trace; process: one score per step")
-    process_protocol: Literal["trace", "prefix"] = Field(
-        "trace", description="process mode: trace: one request per trace scoring every step (cheaper); prefix: one request per "
-        "step prefix y<=t, as the ExpRL paper (as many requests as steps)")
+    process_protocol: Literal["trace", "prefix", "segment"] = Field(
+        "trace", description="process mode: trace: one request per trace scoring how far along the reference's path each step is "
+        "(cheaper); prefix: one request per step prefix y<=t, as the ExpRL paper's text (as many requests as steps); segment: one "
+        "request per step showing that step alone (prompts.judge_segment): could it be a correct, useful next step on the "
+        "reference's path? — the ExpRL authors' main configuration (the rule judge: does the step alone establish a checkpoint)")
     rubric: bool = Field(False, description="openai: an LLM turns each reference into weighted checkpoint items (stage `rubric`), which the judge scores")
-    step_split: Literal["auto", "headers", "paragraphs", "lines"] = Field(
-        "auto", description="auto: `###` headers, else blank-line paragraphs, else lines of a single paragraph")
+    step_split: Literal["auto", "headers", "paragraphs", "lines", "###"] = Field(
+        "auto", description="auto: `###` headers, else blank-line paragraphs, else lines of a single paragraph; \"###\": cut on "
+        "the completion's tokens as the ExpRL authors do — a step ends at the token where its text ends with `###` (the "
+        "delimiter belongs to the step it closes), the last step runs to the end; token advantages follow those spans exactly")
     # openai
     model: str | None = Field(None, description="judge model (default: OPENAI_MODEL)")
     base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. http://127.0.0.1:8001/v1 (default: OPENAI_BASE_URL)")

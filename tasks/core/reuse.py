@@ -166,7 +166,7 @@ def add_counts(total: dict, counts: dict) -> None:
 
 
 def run_shard(shard_plan: "ShardPlan", i: int, keys: list[str], problem_ids: list[str], sample: Callable[[list[int]], Sampled],
-              to_table: Callable[[list[dict]], pa.Table], max_error_fraction: float) -> dict:
+              to_table: Callable[[list[dict]], pa.Table], max_error_fraction: float, extra_meta: dict | None = None) -> dict:
     """Shard ``i``: the problems whose key is in the store copied from there, the others sampled
     (``sample(indices)``), their rows written in the shard's problem order; the shard's meta records
     per problem its key, row count and counts (assembled into the output's index), and how many
@@ -191,7 +191,8 @@ def run_shard(shard_plan: "ShardPlan", i: int, keys: list[str], problem_ids: lis
         problems.append({"problem_key": keys[k] if ok else None, "problem_id": problem_ids[k], "num_rows": len(problem_rows),
                          "counts": counts})
         add_counts(totals, counts)
-    meta = {**sampled.meta, **totals, "problems": problems, "reused_problems": len(hits), "sampled_problems": len(todo)}
+    meta = {**sampled.meta, **totals, **(extra_meta or {}), "problems": problems, "reused_problems": len(hits),
+            "sampled_problems": len(todo)}
     return write_or_fail(shard_plan, i, to_table(rows), meta, max_error_fraction)
 
 

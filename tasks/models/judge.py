@@ -18,9 +18,13 @@ Two judges with one interface (``Judge.grade(items) -> grades``):
 
 Scores are on the 1–5 scale of the papers, stored as (s − 1)/4. Modes:
 outcome (one score per trace), process (the trace split into steps, one score
-per step for how far along the reference's path it is after that step: token
-advantages are s_t − s_(t−1), DESIGN.md), and, with a rubric, one score per
-weighted rubric item (reward = weighted sum). A judge reply that cannot be
+per step: token advantages are s_t − s_(t−1), DESIGN.md), and, with a rubric,
+one score per weighted rubric item (reward = weighted sum). Process mode has
+three protocols (``judge.process_protocol``): ``trace`` (one request per trace
+rating how far along the reference's path each step is), ``prefix`` (one
+request per step prefix y≤t) and ``segment`` (one request per step, showing
+that step alone: could it be a correct, useful next step on the reference's
+path? — the ExpRL authors' main configuration). A judge reply that cannot be
 parsed is asked once more with a reminder of the format, then recorded with
 ``parse_ok = false`` — never turned into a 0 or a 1.
 """
@@ -62,10 +66,53 @@ def to_reward(score: int | float) -> float:
 _HEADER = re.compile(r"^\s*###", re.MULTILINE)
 
 
+#: ``judge.step_split`` that cuts on the token stream (the ExpRL authors' delimiter)
+DELIMITER = "###"
+
+
+def token_steps(token_texts: list[str], delimiter: str = DELIMITER) -> list[tuple[int, int]]:
+    """Steps as token spans [start, end), cut as the ExpRL authors cut them: a step ends at the token
+    where the step's text so far ends with ``delimiter`` (that token, and so the delimiter, belongs to the
+    step it closes); the last step runs to the end. A token that straddles the delimiter (``##`` then
+    ``# S``) leaves the text not ending with it, and there is no cut. ``token_texts``: each token decoded."""
+    spans, start, text = [], 0, ""
+    for i, t in enumerate(token_texts):
+        text += t
+        if text.endswith(delimiter):
+            spans.append((start, i + 1))
+            start, text = i + 1, ""
+    if start < len(token_texts):
+        spans.append((start, len(token_texts)))
+    return spans
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """Each token decoded alone (the texts ``token_steps`` accumulates)."""
+    return tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def steps_of_tokens(tokenizer, ids: list[int], delimiter: str = DELIMITER) -> tuple[list[str], list[tuple[int, int]]]:
+    """A completion's steps cut on its tokens: each step's text (its tokens decoded) and its token span."""
+    spans = token_steps(token_texts(tokenizer, ids), delimiter)
+    return [tokenizer.decode(ids[a:b], skip_special_tokens=True) for a, b in spans], spans
+
+
+def completion_steps(tokenizer, completion: str, ids: list[int] | None) -> tuple[list[str], list[tuple[int, int]]]:
+    """``steps_of_tokens`` of a sampled completion: its token ids, or (a text-only server's row, no ids) the text tokenized."""
+    if ids is None or (len(ids) == 0 and completion):
+        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return steps_of_tokens(tokenizer, list(ids))
+
+
 def split_steps(text: str, how: str = "auto") -> list[str]:
     """A trace as steps: at markdown ``###`` headers when there are any, else at
     blank-line paragraphs; ``auto`` splits a single paragraph of several lines
-    at its lines (short step-per-line traces such as the tiny policy's)."""
+    at its lines (short step-per-line traces such as the tiny policy's).
+    ``###``: after each delimiter, as ``token_steps`` cuts a character-level token
+    stream (with token ids at hand, use ``steps_of_tokens``: the cut follows the tokens)."""
+    if how == DELIMITER:
+        chars = list(text)
+        return [text[a:b] for a, b in token_steps(chars)] if text.strip() else []
     text = text.strip()
     if not text:
         return []
@@ -150,6 +197,10 @@ class Trace:
     correct: bool
     rubric: list[dict] | None = None  # [{text, weight}]
     error: str | None = None  # the sample itself failed (generation error): not sent
+    steps: list[str] | None = None  # the steps cut on the completion's tokens (judge.step_split "###"); else cut from the text
+
+    def step_texts(self, how: str) -> list[str]:
+        return self.steps if self.steps is not None else split_steps(self.completion, how)
 
 
 def reference_text(problem: dict) -> str:
@@ -174,23 +225,53 @@ def grade_row(trace: Trace, judge: str, *, outcome: float | None = None, step_sc
     }
 
 
+def _true(eq: Checkpoint) -> bool:
+    """Is ``a op b = value`` right arithmetic? (a division by 0 is not)"""
+    a, b = eq.a, eq.b
+    if eq.op == "/":
+        return b != 0 and abs(a / b - eq.value) < Decimal("1e-6")
+    return {"+": a + b, "-": a - b, "*": a * b}[eq.op] == eq.value
+
+
+_BOXED = re.compile(r"\\boxed\{")
+
+
+def segment_score(step: str, cps: list[Checkpoint], correct: bool) -> int:
+    """The rule judge's 1–5 score of one step seen alone, on the ExpRL authors' segment scale: 5 it
+    establishes a checkpoint of the reference (or states the final answer, which is right); 1 it
+    misleads or contradicts (wrong arithmetic, a checkpoint's operation with another result, a wrong
+    final answer); 2 true arithmetic off the reference's path; 3 nothing checkable (generic)."""
+    stated = equations(step)
+    contradicts = any(not _true(eq) for eq in stated) or any(
+        cp.op == eq.op and {cp.a, cp.b} == {eq.a, eq.b} and cp.value != eq.value for eq in stated for cp in cps)
+    if contradicts:
+        return 1
+    if any(cp.matches(eq) for eq in stated for cp in cps):
+        return 5
+    if _BOXED.search(step):
+        return 5 if correct else 1
+    return 2 if stated else 3
+
+
 class RuleJudge:
     """Credit for the reference's intermediate results, stated as the result of
     the matching operation. Process mode: after step t, the weighted fraction of
-    checkpoints reached by steps 1..t. Outcome: that fraction for the whole
-    trace, at most 0.75 when the final answer is wrong (on the path, not there)."""
+    checkpoints reached by steps 1..t; with the segment protocol, each step alone
+    on the authors' 1–5 scale (``segment_score``). Outcome: the fraction for the
+    whole trace, at most 0.75 when the final answer is wrong (on the path, not there)."""
 
     name = "rule"
 
-    def __init__(self, mode: str = "process", step_split: str = "auto"):
+    def __init__(self, mode: str = "process", step_split: str = "auto", protocol: str = "trace"):
         self.mode, self.step_split = mode, step_split
+        self.segment = mode == "process" and protocol == "segment"
         self.stats: Counter = Counter()
 
     def grade(self, traces: list[Trace]) -> list[dict]:
         return [self.grade_one(t) for t in traces]
 
     def grade_one(self, trace: Trace) -> dict:
-        steps = split_steps(trace.completion, self.step_split)
+        steps = trace.step_texts(self.step_split)
         if trace.error:
             return grade_row(trace, self.name, steps=steps, error=trace.error, mode=self.mode)
         items = trace.rubric if trace.rubric is not None else rule_rubric(trace.reference)
@@ -200,6 +281,13 @@ class RuleJudge:
             return grade_row(trace, self.name, steps=steps, mode=self.mode,
                              error="rule judge: the reference has no checkable intermediate results (lines `a op b = c`)")
         total = sum(w for _, w in cps)
+        if self.segment:  # each step alone: s_t = (score_t − 1)/4; the outcome is their mean
+            if not steps:
+                return grade_row(trace, self.name, error="empty trace: nothing to grade", mode=self.mode)
+            scores = [to_reward(segment_score(step, [cp for cp, _ in cps], trace.correct)) for step in steps]
+            raw = json.dumps({"protocol": "segment", "scores": [int(4 * x + 1) for x in scores]})
+            return grade_row(trace, self.name, outcome=round(sum(scores) / len(scores), 6), step_scores=scores, steps=steps,
+                             raw=raw, parse_ok=True, mode=self.mode)
         reached: set[int] = set()
         scores = []
         for step in steps:
@@ -223,6 +311,7 @@ _RUBRIC_ITEM = re.compile(r"ITEM:\s*\**\s*(\d+(?:\.\d+)?)\s*\|\s*(.+)", re.IGNOR
 
 REMINDER = {
     "outcome": "Your reply could not be read. Reply again; the last line must be exactly `SCORE: n` with n from 1 to 5.",
+    "segment": "Your reply could not be read. Reply again; the last line must be exactly `SCORE: n` with n from 1 to 5.",
     "process": "Your reply could not be read. Reply again with exactly one line `STEP k: n` (n from 1 to 5) for each of the {n} steps, k = 1..{n}.",
     "items": "Your reply could not be read. Reply again with exactly one line `ITEM k: n` (n from 1 to 5) for each of the {n} rubric items, k = 1..{n}.",
     "rubric": "Your reply could not be read. Reply again with 2 to 8 lines, each exactly `ITEM: weight | checkpoint`.",
@@ -263,20 +352,23 @@ class JudgePrompts:
     process: Template
     items: Template
     rubric: Template
+    segment: Template
     names: dict = field(default_factory=dict)
+
+    KINDS = ("outcome", "process", "items", "rubric", "segment")
 
     @classmethod
     def load(cls, paths: dict[str, str | Path]) -> "JudgePrompts":
-        return cls(**{k: load_template(paths[k]) for k in ("outcome", "process", "items", "rubric")}, names={k: str(v) for k, v in paths.items()})
+        return cls(**{k: load_template(paths[k]) for k in cls.KINDS}, names={k: str(v) for k, v in paths.items()})
 
     def fingerprint(self) -> str:
-        blob = "\0".join(t.template for t in (self.outcome, self.process, self.items, self.rubric))
+        blob = "\0".join(getattr(self, k).template for k in self.KINDS)
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
 def grading_request(trace: Trace, mode: str, prompts: JudgePrompts, step_split: str) -> tuple[str, str, int, list[str]]:
     """(kind, user message, expected count, steps) of one trace's judge request."""
-    steps = split_steps(trace.completion, step_split)
+    steps = trace.step_texts(step_split)
     common = {"question": trace.question, "reference": trace.reference, "trace": trace.completion}
     if mode == "process":
         cps = ""
@@ -294,10 +386,23 @@ def grading_request(trace: Trace, mode: str, prompts: JudgePrompts, step_split: 
 def prefix_requests(trace: Trace, prompts: JudgePrompts, step_split: str) -> list[tuple[str, str, int, list[str]]]:
     """The paper's process protocol: one outcome-style request per step prefix y≤t (the judge
     rates how surely the reasoning so far leads to the reference's answer); s_t is its score."""
-    steps = split_steps(trace.completion, step_split)
+    steps = trace.step_texts(step_split)
     common = {"question": trace.question, "reference": trace.reference}
     return [("outcome", fill_template(prompts.outcome, prompts.names.get("outcome", "outcome"),
                                       trace="\n\n".join(steps[: t + 1]), **common), 1, steps) for t in range(len(steps))]
+
+
+def segment_requests(trace: Trace, prompts: JudgePrompts, step_split: str) -> list[tuple[str, str, int, list[str]]]:
+    """The ExpRL authors' main protocol: one request per step showing that step alone (no earlier
+    steps), the problem and the whole reference; the judge picks the reference's checkpoints and rates
+    whether this single step could be a correct, useful next step on its path. s_t is its score."""
+    steps = trace.step_texts(step_split)
+    return [("segment", fill_template(prompts.segment, prompts.names.get("segment", "segment"), question=trace.question,
+                                      reference=trace.reference, step=step), 1, steps) for step in steps]
+
+
+#: process protocols that send one request per step
+PER_STEP = {"prefix": prefix_requests, "segment": segment_requests}
 
 
 # --------------------------------------------------------------------------- the request cache
@@ -447,7 +552,7 @@ def ask(client: JudgeClient, requests: list[tuple[str, str, int]], parse) -> tup
 
 
 def _parse_grade(kind: str, text: str | None, n: int):
-    if kind == "outcome":
+    if kind in ("outcome", "segment"):
         return parse_score(text or "")
     return parse_numbered(text or "", "STEP" if kind == "process" else "ITEM", n)
 
@@ -458,7 +563,8 @@ class LLMJudge:
     def __init__(self, client: JudgeClient, prompts: JudgePrompts, mode: str = "process", step_split: str = "auto",
                  protocol: str = "trace"):
         self.client, self.prompts, self.mode, self.step_split = client, prompts, mode, step_split
-        self.prefix = mode == "process" and protocol == "prefix"
+        self.per_step = PER_STEP.get(protocol) if mode == "process" else None
+        self.protocol = protocol if mode == "process" else None
         self.name = f"openai:{client.model}"
 
     @property
@@ -466,14 +572,14 @@ class LLMJudge:
         return self.client.stats
 
     def requests(self, traces: list[Trace]) -> list[tuple[str, str, int, list[str]]]:
-        """Every request grading ``traces`` sends first: one per trace, or with the prefix protocol one per step."""
-        if self.prefix:
-            return [r for t in traces for r in prefix_requests(t, self.prompts, self.step_split)]
+        """Every request grading ``traces`` sends first: one per trace, or with the prefix and segment protocols one per step."""
+        if self.per_step:
+            return [r for t in traces if not t.error for r in self.per_step(t, self.prompts, self.step_split)]
         return [grading_request(t, self.mode, self.prompts, self.step_split) for t in traces]
 
     def grade(self, traces: list[Trace]) -> list[dict]:
-        if self.prefix:
-            return self._grade_prefixes(traces)
+        if self.per_step:
+            return self._grade_per_step(traces)
         rows: list[dict | None] = [None] * len(traces)
         send, reqs = [], []
         for i, (t, req) in enumerate(zip(traces, self.requests(traces))):
@@ -501,14 +607,17 @@ class LLMJudge:
                                     parse_ok=True, mode=self.mode)
         return rows  # type: ignore[return-value]
 
-    def _grade_prefixes(self, traces: list[Trace]) -> list[dict]:
-        """Process mode, prefix protocol: s_t = the score of the prefix y≤t; a trace is graded when every prefix parsed."""
-        per_trace = [prefix_requests(t, self.prompts, self.step_split) if not t.error else [] for t in traces]
+    def _grade_per_step(self, traces: list[Trace]) -> list[dict]:
+        """Process mode, one request per step (prefix: s_t = the score of the prefix y≤t; segment: of step t
+        alone); a trace is graded when every step's reply parsed — one that does not masks the whole trace.
+        The outcome: the last prefix's score (prefix), the mean step score (segment)."""
+        per_trace = [self.per_step(t, self.prompts, self.step_split) if not t.error else [] for t in traces]
         flat = [r[:3] for reqs in per_trace for r in reqs]
         parsed, raws, errors = ask(self.client, flat, _parse_grade)
+        what = "step" if self.protocol == "segment" else "prefix"
         rows, at = [], 0
         for t, reqs in zip(traces, per_trace):
-            steps = split_steps(t.completion, self.step_split)
+            steps = t.step_texts(self.step_split)
             scores, raw, errs = parsed[at : at + len(reqs)], raws[at : at + len(reqs)], errors[at : at + len(reqs)]
             at += len(reqs)
             if t.error:
@@ -518,10 +627,11 @@ class LLMJudge:
             elif any(s is None for s in scores):
                 k = next(i for i, s in enumerate(scores) if s is None)
                 rows.append(grade_row(t, self.name, steps=steps, raw=raw[k],
-                                      error=f"prefix {k + 1} of {len(reqs)}: {errs[k] or 'unparseable judge answer'}", mode=self.mode))
+                                      error=f"{what} {k + 1} of {len(reqs)}: {errs[k] or 'unparseable judge answer'}", mode=self.mode))
             else:
                 step_scores = [to_reward(s) for s in scores]
-                rows.append(grade_row(t, self.name, outcome=step_scores[-1], step_scores=step_scores, steps=steps,
+                outcome = round(sum(step_scores) / len(step_scores), 6) if what == "step" else step_scores[-1]
+                rows.append(grade_row(t, self.name, outcome=outcome, step_scores=step_scores, steps=steps,
                                       raw="\n---\n".join(r or "" for r in raw), parse_ok=True, mode=self.mode))
         return rows
 
@@ -546,7 +656,8 @@ def request_plan(client: JudgeClient, texts: list[str]) -> dict:
 def judge_prompts(config) -> JudgePrompts:
     """The judge templates named in ``prompts.*`` (built-in names or files)."""
     return JudgePrompts.load({"outcome": config.template_path("judge_outcome"), "process": config.template_path("judge_process"),
-                              "items": config.template_path("judge_items"), "rubric": config.template_path("rubric")})
+                              "items": config.template_path("judge_items"), "rubric": config.template_path("rubric"),
+                              "segment": config.template_path("judge_segment")})
 
 
 def check_judge(config) -> None:

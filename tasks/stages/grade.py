@@ -52,7 +52,10 @@ def preflight(config: Config) -> None:
 
 
 def settings(config: Config) -> dict:
-    return {"judge": config.judge.model_dump(mode="json", include={"backend", "mode", "process_protocol", "rubric", "step_split", "model", "temperature", "max_tokens"})}
+    out = {"judge": config.judge.model_dump(mode="json", include={"backend", "mode", "process_protocol", "rubric", "step_split", "model", "temperature", "max_tokens"})}
+    if config.judge.step_split == judge.DELIMITER:  # the steps are cut on this tokenizer's tokens
+        out["tokenizer"] = config.policy.tokenizer or config.policy.model
+    return out
 
 
 def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
@@ -69,13 +72,27 @@ def sources(upstream: dict[str, StageOutput]) -> dict[str, Path]:
     return {s: upstream[s].path for s in ("curate", "rollouts", "rubric") if s in upstream}
 
 
-def load_traces(sources: dict[str, Path], rows: range) -> list[judge.Trace]:
+def step_tokenizer(config: Config):
+    """The policy's tokenizer when steps are cut on the completion's tokens (``judge.step_split: "###"``), else None."""
+    if config.judge.step_split != judge.DELIMITER:
+        return None
+    path = config.resolve(config.policy.tokenizer or config.policy.model)
+    if not path.is_dir():
+        raise ValueError(f"judge.step_split \"###\" cuts steps on the policy's tokens: {path} is not a directory "
+                         "(set policy.tokenizer to a local tokenizer directory)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_traces(sources: dict[str, Path], rows: range, tokenizer=None) -> list[judge.Trace]:
     """Rollouts ``rows`` as traces, each with its problem's reference and rubric; only
-    those rows and their problems are read (a slice of the scanned Parquet files)."""
+    those rows and their problems are read (a slice of the scanned Parquet files). With
+    ``tokenizer`` (step_split "###"), each trace's steps are cut on its completion's tokens."""
     import polars as pl
 
     outputs = {s: StageOutput.open(p) for s, p in sources.items()}
-    cols = ["sample_id", "problem_id", "completion", "correct", "finish_reason", "error"]
+    cols = ["sample_id", "problem_id", "completion", "correct", "finish_reason", "error"] + (["completion_token_ids"] if tokenizer else [])
     part = outputs["rollouts"].scan("rollouts").select(cols).slice(rows.start, len(rows)).collect()
     pids = part["problem_id"].unique().implode()
     problems = {p["problem_id"]: p for p in outputs["curate"].scan("problems").filter(pl.col("problem_id").is_in(pids))
@@ -86,8 +103,9 @@ def load_traces(sources: dict[str, Path], rows: range) -> list[judge.Trace]:
     for r in part.iter_rows(named=True):
         p = problems[r["problem_id"]]
         failed = f"generation failed: {r['error'] or 'unknown error'}" if r["finish_reason"] == "error" else None
+        steps = judge.completion_steps(tokenizer, r["completion"], r["completion_token_ids"])[0] if tokenizer else None
         traces.append(judge.Trace(r["sample_id"], r["problem_id"], p["question"], judge.reference_text(p), r["completion"],
-                                  bool(r["correct"]), rubrics.get(r["problem_id"]), failed))
+                                  bool(r["correct"]), rubrics.get(r["problem_id"]), failed, steps))
     return traces
 
 
@@ -98,15 +116,15 @@ def trace_rows(upstream: dict[str, StageOutput]) -> int:
 def make_judge(config: Config, workspace: Path):
     jc = config.judge
     if jc.backend == "rule":
-        return judge.RuleJudge(jc.mode, jc.step_split)
+        return judge.RuleJudge(jc.mode, jc.step_split, jc.process_protocol)
     return judge.LLMJudge(judge.open_client(config, workspace), judge.judge_prompts(config), jc.mode, jc.step_split, jc.process_protocol)
 
 
-def _batches(upstream: dict[str, StageOutput]) -> Iterator[list[judge.Trace]]:
+def _batches(upstream: dict[str, StageOutput], tokenizer=None) -> Iterator[list[judge.Trace]]:
     """Every trace that can be graded (not a failed generation), ``TRACE_BATCH`` at a time."""
     src, n = sources(upstream), trace_rows(upstream)
     for start in range(0, n, TRACE_BATCH):
-        yield [t for t in load_traces(src, range(start, min(n, start + TRACE_BATCH))) if not t.error]
+        yield [t for t in load_traces(src, range(start, min(n, start + TRACE_BATCH)), tokenizer) if not t.error]
 
 
 def _request_plan(config: Config, workspace: Path, upstream: dict[str, StageOutput]) -> dict:
@@ -114,7 +132,7 @@ def _request_plan(config: Config, workspace: Path, upstream: dict[str, StageOutp
     traces, counted a batch at a time: nothing is sent."""
     j = make_judge(config, workspace)
     total, plan = Counter(), judge.request_plan(j.client, [])
-    for traces in _batches(upstream):
+    for traces in _batches(upstream, step_tokenizer(config)):
         plan = judge.request_plan(j.client, [text for _, text, k, _ in j.requests(traces) if k > 0])
         total.update({k: plan[k] for k in ("requests", "cached", "prompt_tokens", "max_completion_tokens")}, traces=len(traces))
     return {**plan, "requests": 0, "cached": 0, "prompt_tokens": 0, "max_completion_tokens": 0, **total}
@@ -123,7 +141,7 @@ def _request_plan(config: Config, workspace: Path, upstream: dict[str, StageOutp
 def dry_run(config: Config, store: Store, upstream: dict[str, StageOutput]) -> dict:
     """What grading would send, counted before anything is sent (``--dry-run``)."""
     if config.judge.backend == "rule":
-        return {"stage": STAGE.name, "traces": sum(map(len, _batches(upstream))), "requests": 0, "cached": 0,
+        return {"stage": STAGE.name, "traces": sum(map(len, _batches(upstream, step_tokenizer(config)))), "requests": 0, "cached": 0,
                 "note": "rule judge: no requests"}
     plan = _request_plan(config, store.workspace, upstream)
     return {"stage": STAGE.name, "traces": plan.pop("traces", 0), **plan}
@@ -188,7 +206,7 @@ def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
     """Grade shard ``i``'s traces and write them. Too many failed requests fail the
     shard (nothing written for it; the answers received stay cached)."""
     j = make_judge(config, shard_plan.workspace)
-    rows = j.grade(load_traces(shard_plan.sources, shard_plan.shards[i]))
+    rows = j.grade(load_traces(shard_plan.sources, shard_plan.shards[i], step_tokenizer(config)))
     if isinstance(j, judge.LLMJudge):
         where = STAGE.name if len(shard_plan.shards) == 1 else f"{STAGE.name} shard {i + 1} of {len(shard_plan.shards)}"
         judge.check_failures(where, rows, config.judge.max_failed_fraction, j.client)

@@ -45,7 +45,7 @@ from tasks.core.groups import Source, partition, read_chunk
 from tasks.core.schemas import SCHEMAS, conform, kind_counts, to_table
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, data_files, write_parquet
-from tasks.models.judge import split_steps
+from tasks.models.judge import DELIMITER, split_steps, token_steps, token_texts
 from tasks.report import progress
 
 if TYPE_CHECKING:
@@ -120,10 +120,20 @@ def token_step_index(completion: str, token_texts: list[str], steps: list[str]) 
 
 
 def token_advantages(row: dict, grade: dict, tokenizer, step_split: str) -> list[float] | None:
+    """Each completion token's advantage: its step's (``step_advantages``). With ``step_split: "###"`` the
+    steps are token spans cut as the grade stage cut them (tasks/models/judge.py: token_steps), and each
+    span takes its step's advantage exactly; else the steps' texts are located in the completion."""
     if tokenizer is None or not grade or not grade.get("parse_ok") or not grade.get("step_scores"):
         return None
-    steps = grade["steps"] or split_steps(row["completion"], step_split)
     adv = step_advantages(grade["step_scores"])
+    if step_split == DELIMITER:
+        if row.get("completion_token_ids") is None:
+            return None
+        spans = token_steps(token_texts(tokenizer, list(row["completion_token_ids"])))
+        if len(spans) != len(adv):
+            return None
+        return [a for (start, end), a in zip(spans, adv) for _ in range(end - start)]
+    steps = grade["steps"] or split_steps(row["completion"], step_split)
     if len(adv) != len(steps):
         return None
     texts = [tokenizer.decode([t]) for t in row["completion_token_ids"]]

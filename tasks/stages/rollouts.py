@@ -48,6 +48,9 @@ class RolloutsConfig(StrictModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(160, gt=0)
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, description="problems whose prompt (chat template applied) is longer than this many tokens are left out, "
+        "and counted (verl's filter_overlong_prompts; ExpRL 4096); default: no limit")
     seed: int = 0
     split: Literal["train", "eval", "all"] = "train"
     levels: list[str] | None = Field(None, description="only problems of these levels (default: all)")
@@ -219,6 +222,7 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
     template = load_template(config.template_path("plain"))
     shard = shard_plan.shards[i]
     prompts = [render(tokenizer, fill(template, p["question"])) for p in shard]
+    shard, prompts, too_long = within_prompt_limit(shard, prompts, tokenizer, rc.max_prompt_tokens)
     params = SamplingParams(n=rc.samples_per_problem, temperature=rc.temperature, top_p=rc.top_p,
                             max_new_tokens=rc.max_new_tokens, seed=rc.seed)
     seeds = [sample_seeds(rc.seed, p["problem_id"], rc.samples_per_problem, "plain") for p in shard]
@@ -234,7 +238,23 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
                              [all(x.finish_reason != "error" for x in g) for g in samples], meta)
 
     return reuse.run_shard(shard_plan, i, keys, [p["problem_id"] for p in shard], sample,
-                           lambda rows: to_table(rows, "rollouts", str(shard_plan.path(i))), config.policy.max_error_fraction)
+                           lambda rows: to_table(rows, "rollouts", str(shard_plan.path(i))), config.policy.max_error_fraction,
+                           {"prompts_over_max": too_long} if too_long else None)
+
+
+def within_prompt_limit(problems: list[dict], prompts: list[str], tokenizer, max_prompt_tokens: int | None
+                        ) -> tuple[list[dict], list[str], int]:
+    """The problems (and their prompts) whose prompt has at most ``max_prompt_tokens`` tokens, and how many were
+    left out. Without a limit, or without a tokenizer to count with (warned), all of them."""
+    if not max_prompt_tokens:
+        return problems, prompts, 0
+    if tokenizer is None:
+        log.warning("rollouts.max_prompt_tokens = %d: no tokenizer to count prompt tokens with; no prompt is left out "
+                    "(set policy.tokenizer)", max_prompt_tokens)
+        return problems, prompts, 0
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    keep = [k for k, n in enumerate(lengths) if n <= max_prompt_tokens]
+    return [problems[k] for k in keep], [prompts[k] for k in keep], len(prompts) - len(keep)
 
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
@@ -245,6 +265,8 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     summary.update(served_summary(shard_plan))
     if shard_plan.total("oom_backoffs"):  # batches retried smaller after running out of device memory
         summary["oom_backoffs"] = int(shard_plan.total("oom_backoffs"))
+    if shard_plan.total("prompts_over_max"):  # problems left out: their prompt is over rollouts.max_prompt_tokens
+        summary["prompts_over_max"] = int(shard_plan.total("prompts_over_max"))
     summary.update(reuse.reuse_summary(shard_plan))
     out = reuse.write_output(job, shard_plan, {"rollouts": parts}, summary, "rollouts", dataset_summaries={"rollouts": summary})
     shard_plan.clean()
@@ -273,8 +295,9 @@ def served_note(s: dict) -> str:
 
 
 def describe(s: dict) -> str:
+    over = f"; {s['prompts_over_max']} problems left out (prompt over rollouts.max_prompt_tokens)" if s.get("prompts_over_max") else ""
     return (f"{s.get('samples')} samples of {s.get('problems')} problems; {s.get('all_fail_problems')} problems with every sample "
-            f"wrong{reuse.reuse_note(s)}{served_note(s)}")
+            f"wrong{over}{reuse.reuse_note(s)}{served_note(s)}")
 
 
 def read_rollouts(out: StageOutput) -> pa.Table:
