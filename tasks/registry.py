@@ -148,7 +148,7 @@ def preflight(config, stages: list[str], workspace: str | Path) -> None:
 
 
 def mermaid() -> str:
-    """The stage graph as a mermaid flowchart (ARCHITECTURE.md shows it; a test keeps them equal).
+    """The stage graph as a mermaid flowchart (docs/architecture.md shows it; a test keeps them equal).
     Solid arrows: what a stage reads; dotted: read when it ran; [[double boxes]]: sharded stages."""
     lines = ["flowchart LR"]
     lines += [f"    {name}[[{name}]]" if s.sharded else f"    {name}[{name}]" for name, s in REGISTRY.items()]

@@ -84,6 +84,19 @@ def test_run_writes_problems_and_rejected_readable_everywhere_then_reuses(tmp_pa
 
     ls = cli("datasets", "ls", "--workspace", str(ws))
     assert "problems" in ls.stdout and "rejected" in ls.stdout and out.name in ls.stdout
+    # at 100 columns the path — what `datasets show` and `publish` take — is whole, relative to where you are, and works
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("guidedrl")
+    narrow = subprocess.run([str(exe), "datasets", "ls", "--workspace", "ws"], cwd=ws.parent, capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "100"})
+    entries = json.loads(cli("datasets", "ls", "--workspace", str(ws), "--json").stdout)
+    copied = [str(Path(e["path"]).relative_to(ws.parent)) for e in entries]
+    assert narrow.returncode == 0 and all(c in narrow.stdout for c in copied), narrow.stdout  # each on one line, whole
+    assert "…" not in narrow.stdout and max(map(len, narrow.stdout.splitlines())) <= 100
+    assert "(verified)" in cli("datasets", "show", copied[0], cwd=ws.parent).stdout
     show = cli("datasets", "show", str(problems))
     assert "problem_id: string (not null)" in show.stdout and "(verified)" in show.stdout
     assert f"{df.height} rows" in show.stdout

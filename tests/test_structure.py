@@ -139,4 +139,4 @@ def test_the_graph_is_the_registry():
 
 
 def test_architecture_shows_the_stage_graph_of_the_code():
-    assert f"```mermaid\n{mermaid()}\n```" in (ROOT / "ARCHITECTURE.md").read_text()
+    assert f"```mermaid\n{mermaid()}\n```" in (ROOT / "docs" / "architecture.md").read_text()

@@ -12,6 +12,7 @@
     guidedrl frontier ID [ID ...] [--json]
     guidedrl gc --keep N [--dry-run]
     guidedrl deploy CONFIG [--work-pool P] [--cron "0 2 * * *"]
+    guidedrl docs [--serve] [--build DIR]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 
-from flows.cli import config, datasets, run, runs  # noqa: F401  (each registers its commands on the app)
+from flows.cli import config, datasets, docs, run, runs  # noqa: F401  (each registers its commands on the app)
 from flows.cli.app import app
 
 

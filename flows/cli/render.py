@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.table import Table
 
 from flows.cli.app import console
@@ -129,14 +131,23 @@ def dataset_entries(outputs: list) -> list[dict]:
             for o in outputs for name, d in o.manifest.get("datasets", {}).items()]
 
 
+def copyable_path(path: str) -> str:
+    """A path as a user copies it: relative to the current directory when it lies under it, else absolute."""
+    p = Path(path).resolve()
+    return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+
+
 def print_datasets(entries: list[dict], title: str) -> None:
-    """`datasets ls`: every dataset of every finished stage output."""
+    """`datasets ls`: every dataset of every finished stage output. The path is what `datasets show` and `publish`
+    take: never cut, never wrapped (it holds the output's key; --json gives the key apart); the other columns give way."""
     table = Table(title=title)
-    columns = ("stage", "key", "dataset", "kind", "rows", "created", "path")
+    paths = [copyable_path(e["path"]) for e in entries]
+    table.add_column("path", no_wrap=True, min_width=max(map(len, paths)))
+    columns = ("stage", "dataset", "kind", "rows", "created")
     for col in columns:
-        table.add_column(col)
-    for e in entries:
-        table.add_row(*("" if e[c] is None else str(e[c]) for c in columns))
+        table.add_column(col, overflow="fold")
+    for e, path in zip(entries, paths):
+        table.add_row(path, *("" if e[c] is None else str(e[c]) for c in columns))
     console.print(table)
 
 

@@ -129,6 +129,8 @@ def quickstart(workspace: Optional[Path] = typer.Option(Path("workspace"), "--wo
         _execute(read_yaml(QUICKSTART_CONFIG), PROJECT_ROOT, workspace, None, where=str(QUICKSTART_CONFIG))
     except user_errors() as exc:
         fail(str(exc))
+    console.print(f"what these tables mean: {PROJECT_ROOT / 'docs' / 'getting-started.md'} (\"What the quickstart prints\"); "
+                  "the whole manual: `guidedrl docs`")
 
 
 @app.command()
