@@ -97,7 +97,7 @@ def default_text(f: FieldInfo) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    return f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
+    return f"`{value}`" if isinstance(value, str) and value else "`\"\"`" if isinstance(value, str) else f"`{value}`"
 
 
 def preset_values() -> dict[str, list[tuple[str, Any, str]]]:
@@ -114,7 +114,21 @@ def preset_values() -> dict[str, list[tuple[str, Any, str]]]:
 
 
 def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Text for one Markdown table cell: one line, pipes escaped, angle brackets shown (not read as HTML)."""
+    return " ".join(str(text).split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _row(k: Key, presets: dict, sources: bool) -> str:
+    """One key as a table row: key | type (and bounds) | default | description (and the presets that set it)."""
+    bounds = bounds_text(k.field)
+    kind = type_text(k.field.annotation) + (f", {bounds}" if bounds else "")
+    set_by = presets.get(k.name, [])
+    note = "; ".join(f"**{m}** `{v}`" + (f" — {_cell(src)}" if sources and src else "") for m, v, src in set_by)
+    desc = _cell(k.field.description or "") + (f"<br>Presets: {note}" if note else "")
+    return f"| `{k.name}` | {kind} | {default_text(k.field)} | {desc} |"
+
+
+_HEAD = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
 
 
 def config_reference() -> str:
@@ -122,29 +136,24 @@ def config_reference() -> str:
     from tasks.core.config import PRESETS_DIR
 
     presets = preset_values()
-    lines = ["# Configuration reference", "",
+    lines = ["---", "hide:", "  - navigation", "---", "", "# Configuration reference", "",
              "Generated from the code (`flows/cli/reference.py` reads the pydantic models of `tasks/registry.py`) when the "
-             "site is built: every key of a run config, its type, default, bounds and description. Where a method preset "
-             "(`--method`) sets a key, the last column gives each preset's value and its source. `guidedrl config show "
+             "site is built: every key of a run config, its type and bounds, default and description. Where a method preset "
+             "(`--method`) sets a key, its description ends with each preset's value and source. `guidedrl config show "
              "CONFIG [--method M]` prints a config resolved.", ""]
     section = None
     for key in config_keys():
         if key.section != section:
             section = key.section
-            model_doc = (key.model.model_fields[section].description or "") if section in key.model.model_fields else ""
             lines += ["", f"## `{section}`", ""]
             inner = _models_in(key.field.annotation)
             doc = (inner[0][0].__doc__ or "").strip() if inner else ""
             if doc and not doc.startswith(inner[0][0].__name__ + "("):
                 lines += [_cell(doc), ""]
-            elif model_doc:
-                lines += [_cell(model_doc), ""]
-            lines += ["| key | type | default | bounds | description | presets (value: source) |", "| --- | --- | --- | --- | --- | --- |"]
-            if _models_in(key.field.annotation):
+            lines += _HEAD
+            if inner:
                 continue
-        set_by = "; ".join(f"{m}: `{v}` — {_cell(src)}" for m, v, src in presets.get(key.name, []))
-        lines.append(f"| `{key.name}` | {type_text(key.field.annotation)} | {default_text(key.field)} | {bounds_text(key.field)} | "
-                     f"{_cell(key.field.description or '')} | {set_by} |")
+        lines.append(_row(key, presets, sources=True))
     lines += ["", "## Presets by method", "",
               "`guidedrl run CONFIG --method M` sets these over CONFIG (`--set` still wins); each value with its source.", ""]
     for path in sorted(PRESETS_DIR.glob("*.yaml")):
@@ -155,15 +164,10 @@ def config_reference() -> str:
 def section_table(section: str) -> str:
     """The keys of one config section (``judge``, ``train.grpo`` …) as a Markdown table."""
     presets = preset_values()
-    rows = ["| key | type | default | bounds | description |", "| --- | --- | --- | --- | --- |"]
     keys = [k for k in config_keys() if (k.name + ".").startswith(section + ".") and not _models_in(k.field.annotation)]
     if not keys:
         raise ValueError(f"no config section {section!r}")
-    for k in keys:
-        note = "; ".join(f"{m}: `{v}`" for m, v, _ in presets.get(k.name, []))
-        rows.append(f"| `{k.name}` | {type_text(k.field.annotation)} | {default_text(k.field)} | {bounds_text(k.field)} | "
-                    f"{_cell(k.field.description or '')}{f' (presets: {note})' if note else ''} |")
-    return "\n".join(rows)
+    return "\n".join(_HEAD + [_row(k, presets, sources=False) for k in keys])
 
 
 def preset_table(method: str) -> str:
@@ -212,7 +216,7 @@ def _relative(value: Any) -> Any:
 def cli_reference() -> str:
     """The command-line reference (Markdown): every command, its arguments and options with their help."""
     root = cli_command()
-    lines = ["# Command-line reference", "",
+    lines = ["---", "hide:", "  - navigation", "---", "", "# Command-line reference", "",
              "Generated from the code (`flows/cli/reference.py` walks the typer app) when the site is built. Every command "
              "also answers `--help`.", ""]
     for path, cmd in _commands(root, ["guidedrl"]):

@@ -69,11 +69,13 @@ def print_results(results: dict) -> None:
     table = Table(title="stages", show_lines=False)
     table.add_column("stage", style="bold")
     table.add_column("status")
-    table.add_column("result")
-    table.add_column("output")
+    table.add_column("result", overflow="fold")
+    # the output is what a user copies (datasets show, publish): whole, on one line; the result gives way
+    paths = {stage: copyable_path(r["path"]) for stage, r in results.items()}
+    table.add_column("output", no_wrap=True, min_width=max(map(len, paths.values()), default=6))
     for stage, r in results.items():
         status = {"computed": "[green]computed[/]", "reused": "[cyan]reused (no work)[/]", "cached": "[cyan]cached (no work)[/]"}[r["status"]]
-        table.add_row(stage, status, REGISTRY[stage].describe(r.get("summary", {})), r["path"])
+        table.add_row(stage, status, REGISTRY[stage].describe(r.get("summary", {})), paths[stage])
     console.print(table)
     if "rollouts" in results:
         print_pass_table("pass rates of the policy's rollouts, by level", results["rollouts"]["summary"].get("pass", {}))
@@ -117,10 +119,13 @@ def print_run(record) -> None:
     if d.get("error"):
         console.print(f"[red]error:[/] {d['error']}")
     table = Table()
-    for col in ("stage", "status", "seconds", "output", "error"):
+    paths = {name: copyable_path(s["path"]) if s.get("path") else "" for name, s in d["stages"].items()}
+    for col in ("stage", "status", "seconds"):
         table.add_column(col)
+    table.add_column("output", no_wrap=True, min_width=max(map(len, paths.values()), default=6))
+    table.add_column("error", overflow="fold")
     for name, s in d["stages"].items():
-        table.add_row(name, record.stage_status(name), str(s.get("seconds", "")), s.get("path", ""), s.get("error", ""))
+        table.add_row(name, record.stage_status(name), str(s.get("seconds", "")), paths[name], s.get("error", ""))
     console.print(table)
 
 
@@ -142,12 +147,13 @@ def print_datasets(entries: list[dict], title: str) -> None:
     take: never cut, never wrapped (it holds the output's key; --json gives the key apart); the other columns give way."""
     table = Table(title=title)
     paths = [copyable_path(e["path"]) for e in entries]
-    table.add_column("path", no_wrap=True, min_width=max(map(len, paths)))
-    columns = ("stage", "dataset", "kind", "rows", "created")
-    for col in columns:
-        table.add_column(col, overflow="fold")
+    table.add_column("path (stage/key/dataset)", no_wrap=True, min_width=max(map(len, paths)))
+    table.add_column("kind", overflow="fold")
+    table.add_column("rows", no_wrap=True, justify="right")
+    table.add_column("created", no_wrap=True)
     for e, path in zip(entries, paths):
-        table.add_row(path, *("" if e[c] is None else str(e[c]) for c in columns))
+        created = (e["created"] or "")[:16].replace("T", " ")  # to the minute; --json has it whole
+        table.add_row(path, "" if e["kind"] == e["dataset"] else e["kind"], str(e["rows"]), created)
     console.print(table)
 
 
