@@ -5,6 +5,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import write_jsonl
@@ -131,6 +132,7 @@ def test_help_explains_commands(cli):
     assert "--set" in cli("run", "--help").stdout
 
 
+@pytest.mark.slow
 def test_quickstart_runs_and_names_the_stages_still_to_come(finished_quickstart, cli):
     ws, stdout = finished_quickstart["workspace"], finished_quickstart["stdout"]
     for stage in ("curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo", "grpo", "eval"):
@@ -156,6 +158,7 @@ def test_quickstart_runs_and_names_the_stages_still_to_come(finished_quickstart,
         assert srv.behaviour.requests == []
 
 
+@pytest.mark.slow
 def test_quickstart_rows_are_those_of_the_recorded_run(finished_quickstart):
     """The quickstart's outputs, row for row, are the ones recorded in tests/quickstart_rows.json (made with
     `python -m tests.golden WORKSPACE`): a refactoring must not change them. A change that does on purpose

@@ -7,9 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tasks.report.runs import list_runs
+
+pytestmark = pytest.mark.slow  # end to end: Prefect deployments run by workers
 
 
 async def _runs(deployment: str, state: str | None = None):

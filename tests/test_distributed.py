@@ -15,6 +15,8 @@ from tasks.registry import parse_config
 from tasks.stages.grpo import GRPORows, GRPOTrainConfig, train_update
 from tests.test_update_scale import _rows
 
+pytestmark = pytest.mark.slow  # end to end: torchrun and accelerate launch several processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

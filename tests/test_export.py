@@ -20,6 +20,8 @@ import pytest
 from tasks.core.export import ExportError, export
 from tasks.core.store import Store, read_dataset
 
+pytestmark = pytest.mark.slow  # end to end: exports of a finished quickstart, read by the trainers' own classes
+
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = ROOT / "data" / "models" / "tiny-policy"
 

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -13,6 +15,7 @@ def _bench():
     return mod
 
 
+@pytest.mark.slow
 def test_small_learning_study_runs_every_method_with_its_own_training_signal(tmp_path, monkeypatch):
     monkeypatch.setenv("GUIDEDRL_PROGRESS", "0")
     bench = _bench()
@@ -51,3 +54,26 @@ def test_small_learning_study_runs_every_method_with_its_own_training_signal(tmp
     assert "| expo | 1 | 2 |" in summary and agg[("grpo", 1)]["hard_pass_at_k"] == [by[("grpo", 1)]["pass"]["hard"]["pass@4"]] * 2
     bench.chart(agg, 4, tmp_path / "chart.png", "test")
     assert (tmp_path / "chart.png").stat().st_size > 1000
+
+
+def test_tuning_chooses_per_method_the_best_stuck_rate_that_keeps_the_easy_level():
+    """--tune: per method, the rate with the best validation stuck pass@k after the last round among those losing at
+    most 2 points of easy pass@1; where no rate keeps the easy level, the best stuck pass@k, said so."""
+    bench = _bench()
+
+    def run(method, lr, hard, easy_end):
+        start = {"method": method, "lr": lr, "round": 0, "pass": {"hard": {"pass@8": 0.1}, "easy": {"pass@1": 0.90}}}
+        end = {"method": method, "lr": lr, "round": 2, "pass": {"hard": {"pass@8": hard}, "easy": {"pass@1": easy_end}},
+               "pass_with_derivation": {"hard": {"pass@8": hard / 2}}}
+        return [start, end]
+
+    rows = (run("grpo", 1e-5, 0.20, 0.91) + run("grpo", 5e-5, 0.30, 0.885) + run("grpo", 2e-4, 0.50, 0.60)
+            + run("expo", 1e-5, 0.20, 0.70) + run("expo", 5e-5, 0.40, 0.60))
+    chosen, table = bench.choose(rows, 8)
+    assert chosen == {"grpo": 5e-5, "expo": 5e-5}  # grpo 2e-4 is best on the stuck level but loses 30 points of easy
+    assert "| grpo | 5e-05 | 0.300 | 0.150 | 0.885 | -0.015 | yes |" in table
+    assert "yes (no rate kept the easy level)" in table
+    # the final runs render apart from the tuning runs, with each method's rate
+    final = [{**r, "phase": "final", "seed": 0, "samples": 0, "update": {}} for r in run("grpo", 5e-5, 0.3, 0.9)]
+    md = bench.render([{**r, "phase": "tune"} for r in rows] + final, 8, "setting; x", None)
+    assert md.index("Tuning") < md.index("Mean [min–max]") and "| grpo | 2 | 1 |" in md and "| 5e-05 |" in md

@@ -173,6 +173,7 @@ def test_explanations_of_every_problem_ride_along_when_explain_covers_all(tmp_pa
     assert expl == {"A", "B"} and counts["explanation_rows"] == 2
 
 
+@pytest.mark.slow
 def test_chunks_of_whole_problems_give_the_rows_of_one_pass_in_order(finished_quickstart, tmp_path, monkeypatch):
     """The stage works one chunk of whole problems at a time (tasks/core/groups.py): with chunks of
     40 rollouts (the quickstart's 7 groups of 8 → several chunks, their parts written as they go) every

@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import ROOT
 from tests.real_servers import TransformersServe, free_port
 
+pytestmark = pytest.mark.slow  # end to end: `transformers serve` started as a subprocess
+
 TINY = ROOT / "data" / "models" / "tiny-policy"
 
 
@@ -41,8 +43,10 @@ def test_text_only_server_runs_the_pipeline_to_the_update(tserve, cli, tmp_path)
     row, token ids on every row (re-tokenized, each decodes back to its text), the easy level solved about as in
     process, and the update trains on π_old recomputed by the trainer — which equals a forward pass of the same rows."""
     ws = tmp_path / "ws"
+    # uniform groups kept (advantage 0): the update has plain rows whatever the server samples (`transformers serve`
+    # does not reproduce a seeded request, and 24 problems can all come out uniform)
     proc = cli("run", "configs/quickstart.yaml", "--stages", "grpo", "--workspace", str(ws), *_served(tserve.url, tserve.model), *SMALL,
-               timeout=900)
+               "--set", "materialize.keep_uniform_groups=true", timeout=900)
     rollouts = _only(ws, "rollouts")
     df = rollouts.scan("rollouts").collect()
     assert df.height == 24 * 8 and (df["finish_reason"] != "error").all()

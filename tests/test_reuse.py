@@ -15,6 +15,8 @@ from tasks.stages import filter as filter_stage
 from tests.conftest import write_jsonl
 from tests.sampled_rows import assert_same_rows
 
+pytestmark = pytest.mark.slow  # end to end: nights of whole sampling stages compared row for row
+
 TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
 def _problems(n: int, start: int = 0) -> list[dict]:
     """Chain sums: one-digit ones the tiny policy often solves, two-digit ones it is stuck on."""

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tasks.core.store import Store
@@ -122,6 +123,7 @@ def test_run_ids_are_never_cut_scripts_get_json_and_a_unique_prefix_names_a_run(
     assert json.loads(cli("datasets", "ls", "--workspace", str(ws), "--json").stdout) == []
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_compute_each_output_once_and_agree(tmp_path, cli, random_checkpoint):
     """Two `guidedrl run` processes, same config, same fresh workspace, started together: each stage
     output is computed by one of them while the other waits on its lock and reuses it; both finish

@@ -20,6 +20,8 @@ from tasks.core.schemas import to_table  # noqa: E402
 from tasks.core.store import Store  # noqa: E402
 from tests.conftest import _cli, _free_port  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end to end: a moto S3 server and whole publish / pull round trips
+
 SECRET = "guidedrl-S3-SECRET-5d7a1c9e3b"
 KEY_ID = "AKIAGUIDEDRLTEST0001"
 

@@ -11,6 +11,8 @@ from flows.pipeline import pipeline
 from tasks.core.store import Store
 from tests.sampled_rows import assert_same_rows
 
+pytestmark = pytest.mark.slow  # end to end: shards fanned out on threads and a local Ray
+
 TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
 
 

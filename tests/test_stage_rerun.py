@@ -17,6 +17,8 @@ from tasks.core.store import Store
 from tasks.registry import STAGES, downstream_of, select_stages
 from tasks.report.runs import RunRecord, list_runs
 
+pytestmark = pytest.mark.slow  # end to end: every stage re-run on copies of a finished quickstart
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
