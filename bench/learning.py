@@ -347,7 +347,9 @@ def main() -> None:
     k = args.eval_samples
     if args.merge:
         rows = [r for f in args.merge.split(",") for r in json.loads(Path(f).read_text())]
-        setting = f"merged from {args.merge}; tables as each run's"
+        seeds = sorted({r["seed"] for r in rows if r.get("phase", "final") == "final"})
+        setting = (f"{', '.join(dict.fromkeys(r['method'] for r in rows))} on seeds {', '.join(map(str, seeds))} "
+                   f"(runs {', '.join(Path(f).stem for f in args.merge.split(','))} merged); settings as each run's")
         print(render(rows, k, setting, args.out))
         return
     rates = None
