@@ -32,7 +32,6 @@ of stuck-level pass@k by round per method (PNG) to --out, and the total time.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -95,21 +94,13 @@ def base_config(train_per_level: int, eval_per_level: int, samples: int, eval_sa
     }
 
 
-def _merge(into: dict, over: dict) -> dict:
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
-        else:
-            into[k] = copy.deepcopy(v)
-    return into
-
-
 def method_config(raw: dict, method: str, samples: int, paper: bool = False, lr: float | None = None) -> dict:
     """``raw`` for ``method``: its training signal, with ``paper`` its paper's loss settings (PAPER), with ``lr`` its rate."""
-    raw = copy.deepcopy(raw)
-    _merge(raw, METHODS[method])
+    from tasks.core.config import deep_merge
+
+    raw = deep_merge(raw, METHODS[method])
     if paper:
-        _merge(raw, PAPER[method])
+        raw = deep_merge(raw, PAPER[method])
     if lr is not None:
         raw["train"]["grpo"]["learning_rate"] = lr
     if method in DOUBLE_ROLLOUTS:  # the same budget: the guidance samples the others spend become rollouts

@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli.reference import cli_command, cli_reference, config_keys, config_reference, type_text
-from tasks.core.config import read_yaml
+from tasks.core.config import deep_merge, read_yaml
 from tasks.registry import Config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +25,6 @@ INLINE = re.compile(r"(?<!`)`(guidedrl [^`]+)`")
 
 def _blocks(kind: str) -> list[tuple[str, str]]:
     return [(str(p.relative_to(ROOT)), m.group(2)) for p in PAGES for m in FENCE.finditer(p.read_text()) if m.group(1) == kind]
-
-
-def _merge(into: dict, over: dict) -> dict:
-    for k, v in over.items():
-        into[k] = _merge(dict(into[k]), v) if isinstance(v, dict) and isinstance(into.get(k), dict) else v
-    return into
 
 
 def _app():
@@ -67,7 +61,7 @@ def test_every_config_in_the_docs_is_a_config_guidedrl_accepts(tmp_path):
             continue  # not a run config (a preset file, a deployment)
         assert set(data) <= sections, f"{where}: a config block with keys that are not config sections: {sorted(set(data) - sections)}"
         path = tmp_path / f"block{shown}.yaml"
-        path.write_text(yaml.safe_dump(_merge(dict(base), data)))
+        path.write_text(yaml.safe_dump(deep_merge(base, data)))
         r = runner.invoke(app, ["config", "show", str(path)])
         assert r.exit_code == 0, f"{where}: this config block is refused:\n{text}\n{r.output}"
         shown += 1

@@ -322,10 +322,11 @@ def flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` set over a copy of ``base``, mappings merged key by key (neither argument is changed)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
@@ -343,7 +344,7 @@ def apply_preset(raw: dict, method: str | None) -> tuple[dict, dict[str, tuple[A
     if unknown or not isinstance(settings, dict):
         raise ConfigError(f"{path}: a preset has `settings` (a partial config) and `sources`; found {unknown or 'no settings mapping'}")
     values = flatten(settings)
-    return _merge(raw, settings), {k: (v, sources.get(k, f"preset {method}")) for k, v in values.items()}
+    return deep_merge(raw, settings), {k: (v, sources.get(k, f"preset {method}")) for k, v in values.items()}
 
 
 def read_run_config(path: Path | str, method: str | None = None, overrides: list[str] = ()) -> tuple[dict, dict[str, tuple[Any, str]]]:
