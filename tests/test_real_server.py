@@ -119,3 +119,19 @@ def test_a_field_the_server_refuses_names_it_and_the_setting(tserve, cli, tmp_pa
     assert "return_tokens_as_token_ids" not in caps.fields and not caps.n and not caps.token_ids
     with pytest.raises(ServerError, match="does not serve model 'other'"):
         probe(tserve.url, "other")
+
+
+def test_the_segment_protocol_against_transformers_serve(tserve, cli, tmp_path):
+    """ExpRL's segment protocol through the real client at a real server: one request per step is sent and answered;
+    the tiny policy's replies do not parse, so each trace is masked by its first step, and the summary says so."""
+    ws = tmp_path / "ws"
+    cli("run", "configs/quickstart.yaml", "--stages", "grade", "--workspace", str(ws), "--set", "rollouts.max_problems=2",
+        "--set", "rollouts.samples_per_problem=2", "--set", "judge.backend=openai", "--set", f"judge.base_url={tserve.url}",
+        "--set", f"judge.model={tserve.model}", "--set", "judge.mode=process", "--set", "judge.process_protocol=segment",
+        "--set", "judge.max_tokens=24", "--set", "judge.max_retries=0", "--set", "judge.max_failed_fraction=1.0", timeout=900)
+    grade = _only(ws, "grade")
+    rows = grade.read("grades").to_pylist()
+    steps = sum(len(r["steps"]) for r in rows)
+    assert len(rows) == 4 and steps > len(rows) and grade.summary["judge_requests"]["failed"] == 0
+    assert grade.summary["judge_requests"]["requests"] >= steps  # one per step (plus format reminders)
+    assert grade.summary["graded"] == 0 and all(r["error"].startswith("step ") and "unparseable" in r["error"] for r in rows)
