@@ -6,7 +6,7 @@ from tasks.models.transformers_backend import TransformersBackend
 from tasks.registry import parse_config
 from tasks.stages import curate, explain
 from tasks.stages import filter as filter_stage
-from tasks.stages.explain import answer_text, explanation_body, select
+from tasks.stages.explain import answer_text, explanation_ids, select
 
 
 def _config(checkpoint, tmp_path, **explain_cfg):
@@ -63,7 +63,11 @@ def test_scores_and_loss_logprobs_match_a_direct_computation(tmp_path, random_ch
         assert abs(r["explain_loglik"] - ll.mean().item()) < 1e-4
         # (b) how much the explanation raises log p(\boxed{answer})
         a_ids = be.tokenizer(answer_text(ans), add_special_tokens=False)["input_ids"]
-        with_e = _logp(be.model, be.tokenizer, r["loss_prompt"] + explanation_body(r["completion"]), a_ids).sum().item()
+        # the explanation's sampled ids before the first that decodes past its last \boxed (prefixes decoded)
+        ids, cut = r["completion_token_ids"], r["completion"].rfind("\\boxed")
+        k = next((k for k in range(len(ids)) if cut >= 0 and len(be.tokenizer.decode(ids[:k + 1], skip_special_tokens=True)) > cut),
+                 len(ids))
+        with_e = _logp(be.model, be.tokenizer, r["loss_prompt"], ids[:k] + a_ids)[k:].sum().item()
         without = _logp(be.model, be.tokenizer, r["loss_prompt"], a_ids).sum().item()
         assert abs(r["explain_answer_gain"] - (with_e - without)) < 1e-3
     # one selected per problem: the highest per-token log-likelihood
@@ -91,7 +95,15 @@ def test_selection_rules():
     assert [r["selected"] for r in rows] == [False, False, True]
     select(rows, "all")
     assert all(r["selected"] for r in rows)
-    assert explanation_body("1 + 2 = 3\n\\boxed{3}") == "1 + 2 = 3\n"
+
+
+def test_explanation_ids_end_before_the_last_boxed_answer():
+    from tasks.models.tiny_policy import build_tokenizer
+
+    tok = build_tokenizer()
+    ids = tok("1 + 2 = 3\n\\boxed{3}<|end|>", add_special_tokens=False)["input_ids"]
+    assert explanation_ids(tok, ids) == tok("1 + 2 = 3\n", add_special_tokens=False)["input_ids"]
+    assert explanation_ids(tok, ids[:5]) == ids[:5]  # no boxed answer: all of it
 
 
 def test_explain_works_on_the_problems_filter_kept(tmp_path, random_checkpoint, monkeypatch):

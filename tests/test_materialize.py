@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from tasks.registry import parse_config
-from tasks.stages.materialize import build, group_advantages, step_advantages, token_step_index
+from tasks.models.token_text import token_step_index
+from tasks.stages.materialize import build, group_advantages, step_advantages
 
 PLAIN = "<|user|>What is {q}?<|end|><|assistant|>"
 HINTED = "<|user|>What is {q}?\nHint: These answers are wrong: 5.<|end|><|assistant|>"
@@ -100,7 +101,7 @@ def test_judge_rewards_mask_unparsed_grades_and_give_token_advantages(tmp_path, 
 
 def test_step_and_token_helpers():
     assert step_advantages([0.25, 0.5, 1.0]) == [-0.75, 0.25, 0.5]
-    assert token_step_index("ab\ncd", ["a", "b", "\n", "c", "d"], ["ab", "cd"]) == [0, 0, 0, 1, 1]
+    assert token_step_index("ab\ncd", [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)], ["ab", "cd"]) == [0, 0, 0, 1, 1]
     assert group_advantages([1.0, 0.0, None]) == pytest.approx([1.0, -1.0, None], abs=1e-5)
 
 
@@ -141,14 +142,14 @@ def test_process_mode_keeps_groups_whose_steps_differ_and_single_steps_get_s1(tm
 
 
 def test_process_mode_without_a_tokenizer_is_an_error(tmp_path):
-    from tasks.stages.materialize import process_tokenizer
+    from tasks.stages.materialize import policy_tokenizer
 
     config = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}, "materialize": {"reward": "judge"},
                            "policy": {"model": "served-model", "backend": "openai"}}, base_dir=tmp_path)
     with pytest.raises(ValueError, match="needs the policy's tokenizer"):
-        process_tokenizer(config)
+        policy_tokenizer(config)
     config.judge.mode = "outcome"
-    assert process_tokenizer(config) is None
+    assert policy_tokenizer(config) is None
 
 
 def test_overlong_traces_get_reward_zero_unless_graded(tmp_path):

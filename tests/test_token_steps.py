@@ -6,7 +6,8 @@ import pytest
 
 from tasks.core.store import Store
 from tasks.models import judge
-from tasks.models.judge import RuleJudge, Trace, completion_steps, split_steps, token_steps
+from tasks.models.judge import RuleJudge, Trace, completion_steps, split_steps
+from tasks.models.token_text import token_steps
 from tasks.registry import parse_config
 from tasks.stages import grade, rubric
 from tasks.stages.materialize import step_advantages, token_advantages

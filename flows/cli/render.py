@@ -248,3 +248,23 @@ def print_frontier(rows: list[dict], left: list[dict], nights: list[str], shown:
         table.add_row(p["problem_id"], str(p["level"] or ""), where(p.get("left_stuck_night"), p["left_stuck_round"]), guided,
                       f"{p['pass_rate']:.3f}")
     console.print(table)
+
+
+def print_alignment(run_id: str, tokenizer_dir, reports: list, checks: tuple[str, ...]) -> None:
+    """`runs check`: per dataset, failing rows of each check over the rows checked, then a few failing rows."""
+    console.print(f"[bold]run {run_id}[/] — token–text alignment with the tokenizer in {copyable_path(tokenizer_dir)}")
+    table = Table()
+    table.add_column("output / dataset", overflow="fold")
+    table.add_column("rows", justify="right")
+    for c in checks:
+        table.add_column(c, justify="right")
+    for r in reports:
+        cells = [f"{r.failed[c]}/{r.checked[c]}" if r.checked[c] else "–" for c in checks]
+        table.add_row(f"{r.output.rsplit('/', 2)[-2]}/{r.dataset}", str(r.rows), *cells)
+    console.print(table)
+    console.print("cells: failing rows / rows checked; – not checked here (see `guidedrl runs check --help`)")
+    for r in reports:
+        for e in r.examples:
+            console.print(f"  {r.dataset} {e['row']}: {e['check']}: {e['why']}")
+    failures = sum(sum(r.failed.values()) for r in reports)
+    console.print("every row's text is what its token ids say" if not failures else f"[red]{failures} failing rows[/]")

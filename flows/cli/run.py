@@ -250,7 +250,12 @@ def online(
 
 @app.command()
 def bootstrap(
-    out: Path = typer.Option(PROJECT_ROOT / "data" / "models" / "tiny-policy", "--out", help="Where to write the checkpoint."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the checkpoint (default: data/models/tiny-policy, "
+                                       "tiny-gpt2bpe or tiny-spm by --tokenizer)."),
+    tokenizer: str = typer.Option("char", "--tokenizer", help="char — one token per character, the quickstart's; gpt2-bpe — "
+                                  "GPT-2's byte-level BPE (from the openai-whisper source package) with Qwen's ChatML template and "
+                                  "a <think> block; spm — a SentencePiece BPE with byte fallback trained on the problems, with "
+                                  "Llama 2's template (tasks/models/tiny_tokenizers.py)."),
     family: str = typer.Option("chain2", "--family", help="Task family (tasks/models/tiny_policy.py: FAMILIES): chain2 — the quickstart's "
                                "policy (hard = sums of two 2-digit numbers); chain6 — the learning study's (hard = chains of 6 digits)."),
     seed: int = typer.Option(0, help="Seed: the same seed reproduces the checkpoint."),
@@ -262,12 +267,14 @@ def bootstrap(
                              "(~0.8M parameters); 100m — ~99M parameters of the same family, to check a GPU end to end."),
     device: str = typer.Option("cpu", "--device", help="Where to train it: cpu | cuda | cuda:N | auto (a GPU when torch sees one)."),
 ):
-    """Build the tiny CPU policy from scratch (character tokenizer + small Llama), train it and report pass@k."""
+    """Build a tiny CPU policy from scratch (a tokenizer + small Llama), train it and report pass@k."""
     from flows.bootstrap import bootstrap as bootstrap_flow
     from tasks.core.config import ConfigError
     from tasks.models.policy import resolve_device
-    from tasks.models.tiny_policy import FAMILIES, SIZES
+    from tasks.models.tiny_policy import FAMILIES, SIZES, TOKENIZER_MODELS
 
+    if tokenizer not in TOKENIZER_MODELS:
+        fail(f"unknown --tokenizer {tokenizer!r}; tokenizers: {', '.join(TOKENIZER_MODELS)}")
     if family not in FAMILIES:
         fail(f"unknown --family {family!r}; families: {', '.join(FAMILIES)}")
     if size not in SIZES:
@@ -278,7 +285,8 @@ def bootstrap(
         device = resolve_device(device)
     except ConfigError as exc:
         fail(str(exc).replace("policy.device", "--device"))
-    cfg = {**FAMILIES[family], **SIZES[size], "seed": seed}
+    cfg = {**FAMILIES[family], **SIZES[size], **TOKENIZER_MODELS[tokenizer].get(size, {}), "seed": seed, "tokenizer": tokenizer}
+    out = out or PROJECT_ROOT / "data" / "models" / TOKENIZER_MODELS[tokenizer]["dir"]
     if steps is not None:
         cfg["steps"] = steps
     if hard_fraction is not None:

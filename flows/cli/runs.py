@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from flows.cli.app import JsonOpt, app, console, fail, runs_app
-from flows.cli.render import print_run, print_runs
+from flows.cli.render import print_alignment, print_run, print_runs
 from flows.errors import user_errors
 
 
@@ -48,6 +49,38 @@ def runs_show(run_id: str = typer.Argument(..., help="A run id (guidedrl runs ls
     if report.is_file():
         console.print(f"report: {report}")
 
+
+
+@runs_app.command("check")
+def runs_check(run_id: str = typer.Argument(..., help="A run id (guidedrl runs ls), or a prefix of it that names one run."),
+               workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory."),
+               tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="The policy's tokenizer directory (default: the "
+                                                        "run config's policy.tokenizer, else policy.model)."),
+               max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Check at most this many rows of each dataset "
+                                                      "(the reference positions decode every prefix of a completion)."),
+               as_json: bool = JsonOpt):
+    """Token–text alignment of a run's outputs: per dataset, rows whose text is not what their token ids say.
+
+    Checks: text (decode(completion_token_ids) is the completion), prompt (the prompt's ids: one BOS where the template
+    writes it, special tokens as their ids), answer (extracted after the reasoning block, no special token text),
+    steps (each token's ExpRL step from character positions), sequence (the grpo update's ids are the sampler's prompt
+    ids and the sampled ids), trl (DPO pairs as TRL tokenizes them). Exits 1 when a row fails."""
+    from tasks.report.alignment import CHECKS, check_run, total_failures
+    from tasks.report.runs import RunRecord
+
+    try:
+        r = RunRecord.load(workspace, run_id)
+        path, reports = check_run(r, tokenizer, max_rows)
+    except user_errors() + (FileNotFoundError,) as exc:
+        fail(str(exc))
+    failures = total_failures(reports)
+    if as_json:
+        print(json.dumps({"run_id": r.run_id, "tokenizer": str(path), "failures": failures,
+                          "datasets": [x.as_dict() for x in reports]}, indent=1))
+    else:
+        print_alignment(r.run_id, path, reports, CHECKS)
+    if failures:
+        raise typer.Exit(1)
 
 
 @app.command()

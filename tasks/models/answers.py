@@ -10,6 +10,11 @@ Extraction rules (completions are asked to end with ``\\boxed{...}``):
    the last LaTeX expression or plain number. ``extracted_answer`` is then the
    text math-verify matched.
 3. Nothing found: ``extracted_answer`` is None and the answer is not correct.
+4. A completion with a reasoning block (``<think>`` … ``</think>``, as Qwen3 and
+   DeepSeek-R1 write) is answered after the block (``answer_region``): a box
+   inside the reasoning is not the answer, and a block never closed (the trace
+   ran out of tokens while thinking) has no answer. Completions are decoded
+   with special tokens removed; the block's markers are not special tokens.
 
 Correctness:
 
@@ -130,7 +135,21 @@ def _fallback_extract(completion: str, signal_ok: bool, timeout: float) -> str |
     return str(parsed[-1]).strip() or None
 
 
+#: a reasoning block's markers (Qwen3, DeepSeek-R1)
+REASONING_OPEN, REASONING_CLOSE = "<think>", "</think>"
+
+
+def answer_region(completion: str) -> str:
+    """Where a completion's answer is: after its reasoning block's last ``</think>``; nothing where a block was opened
+    and never closed; the whole completion where there is no block."""
+    end = completion.rfind(REASONING_CLOSE)
+    if end >= 0:
+        return completion[end + len(REASONING_CLOSE):]
+    return "" if REASONING_OPEN in completion else completion
+
+
 def _check(completion: str, problem: Any, signal_ok: bool, timeout: float) -> tuple[str | None, bool]:
+    completion = answer_region(completion)
     gold = _problem_field(problem, "answer")
     if gold is None:
         raise ValueError("problem has no `answer`")
@@ -162,7 +181,7 @@ def check(completion: str, problem: Any, timeout_seconds: float = DEFAULT_TIMEOU
         try:
             return _check(completion, problem, True, timeout_seconds)
         except TimeoutError:
-            return last_boxed(completion), False
+            return last_boxed(answer_region(completion)), False
     global _pool
     with _pool_lock:
         if _pool is None:
@@ -172,7 +191,7 @@ def check(completion: str, problem: Any, timeout_seconds: float = DEFAULT_TIMEOU
         return future.result(timeout=timeout_seconds)
     except FutureTimeout:
         log.warning("answer check took over %.1fs and was abandoned (counted as not correct)", timeout_seconds)
-        return last_boxed(completion), False
+        return last_boxed(answer_region(completion)), False
 
 
 _STEP = re.compile(r"^(-?\d+) ([+-]) (-?\d+) = (-?\d+)$")

@@ -47,7 +47,9 @@ from string import Template
 from typing import Any
 
 from tasks.core.interrupt import run_cancellable
+from tasks.models.answers import REASONING_CLOSE, REASONING_OPEN
 from tasks.models.prompts import load_template
+from tasks.models.token_text import DELIMITER, pieces_of, step_char_ranges, token_spans, token_steps  # noqa: F401 (DELIMITER: judge.step_split)
 
 log = logging.getLogger("guidedrl.judge")
 
@@ -66,35 +68,20 @@ def to_reward(score: int | float) -> float:
 _HEADER = re.compile(r"^\s*###", re.MULTILINE)
 
 
-#: ``judge.step_split`` that cuts on the token stream (the ExpRL authors' delimiter)
-DELIMITER = "###"
-
-
-def token_steps(token_texts: list[str], delimiter: str = DELIMITER) -> list[tuple[int, int]]:
-    """Steps as token spans [start, end), cut as the ExpRL authors cut them: a step ends at the token
-    where the step's text so far ends with ``delimiter`` (that token, and so the delimiter, belongs to the
-    step it closes); the last step runs to the end. A token that straddles the delimiter (``##`` then
-    ``# S``) leaves the text not ending with it, and there is no cut. ``token_texts``: each token decoded."""
-    spans, start, text = [], 0, ""
-    for i, t in enumerate(token_texts):
-        text += t
-        if text.endswith(delimiter):
-            spans.append((start, i + 1))
-            start, text = i + 1, ""
-    if start < len(token_texts):
-        spans.append((start, len(token_texts)))
-    return spans
-
-
-def token_texts(tokenizer, ids: list[int]) -> list[str]:
-    """Each token decoded alone (the texts ``token_steps`` accumulates)."""
-    return tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
 def steps_of_tokens(tokenizer, ids: list[int], delimiter: str = DELIMITER) -> tuple[list[str], list[tuple[int, int]]]:
-    """A completion's steps cut on its tokens: each step's text (its tokens decoded) and its token span."""
-    spans = token_steps(token_texts(tokenizer, ids), delimiter)
-    return [tokenizer.decode(ids[a:b], skip_special_tokens=True) for a, b in spans], spans
+    """A completion's steps cut on its tokens (``token_steps`` over what each token adds to the decoded text): each
+    step's text (its range of the decoded completion) and its token span."""
+    text, spans = token_spans(tokenizer, ids)
+    steps = token_steps(pieces_of(text, spans), delimiter)
+    return [text[a:b] for a, b in step_char_ranges(spans, steps, len(text))], steps
+
+
+def judge_view(text: str) -> str:
+    """A completion as the papers' judges see a trace: its reasoning and its answer as plain text — special tokens were
+    removed when it was decoded, and a reasoning block's markers (``<think>``, ``</think>``) go too."""
+    if REASONING_OPEN not in text and REASONING_CLOSE not in text:
+        return text
+    return text.replace(REASONING_OPEN, "").replace(REASONING_CLOSE, "").strip()
 
 
 def completion_steps(tokenizer, completion: str, ids: list[int] | None) -> tuple[list[str], list[tuple[int, int]]]:
@@ -111,8 +98,7 @@ def split_steps(text: str, how: str = "auto") -> list[str]:
     ``###``: after each delimiter, as ``token_steps`` cuts a character-level token
     stream (with token ids at hand, use ``steps_of_tokens``: the cut follows the tokens)."""
     if how == DELIMITER:
-        chars = list(text)
-        return [text[a:b] for a, b in token_steps(chars)] if text.strip() else []
+        return [text[a:b] for a, b in token_steps(list(text), DELIMITER)] if text.strip() else []
     text = text.strip()
     if not text:
         return []

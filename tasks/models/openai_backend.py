@@ -10,6 +10,7 @@ import os
 from typing import TYPE_CHECKING, Callable
 
 from tasks.core.interrupt import run_cancellable
+from tasks.models.token_text import pieces_of, prompt_ids, token_spans
 from tasks.models.generation import BackendUnavailable, Sample, SamplingParams, ScoringUnavailable
 from tasks.models.sampling import default_seeds
 
@@ -139,12 +140,16 @@ class OpenAIBackend:
         if tok is None:
             return Sample(text, [], None, finish, token_source="none")
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
-        if tok.decode(ids, skip_special_tokens=True) != text:
+        decoded, spans = token_spans(tok, ids)
+        if decoded != text:
             return Sample(text, [], None, finish, token_source="mismatch")
         if finish == "stop" and tok.eos_token_id is not None:
             ids.append(tok.eos_token_id)
         logprobs = None
-        if tokens and values and len(values) == len(ids) and all(tok.decode([i]) == t for i, t in zip(ids, tokens)):
+        # the server's token strings against what each of these ids adds to the text (a SentencePiece word's space
+        # included; a byte-level BPE token inside a character adds nothing, where a server writes its bytes: no match)
+        pieces = pieces_of(decoded, spans) + [""] * (len(ids) - len(spans))
+        if tokens and values and len(values) == len(ids) and all(p == t for p, t in zip(pieces, tokens)):
             logprobs = [float(x) if x is not None else float("nan") for x in values]
         return Sample(text, ids, logprobs, finish, token_source="tokenizer")
 
@@ -184,7 +189,7 @@ class OpenAIBackend:
 
     async def _score_all(self, prompts, token_ids):
         sem = asyncio.Semaphore(self.concurrency)
-        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        encoded = [prompt_ids(self.tokenizer, p) for p in prompts]
         async with self._client() as client:
             return await asyncio.gather(*(self._score_one(client, sem, p, list(c)) for p, c in zip(encoded, token_ids) if c),
                                         return_exceptions=True)

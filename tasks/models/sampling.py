@@ -80,16 +80,17 @@ def draw(logp, u, temperature: float):
     return torch.where(torch.isinf(logp.gather(-1, picked[:, None]).squeeze(-1)), logp.argmax(-1), picked)
 
 
-def decode(model, ids, mask, seeds: Sequence[int], temperature: float, top_p: float, max_new_tokens: int, eos: int | None, pad: int):
+def decode(model, ids, mask, seeds: Sequence[int], temperature: float, top_p: float, max_new_tokens: int, stops: Sequence[int], pad: int):
     """Sample up to ``max_new_tokens`` after left-padded ``ids`` (``mask``: 1 on real tokens), row ``b``
-    from its own stream ``seeds[b]``: (tokens (B, T), log-probs (B, T)); rows that ended (``eos``) are
-    padded with ``pad`` and log-prob 0. Stops when every row has ended."""
+    from its own stream ``seeds[b]``: (tokens (B, T), log-probs (B, T)); rows that ended (a token of ``stops``,
+    the stop ids) are padded with ``pad`` and log-prob 0. Stops when every row has ended."""
     import torch
 
     rows = ids.shape[0]
     u = uniforms(seeds, max_new_tokens, ids.device)
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+    stop_ids = torch.tensor(list(stops), dtype=torch.long, device=ids.device)
     tokens, logps, cache = [], [], None
     step_ids, step_pos = ids, pos
     with torch.no_grad():
@@ -103,8 +104,7 @@ def decode(model, ids, mask, seeds: Sequence[int], temperature: float, top_p: fl
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             tokens.append(tok)
             logps.append(torch.where(done, torch.zeros_like(lp), lp))
-            if eos is not None:
-                done = done | (tok == eos)
+            done = done | torch.isin(tok, stop_ids)
             if bool(done.all()):
                 break
             mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=mask.device)], dim=-1)

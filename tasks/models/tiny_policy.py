@@ -31,24 +31,19 @@ import torch
 from tasks.core.store import swap_in
 from tasks.models.answers import chain_sum_reference
 from tasks.models.prompts import chat, fill, hint_text, load_template
+from tasks.models.tiny_tokenizers import build_tokenizer, taught_completion
+from tasks.models.token_text import stop_token_ids
 from tasks.report import progress
 
 log = logging.getLogger("guidedrl.policy")
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
-    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<|end|>"
-    "{% else %}{{ m['content'] }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 @dataclass
 class TinyPolicyConfig:
     seed: int = 0
+    # the tokenizer (tasks/models/tiny_tokenizers.py: char | gpt2-bpe | spm)
+    tokenizer: str = "char"
     # model
     hidden_size: int = 128
     intermediate_size: int = 384
@@ -103,6 +98,15 @@ SIZES: dict[str, dict] = {
 }
 
 
+#: per tokenizer (`guidedrl bootstrap --tokenizer`): the checkpoint's directory under data/models/ and what the tiny size
+#: changes. GPT-2's 50,257-token output layer is most of a model of this size: a narrower model keeps it cheap.
+TOKENIZER_MODELS: dict[str, dict] = {
+    "char": {"dir": "tiny-policy", "tiny": {}},
+    "gpt2-bpe": {"dir": "tiny-gpt2bpe", "tiny": {"hidden_size": 64, "intermediate_size": 256}},
+    "spm": {"dir": "tiny-spm", "tiny": {}},
+}
+
+
 def family_config(family: str, **overrides) -> TinyPolicyConfig:
     """The TinyPolicyConfig of a task family (FAMILIES), with ``overrides`` on top."""
     if family not in FAMILIES:
@@ -110,30 +114,21 @@ def family_config(family: str, **overrides) -> TinyPolicyConfig:
     return TinyPolicyConfig(**{**FAMILIES[family], **overrides})
 
 
-def build_tokenizer():
-    """A character-level tokenizer over printable ASCII plus newline, with a chat template."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="<|end|>",
-        bos_token=None,
-        chat_template=CHAT_TEMPLATE,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-    )
+def tokenizer_corpus(cfg: TinyPolicyConfig, n: int = 4000) -> list[str]:
+    """What the ``spm`` tokenizer is trained on: the training examples' prompts and completions (chain sums of both
+    levels, the three prompt formats) and the Unicode problems of data/problems/unicode_math.jsonl."""
+    stream = _examples(cfg, None, random.Random(cfg.seed + 1))
+    texts = [t for _ in range(n) for t in next(stream)]
+    unicode = Path(__file__).resolve().parents[2] / "data" / "problems" / "unicode_math.jsonl"
+    if unicode.is_file():
+        for line in unicode.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            texts += [row["question"], row.get("reference_solution") or row["answer"]]
+    return texts
 
 
 def build_model(cfg: TinyPolicyConfig, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(
@@ -146,10 +141,15 @@ def build_model(cfg: TinyPolicyConfig, tokenizer):
         max_position_embeddings=cfg.max_positions,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
+        eos_token_id=stop_token_ids(tokenizer, GenerationConfig(eos_token_id=extra_stops(tokenizer))),
+        bos_token_id=tokenizer.bos_token_id,
     )
     return LlamaForCausalLM(config)
+
+
+def extra_stops(tokenizer) -> list[int]:
+    """Stop ids beyond the eos: GPT-2's ``<|endoftext|>`` where the chat template ends turns with ``<|im_end|>``."""
+    return [i for i in [tokenizer.convert_tokens_to_ids("<|endoftext|>")] if i not in (None, tokenizer.unk_token_id, tokenizer.eos_token_id)]
 
 
 def solution_text(expression: str) -> str:
@@ -184,14 +184,20 @@ def _examples(cfg: TinyPolicyConfig, tokenizer, rng: random.Random):
         else:
             wrong = sorted({str(int(answer) + d) for d in rng.sample([-10, -2, -1, 1, 2, 10, 11], rng.randint(1, 3))})
             user = fill(templates["hint"], entry["question"], hint=hint_text(wrong, rng.random() < 0.3))
-        yield chat(tokenizer, user), solution_text(expr) + tokenizer.eos_token
+        if tokenizer is None:  # the spm tokenizer's corpus: the texts, before any chat template
+            yield user, taught_completion(cfg.tokenizer, solution_text(expr))
+        else:
+            yield chat(tokenizer, user), taught_completion(cfg.tokenizer, solution_text(expr)) + tokenizer.eos_token
 
 
 def _batch(pairs, tokenizer):
     ids, labels = [], []
     for prompt, completion in pairs:
+        # the conversation tokenized whole, as the policy will see its own prompt followed by what it samples (a
+        # SentencePiece completion's first word carries its ``▁`` only in context); the prompt's ids are its prefix
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        whole = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+        c = whole[len(p):] if whole[:len(p)] == p else tokenizer(completion, add_special_tokens=False)["input_ids"]
         ids.append(p + c)
         labels.append([-100] * len(p) + c)
     width = max(len(x) for x in ids)
@@ -202,11 +208,22 @@ def _batch(pairs, tokenizer):
     return input_ids, attn, label_t
 
 
+def completion_loss(model, input_ids, attn, labels):
+    """The mean next-token cross-entropy over the completion tokens (``labels`` not -100), with the output layer
+    applied only where a label is: with GPT-2's 50,257-token vocabulary the logits of every prompt position would
+    be most of a step's cost. Equal to ``model(..., labels=labels).loss``."""
+    hidden = model.model(input_ids=input_ids, attention_mask=attn).last_hidden_state[:, :-1]
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.lm_head(hidden[keep]).float()
+    return torch.nn.functional.cross_entropy(logits, target[keep])
+
+
 def train_tiny_policy(cfg: TinyPolicyConfig, out_dir: Path, device: str = "cpu") -> dict:
     """Build and train the tiny policy (on ``device``; bfloat16 autocast on a GPU); save model + tokenizer to ``out_dir``."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(cfg.tokenizer, tokenizer_corpus(cfg) if cfg.tokenizer == "spm" else None)
     model = build_model(cfg, tokenizer).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     n_params = sum(p.numel() for p in model.parameters())
@@ -222,7 +239,7 @@ def train_tiny_policy(cfg: TinyPolicyConfig, out_dir: Path, device: str = "cpu")
     for step in progress.track(range(cfg.steps), "bootstrap: training the tiny policy"):
         input_ids, attn, labels = (t.to(device) for t in _batch([next(stream) for _ in range(cfg.batch_size)], tokenizer))
         with autocast:
-            loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+            loss = completion_loss(model, input_ids, attn, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -238,6 +255,7 @@ def train_tiny_policy(cfg: TinyPolicyConfig, out_dir: Path, device: str = "cpu")
     # a server that samples with the model's own generation config (`transformers serve`) samples as the in-process
     # backend does: from the whole distribution (no top-k), at the request's temperature
     model.generation_config.do_sample, model.generation_config.top_k = True, 0
+    model.generation_config.eos_token_id = model.config.eos_token_id  # a list where the template has two stops
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     info = {"config": asdict(cfg), "parameters": n_params, "final_loss": sum(losses[-50:]) / min(50, len(losses)),

@@ -14,6 +14,7 @@ from typing import Callable
 
 from tasks.models.generation import Sample, SamplingParams, checkpoint_fingerprint
 from tasks.models.sampling import decode, default_seeds
+from tasks.models.token_text import decode_completion, prompt_ids, stop_token_ids
 
 log = logging.getLogger("guidedrl.generation")
 
@@ -106,11 +107,11 @@ class TransformersBackend:
         import torch
 
         tok = self.tokenizer
-        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        encoded = [prompt_ids(tok, p) for p in prompts]
         jobs = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
         jobs.sort(key=lambda ij: (len(encoded[ij[0]]), ij))  # bucket by prompt length
         results: list[list[Sample | None]] = [[None] * params.n for _ in prompts]
-        eos, pad = tok.eos_token_id, tok.pad_token_id
+        stops, pad = stop_token_ids(tok, getattr(self.model, "generation_config", None)), tok.pad_token_id
 
         def run(b: int, stop: int) -> None:
             chunk = jobs[b:stop]
@@ -118,16 +119,17 @@ class TransformersBackend:
             ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i, _ in chunk], device=self.device)
             mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i, _ in chunk], device=self.device)
             new, logp = decode(self.model, ids, mask, [seeds[i][j] for i, j in chunk], params.temperature, params.top_p,
-                               params.max_new_tokens, eos, pad)
+                               params.max_new_tokens, stops, pad)
             for row, (i, j) in enumerate(chunk):
                 toks = new[row].tolist()
-                if eos in toks:
-                    end, reason = toks.index(eos) + 1, "stop"
+                at = next((k for k, t in enumerate(toks) if t in stops), None)
+                if at is not None:
+                    end, reason = at + 1, "stop"
                 else:
                     end, reason = len(toks), "length"
                 token_ids = toks[:end]
                 results[i][j] = Sample(
-                    text=tok.decode(token_ids, skip_special_tokens=True),
+                    text=decode_completion(tok, token_ids),
                     token_ids=token_ids,
                     logprobs=[float(x) for x in logp[row, :end].tolist()],
                     finish_reason=reason,
@@ -145,7 +147,7 @@ class TransformersBackend:
         tok = self.tokenizer
         out: list[list[float]] = []
         t = temperature if temperature > 0 else 1.0
-        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        encoded = [prompt_ids(tok, p) for p in prompts]
 
         def run(b: int, stop: int) -> None:
             ps, cs = encoded[b:stop], token_ids[b:stop]

@@ -8,6 +8,7 @@ from pathlib import Path
 from tasks.models.generation import BackendUnavailable, Sample, SamplingParams, checkpoint_fingerprint
 from tasks.models.openai_backend import at_temperature_one
 from tasks.models.sampling import default_seeds
+from tasks.models.token_text import prompt_ids
 
 
 class VLLMBackend:
@@ -54,7 +55,7 @@ class VLLMBackend:
         token ids (temperature 1: vLLM's prompt log-probabilities are of the raw distribution)."""
         at_temperature_one(temperature, "vLLM's")
         tok = self.llm.get_tokenizer()
-        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        encoded = [prompt_ids(tok, p) for p in prompts]
         todo = [(k, p, list(c)) for k, (p, c) in enumerate(zip(encoded, token_ids)) if c]
         sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outputs = self.llm.generate([{"prompt_token_ids": p + c} for _, p, c in todo], sp) if todo else []

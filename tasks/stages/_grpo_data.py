@@ -13,6 +13,7 @@ import torch
 
 from tasks.core.schemas import trainable
 from tasks.core.store import iter_batches
+from tasks.models.token_text import prompt_ids
 
 
 @dataclass
@@ -64,7 +65,7 @@ def make_batch(rows: list[dict], tokenizer, device: str = "cpu", needs_behaviour
     without token advantages of its completion's length gets its advantage on every position. A row
     with recomputed π_old (``old_logprobs``, set by the loop) uses them as its behaviour, and its sampler's
     log-probs go to ``sampler`` for the mismatch correction."""
-    prompts = [tokenizer(r["loss_prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    prompts = [prompt_ids(tokenizer, r["loss_prompt"]) for r in rows]
     comps = [r["completion_token_ids"] if r["completion_token_ids"] is not None else () for r in rows]
     pw, cw = max(len(p) for p in prompts), max(1, max(len(c) for c in comps))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -203,7 +204,7 @@ def minibatches(rows: list[dict] | GRPORows, batch_size: int, epochs: int, seed:
 
 
 def _row_lengths(row: dict, tokenizer) -> tuple[int, int]:
-    return len(tokenizer(row["loss_prompt"], add_special_tokens=False)["input_ids"]), n_tokens(row["completion_token_ids"])
+    return len(prompt_ids(tokenizer, row["loss_prompt"])), n_tokens(row["completion_token_ids"])
 
 
 def batch_tokens(rows: list[dict], tokenizer) -> int:

@@ -48,6 +48,7 @@ from tasks.core.store import StageOutput
 from tasks.models.answers import steps_correct
 from tasks.models.generation import ScoringUnavailable
 from tasks.models.policy import check_policy
+from tasks.models.token_text import prompt_ids, suffix_ids, token_spans
 from tasks.stages import _guidance as guidance
 from tasks.stages.rollouts import add_loss_logprobs, scoring_summary, served_note, served_summary, unscored_note
 
@@ -79,10 +80,14 @@ def answer_text(answer: str) -> str:
     return f"\\boxed{{{answer}}}"
 
 
-def explanation_body(completion: str) -> str:
-    """The explanation without its final boxed answer."""
-    i = completion.rfind("\\boxed")
-    return completion[:i] if i >= 0 else completion
+def explanation_ids(tokenizer, ids) -> list[int]:
+    """The explanation's ids without its final boxed answer: the sampled ids before the first one that adds text at
+    or after the last ``\\boxed`` of the decoded completion (all of them where there is none)."""
+    text, spans = token_spans(tokenizer, ids)
+    cut = text.rfind("\\boxed")
+    if cut < 0:
+        return [int(t) for t in ids]
+    return [int(t) for t in ids[:next(k for k, (_, end) in enumerate(spans) if end > cut)]]
 
 
 def score_explanations(backend, rows: list[dict], answers: list[str]) -> str | None:
@@ -94,10 +99,15 @@ def score_explanations(backend, rows: list[dict], answers: list[str]) -> str | N
     try:
         if tok is None:
             raise ScoringUnavailable("no local tokenizer to encode the answers (set policy.tokenizer or policy.checkpoint)")
-        lls = backend.score([r["loss_prompt"] for r in rows], [r["completion_token_ids"] for r in rows], 1.0)
-        ans_ids = [tok(answer_text(a), add_special_tokens=False)["input_ids"] for a in answers]
-        with_expl = backend.score([r["loss_prompt"] + explanation_body(r["completion"]) for r in rows], ans_ids, 1.0)
-        without = backend.score([r["loss_prompt"] for r in rows], ans_ids, 1.0)
+        prompts = [r["loss_prompt"] for r in rows]
+        lls = backend.score(prompts, [r["completion_token_ids"] for r in rows], 1.0)
+        # the answer's ids after the explanation's own sampled ids (its body: the tokens before its last \boxed), and
+        # right after the prompt: tokens in context, never the text of prompt + explanation tokenized again
+        bodies = [explanation_ids(tok, r["completion_token_ids"]) for r in rows]
+        with_ids = [suffix_ids(tok, tok.decode(prompt_ids(tok, p) + b, skip_special_tokens=False), answer_text(a))
+                    for p, b, a in zip(prompts, bodies, answers)]
+        with_expl = [s[len(b):] for s, b in zip(backend.score(prompts, [b + w for b, w in zip(bodies, with_ids)], 1.0), bodies)]
+        without = backend.score(prompts, [suffix_ids(tok, p, answer_text(a)) for p, a in zip(prompts, answers)], 1.0)
     except ScoringUnavailable as exc:
         log.warning("explain: %d explanations without ExPO's scores (explain_loglik, explain_answer_gain; select falls back "
                     "to the first verified one): %s", len(rows), exc)

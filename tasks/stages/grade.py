@@ -103,8 +103,9 @@ def load_traces(sources: dict[str, Path], rows: range, tokenizer=None) -> list[j
     for r in part.iter_rows(named=True):
         p = problems[r["problem_id"]]
         failed = f"generation failed: {r['error'] or 'unknown error'}" if r["finish_reason"] == "error" else None
-        steps = judge.completion_steps(tokenizer, r["completion"], r["completion_token_ids"])[0] if tokenizer else None
-        traces.append(judge.Trace(r["sample_id"], r["problem_id"], p["question"], judge.reference_text(p), r["completion"],
+        steps = [judge.judge_view(s) for s in judge.completion_steps(tokenizer, r["completion"], r["completion_token_ids"])[0]] \
+            if tokenizer else None
+        traces.append(judge.Trace(r["sample_id"], r["problem_id"], p["question"], judge.reference_text(p), judge.judge_view(r["completion"]),
                                   bool(r["correct"]), rubrics.get(r["problem_id"]), failed, steps))
     return traces
 

@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import random
-from bisect import bisect_right
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Literal
 
@@ -45,7 +44,8 @@ from tasks.core.groups import Source, partition, read_chunk
 from tasks.core.schemas import SCHEMAS, conform, kind_counts, to_table
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, data_files, write_parquet
-from tasks.models.judge import DELIMITER, split_steps, token_steps, token_texts
+from tasks.models.judge import DELIMITER, split_steps, steps_of_tokens
+from tasks.models.token_text import continuation_text, token_spans, token_step_index
 from tasks.report import progress
 
 if TYPE_CHECKING:
@@ -103,22 +103,6 @@ def step_advantages(step_scores: list[float]) -> list[float]:
     return [step_scores[0] - step_scores[-1]] + [b - a for a, b in zip(step_scores, step_scores[1:])]
 
 
-def token_step_index(completion: str, token_texts: list[str], steps: list[str]) -> list[int]:
-    """For each token, the index of the step its text falls in (steps located in
-    the completion in order; tokens before the first step belong to it)."""
-    starts, pos = [], 0
-    for step in steps:
-        at = completion.find(step, pos)
-        at = pos if at < 0 else at
-        starts.append(at)
-        pos = at + len(step)
-    out, offset = [], 0
-    for text in token_texts:
-        out.append(max(0, bisect_right(starts, offset) - 1))
-        offset += len(text)
-    return out
-
-
 def token_advantages(row: dict, grade: dict, tokenizer, step_split: str) -> list[float] | None:
     """Each completion token's advantage: its step's (``step_advantages``). With ``step_split: "###"`` the
     steps are token spans cut as the grade stage cut them (tasks/models/judge.py: token_steps), and each
@@ -129,21 +113,33 @@ def token_advantages(row: dict, grade: dict, tokenizer, step_split: str) -> list
     if step_split == DELIMITER:
         if row.get("completion_token_ids") is None:
             return None
-        spans = token_steps(token_texts(tokenizer, list(row["completion_token_ids"])))
+        spans = steps_of_tokens(tokenizer, list(row["completion_token_ids"]))[1]
         if len(spans) != len(adv):
             return None
         return [a for (start, end), a in zip(spans, adv) for _ in range(end - start)]
     steps = grade["steps"] or split_steps(row["completion"], step_split)
     if len(adv) != len(steps):
         return None
-    texts = [tokenizer.decode([t]) for t in row["completion_token_ids"]]
-    return [adv[i] for i in token_step_index(row["completion"], texts, steps)]
+    text, spans = token_spans(tokenizer, row["completion_token_ids"])
+    return [adv[i] for i in token_step_index(text, spans, steps)]
 
 
 # --------------------------------------------------------------------------- building the datasets
 
 
-def _pairs(chosen: list[dict], rejected: list[dict], n: int, kinds: tuple[str, str]) -> list[dict]:
+def continuation(row: dict, tokenizer) -> str:
+    """A sample's text as it follows the loss prompt (the ``chosen`` / ``rejected`` / sft ``completion`` a trainer
+    puts after ``prompt`` and tokenizes whole, as TRL does): the prompt's and the sampled ids decoded together, where
+    the policy's tokenizer and the ids are at hand (a SentencePiece completion keeps its first word's space); else
+    the completion text."""
+    ids = row.get("completion_token_ids")
+    if tokenizer is None or ids is None or not len(ids):
+        return row["completion"]
+    text = continuation_text(tokenizer, row["loss_prompt"], ids)
+    return row["completion"] if text is None else text
+
+
+def _pairs(chosen: list[dict], rejected: list[dict], n: int, kinds: tuple[str, str], tokenizer=None) -> list[dict]:
     if not chosen or not rejected:
         return []
     out = []
@@ -151,7 +147,7 @@ def _pairs(chosen: list[dict], rejected: list[dict], n: int, kinds: tuple[str, s
         c, r = chosen[i % len(chosen)], rejected[i % len(rejected)]
         if c["completion"] == r["completion"]:
             continue
-        out.append({"prompt": c["loss_prompt"], "chosen": c["completion"], "rejected": r["completion"],
+        out.append({"prompt": c["loss_prompt"], "chosen": continuation(c, tokenizer), "rejected": continuation(r, tokenizer),
                     "problem_id": c["problem_id"], "chosen_kind": kinds[0], "rejected_kind": kinds[1],
                     "chosen_sample_id": c["sample_id"], "rejected_sample_id": r["sample_id"]})
     return out
@@ -192,8 +188,8 @@ def build(config: Config, rollouts: list[dict], explanations: list[dict], hints:
         # DPO pairs: the prompt is always the original question prompt
         for kind, chosen in (("explain", expl[pid]), ("plain", right), ("hint", hinted[pid])):
             if kind in mc.dpo_pairs:
-                dpo += _pairs(chosen, wrong, mc.pairs_per_problem, (kind, "plain"))
-        sft += [{"prompt": r["loss_prompt"], "completion": r["completion"], "problem_id": pid,
+                dpo += _pairs(chosen, wrong, mc.pairs_per_problem, (kind, "plain"), tokenizer)
+        sft += [{"prompt": r["loss_prompt"], "completion": continuation(r, tokenizer), "problem_id": pid,
                  "prompt_kind": r["prompt_kind"], "sample_id": r["sample_id"]} for r in right + hinted[pid] + expl[pid]]
 
         # GRPO group
@@ -300,12 +296,13 @@ def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
             "grades": upstream["grade"].fingerprints["grades"]}
 
 
-def process_tokenizer(config: Config):
-    """The policy's tokenizer when token advantages are needed (reward: judge in process mode), else None.
-    Without one, token advantages would silently become the outcome advantage: an error instead."""
-    if config.materialize.reward != "judge" or config.judge.mode != "process":
-        return None
+def policy_tokenizer(config: Config):
+    """The policy's tokenizer from disk (the pairs' and sft texts as they follow the prompt; token advantages), or None
+    where there is none. Token advantages (reward: judge in process mode) need it: without one they would silently
+    become the outcome advantage, so that is an error instead."""
     path = config.resolve(config.policy.tokenizer or config.policy.model)
+    if not path.is_dir() and (config.materialize.reward != "judge" or config.judge.mode != "process"):
+        return None
     if not path.is_dir():
         raise ValueError(f"materialize: reward: judge in process mode needs the policy's tokenizer to give each token its step's "
                          f"advantage; {path} is not a directory (set policy.tokenizer to a local tokenizer directory)")
@@ -458,7 +455,7 @@ def compute(job: Job) -> StageOutput:
     as they go (part files of ``PART_BYTES``): memory is bounded by ``CHUNK_ROWS`` rollouts,
     and the rows and their order are those of ``build`` on all problems at once."""
     config, upstream = job.config, job.upstream
-    tokenizer = process_tokenizer(config)
+    tokenizer = policy_tokenizer(config)
     tally = Tally()
     with job.scratch() as work:
         writers = {n: _TableParts(work, n) for n in STAGE.writes}

@@ -40,6 +40,7 @@ from tasks.models import served
 from tasks.models.policy import chat_tokenizer, check_policy, policy_id_for, precision_settings, render, server_summary, shared_backend
 from tasks.models.prompts import fill, load_template
 from tasks.models.sampling import sample_seeds
+from tasks.models.token_text import prompt_ids
 from tasks.report.metrics import pass_table
 
 
@@ -252,7 +253,7 @@ def within_prompt_limit(problems: list[dict], prompts: list[str], tokenizer, max
         log.warning("rollouts.max_prompt_tokens = %d: no tokenizer to count prompt tokens with; no prompt is left out "
                     "(set policy.tokenizer)", max_prompt_tokens)
         return problems, prompts, 0
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    lengths = [len(prompt_ids(tokenizer, p)) for p in prompts]
     keep = [k for k, n in enumerate(lengths) if n <= max_prompt_tokens]
     return [problems[k] for k in keep], [prompts[k] for k in keep], len(prompts) - len(keep)
 
