@@ -135,3 +135,28 @@ def test_the_segment_protocol_against_transformers_serve(tserve, cli, tmp_path):
     assert len(rows) == 4 and steps > len(rows) and grade.summary["judge_requests"]["failed"] == 0
     assert grade.summary["judge_requests"]["requests"] >= steps  # one per step (plus format reminders)
     assert grade.summary["graded"] == 0 and all(r["error"].startswith("step ") and "unparseable" in r["error"] for r in rows)
+
+
+def test_a_served_byte_level_bpe_policy_through_the_update_passes_the_alignment_check(cli, tmp_path):
+    """`transformers serve` with the GPT-2 BPE policy (ChatML, a reasoning block, two stop ids) through `--stages grpo`:
+    the server's text re-tokenized, every row's ids decode to its text, the update's sequences are the sampler's
+    prompt ids and those ids (`guidedrl runs check`)."""
+    import json
+
+    from tasks.report.runs import list_runs
+
+    bpe = ROOT / "data" / "models" / "tiny-gpt2bpe"
+    ws = tmp_path / "ws"
+    with TransformersServe(bpe) as server:
+        served = [a.replace(str(TINY), str(bpe)) for a in _served(server.url, server.model)]
+        cli("run", "configs/quickstart.yaml", "--stages", "grpo", "--workspace", str(ws), *served, *SMALL,
+            "--set", "rollouts.samples_per_problem=4", "--set", "materialize.keep_uniform_groups=true", timeout=900)
+    df = _only(ws, "rollouts").scan("rollouts").collect()
+    assert (df["finish_reason"] != "error").all() and set(df["token_source"]) == {"tokenizer"}
+    assert df["completion"].str.starts_with("<think>").mean() > 0.9  # the policy's reasoning block came through the server
+    [run] = list_runs(ws)
+    proc = cli("runs", "check", run.run_id, "--workspace", str(ws), "--json", check=False)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["failures"] == 0, proc.stdout
+    checked = {c: sum(d["checked"].get(c, 0) for d in report["datasets"]) for c in ("text", "prompt", "sequence")}
+    assert checked["text"] >= df.height and checked["sequence"] > 0, checked  # rollouts, and explanations and hints

@@ -174,7 +174,11 @@ def test_answers_are_read_after_the_reasoning_block():
     assert check("<think>\n2 + 2 = 4\n</think>\n\n\\boxed{4}", problem) == ("4", True)
     assert check("<think>\n2 + 2 = 4 so \\boxed{4}", problem) == (None, False)  # never closed: ran out while thinking
     assert check("2 + 2 = 4\n\\boxed{4}", problem) == ("4", True)  # no block: the whole completion
-    assert judge_view("<think>\n2 + 2 = 4\n</think>\n\n\\boxed{4}") == "2 + 2 = 4\n\n\n\\boxed{4}"
+    view = judge_view("<think>\n2 + 2 = 4\n</think>\n\n\\boxed{4}")
+    assert "think>" not in view and split_steps(view, "auto") == ["2 + 2 = 4", "\\boxed{4}"]
+    # a marker inside a line breaks it: every step is a piece of the completion
+    raw = "<think>\n76 + 41 = 118\n</think>\n\n\\boxed{ answers</think>\n\\boxed{-5}"
+    assert all(step in raw for step in split_steps(judge_view(raw), "auto"))
     assert judge_view("plain text\n") == "plain text\n"
 
 

@@ -264,6 +264,8 @@ def print_alignment(run_id: str, tokenizer_dir, reports: list, checks: tuple[str
     console.print(table)
     console.print("cells: failing rows / rows checked; – not checked here (see `guidedrl runs check --help`)")
     for r in reports:
+        for note, n in r.notes.items():
+            console.print(f"  {r.dataset}: {n} rows not counted as failing — {note}")
         for e in r.examples:
             console.print(f"  {r.dataset} {e['row']}: {e['check']}: {e['why']}")
     failures = sum(sum(r.failed.values()) for r in reports)

@@ -78,10 +78,11 @@ def steps_of_tokens(tokenizer, ids: list[int], delimiter: str = DELIMITER) -> tu
 
 def judge_view(text: str) -> str:
     """A completion as the papers' judges see a trace: its reasoning and its answer as plain text — special tokens were
-    removed when it was decoded, and a reasoning block's markers (``<think>``, ``</think>``) go too."""
+    removed when it was decoded, and a reasoning block's markers (``<think>``, ``</think>``) become paragraph breaks, so
+    that every step cut from this text is a piece of the completion between markers (materialize finds it there)."""
     if REASONING_OPEN not in text and REASONING_CLOSE not in text:
         return text
-    return text.replace(REASONING_OPEN, "").replace(REASONING_CLOSE, "").strip()
+    return text.replace(REASONING_OPEN, "\n\n").replace(REASONING_CLOSE, "\n\n").strip()
 
 
 def completion_steps(tokenizer, completion: str, ids: list[int] | None) -> tuple[list[str], list[tuple[int, int]]]:
