@@ -236,3 +236,20 @@ def test_retokenized_server_text_keeps_logprobs_only_where_tokens_match_one_for_
 
 def test_common_prefix_length():
     assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2 and common_prefix_length([], [1]) == 0
+
+
+def test_the_builders_make_the_shipped_tokenizers():
+    """`guidedrl bootstrap --tokenizer gpt2-bpe|spm` rebuilds the tokenizers the shipped checkpoints have (GPT-2's from
+    the openai-whisper source package, tests/consumers.txt; SentencePiece trained again on the same texts)."""
+    from tasks.models.tiny_policy import TinyPolicyConfig, tokenizer_corpus
+    from tasks.models.tiny_tokenizers import build_tokenizer
+
+    for kind in REAL:
+        built = build_tokenizer(kind, tokenizer_corpus(TinyPolicyConfig(tokenizer=kind)) if kind == "spm" else None)
+        shipped = AutoTokenizer.from_pretrained(str(ROOT / "data" / "models" / MODELS[kind]))
+        assert built.get_vocab() == shipped.get_vocab() and built.chat_template == shipped.chat_template
+        for text in [TRACE] + UNICODE:
+            assert prompt_ids(built, text) == prompt_ids(shipped, text)
+        assert (built.bos_token, built.eos_token) == (shipped.bos_token, shipped.eos_token)
+    gpt2 = build_tokenizer("gpt2-bpe")
+    assert len(gpt2) == 50261 and gpt2.convert_ids_to_tokens(prompt_ids(gpt2, "Hello world")) == ["Hello", "Ġworld"]

@@ -272,6 +272,7 @@ def bootstrap(
     from tasks.core.config import ConfigError
     from tasks.models.policy import resolve_device
     from tasks.models.tiny_policy import FAMILIES, SIZES, TOKENIZER_MODELS
+    from tasks.models.tiny_tokenizers import tokenizer_requirement
 
     if tokenizer not in TOKENIZER_MODELS:
         fail(f"unknown --tokenizer {tokenizer!r}; tokenizers: {', '.join(TOKENIZER_MODELS)}")
@@ -285,6 +286,12 @@ def bootstrap(
         device = resolve_device(device)
     except ConfigError as exc:
         fail(str(exc).replace("policy.device", "--device"))
+    try:
+        missing = tokenizer_requirement(tokenizer)
+    except FileNotFoundError as exc:
+        missing = str(exc)
+    if missing:
+        fail(f"--tokenizer {tokenizer}: {missing}")
     cfg = {**FAMILIES[family], **SIZES[size], **TOKENIZER_MODELS[tokenizer].get(size, {}), "seed": seed, "tokenizer": tokenizer}
     out = out or PROJECT_ROOT / "data" / "models" / TOKENIZER_MODELS[tokenizer]["dir"]
     if steps is not None:

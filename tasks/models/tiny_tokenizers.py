@@ -151,6 +151,15 @@ def spm_tokenizer(texts, vocab_size: int = 1024):
 # ------------------------------------------------------------------------------------------------ the policy's side
 
 
+def tokenizer_requirement(kind: str) -> str | None:
+    """What building the ``kind`` tokenizer needs and this environment lacks (None: nothing)."""
+    if kind == "gpt2-bpe":
+        gpt2_tiktoken_file()  # raises FileNotFoundError with what to install
+    if kind == "spm" and importlib.util.find_spec("sentencepiece") is None:
+        return "the sentencepiece library trains it: pip install -e '.[dev]' (or pip install sentencepiece==0.2.3)"
+    return None
+
+
 def build_tokenizer(kind: str = "char", texts=None):
     """The tokenizer of ``kind`` (TOKENIZERS); ``texts``: what ``spm`` is trained on."""
     if kind == "char":
