@@ -225,6 +225,12 @@ def test_retokenized_server_text_keeps_logprobs_only_where_tokens_match_one_for_
     s = be.retokenize(text, "length", server_tokens, [-0.5] * len(ids))
     assert s.token_source == "tokenizer" and s.token_ids == ids and s.logprobs == [-0.5] * len(ids)
     assert any(t.startswith(" ") for t in server_tokens)  # `▁+` is " +" in context, "+" alone
+    # a server that decodes with the prompt as context writes the first word's space: the same ids, the row's usual text
+    prompt = "<s>[INST] What is 12 + 7? [/INST]"
+    sampled = suffix_ids(be.tokenizer, prompt, " 12 + 7 = 19") + [be.tokenizer.eos_token_id]
+    s = be.retokenize(" 12 + 7 = 19", "stop")
+    assert s.token_source == "tokenizer" and s.token_ids == sampled and s.text == "12 + 7 = 19"
+    assert be.retokenize("  x", "length").token_ids == prompt_ids(be.tokenizer, "  x")  # `▁▁`, `x`: "  x" after a word
     be.tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "data" / "models" / MODELS["gpt2-bpe"]))
     ids = prompt_ids(be.tokenizer, "√16 = 4")
     byte_tokens = ["bytes:\\xe2\\x88", "bytes:\\x9a"] + [be.tokenizer.decode([i]) for i in ids[2:]]

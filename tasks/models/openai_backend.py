@@ -10,7 +10,7 @@ import os
 from typing import TYPE_CHECKING, Callable
 
 from tasks.core.interrupt import run_cancellable
-from tasks.models.token_text import pieces_of, prompt_ids, token_spans
+from tasks.models.token_text import decode_completion, decodes_to, pieces_of, prompt_ids, token_spans
 from tasks.models.generation import BackendUnavailable, Sample, SamplingParams, ScoringUnavailable
 from tasks.models.sampling import default_seeds
 
@@ -126,7 +126,8 @@ class OpenAIBackend:
             logprobs = [float(x) if x is not None else float("nan") for x in values]
         finish = choice.finish_reason if choice.finish_reason in ("stop", "length") else "stop"
         text = choice.text or ""
-        if token_ids:
+        if token_ids:  # the ids are the truth: the row's text is theirs (decoded alone, as every row's is)
+            text = decode_completion(self.tokenizer, token_ids) if self.tokenizer is not None else text
             return Sample(text, token_ids, logprobs, finish, token_source="server")
         return self.retokenize(text, finish, tokens, values)
 
@@ -139,10 +140,11 @@ class OpenAIBackend:
         tok = self.tokenizer
         if tok is None:
             return Sample(text, [], None, finish, token_source="none")
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        ids = prompt_ids(tok, text)  # a completion's text, tokenized as a prompt is: nothing added
         decoded, spans = token_spans(tok, ids)
-        if decoded != text:
+        if not decodes_to(tok, ids, text):
             return Sample(text, [], None, finish, token_source="mismatch")
+        text = decoded  # as every row's text: the ids decoded alone (a SentencePiece server's first space is the ids' `▁`)
         if finish == "stop" and tok.eos_token_id is not None:
             ids.append(tok.eos_token_id)
         logprobs = None

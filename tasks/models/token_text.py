@@ -141,6 +141,12 @@ def token_step_index(text: str, spans: list[Span], steps: list[str]) -> list[int
     return [max(0, bisect_right(starts, start) - 1) for start, _ in spans]
 
 
+def decodes_to(tokenizer, ids: Sequence[int], text: str) -> bool:
+    """Whether ``ids`` are a completion whose text is ``text``: decoded alone, or as they read after a word (a
+    server that decodes a completion with its prompt as context writes a SentencePiece completion's first space)."""
+    return decode_completion(tokenizer, ids) == text or continuation_text(tokenizer, "a", ids) == text
+
+
 def continuation_text(tokenizer, prompt: str, ids: Sequence[int]) -> str | None:
     """The text that follows ``prompt`` when its ids and the completion ``ids`` are decoded together, special tokens
     removed (None where the prompt's text is not a prefix of the whole): for SentencePiece the completion's first
