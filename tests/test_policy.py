@@ -73,3 +73,23 @@ def test_bootstrap_report_counts_a_derivation_only_with_every_partial_sum():
         assert report[f"{kind}_with_derivation"]["six"]["pass@1"] == 0.25
         assert report[f"{kind}_with_derivation"]["two"]["pass@1"] == 0.5
         assert report[f"{kind}_with_derivation"]["six"]["problems"] == 3
+
+
+def test_the_completion_loss_is_the_models_own_loss_on_the_completion_tokens():
+    """The bootstrap applies the output layer only where a label is (GPT-2's vocabulary would make every prompt
+    position's logits most of a step): the same number as the model's own loss."""
+    import random
+
+    import pytest
+    import torch
+
+    from tasks.models.tiny_policy import _batch, _examples, build_model, completion_loss
+
+    cfg = TinyPolicyConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+    tok = build_tokenizer()
+    model = build_model(cfg, tok)
+    stream = _examples(cfg, tok, random.Random(0))
+    ids, attn, labels = _batch([next(stream) for _ in range(4)], tok)
+    with torch.no_grad():
+        assert float(completion_loss(model, ids, attn, labels)) == pytest.approx(float(model(input_ids=ids, attention_mask=attn,
+                                                                                          labels=labels).loss), rel=1e-5)

@@ -32,7 +32,7 @@ from tasks.core.store import swap_in
 from tasks.models.answers import chain_sum_reference
 from tasks.models.prompts import chat, fill, hint_text, load_template
 from tasks.models.tiny_tokenizers import build_tokenizer, taught_completion
-from tasks.models.token_text import stop_token_ids
+from tasks.models.token_text import prompt_ids, suffix_ids
 from tasks.report import progress
 
 log = logging.getLogger("guidedrl.policy")
@@ -128,7 +128,7 @@ def tokenizer_corpus(cfg: TinyPolicyConfig, n: int = 4000) -> list[str]:
 
 
 def build_model(cfg: TinyPolicyConfig, tokenizer):
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(
@@ -141,7 +141,7 @@ def build_model(cfg: TinyPolicyConfig, tokenizer):
         max_position_embeddings=cfg.max_positions,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stop_token_ids(tokenizer, GenerationConfig(eos_token_id=extra_stops(tokenizer))),
+        eos_token_id=stops if len(stops := [tokenizer.eos_token_id] + extra_stops(tokenizer)) > 1 else stops[0],
         bos_token_id=tokenizer.bos_token_id,
     )
     return LlamaForCausalLM(config)
@@ -193,11 +193,9 @@ def _examples(cfg: TinyPolicyConfig, tokenizer, rng: random.Random):
 def _batch(pairs, tokenizer):
     ids, labels = [], []
     for prompt, completion in pairs:
-        # the conversation tokenized whole, as the policy will see its own prompt followed by what it samples (a
-        # SentencePiece completion's first word carries its ``▁`` only in context); the prompt's ids are its prefix
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        whole = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
-        c = whole[len(p):] if whole[:len(p)] == p else tokenizer(completion, add_special_tokens=False)["input_ids"]
+        # the completion's ids as they follow the prompt, as the policy will sample them (a SentencePiece completion's
+        # first word carries its ``▁`` only in context)
+        p, c = prompt_ids(tokenizer, prompt), suffix_ids(tokenizer, prompt, completion)
         ids.append(p + c)
         labels.append([-100] * len(p) + c)
     width = max(len(x) for x in ids)

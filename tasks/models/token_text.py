@@ -9,10 +9,13 @@ U+FFFD), and SentencePiece drops a word's leading ``▁`` when its token is deco
   its text: nothing is added, so nothing is doubled).
 - ``stop_token_ids``: where generation stops (the eos, and every eos of the generation config: a list in real ones).
 - ``decode_completion``: a completion's text (special tokens removed).
-- ``token_spans``: the decoded text and each token's [start, end) in it.
+- ``token_spans``: the decoded text and each token's [start, end) in it (``prefix_pieces``: the same by decoding every
+  prefix, O(n²), the fallback and the alignment checker's reference).
 - ``token_steps``: a completion cut into steps at the token where the step's text ends with a delimiter (ExpRL).
 - ``token_step_index``: each token's step, for steps given as texts located in the completion.
-- ``suffix_ids``: the ids of a text as it follows another (for text nobody sampled, such as a reference answer).
+- ``suffix_ids``: the ids of a text as it follows another (for text nobody sampled, such as a reference answer), cut
+  where the two tokenizations diverge (``common_prefix_length``), as TRL's DPO trainer cuts a prompt from its completion.
+- ``decodes_to``: whether ids are a completion with a given text (decoded alone, or after a word, as a server may write it).
 - ``continuation_text``: what follows the prompt in the text of prompt + completion ids (a SentencePiece completion
   keeps its first word's space: prompt + continuation tokenizes back to the sampled ids).
 """
@@ -66,7 +69,7 @@ def _stream_pieces(tokenizer, ids: list[int], skip_special_tokens: bool) -> list
         return None
 
 
-def _prefix_pieces(tokenizer, ids: list[int], skip_special_tokens: bool) -> list[str]:
+def prefix_pieces(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> list[str]:
     """The same by decoding every prefix (any tokenizer): a token adds the growth of the decoded prefix, once the
     prefix no longer ends inside a character (U+FFFD) and still begins the text decoded so far."""
     pieces, done = [], ""
@@ -88,7 +91,7 @@ def token_spans(tokenizer, ids: Sequence[int], skip_special_tokens: bool = True)
     text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
     pieces = _stream_pieces(tokenizer, ids, skip_special_tokens)
     if pieces is None or "".join(pieces) != text:
-        pieces = _prefix_pieces(tokenizer, ids, skip_special_tokens)
+        pieces = prefix_pieces(tokenizer, ids, skip_special_tokens)
     if "".join(pieces) != text:  # a decoder that rewrites what it emitted (no streaming form): the prefixes' ends
         ends = [len(tokenizer.decode(ids[:k + 1], skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False))
                 for k in range(len(ids))]

@@ -34,7 +34,7 @@ from tasks.core.store import StageOutput
 from tasks.models.answers import answer_region, last_boxed
 from tasks.models.judge import DELIMITER, split_steps
 from tasks.stages.materialize import step_advantages
-from tasks.models.token_text import common_prefix_length, decode_completion, prompt_ids
+from tasks.models.token_text import common_prefix_length, decode_completion, prefix_pieces, prompt_ids
 
 CHECKS = ("text", "prompt", "answer", "steps", "sequence", "trl")
 SAMPLE_DATASETS = {"rollouts": "rollouts", "explain": "explanations", "hint": "hints"}
@@ -74,13 +74,10 @@ class DatasetReport:
 def prefix_starts(tokenizer, ids: list[int]) -> tuple[str, list[int], list[int]]:
     """The decoded text, and where each token starts and ends in it, by decoding every prefix (special tokens removed):
     a prefix that ends inside a character (U+FFFD) or rewrites the text so far adds nothing yet."""
-    text = decode_completion(tokenizer, ids)
-    starts, ends, done = [], [], 0
-    for k in range(1, len(ids) + 1):
-        prefix = decode_completion(tokenizer, ids[:k])
+    text, starts, ends, done = decode_completion(tokenizer, ids), [], [], 0
+    for piece in prefix_pieces(tokenizer, list(ids)):
         starts.append(done)
-        if text.startswith(prefix) and not prefix.endswith("\ufffd"):
-            done = len(prefix)
+        done += len(piece)
         ends.append(done)
     return text, starts, ends
 
