@@ -77,10 +77,15 @@ def test_a_character_over_two_tokens_and_sentencepiece_spaces_break_summed_singl
     assert any(gpt2.decode([i]) == "\ufffd" for i in _ids(gpt2, "√"))  # √ is two tokens
 
 
-@pytest.mark.parametrize("split", ["auto", "lines", "###"])
+SPLIT_TEXTS = {"auto": TRACE, "lines": TRACE, "paragraphs": TRACE.replace("\n", "\n\n"),
+               "headers": "### Step 1\n√16 = 4\n### Step 2\n4 ≤ 5, 4 × π ≈ 12.57\n### Answer\n\\boxed{4}",
+               "###": "### Step 1: √16 = 4\n### Step 2: 4 ≤ 5 ###\nπ × 4 ≈ 12.57 ### \\boxed{4}"}
+
+
+@pytest.mark.parametrize("split", list(SPLIT_TEXTS))
 def test_token_advantages_land_on_the_tokens_of_their_step(tok, split):
     """Every step_split: each token's advantage is its step's, the step found from decoded-prefix positions."""
-    text = TRACE if split != "###" else "### Step 1: √16 = 4\n### Step 2: 4 ≤ 5 ###\nπ × 4 ≈ 12.57 ### \\boxed{4}"
+    text = SPLIT_TEXTS[split]
     if tok.kind == "char":
         text = text.translate(str.maketrans({"√": "r", "≤": "<", "×": "*", "π": "p", "≈": "~"}))
     ids = _ids(tok, text) + [tok.eos_token_id]

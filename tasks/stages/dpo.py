@@ -27,6 +27,7 @@ from tasks.core.faults import fault
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, read_manifest
 from tasks.models.policy import check_policy, local_policy_dir, policy_id_for, precision, precision_settings
+from tasks.models.token_text import prompt_ids, suffix_ids
 from tasks.report import progress
 from tasks.stages._launch import DistributedConfig, launch
 
@@ -85,11 +86,12 @@ def split_heldout(ds, fraction: float):
 
 
 def _completion_logps(model, tokenizer, prompts: list[str], completions: list[str]) -> torch.Tensor:
-    """Summed log-probability of each completion (+ EOS, as TRL trains it) given its prompt."""
+    """Summed log-probability of each completion (+ EOS, as TRL trains it) given its prompt: the completion's ids as
+    they follow the prompt (TRL tokenizes prompt + completion whole and cuts where they diverge)."""
     out = []
     for prompt, completion in zip(prompts, completions):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+        p = prompt_ids(tokenizer, prompt)
+        c = suffix_ids(tokenizer, prompt, completion + (tokenizer.eos_token or ""))
         ids = torch.tensor([p + c], device=model.device)  # wherever the trainer left the model
         logits = model(input_ids=ids).logits[0, len(p) - 1 : -1].float()
         out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(c, device=model.device)[:, None]).sum().cpu())
