@@ -254,15 +254,16 @@ def print_alignment(run_id: str, tokenizer_dir, reports: list, checks: tuple[str
     """`runs check`: per dataset, failing rows of each check over the rows checked, then a few failing rows."""
     console.print(f"[bold]run {run_id}[/] — token–text alignment with the tokenizer in {copyable_path(tokenizer_dir)}")
     table = Table()
-    table.add_column("output / dataset", overflow="fold")
+    table.add_column("dataset", overflow="fold")
     table.add_column("rows", justify="right")
     for c in checks:
-        table.add_column(c, justify="right")
+        table.add_column(c, justify="right", no_wrap=True, min_width=len(c))
     for r in reports:
         cells = [f"{r.failed[c]}/{r.checked[c]}" if r.checked[c] else "–" for c in checks]
-        table.add_row(f"{r.output.rsplit('/', 2)[-2]}/{r.dataset}", str(r.rows), *cells)
+        table.add_row(f"{r.round} {r.dataset}".strip(), str(r.rows), *cells)
     console.print(table)
-    console.print("cells: failing rows / rows checked; – not checked here (see `guidedrl runs check --help`)")
+    console.print("cells: failing rows / rows checked; – not checked here (see `guidedrl runs check --help`); "
+                  "where each dataset is: `guidedrl runs show`")
     for r in reports:
         for note, n in r.notes.items():
             console.print(f"  {r.dataset}: {n} rows not counted as failing — {note}")

@@ -47,6 +47,7 @@ class DatasetReport:
 
     output: str
     dataset: str
+    round: str = ""  # an online run's round (``round-2``); "" for a plain run
     rows: int = 0
     checked: Counter = field(default_factory=Counter)
     failed: Counter = field(default_factory=Counter)
@@ -64,7 +65,7 @@ class DatasetReport:
         self.notes[f"{check}: {why}"] += 1
 
     def as_dict(self) -> dict:
-        return {"output": self.output, "dataset": self.dataset, "rows": self.rows, "checked": dict(self.checked),
+        return {"output": self.output, "dataset": self.dataset, "round": self.round, "rows": self.rows, "checked": dict(self.checked),
                 "failed": dict(self.failed), "explained": self.explained, "notes": dict(self.notes), "examples": self.examples}
 
 
@@ -323,5 +324,9 @@ def check_run(record, tokenizer_dir: Path | None = None, max_rows: int | None = 
     for name, s in record.data["stages"].items():
         if s.get("path") and Path(s["path"]).is_dir():
             rounds.setdefault(name.rpartition("/")[0], []).append(StageOutput.open(s["path"]))
-    reports = [r for outputs in rounds.values() for r in check_outputs(outputs, tokenizer, config.judge.step_split, max_rows)]
+    reports = []
+    for name, outputs in rounds.items():
+        for report in check_outputs(outputs, tokenizer, config.judge.step_split, max_rows):
+            report.round = name
+            reports.append(report)
     return path, reports
