@@ -180,5 +180,9 @@ def test_golden_rows_tell_a_changed_float_from_another_machines_last_bits():
     moved = {"rollouts/rollouts": {**rec["rollouts/rollouts"], "float_sums": {"behaviour_logprobs": ["-13661.51", "13661.51"]}}}
     text = {"rollouts/rollouts": {**rec["rollouts/rollouts"], "sha256": "cd"}}
     assert differences(noise, rec) == {}  # 4e-8 of the sum: float32 rounding on another CPU
+    hint = {"hint/hints": {"rows": 1, "sha256": "ab", "float_sums": {"behaviour_logprobs": ["-2.976799310958313", "2.976799310958313"]}}}
+    hint_noise = {"hint/hints": {**hint["hint/hints"], "float_sums": {"behaviour_logprobs": ["-2.9768023526578418", "2.9768023526578418"]}}}
+    hint_moved = {"hint/hints": {**hint["hint/hints"], "float_sums": {"behaviour_logprobs": ["-2.9769", "2.9769"]}}}
+    assert differences(hint_noise, hint) == {} and list(differences(hint_moved, hint)) == ["hint/hints"]  # one row of 14 tokens
     assert list(differences(moved, rec)) == list(differences(text, rec)) == ["rollouts/rollouts"]
     assert differences({}, rec) == {"datasets": (["rollouts/rollouts"], [])}
