@@ -37,9 +37,13 @@ def cluster(monkeypatch):
 
     temp = tempfile.mkdtemp(prefix="gr-ray-", dir="/tmp")
     port, manager = _free_port(), _free_port()
-    # Ray 2.60's `ray start --head` turns token authentication on (the token in ~/.ray/auth_token): every node and
-    # driver of the cluster says so
+    # Ray 2.60's `ray start --head` turns token authentication on: every node and driver of the cluster says so, and
+    # shares one token — a fresh one of this cluster's in the environment (a new machine has no ~/.ray/auth_token:
+    # `ray start --head` then fails, "no authentication token was found")
+    import secrets
+
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     head = _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats",
                 f"--temp-dir={temp}", env=env)
