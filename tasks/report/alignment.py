@@ -248,8 +248,6 @@ def check_dpo(report: DatasetReport, tokenizer, rows: Iterable[dict], samples: d
 
 
 def _rows(output: StageOutput, name: str, columns: list[str], max_rows: int | None) -> Iterator[dict]:
-    import polars as pl
-
     frame = output.scan(name)
     have = [c for c in columns if c in frame.collect_schema().names()]
     frame = frame.select(have)
