@@ -264,3 +264,24 @@ def test_the_builders_make_the_shipped_tokenizers():
         assert (built.bos_token, built.eos_token) == (shipped.bos_token, shipped.eos_token)
     gpt2 = build_tokenizer("gpt2-bpe")
     assert len(gpt2) == 50261 and gpt2.convert_ids_to_tokens(prompt_ids(gpt2, "Hello world")) == ["Hello", "Ġworld"]
+
+
+def test_server_ids_keep_the_rows_text_form():
+    """A server that returns ids (vLLM's `token_id:N`) and decodes its text with the prompt as context: a SentencePiece
+    completion's first space is dropped so the row's text is its ids decoded alone; a text that is not the ids' at
+    all is kept as sent (the alignment checker names it)."""
+    from types import SimpleNamespace
+
+    from tasks.models.openai_backend import OpenAIBackend
+
+    be = OpenAIBackend.__new__(OpenAIBackend)
+    be.tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "data" / "models" / MODELS["spm"]))
+    ids = suffix_ids(be.tokenizer, "<s>[INST] What is 12 + 7? [/INST]", " 12 + 7 = 19") + [be.tokenizer.eos_token_id]
+
+    def choice(text):
+        lp = SimpleNamespace(tokens=[f"token_id:{i}" for i in ids], token_logprobs=[-0.1] * len(ids), model_extra={})
+        return SimpleNamespace(logprobs=lp, finish_reason="stop", text=text)
+
+    s = be._sample(choice(" 12 + 7 = 19"))
+    assert s.token_source == "server" and s.token_ids == ids and s.text == "12 + 7 = 19" == decode_completion(be.tokenizer, ids)
+    assert be._sample(choice("something else")).text == "something else"

@@ -126,8 +126,12 @@ class OpenAIBackend:
             logprobs = [float(x) if x is not None else float("nan") for x in values]
         finish = choice.finish_reason if choice.finish_reason in ("stop", "length") else "stop"
         text = choice.text or ""
-        if token_ids:  # the ids are the truth: the row's text is theirs (decoded alone, as every row's is)
-            text = decode_completion(self.tokenizer, token_ids) if self.tokenizer is not None else text
+        if token_ids:
+            # a server that decodes with the prompt as context writes a SentencePiece completion's first space: the row's
+            # text is its ids decoded alone, as every row's is (a text that is not the ids' at all stays as the server
+            # sent it: `guidedrl runs check` names such rows)
+            if self.tokenizer is not None and decodes_to(self.tokenizer, token_ids, text):
+                text = decode_completion(self.tokenizer, token_ids)
             return Sample(text, token_ids, logprobs, finish, token_source="server")
         return self.retokenize(text, finish, tokens, values)
 
