@@ -146,7 +146,7 @@ class OpenAIBackend:
             return Sample(text, [], None, finish, token_source="none")
         ids = prompt_ids(tok, text)  # a completion's text, tokenized as a prompt is: nothing added
         decoded, spans = token_spans(tok, ids)
-        if not decodes_to(tok, ids, text):
+        if decoded != text and not decodes_to(tok, ids, text):  # decoded alone is the usual case: no second decode
             return Sample(text, [], None, finish, token_source="mismatch")
         text = decoded  # as every row's text: the ids decoded alone (a SentencePiece server's first space is the ids' `▁`)
         if finish == "stop" and tok.eos_token_id is not None:
