@@ -133,6 +133,8 @@ def preflight(config, stages: list[str], workspace: str | Path) -> None:
     server start-up."""
     import tempfile
 
+    from tasks.core.locks import check_locking
+
     ws = Path(workspace)
     try:
         ws.mkdir(parents=True, exist_ok=True)
@@ -141,6 +143,10 @@ def preflight(config, stages: list[str], workspace: str | Path) -> None:
     except OSError as exc:
         raise ConfigError(f"{ws}: the workspace cannot be written ({exc.strerror or exc}); choose another with --workspace "
                           "or `workspace:` in the config") from None
+    try:
+        check_locking(ws / "store")
+    except OSError as exc:
+        raise ConfigError(str(exc)) from None
     for name in stages:
         check = getattr(REGISTRY[name].impl, "preflight", None)
         if check is not None:

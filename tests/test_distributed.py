@@ -122,3 +122,26 @@ def test_dpo_under_a_launcher_trains_on_trls_own_distributed_path(tmp_path):
     merged = _params(tmp_path / "lora")  # the gathered adapter, merged by the main process; the adapter kept beside it
     assert not any("lora" in n for n in merged) and (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
     assert max((v - base[n]).abs().max().item() for n, v in merged.items()) > 1e-5
+
+
+def test_a_hung_launch_ends_after_its_timeout_naming_the_rank_and_leaves_no_process(tmp_path):
+    """train.<stage>.distributed.timeout_seconds: torchrun (its own rendezvous: --standalone) runs two ranks; rank 1
+    never finishes. After the timeout the launch's whole process group is stopped and the stage fails in one line
+    naming rank 1."""
+    import time
+
+    import psutil
+
+    from tasks.stages._launch import DistributedConfig, launch
+
+    config = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}}, base_dir=ROOT)
+    dc = DistributedConfig(launcher="torchrun", num_processes=2, timeout_seconds=20)
+    started, seen = time.monotonic(), set()
+    with pytest.raises(RuntimeError, match=r"dpo: the distributed update did not finish in 20 s "
+                                           r"\(train.dpo.distributed.timeout_seconds\): rank 1 did not finish") as err:
+        launch(config, dc, "dpo", "tests.hang_worker", {}, tmp_path / "out")
+    took = time.monotonic() - started
+    assert 20 <= took < 60, took
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "dpo-spec.json") in " ".join(p.info["cmdline"] or [])]
+    assert left == [], left  # no rank, no launcher left
+    assert str(tmp_path / "dpo-launch.log") in str(err.value)

@@ -242,3 +242,28 @@ def test_parts_given_as_files_are_linked_in_and_head_rows_reads_across_them(tmp_
     pq.write_table(pa.table({"problem_id": ["x"]}), bad)
     with pytest.raises(SchemaError, match="bad.parquet"):
         store.write("curate", "k2", {"problems": ("problems", [bad])}, config={}, inputs={}, stage_version="1")
+
+
+def test_gc_unlinking_a_lock_file_between_its_open_and_its_lock_never_gives_two_holders(tmp_path, monkeypatch):
+    """`gc` unlinks lock files nobody holds. A process that opened the file just before and locks it just after
+    would hold a lock on a removed file while the next one creates and locks a new file: two writers of one key.
+    ``Store.lock`` sees the file gone from its path and takes the lock again on the file that is there."""
+    import fcntl
+
+    from tasks.core.locks import unlink_unheld
+
+    store = Store(tmp_path)
+    real_flock, raced = fcntl.flock, []
+
+    def flock(fh, op):
+        if not raced and op & fcntl.LOCK_EX:  # between our open and our lock, gc runs
+            raced.append(None)
+            monkeypatch.setattr(fcntl, "flock", real_flock)
+            raced[0] = unlink_unheld(tmp_path / "store" / "grade" / ".lock-k1", dry_run=False)
+        return real_flock(fh, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with store.lock("grade", "k1"):
+        assert raced == [True]  # gc did unlink the file this process had opened
+        assert store.in_use("grade", "k1")  # ... and the lock held is on the file at the path: a second writer waits
+    assert not store.in_use("grade", "k1")

@@ -114,6 +114,10 @@ def print_run(record) -> None:
     if record.status == "interrupted":
         console.print(f"[yellow]interrupted:[/] its process ({d.get('pid')}) is gone without finishing (killed, or the machine went down); "
                       "running the same command again resumes it: finished stage outputs and shards are reused")
+    if record.status == "stale":
+        console.print(f"[yellow]stale:[/] recorded as running on host {d.get('host')} (pid {d.get('pid')}), whose heartbeat "
+                      f"({record.heartbeat_path}) is older than store.lease_seconds: that host died or lost the workspace; running "
+                      "the same command again resumes it")
     if d.get("rerun_of"):
         console.print(f"rerun of {d['rerun_of']}")
     if d.get("error"):

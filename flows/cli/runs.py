@@ -11,6 +11,7 @@ import typer
 from flows.cli.app import JsonOpt, app, console, fail, runs_app
 from flows.cli.render import print_alignment, print_run, print_runs
 from flows.errors import user_errors
+from tasks.core.owner import Lease
 
 
 @runs_app.command("ls")
@@ -88,13 +89,20 @@ def gc(
     workspace: Path = typer.Option(Path("workspace"), "--workspace", "-w", help="Workspace directory."),
     keep: int = typer.Option(..., "--keep", help="Keep the outputs of this many newest runs (and of runs still going)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
+    lease_seconds: float = typer.Option(Lease.lease_seconds, "--lease-seconds", help="Another host's leftover untouched this long is a dead "
+                                        "writer's (the workspace's store.lease_seconds; on this host a pid says so at once)."),
 ):
     """Remove stage outputs that no kept run refers to, and what crashed writers left behind.
 
+    On a shared workspace: another host's temporaries go only once their lease has expired, a work directory only
+    while no process on any host holds its output's lock.
+
     Kept besides: the outputs whose sampled rows the next night would reuse (for each problem of the kept runs'
     policies, the newest rollouts / explain / hint output holding its rows), so a nightly job's cost stays what changed."""
+    from tasks.core import owner
     from tasks.report.runs import gc as gc_store
 
+    owner.configure(lease_seconds=lease_seconds)
     out = gc_store(workspace, keep, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     reuse = out["outputs_kept_for_reuse"]

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.core.owner import Lease
+
 _SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|secret[_-]?key|access[_-]?key|token|secret|password|passwd)$", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
 
@@ -163,6 +165,21 @@ class PrefectConfig(StrictModel):
         return self.stage_retries.get(stage, self.retries)
 
 
+class StoreConfig(StrictModel):
+    """The workspace's store on a shared file system (tasks/core/owner.py): every host of a workspace uses the same values."""
+
+    heartbeat_seconds: float = Field(Lease.heartbeat_seconds, gt=0, description="how often a live writer touches its temporaries and its run record")
+    lease_seconds: float = Field(Lease.lease_seconds, gt=0, description="another host's temporary (or running run) untouched this long is a dead "
+                                 "writer's: removed by the next write or gc (its run shown stale); on this host a pid says so at once")
+
+    @model_validator(mode="after")
+    def _lease_outlasts_heartbeats(self):
+        if self.lease_seconds < 3 * self.heartbeat_seconds:
+            raise ValueError(f"store.lease_seconds ({self.lease_seconds}) must be at least 3 heartbeats "
+                             f"(store.heartbeat_seconds {self.heartbeat_seconds}): a slow touch must not end a live lease")
+        return self
+
+
 class BaseConfig(StrictModel):
     """The sections every stage shares; tasks/registry.py adds each stage's own section."""
 
@@ -171,6 +188,7 @@ class BaseConfig(StrictModel):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
 
     #: directory that relative paths in the config are resolved against
     _base_dir: Path = Path(".")

@@ -33,9 +33,7 @@ Each export has a card (README.md: source, its fingerprint, the mapping, the com
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -44,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from tasks.core.owner import new_name
 from tasks.core.store import TMP_PREFIX, _now, package_version, read_manifest, swap_in
 
 TARGETS = ("verl", "trl", "openrlhf", "hf")
@@ -265,7 +264,7 @@ def export(source: Path | str, target: str, dest: Path | str, *, guidance: list[
     guide = guidance_by_problem(list(guidance)) if guidance else {}
     name = (lambda s: f"data/{s}-00000-of-00001.parquet") if target == "hf" else (lambda s: f"{s}.parquet")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f"{TMP_PREFIX}export-{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = dest.parent / new_name(f"{TMP_PREFIX}export-{dest.name}")
     tmp.mkdir()
     try:
         writers, seen = _Writers(tmp, name), {}

@@ -6,7 +6,9 @@ request loop run by ``run_cancellable`` (the policy and judge clients) cancels i
 requests, and the shard loops stop taking work —; ``KeyboardInterrupt`` raised in the main thread,
 so the flow unwinds; and a watchdog that ends the process after ``grace`` seconds whatever still
 runs (a worker thread blocked in a read, Prefect's event service draining to a server that is
-gone). ``on_stop`` runs once, first (it records the run as interrupted). Nothing half-written
+gone). ``on_stop`` runs once, first (it records the run as interrupted); then every process the run
+started (its temporary Prefect server, launched training ranks, served policies) is ended with it
+(``end_descendants``): the process ends by ``os._exit``, which runs no ``atexit`` clean-up. Nothing half-written
 survives either way: every write goes to a temporary name and is renamed, and the store's locks
 are released by the kernel when the process ends.
 """
@@ -118,6 +120,30 @@ def finish(signum: int | None = None) -> None:
     except Exception as exc:  # the exit must happen
         print(f"while stopping: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     finally:
+        end_descendants()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(128 + signum)
+
+
+def end_descendants(grace: float = 5.0) -> int:
+    """End every process this one started, and theirs: SIGTERM, then SIGKILL to what still runs after ``grace``
+    seconds. Returns how many there were."""
+    import psutil
+
+    try:
+        procs = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return 0
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return len(procs)

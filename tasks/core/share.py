@@ -31,12 +31,12 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from tasks.core.faults import fault
 from tasks.core.schemas import SCHEMAS, SchemaError
+from tasks.core.owner import new_name
 from tasks.core.store import DATA_DIR, MANIFEST, TMP_PREFIX, _now, data_files, fingerprint_dataset, read_dataset, read_manifest
 
 CARD = "README.md"
@@ -170,7 +170,7 @@ def pull(url: str, path: Path, force: bool = False) -> dict:
     manifest = _read_remote_manifest(fs, root, url)
     files = _safe_files(manifest, url)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TMP_PREFIX}pull-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / new_name(f"{TMP_PREFIX}pull")
     try:
         (tmp / DATA_DIR).mkdir(parents=True)
         with _remote(url, "pulling"):

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from tasks.core import owner
 from tasks.core.store import StageOutput, Store, stage_key
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class Stage:
             run_shards: Callable[["ShardPlan"], None] | None = None) -> tuple[StageOutput, bool]:
         """The stage's output: the stored one when it exists (``reused`` True) unless
         ``force``, else computed now. Plain function: no Prefect needed."""
+        owner.configure(config.store.heartbeat_seconds, config.store.lease_seconds)
         job = Job(self, config, store, dict(upstream or {}), *self.key_for(config, upstream or {}), force=force)
         # one process works towards an output at a time: a second run of the same output
         # (another run on this workspace) waits here, then finds it finished and reuses it
@@ -80,6 +82,8 @@ class Stage:
             existing = store.reusable(self.name, job.key, force)
             if existing is not None:
                 return existing, True
+            for out in job.upstream.values():  # a changed input is never read as if it were whole
+                out.verify()
             if self.sharded:
                 from tasks.core.shards import run_stage
 

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
@@ -39,7 +38,9 @@ from typing import Any, Iterable, Iterator, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.core import locks
 from tasks.core.faults import fault
+from tasks.core.owner import HEARTBEAT, new_name, pid_alive, removable  # noqa: F401  (pid_alive: a name others import from here)
 from tasks.core.schemas import SCHEMA_VERSION, SchemaError, validate_table
 
 log = logging.getLogger("guidedrl.store")
@@ -316,6 +317,23 @@ class StageOutput:
 
         return pl.scan_parquet([str(f) for f in data_files(self.dataset_path(name))])
 
+    def verify(self) -> None:
+        """Check every dataset's data files against the fingerprint in the manifest (before a stage reads them; digests
+        are cached per file by size and mtime, so a second check in the process costs a stat). Raises ``SchemaError``
+        naming the output and how to recompute it."""
+        for name, entry in self.manifest.get("datasets", {}).items():
+            path = self.path / name
+            try:
+                actual = fingerprint_dataset(path)
+            except FileNotFoundError as exc:
+                actual = f"unreadable ({exc})"
+            if actual != entry.get("fingerprint"):
+                raise SchemaError(
+                    f"{self.stage} output {self.path}: dataset {name!r} does not match the fingerprint in its manifest "
+                    f"({actual} != {entry.get('fingerprint')}): it was changed or damaged after it was written; nothing read it. "
+                    f"Recompute it: guidedrl rerun RUN_ID --stage {self.stage} --downstream (RUN_ID: this run, guidedrl runs ls), "
+                    f"or remove {self.path} and run again")
+
     @property
     def fingerprints(self) -> dict[str, str]:
         return {n: d["fingerprint"] for n, d in self.manifest.get("datasets", {}).items()}
@@ -342,26 +360,18 @@ class Store:
             return None
         return StageOutput.open(path)
 
-    @contextlib.contextmanager
-    def lock(self, stage: str, key: str) -> Iterator[None]:
-        """Held while one process works towards (stage, key) (``Stage.run``): a second run
-        of the same output waits, then finds it finished and reuses it. An advisory
-        ``flock`` on ``<store>/<stage>/.lock-<key>``, released by the kernel when the
-        holder ends, however it ends: a killed run never leaves a lock that blocks."""
-        import fcntl
+    def lock_path(self, stage: str, key: str) -> Path:
+        return self.root / stage / f".lock-{key}"
 
-        path = self.root / stage / f".lock-{key}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                logging.getLogger(f"guidedrl.{stage}").info("%s: another run is computing this output; waiting for it (%s)", stage, path)
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def lock(self, stage: str, key: str):
+        """Held while one process works towards (stage, key) (``Stage.run``): a second run of the same output — on this
+        host or another one sharing the store — waits, then finds it finished and reuses it (tasks/core/locks.py)."""
+        return locks.hold(self.lock_path(stage, key), f"{stage}: another run is computing this output; waiting for it "
+                                                       f"({self.lock_path(stage, key)})")
+
+    def in_use(self, stage: str, key: str) -> bool:
+        """Whether a process (on any host sharing the store) works towards (stage, key) now."""
+        return locks.held(self.lock_path(stage, key))
 
     def reusable(self, stage: str, key: str, force: bool = False) -> StageOutput | None:
         """The finished output at (stage, key) unless a rerun is forced; says so in the log."""
@@ -387,22 +397,20 @@ class Store:
         """A scratch directory beside the stage's outputs (same file system, so
         ``write(directories=...)`` moves rather than copies); removed afterwards,
         and by ``clean_temporaries`` if its process died."""
-        path = self.root / stage / f"{TMP_PREFIX}scratch-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path = self.root / stage / new_name(f"{TMP_PREFIX}scratch")
         path.mkdir(parents=True)
         try:
-            yield path
+            with HEARTBEAT.hold(path):
+                yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
     def clean_temporaries(self, stage: str) -> list[Path]:
-        """Remove temporaries left by writers that are no longer running."""
+        """Remove temporaries left by writers that are no longer running: this host's whose process is gone,
+        another host's whose lease expired (tasks/core/owner.py)."""
         removed = []
         for tmp in (self.root / stage).glob(TMP_PREFIX + "*"):
-            try:
-                pid = int(tmp.name.split("-")[-2])
-            except (ValueError, IndexError):
-                pid = -1
-            if pid > 0 and pid_alive(pid):
+            if not removable(tmp):
                 continue
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
@@ -438,50 +446,32 @@ class Store:
             return existing
         final.parent.mkdir(parents=True, exist_ok=True)
         self.clean_temporaries(stage)
-        tmp = final.parent / f"{TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / new_name(f"{TMP_PREFIX}{key}")
         tmp.mkdir()
+        common = {"stage": stage, "stage_key": key, "stage_version": stage_version, "config": config, "inputs": dict(inputs)}
         try:
-            common = {
-                "stage": stage,
-                "stage_key": key,
-                "stage_version": stage_version,
-                "config": config,
-                "inputs": dict(inputs),
-            }
-            entries = {}
-            for name, (kind, tables) in datasets.items():
-                m = write_dataset_files(
-                    tmp / name,
-                    kind,
-                    tables,
-                    {**common, "name": name, "summary": dict((dataset_summaries or {}).get(name, {}))},
-                )
-                entries[name] = {"kind": kind, "fingerprint": m["fingerprint"], "num_rows": m["num_rows"]}
-                if cards and name in cards:
-                    (tmp / name / "README.md").write_text(cards[name])
-                fault("store.write.part", stage)
-            dirs = {}
-            for name, src in (directories or {}).items():
-                shutil.move(str(src), tmp / name)
-                dirs[name] = {"fingerprint": fingerprint_files([f for f in (tmp / name).rglob("*") if f.is_file()], root=tmp / name)}
-            _write_json(
-                tmp / MANIFEST,
-                {
-                    **common,
-                    "schema_version": SCHEMA_VERSION,
-                    "datasets": entries,
-                    **({"directories": dirs} if dirs else {}),
-                    "summary": dict(summary or {}),
-                    "package_version": package_version(),
-                    "created": _now(),
-                },
-            )
-            _fsync_dir(tmp)
-            fault("store.publish.before-rename", stage)
-            if replace and final.exists():
-                swap_in(tmp, final)
-            else:
-                _publish(tmp, final)
+            with HEARTBEAT.hold(tmp):
+                entries = {}
+                for name, (kind, tables) in datasets.items():
+                    m = write_dataset_files(tmp / name, kind, tables,
+                                            {**common, "name": name, "summary": dict((dataset_summaries or {}).get(name, {}))})
+                    entries[name] = {"kind": kind, "fingerprint": m["fingerprint"], "num_rows": m["num_rows"]}
+                    if cards and name in cards:
+                        (tmp / name / "README.md").write_text(cards[name])
+                    fault("store.write.part", stage)
+                dirs = {}
+                for name, src in (directories or {}).items():
+                    shutil.move(str(src), tmp / name)
+                    dirs[name] = {"fingerprint": fingerprint_files([f for f in (tmp / name).rglob("*") if f.is_file()], root=tmp / name)}
+                _write_json(tmp / MANIFEST, {**common, "schema_version": SCHEMA_VERSION, "datasets": entries,
+                                             **({"directories": dirs} if dirs else {}), "summary": dict(summary or {}),
+                                             "package_version": package_version(), "created": _now()})
+                _fsync_dir(tmp)
+                fault("store.publish.before-rename", stage)
+                if replace and final.exists():
+                    swap_in(tmp, final)
+                else:
+                    _publish(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -499,7 +489,7 @@ def swap_in(tmp: Path, final: Path) -> None:
     only once the new one is complete (the old one is removed last)."""
     old = None
     if final.exists():
-        old = final.parent / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        old = final.parent / new_name(f"{TMP_PREFIX}old-{final.name}")
         os.rename(final, old)
     os.rename(tmp, final)
     if old is not None:
@@ -514,16 +504,3 @@ def _publish(tmp: Path, final: Path) -> None:
         if not (final / MANIFEST).is_file():
             raise
 
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie — exited, not yet reaped — does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True

@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import httpx
 
 from tasks.core.config import ConfigError
-from tasks.core.store import pid_alive
+from tasks.core.owner import pid_alive
 from tasks.models.generation import checkpoint_fingerprint
 from tasks.models.served import headers
 

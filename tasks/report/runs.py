@@ -24,12 +24,13 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Iterator
 
-from tasks.core import interrupt
+from tasks.core import interrupt, locks, owner
 from tasks.core.faults import fault
 from tasks.core.store import _now
 
 RUNS_DIR = "runs"
 RECORD = "run.json"
+HEARTBEAT = "heartbeat"
 
 
 def new_run_id() -> str:
@@ -66,6 +67,7 @@ class RunRecord:
             "workspace": str(Path(workspace).resolve()), "base_dir": base_dir, "config": raw_config,
             "stages_requested": stages, "rerun_of": rerun_of, "error": None, "failed_stage": None,
             "stages": {s: {"status": "pending"} for s in stages}, "pid": os.getpid(), "host": socket.gethostname(),
+            "owner": owner.owner_tag(),
         })
         rec.save()
         return rec
@@ -97,16 +99,32 @@ class RunRecord:
                                     + (f"; recent runs: {', '.join(known)}" if known else "")) from None
 
     @property
-    def status(self) -> str:
-        """The run's status; ``interrupted`` for a run recorded as running whose process is gone
-        (killed, or its machine went down) — not ``failed``: nothing said it failed, it stopped."""
-        from tasks.core.store import pid_alive
+    def heartbeat_path(self) -> Path:
+        """The file a running run touches every `store.heartbeat_seconds` (its lease, read from other hosts)."""
+        return self.dir / HEARTBEAT
 
+    @property
+    def status(self) -> str:
+        """The run's status. A run recorded as running whose process is gone is ``interrupted`` (killed, or its
+        machine went down) — not ``failed``: nothing said it failed, it stopped. A pid says nothing on another host:
+        there, a running run whose heartbeat is older than its `store.lease_seconds` is ``stale`` (its host died, or
+        lost the shared file system); a fresh heartbeat keeps it running."""
         status = self.data.get("status", "")
-        here = self.data.get("host", socket.gethostname()) == socket.gethostname()  # a pid says nothing about another machine
-        if status == "running" and here and not pid_alive(int(self.data.get("pid") or -1)):
-            return "interrupted"
-        return status
+        if status != "running":
+            return status
+        tag = self.data.get("owner")
+        if not tag:  # a record from before owners: the hostname and pid
+            here = self.data.get("host", socket.gethostname()) == socket.gethostname()
+            return "interrupted" if here and not owner.pid_alive(int(self.data.get("pid") or -1)) else status
+        host, _, pid = tag.rpartition(".")
+        if host == owner.host_id():
+            return status if owner.pid_alive(int(pid)) else "interrupted"
+        beat = self.heartbeat_path if self.heartbeat_path.exists() else self.path
+        lease = float(((self.data.get("config") or {}).get("store") or {}).get("lease_seconds") or owner.LEASE.lease_seconds)
+        try:
+            return status if owner.lease_age(beat) < lease else "stale"
+        except FileNotFoundError:
+            return "stale"
 
     def stage_status(self, stage: str) -> str:
         """A stage's status; ``interrupted`` for one left running by an interrupted run."""
@@ -129,7 +147,7 @@ class RunRecord:
                 "rerun_of": d.get("rerun_of"), "record": str(self.path)}
 
     def save(self) -> None:
-        tmp = self.path.with_name(f".{RECORD}.tmp-{os.getpid()}")
+        tmp = self.path.with_name(f".{RECORD}.tmp-{owner.owner_tag()}")
         tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")  # stages in the order they run
         fault("record.save.before-rename", self._current_stage())
         tmp.replace(self.path)
@@ -179,7 +197,9 @@ class RunRecord:
         """Close the record when the block ends: completed, or failed with the block's
         error in one line (the error goes on up)."""
         try:
-            yield self
+            with owner.HEARTBEAT.hold(self.heartbeat_path):
+                self.heartbeat_path.touch()
+                yield self
         except BaseException as exc:
             self.close(exc)
             raise
@@ -208,7 +228,7 @@ def gc(workspace: Path, keep: int, dry_run: bool = False) -> dict:
     the next night would reuse rows from: for every problem key of the policies the kept runs
     sampled with, the newest output of each sampling stage that holds its rows (tasks/core/reuse.py)."""
     from tasks.core.reuse import latest_holders, policies_of
-    from tasks.core.store import TMP_PREFIX, Store, pid_alive
+    from tasks.core.store import TMP_PREFIX, Store
 
     store = Store(workspace)
     runs = list_runs(workspace)
@@ -231,22 +251,20 @@ def gc(workspace: Path, keep: int, dry_run: bool = False) -> dict:
         if not d.is_dir() or not (name.startswith(".work-") or name.startswith(TMP_PREFIX)):
             continue
         if name.startswith(TMP_PREFIX):
-            try:
-                if pid_alive(int(name.split("-")[-2])):
-                    continue
-            except (ValueError, IndexError):
-                pass
-        elif any(r.status == "running" for r in kept_runs):
-            continue  # a running rollout stage may be resuming from it
+            if not owner.removable(d):  # its writer may still be at work (this host: its pid; another: its lease)
+                continue
+        elif store.in_use(d.parent.name, name.removeprefix(".work-")) or any(r.status == "running" for r in kept_runs):
+            continue  # a stage is computing that output now (on any host), or a running run may resume from it
         leftovers.append(str(d))
         if not dry_run:
             shutil.rmtree(d, ignore_errors=True)
     for lock in store.root.glob("*/.lock-*"):  # lock files nobody holds (the lock is the flock, not the file)
-        if _unlink_unlocked(lock, dry_run):
+        if locks.unlink_unheld(lock, dry_run):
             leftovers.append(str(lock))
     for tmp in (Path(workspace) / RUNS_DIR).glob(f"*/.{RECORD}.tmp-*"):  # a run record's update cut short
+        host, _, pid = tmp.name.rsplit("-", 1)[-1].rpartition(".")
         try:
-            if pid_alive(int(tmp.name.rsplit("-", 1)[-1])):
+            if owner.alive(host or None, int(pid), tmp):
                 continue
         except ValueError:
             pass
@@ -257,19 +275,3 @@ def gc(workspace: Path, keep: int, dry_run: bool = False) -> dict:
             "outputs_removed": removed,
             "leftovers_removed": leftovers, "bytes_freed": freed, "dry_run": dry_run}
 
-
-def _unlink_unlocked(path: Path, dry_run: bool) -> bool:
-    """Remove a store lock file if no process holds its lock (checked by taking it)."""
-    import fcntl
-
-    try:
-        with open(path, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            if not dry_run:
-                path.unlink(missing_ok=True)
-            return True
-    except OSError:
-        return False

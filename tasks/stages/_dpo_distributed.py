@@ -25,4 +25,7 @@ def worker(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    from tasks.stages._launch import rank
+
+    with rank(sys.argv[1]):
+        worker(sys.argv[1])
