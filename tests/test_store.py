@@ -267,3 +267,23 @@ def test_gc_unlinking_a_lock_file_between_its_open_and_its_lock_never_gives_two_
         assert raced == [True]  # gc did unlink the file this process had opened
         assert store.in_use("grade", "k1")  # ... and the lock held is on the file at the path: a second writer waits
     assert not store.in_use("grade", "k1")
+
+
+def test_a_file_system_without_locks_is_refused_before_the_run_starts(tmp_path, monkeypatch):
+    """A workspace whose file system refuses advisory locks (some FUSE and old NFS mounts): every run's preflight says
+    what a shared workspace needs, in one error, before any work; nothing is left in the store."""
+    import errno
+    import fcntl
+
+    from tasks.core.config import ConfigError
+    from tasks.registry import parse_config, preflight
+
+    def refuse(fh, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    config = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}}, base_dir=tmp_path)
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.raises(ConfigError, match=r"store: the store's file system refuses locks \(No locks available\); a shared "
+                                          r"workspace needs POSIX advisory locks across hosts"):
+        preflight(config, [], tmp_path / "ws")
+    assert list((tmp_path / "ws" / "store").iterdir()) == []

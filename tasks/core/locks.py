@@ -110,14 +110,13 @@ def file_system(path: Path) -> str:
 def check_locking(root: Path) -> None:
     """Take and release one lock in ``root`` (the store): an error naming what the file system must provide if it
     cannot; a warning on a FUSE mount, whose locks may hold on one client only."""
+    import tempfile
+
     root.mkdir(parents=True, exist_ok=True)
-    probe = root / ".lock-check"
     try:
-        with open(probe, "a") as fh:
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".lockcheck-") as fh:  # this process's own: removed on close
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(fh, fcntl.LOCK_UN)
-    except BlockingIOError:
-        pass  # another run holds it this instant: locks work
     except OSError as exc:
         raise OSError(exc.errno, f"{root}: the store's file system refuses locks ({exc.strerror}); {NO_LOCKS}") from None
     kind = file_system(root)
