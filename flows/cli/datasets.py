@@ -54,9 +54,10 @@ def datasets_publish(
 ):
     """Copy a dataset to a shared location (verified first; the manifest is written last)."""
     from tasks.core.share import publish
+    from tasks.report.runs import run_of_output
 
     try:
-        m = publish(path, url)
+        m = publish(path, url, run=run_of_output(path))
     except user_errors() as exc:
         fail(str(exc))
     console.print(f"published {path} ({m.get('kind')}, {m.get('num_rows')} rows, {m.get('fingerprint')}) to {url}")

@@ -59,14 +59,12 @@ def problem_key(**parts) -> str:
     return sha256_bytes(canonical_json(parts).encode())[:32]
 
 
-def key_for(stage, config, backend, params, seeds: list[int], prompt: str, problem: dict, **extra) -> str:
+def key_for(stage, policy: dict, params, seeds: list[int], prompt: str, problem: dict, **extra) -> str:
     """The ``problem_key`` of one problem's rows in a sampling stage (``stage``: its ``Stage`` record): the stage
-    and version, the policy (fingerprint, backend, precision), the sampling settings and seeds, the prompt, the
-    problem as checked, and ``extra`` (the loss-side prompt, the stage's settings that change the kept rows)."""
-    from tasks.models.policy import precision_settings
-
-    return problem_key(stage=stage.name, version=stage.version, policy_id=backend.policy_id, backend=config.policy.backend,
-                       precision=precision_settings(config), n=params.n, temperature=params.temperature, top_p=params.top_p,
+    and version, the policy (``policy``: its fingerprint, backend and precision — tasks/models/policy.py
+    ``policy_key``), the sampling settings and seeds, the prompt, the problem as checked, and ``extra`` (the
+    loss-side prompt, the stage's settings that change the kept rows)."""
+    return problem_key(stage=stage.name, version=stage.version, **policy, n=params.n, temperature=params.temperature, top_p=params.top_p,
                        max_new_tokens=params.max_new_tokens, seeds=list(seeds), prompt_sha256=sha256_bytes(prompt.encode()),
                        problem=problem_fields(problem), **extra)
 
@@ -233,16 +231,14 @@ def reuse_note(s: dict) -> str:
     return f"; problems sampled {s['sampled_problems']}, reused {s['reused_problems']}"
 
 
-def write_output(job: "Job", shard_plan: "ShardPlan", datasets: dict, summary: dict, dataset: str, **kwargs):
-    """``job.write`` with the output's reuse index (``reuse/``) beside its datasets."""
-    from tasks.models.policy import policy_id_for
-
+def write_output(job: "Job", shard_plan: "ShardPlan", datasets: dict, summary: dict, dataset: str, policy_id: str, **kwargs):
+    """``job.write`` with the output's reuse index (``reuse/``, its rows under ``policy_id``) beside its datasets."""
     counts = reuse_summary(shard_plan)
     if counts["reused_problems"]:
         log.info("%s: %d problems' rows copied from earlier outputs (same policy, prompt, settings and seeds), %d sampled",
                  job.name, counts["reused_problems"], counts["sampled_problems"])
     with job.scratch() as tmp:
-        write_index(shard_plan, dataset, policy_id_for(job.config), tmp / INDEX_DIR)
+        write_index(shard_plan, dataset, policy_id, tmp / INDEX_DIR)
         return job.write(datasets, {**summary, **counts}, directories={INDEX_DIR: tmp / INDEX_DIR}, **kwargs)
 
 

@@ -12,7 +12,9 @@ besides ``settings`` and ``inputs``:
   with ``shard_plan.write`` (its rows, and a small JSON of counts the summary
   needs); returns those counts;
 - ``assemble(job, shard_plan) -> StageOutput``: the finished shards as the stage
-  output (``job.write``).
+  output (``job.write``);
+- optionally ``teardown()``: called once its shards are done, however they ended
+  (the sampling stages free the process's shared policy backends).
 
 The process that runs a stage holds the store's lock on its output
 (``Store.lock``, taken by ``Stage.run``) from the reuse check to the written
@@ -42,8 +44,7 @@ from tasks.core import interrupt
 from tasks.core.faults import fault
 from tasks.core.schemas import to_table, validate_table
 from tasks.core.store import StageOutput, write_parquet
-from tasks.models.policy import release_backends
-from tasks.report import progress
+from tasks.core import progress
 
 if TYPE_CHECKING:
     from tasks.core.stage import Job
@@ -199,7 +200,7 @@ def run_stage(job: "Job", run_shards: Callable[[ShardPlan], None] | None = None)
     try:
         (run_shards or in_turn)(shard_plan)
     finally:
-        release_backends()
+        getattr(module, "teardown", lambda: None)()
     check_generation(job, shard_plan)
     return module.assemble(job, shard_plan)
 

@@ -108,23 +108,9 @@ def _check_bucket(fs, root: str, url: str) -> None:
                              "buckets") from None
 
 
-def _source_run(path: Path) -> str | None:
-    """The newest run of the workspace whose outputs include the stage output ``path`` belongs to (None outside a store)."""
-    try:
-        output = path.resolve().parent
-        workspace = output.parents[2]
-        from tasks.report.runs import list_runs
-
-        for run in list_runs(workspace):
-            if str(output) in {str(Path(p).resolve()) for p in run.outputs()}:
-                return run.run_id
-    except (IndexError, OSError, ValueError):
-        return None
-    return None
-
-
-def publish(path: Path, url: str) -> dict:
-    """Copy the dataset directory ``path`` to ``url`` (data files first, the manifest last)."""
+def publish(path: Path, url: str, run: str | None = None) -> dict:
+    """Copy the dataset directory ``path`` to ``url`` (data files first, the manifest last); ``run``: the run that made
+    it (recorded in the published manifest)."""
     path = Path(path)
     manifest = read_manifest(path)
     if "datasets" in manifest:
@@ -143,7 +129,7 @@ def publish(path: Path, url: str) -> dict:
             fault("share.publish.part")
         if (path / CARD).is_file():
             fs.put_file(str(path / CARD), _join(root, CARD))
-        published = {**manifest, "published": {"from": str(path.resolve()), "run": _source_run(path), "at": _now()}}
+        published = {**manifest, "published": {"from": str(path.resolve()), "run": run, "at": _now()}}
         fs.pipe_file(_join(root, MANIFEST), (json.dumps(published, indent=2, sort_keys=True) + "\n").encode())  # last: a manifest means a complete dataset
     return published
 

@@ -31,11 +31,11 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from tasks.core import owner
+from tasks.core.config import BaseConfig
 from tasks.core.store import StageOutput, Store, stage_key
 
 if TYPE_CHECKING:
     from tasks.core.shards import ShardPlan
-    from tasks.registry import Config
 
 log = logging.getLogger("guidedrl.stage")
 
@@ -64,13 +64,13 @@ class Stage:
     def impl(self) -> ModuleType:
         return importlib.import_module(self.module)
 
-    def key_for(self, config: "Config", upstream: dict[str, StageOutput]) -> tuple[str, dict, dict]:
+    def key_for(self, config: BaseConfig, upstream: dict[str, StageOutput]) -> tuple[str, dict, dict]:
         """(store key, the settings the output depends on, input fingerprints)."""
         settings = self.impl.settings(config)
         inputs = self.impl.inputs(config, upstream)
         return stage_key(self.name, settings, inputs, self.version), settings, inputs
 
-    def run(self, config: "Config", store: Store, upstream: dict[str, StageOutput] | None = None, force: bool = False,
+    def run(self, config: BaseConfig, store: Store, upstream: dict[str, StageOutput] | None = None, force: bool = False,
             run_shards: Callable[["ShardPlan"], None] | None = None) -> tuple[StageOutput, bool]:
         """The stage's output: the stored one when it exists (``reused`` True) unless
         ``force``, else computed now. Plain function: no Prefect needed."""
@@ -114,7 +114,7 @@ class Job:
     """One computation of a stage: its config, store, upstream outputs, key and settings."""
 
     stage: Stage
-    config: "Config"
+    config: BaseConfig
     store: Store
     upstream: dict[str, StageOutput]
     key: str

@@ -93,6 +93,11 @@ def precision(config: Config) -> tuple[str, str]:
     return device, resolve_dtype(config.policy.dtype, device)
 
 
+def policy_key(config: Config, backend) -> dict:
+    """What a reuse key (tasks/core/reuse.py) holds of the policy that samples: its fingerprint, backend and precision."""
+    return {"policy_id": backend.policy_id, "backend": config.policy.backend, "precision": precision_settings(config)}
+
+
 def precision_settings(config: Config) -> dict:
     """What a stage's key holds of its precision: nothing at float32 (the CPU default, so CPU keys stay as they
     were), the dtype otherwise — bfloat16 samples and scores are not float32's."""

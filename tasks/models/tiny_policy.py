@@ -33,7 +33,7 @@ from tasks.models.answers import chain_sum_reference
 from tasks.models.prompts import chat, fill, hint_text, load_template
 from tasks.models.tiny_tokenizers import build_tokenizer, taught_completion
 from tasks.models.token_text import prompt_ids, suffix_ids
-from tasks.report import progress
+from tasks.core import progress
 
 log = logging.getLogger("guidedrl.policy")
 
@@ -279,7 +279,7 @@ def evaluate_policy(backend, levels: dict[str, dict], problems_per_level: int = 
     from tasks.models.answers import check
     from tasks.models.generation import SamplingParams
     from tasks.models.judge import RuleJudge, derivation_right
-    from tasks.report.metrics import pass_table
+    from tasks.core.metrics import pass_table
 
     judge = RuleJudge("outcome")
     report = {}

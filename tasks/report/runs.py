@@ -275,3 +275,16 @@ def gc(workspace: Path, keep: int, dry_run: bool = False) -> dict:
             "outputs_removed": removed,
             "leftovers_removed": leftovers, "bytes_freed": freed, "dry_run": dry_run}
 
+
+def run_of_output(path: Path) -> str | None:
+    """The newest run of the workspace whose outputs include the stage output a dataset ``path`` belongs to (None outside
+    a store)."""
+    try:
+        output = Path(path).resolve().parent
+        workspace = output.parents[2]
+        for run in list_runs(workspace):
+            if str(output) in {str(Path(p).resolve()) for p in run.outputs()}:
+                return run.run_id
+    except (IndexError, OSError, ValueError):
+        return None
+    return None

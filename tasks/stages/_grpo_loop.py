@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from tasks.core.faults import fault
-from tasks.report import progress
+from tasks.core import progress
 from tasks.stages._grpo_data import (KIND_EXPLAIN, KIND_GUIDED, KIND_MASKED, KIND_PLAIN, Batch, GRPORows, batch_tokens, make_batch,
                                      micro_batches, minibatches, needs_sampler_logprobs, row_kind)
 from tasks.stages._grpo_losses import LOSS_AGG, Totals, clipped_surrogate, expo_beta_at, expo_term, kl_k3, mismatch, rollout_weights, shaped_surrogate

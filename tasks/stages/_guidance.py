@@ -15,7 +15,7 @@ from tasks.core.schemas import to_table
 from tasks.core.shards import ShardPlan, generation_meta, group_tokens_from
 from tasks.core.store import StageOutput, sha256_bytes
 from tasks.models.generation import GenerationBackend, SamplingParams
-from tasks.models.policy import chat_tokenizer, policy_id_for, precision_settings, render, server_summary, shared_backend
+from tasks.models.policy import chat_tokenizer, policy_id_for, policy_key, precision_settings, render, server_summary, shared_backend
 from tasks.models.prompts import fill, load_template
 from tasks.models.sampling import sample_seeds
 from tasks.stages.rollouts import sample_rows
@@ -122,7 +122,7 @@ def run_guided_shard(stage: Stage, section, config: Config, shard_plan: ShardPla
     prompts = [render(tokenizer, fill(template, it["problem"]["question"], **{PLACEHOLDER[stage.name]: it["guidance"]})) for it in items]
     params = sampling_params(section, config)
     seeds = [sample_seeds(section.seed, p["problem_id"], params.n, stage.name) for p in problems]
-    keys = [reuse.key_for(stage, config, backend, params, s, prompt, it["problem"], guidance=it["guidance"],
+    keys = [reuse.key_for(stage, policy_key(config, backend), params, s, prompt, it["problem"], guidance=it["guidance"],
                           loss_prompt=it["loss_prompt"], settings=key_settings) for it, s, prompt in zip(items, seeds, prompts)]
 
     def sample(todo: list[int]) -> reuse.Sampled:

@@ -44,7 +44,7 @@ from tasks.core.schemas import to_table
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, fingerprint_files, iter_batches, write_parquet
 from tasks.models.answers import chain_sum_reference
-from tasks.report import progress
+from tasks.core import progress
 
 # --------------------------------------------------------------------------- settings (config section `problems`)
 

@@ -28,7 +28,7 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, read_manifest
 from tasks.models.policy import check_policy, local_policy_dir, policy_id_for, precision, precision_settings
 from tasks.models.token_text import prompt_ids, suffix_ids
-from tasks.report import progress
+from tasks.core import progress
 from tasks.stages._launch import DistributedConfig, launch
 
 if TYPE_CHECKING:

@@ -26,10 +26,10 @@ from tasks.models.answers import check
 from tasks.models.generation import SamplingParams, checkpoint_fingerprint
 from tasks.models.backends import make_backend
 from tasks.models.judge import RuleJudge, derivation_right
-from tasks.models.policy import chat_tokenizer, check_policy, open_backend, policy_id_for, precision, precision_settings, render
+from tasks.models.policy import chat_tokenizer, check_policy, open_backend, policy_id_for, policy_key, precision, precision_settings, render
 from tasks.models.prompts import fill, load_template
 from tasks.models.sampling import sample_seeds
-from tasks.report.metrics import pass_table
+from tasks.core.metrics import pass_table
 from tasks.stages.rollouts import select_problems
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ def compute(job: Job) -> StageOutput:
 
             def key_of(problem: dict, prompt: str, backend=backend) -> str:
                 seeds = sample_seeds(params.seed, problem["problem_id"], params.n)
-                return reuse.key_for(STAGE, config, backend, params, seeds, prompt, problem, check_derivation=ec.check_derivation)
+                return reuse.key_for(STAGE, policy_key(config, backend), params, seeds, prompt, problem, check_derivation=ec.check_derivation)
 
             groups, derived, entries = evaluate_policy(backend, chat_tokenizer(config, backend), problems, template, params,
                                                        ec.check_derivation, config.policy.max_error_fraction,

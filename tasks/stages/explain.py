@@ -47,7 +47,7 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput
 from tasks.models.answers import steps_correct
 from tasks.models.generation import ScoringUnavailable
-from tasks.models.policy import check_policy
+from tasks.models.policy import check_policy, policy_id_for, release_backends
 from tasks.models.token_text import prompt_ids, suffix_ids, token_spans
 from tasks.stages import _guidance as guidance
 from tasks.stages.rollouts import add_loss_logprobs, scoring_summary, served_note, served_summary, unscored_note
@@ -185,6 +185,11 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
                                      leak_check=ec.leak_check)
 
 
+def teardown() -> None:
+    """After the shards (tasks/core/shards.py): this process's shared policy backends are freed."""
+    release_backends()
+
+
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     """The shards' kept explanations as dataset `explanations`, with the unlock summary."""
     parts = shard_plan.parts("explanations")
@@ -208,7 +213,7 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
         **served_summary(shard_plan),
     }
     summary.update(reuse.reuse_summary(shard_plan))
-    out = reuse.write_output(job, shard_plan, {"explanations": parts}, summary, "explanations",
+    out = reuse.write_output(job, shard_plan, {"explanations": parts}, summary, "explanations", policy_id_for(job.config),
                              dataset_summaries={"explanations": summary})
     shard_plan.clean()
     log.info("explain: %d of %d stuck problems got a verified explanation (%d kept, %d with every step right); "

@@ -1,5 +1,5 @@
 """Stage `grade` (ExpRL): every rollout graded against its problem's hidden
-reference solution, in outcome or process mode (DESIGN.md, tasks/models/judge.py).
+reference solution, in outcome or process mode (DESIGN.md, tasks/models/judge/).
 
 Inputs: `problems` (the reference solutions, never shown to the policy), the
 plain `rollouts`, the `rubrics` of stage `rubric`.
@@ -32,6 +32,7 @@ from tasks.core.shards import ShardPlan, make_plan
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, Store
 from tasks.models import judge
+from tasks.models.policy import release_backends
 
 if TYPE_CHECKING:
     from tasks.registry import Config
@@ -214,6 +215,11 @@ def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
     meta = {"judge": j.name, **{k: j.stats.get(k, 0) for k in JUDGE_COUNTS}}
     shard_plan.write(i, to_table(rows, "grades", str(shard_plan.path(i))), meta)
     return meta
+
+
+def teardown() -> None:
+    """After the shards (tasks/core/shards.py): this process's shared policy backends are freed."""
+    release_backends()
 
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:

@@ -35,7 +35,7 @@ from tasks.core.shards import ShardPlan, make_plan
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput
 from tasks.models.answers import steps_correct
-from tasks.models.policy import check_policy
+from tasks.models.policy import check_policy, policy_id_for, release_backends
 from tasks.models.prompts import hint_text
 from tasks.stages import _guidance as guidance
 from tasks.stages.rollouts import add_behaviour_logprobs, add_loss_logprobs, scoring_summary, served_note, served_summary, unscored_note
@@ -130,6 +130,11 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
     return guidance.run_guided_shard(STAGE, hc, config, shard_plan, i, "rollouts", process, leak_check=hc.leak_check)
 
 
+def teardown() -> None:
+    """After the shards (tasks/core/shards.py): this process's shared policy backends are freed."""
+    release_backends()
+
+
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     """The shards' kept hinted samples as dataset `hints`, with the unlock summary."""
     parts = shard_plan.parts("rollouts")
@@ -148,7 +153,7 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
         **served_summary(shard_plan),
     }
     summary.update(reuse.reuse_summary(shard_plan))
-    out = reuse.write_output(job, shard_plan, {"hints": parts}, summary, "hints", dataset_summaries={"hints": summary})
+    out = reuse.write_output(job, shard_plan, {"hints": parts}, summary, "hints", policy_id_for(job.config), dataset_summaries={"hints": summary})
     shard_plan.clean()
     log.info("hint: %d of %d stuck problems unlocked by a verified hinted sample (%d kept, %d with every step right) -> %s",
              summary["unlocked_problems"], len(stuck), len(kept), summary["kept_with_all_steps_right"], out.path)

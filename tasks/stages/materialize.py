@@ -46,7 +46,7 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, data_files, write_parquet
 from tasks.models.judge import DELIMITER, split_steps, steps_of_tokens
 from tasks.models.token_text import continuation_text, token_spans, token_step_index
-from tasks.report import progress
+from tasks.core import progress
 
 if TYPE_CHECKING:
     from tasks.registry import Config
@@ -105,7 +105,7 @@ def step_advantages(step_scores: list[float]) -> list[float]:
 
 def token_advantages(row: dict, grade: dict, tokenizer, step_split: str) -> list[float] | None:
     """Each completion token's advantage: its step's (``step_advantages``). With ``step_split: "###"`` the
-    steps are token spans cut as the grade stage cut them (tasks/models/judge.py: token_steps), and each
+    steps are token spans cut as the grade stage cut them (tasks/models/token_text.py: token_steps), and each
     span takes its step's advantage exactly; else the steps' texts are located in the completion."""
     if tokenizer is None or not grade or not grade.get("parse_ok") or not grade.get("step_scores"):
         return None

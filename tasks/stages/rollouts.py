@@ -37,11 +37,11 @@ from tasks.core.store import StageOutput, read_dataset, sha256_bytes
 from tasks.models.answers import check
 from tasks.models.generation import GenerationBackend, SamplingParams, ScoringUnavailable
 from tasks.models import served
-from tasks.models.policy import chat_tokenizer, check_policy, policy_id_for, precision_settings, render, server_summary, shared_backend
+from tasks.models.policy import chat_tokenizer, check_policy, policy_id_for, policy_key, precision_settings, release_backends, render, server_summary, shared_backend
 from tasks.models.prompts import fill, load_template
 from tasks.models.sampling import sample_seeds
 from tasks.models.token_text import prompt_ids
-from tasks.report.metrics import pass_table
+from tasks.core.metrics import pass_table
 
 
 class RolloutsConfig(StrictModel):
@@ -227,7 +227,7 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
     params = SamplingParams(n=rc.samples_per_problem, temperature=rc.temperature, top_p=rc.top_p,
                             max_new_tokens=rc.max_new_tokens, seed=rc.seed)
     seeds = [sample_seeds(rc.seed, p["problem_id"], rc.samples_per_problem, "plain") for p in shard]
-    keys = [reuse.key_for(STAGE, config, backend, params, s, prompt, p) for p, s, prompt in zip(shard, seeds, prompts)]
+    keys = [reuse.key_for(STAGE, policy_key(config, backend), params, s, prompt, p) for p, s, prompt in zip(shard, seeds, prompts)]
 
     def sample(todo: list[int]) -> reuse.Sampled:
         t0, backoffs = time.time(), getattr(backend, "oom_backoffs", 0)
@@ -258,6 +258,11 @@ def within_prompt_limit(problems: list[dict], prompts: list[str], tokenizer, max
     return [problems[k] for k in keep], [prompts[k] for k in keep], len(prompts) - len(keep)
 
 
+def teardown() -> None:
+    """After the shards (tasks/core/shards.py): this process's shared policy backends are freed."""
+    release_backends()
+
+
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     """The finished shards as the stage output (written atomically); the work directory goes."""
     parts = shard_plan.parts("rollouts")  # the shard files themselves, linked into the output
@@ -269,7 +274,7 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     if shard_plan.total("prompts_over_max"):  # problems left out: their prompt is over rollouts.max_prompt_tokens
         summary["prompts_over_max"] = int(shard_plan.total("prompts_over_max"))
     summary.update(reuse.reuse_summary(shard_plan))
-    out = reuse.write_output(job, shard_plan, {"rollouts": parts}, summary, "rollouts", dataset_summaries={"rollouts": summary})
+    out = reuse.write_output(job, shard_plan, {"rollouts": parts}, summary, "rollouts", policy_id_for(job.config), dataset_summaries={"rollouts": summary})
     shard_plan.clean()
     log.info("rollouts: %d samples of %d problems, pass@1 %s, %d all-fail -> %s", summary["samples"], summary["problems"],
              {lvl: v["pass@1"] for lvl, v in summary["pass"].items()}, summary["all_fail_problems"], out.path)
