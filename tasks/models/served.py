@@ -138,22 +138,20 @@ def _refused_field(message: str, sent: list[str]) -> str | None:
 
 
 def _post(url: str, body: dict, api_key_env: str, timeout: float, retries: int) -> httpx.Response:
-    """POST /completions, retried like the client retries (time-outs, 429, 5xx; backoff 0.5 s, doubling)."""
-    import time
+    """POST /completions through the `openai` client, so with the retry policy every request of guidedrl has (time-outs,
+    dropped connections, 408, 409, 429 and 5xx; exponential backoff with jitter, ``Retry-After`` honoured). The raw
+    reply: a 400 / 422 names a field the server refuses, which the probe reads."""
+    import openai
 
-    for attempt in range(retries + 1):
-        try:
-            resp = httpx.post(f"{url}/completions", json=body, headers=headers(api_key_env), timeout=timeout)
-        except httpx.ConnectError as exc:
-            raise _unreachable(url, exc) from None
-        except httpx.HTTPError as exc:
-            if attempt == retries:
-                raise _unreachable(url, exc) from None
-        else:
-            if resp.status_code not in (408, 429) and resp.status_code < 500 or attempt == retries:
-                return resp
-        time.sleep(min(8.0, 0.5 * 2 ** attempt))
-    raise AssertionError("unreachable")
+    client = openai.OpenAI(base_url=url, api_key=os.environ.get(api_key_env) or "EMPTY", timeout=timeout, max_retries=retries)
+    try:
+        return client.post("/completions", body=body, cast_to=httpx.Response)
+    except openai.APIStatusError as exc:
+        return exc.response
+    except openai.APIConnectionError as exc:  # time-outs too, after the retries
+        raise _unreachable(url, exc) from None
+    finally:
+        client.close()
 
 
 def probe(url: str, model: str, api_key_env: str = "OPENAI_API_KEY", server: str = "auto", timeout: float = 30.0,
