@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.5, help="server-side seconds per answer")
     args = ap.parse_args()
 
+    from tasks.core.config import BaseConfig
     from tasks.models import judge
     from tasks.models.answers import chain_sum_reference
 
@@ -45,7 +46,7 @@ def main() -> None:
             ref = chain_sum_reference(expr)
             completion = "\n".join(ref.splitlines()[:-1]) + f"\n\\boxed{{{eval(expr)}}}"
             traces.append(judge.Trace(f"s{i}", f"p{i}", f"What is {expr}? (#{i})", ref, completion, True))
-        prompts = judge.JudgePrompts.load({"outcome": "judge_outcome", "process": "judge_process", "items": "judge_items", "rubric": "rubric"})
+        prompts = judge.judge_prompts(BaseConfig())  # the built-in templates, as a run's default config names them
         with tempfile.TemporaryDirectory() as tmp:
             def run():
                 client = judge.JudgeClient("bench-judge", base_url, "OPENAI_API_KEY", judge.RequestCache(Path(tmp)),

@@ -6,9 +6,13 @@ forward/backward loop on the same batches, in one run.
 Rows: a GRPO dataset of plain, hinted (guided) and explanation samples of the
 tiny policy's chain sums (completion tokens sampled by the policy). Ours:
 `tasks.stages.grpo.train_update` (batching, the three loss pieces, clipping, AdamW).
-Baseline: the same batches pre-built as tensors, `model(...)`, log-softmax of
-the completion tokens, a summed loss, backward, clip and AdamW — the least an
-update must do. Prints completion tokens/s of each and the ratio (goal >= 0.8).
+Baseline: the same batches pre-built as tensors, the π_old forward pass (no
+gradients, a frozen copy of the starting weights: what `old_logprobs: recompute`,
+the default, makes the update do), `model(...)`, log-softmax of the completion
+tokens, a summed loss, backward, clip and AdamW — the least an update must do.
+Prints completion tokens/s of each and the ratio (goal >= 0.8); then, on its own
+line, what the π_old recompute costs (ours with `old_logprobs: sampler`, which
+takes the sampler's log-probs instead).
 """
 
 from __future__ import annotations
@@ -59,10 +63,10 @@ def main() -> None:
     tokens = sum(len(r["completion_token_ids"]) for r in rows)
     cfg = GRPOTrainConfig(learning_rate=1e-5, batch_size=args.batch_size, epochs=1, kl=0.0, seed=0)
 
-    def ours() -> float:
+    def ours(c=cfg) -> float:
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        train_update(model, tok, rows, cfg)
+        train_update(model, tok, rows, c)
         return time.perf_counter() - t0
 
     order = list(range(len(rows)))
@@ -72,9 +76,12 @@ def main() -> None:
     def bare() -> float:
         model = copy.deepcopy(base)
         model.train()
+        old = copy.deepcopy(base).eval()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
         t0 = time.perf_counter()
         for b in batches:
+            with torch.no_grad():
+                completion_logps(old, b)  # π_old, as the update recomputes it
             logp = completion_logps(model, b)
             loss = -(logp * b.completion_mask).sum() / b.completion_mask.sum()
             loss.backward()
@@ -87,10 +94,14 @@ def main() -> None:
     ours()
     t_ours = min(ours() for _ in range(args.repeats))
     t_bare = min(bare() for _ in range(args.repeats))
+    sampler = cfg.model_copy(update={"old_logprobs": "sampler"})
+    t_sampler = min(ours(sampler) for _ in range(args.repeats))
     print(f"{len(rows)} samples, {tokens} completion tokens, batches of {args.batch_size}, best of {args.repeats}")
     print(f"bare forward/backward loop: {tokens / t_bare:,.0f} tokens/s ({t_bare:.2f}s)")
     print(f"guidedrl update (KL off):   {tokens / t_ours:,.0f} tokens/s ({t_ours:.2f}s)")
-    print(f"ratio ours/bare: {t_bare / t_ours:.3f}  (goal >= 0.8)")
+    print(f"ratio ours/bare: {t_bare / t_ours:.3f}  (goal >= 0.8; both with the π_old forward pass)")
+    print(f"the π_old recompute (old_logprobs: recompute, the default) costs {t_ours - t_sampler:.2f}s of ours "
+          f"({(t_ours - t_sampler) / t_ours:.0%}): ours with the sampler's log-probs {tokens / t_sampler:,.0f} tokens/s ({t_sampler:.2f}s)")
 
 
 if __name__ == "__main__":

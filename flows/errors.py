@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 DEBUG_ENV = "GUIDEDRL_DEBUG"
 
@@ -75,3 +76,16 @@ def quiet_user_errors() -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+
+
+#: libraries whose FutureWarnings announce changes to their own API (transformers' `gradient_checkpointing_enable`
+#: renamed, as TRL calls it), never anything about a user's settings: kept out of the user's output
+LIBRARIES = ("transformers", "trl", "peft", "accelerate", "torch", "datasets")
+
+
+def quiet_library_warnings() -> None:
+    """Hide the libraries' FutureWarnings (not with --debug); a warning raised elsewhere still shows."""
+    if debug():
+        return
+    for library in LIBRARIES:
+        warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{library}(\.|$)")

@@ -23,7 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, CachePolicy, TaskSource
 from prefect.futures import wait
 
-from flows.errors import quiet_user_errors, retry_unless_bad_input
+from flows.errors import quiet_library_warnings, quiet_user_errors, retry_unless_bad_input
 from tasks.core import interrupt
 from tasks.core.shards import ShardPlan
 from tasks.core.store import StageOutput, Store
@@ -31,6 +31,7 @@ from tasks.registry import REGISTRY, Config, parse_config
 
 log = logging.getLogger("guidedrl.stages")
 quiet_user_errors()  # a user's error in a stage is one line in the log, not an engine traceback
+quiet_library_warnings()  # ... and no library's FutureWarning reaches it (flows run in Prefect workers too)
 
 
 def _config(raw_config: dict, base_dir: str) -> Config:

@@ -135,3 +135,11 @@ def random_checkpoint(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def chain_sum(size: int, seed: int, level: str | None = None, terms: int | None = 2, digits: int | None = None, **config) -> dict:
+    """A `problems.sources` entry: reasoning-gym's chain_sum, ``terms`` terms of ``digits`` digits (None: its default)."""
+    cfg = {**({"min_terms": terms, "max_terms": terms} if terms else {}),
+           **({"min_digits": digits, "max_digits": digits} if digits else {}), **config}
+    return {"reasoning_gym": {"task": "chain_sum", "size": size, "seed": seed, **({"level": level} if level else {}),
+                              **({"config": cfg} if cfg else {})}}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import write_jsonl
+from tests.conftest import chain_sum, write_jsonl
 
 
 def _config(tmp_path: Path) -> Path:
@@ -22,8 +22,7 @@ def _config(tmp_path: Path) -> Path:
         "problems": {
             "sources": [
                 {"file": str(f), "columns": {"question": "problem", "answer": "solution"}, "level": "word"},
-                {"reasoning_gym": {"task": "chain_sum", "size": 60, "seed": 0, "level": "easy",
-                                   "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}},
+                chain_sum(60, 0, "easy", digits=1),
                 {"reasoning_gym": {"task": "basic_arithmetic", "size": 40, "seed": 1, "level": "mixed"}},
             ],
             "eval_fraction": 0.25,
@@ -186,3 +185,56 @@ def test_golden_rows_tell_a_changed_float_from_another_machines_last_bits():
     assert differences(hint_noise, hint) == {} and list(differences(hint_moved, hint)) == ["hint/hints"]  # one row of 14 tokens
     assert list(differences(moved, rec)) == list(differences(text, rec)) == ["rollouts/rollouts"]
     assert differences({}, rec) == {"datasets": (["rollouts/rollouts"], [])}
+
+
+@pytest.mark.parametrize("width", [80, 120])
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "file"])
+def test_the_stage_table_is_one_line_a_stage_and_every_output_path_whole(monkeypatch, tmp_path, width, terminal):
+    """At 80 columns (a small terminal, or any log file: rich falls back to 80 there) and at 120: one table line per
+    stage, none wider than the screen; below it each output path whole on one line, and the full result."""
+    import io
+
+    from rich.console import Console
+
+    from flows.cli import render
+    from tasks.registry import REGISTRY, STAGES
+
+    buf = io.StringIO()
+    monkeypatch.setattr(render, "console", Console(file=buf, width=width, force_terminal=terminal, color_system=None))
+    workspace = tmp_path / ("a-long-workspace-name-" * 3)  # an absolute --workspace: the path that made 1,184 lines
+    results = {s: {"status": "reused" if i % 2 else "computed", "path": str(workspace / "store" / s / ("0123456789" * 2)),
+                   "summary": {}} for i, s in enumerate(STAGES)}
+    render.print_results(results)
+    lines = buf.getvalue().splitlines()
+    end = next(i for i, line in enumerate(lines) if line.startswith("curate -> "))
+    table = lines[:end]
+    assert max(map(len, table)) <= width
+    for stage in STAGES:
+        rows = [line for line in table if line.strip("│┃ ").startswith(stage + " ")]
+        assert len(rows) == 1, (stage, table)
+        assert f"{stage} -> {results[stage]['path']}" in lines  # the whole path, one line, copyable
+        assert f"  {REGISTRY[stage].describe({})}" in lines  # and the whole result
+    assert len(table) == len(STAGES) + 5  # title, top, header, rule, one line a stage, bottom
+
+
+def test_a_librarys_future_warning_never_reaches_the_users_output():
+    """transformers' FutureWarning that TRL's DPOTrainer set off in every dpo stage (gradient_checkpointing_enable is
+    deprecated) is kept out; a FutureWarning from anywhere else still shows."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from flows.errors import quiet_library_warnings
+    from tests.test_training import TINY
+
+    model = AutoModelForCausalLM.from_pretrained(TINY)
+    with warnings.catch_warnings(record=True) as before:
+        warnings.simplefilter("default")
+        model.gradient_checkpointing_enable()
+    assert any(issubclass(w.category, FutureWarning) and "gradient_checkpointing" in str(w.message) for w in before)
+    with warnings.catch_warnings(record=True) as after:
+        warnings.simplefilter("default")
+        quiet_library_warnings()
+        model.gradient_checkpointing_enable()
+        warnings.warn("ours", FutureWarning)
+    assert [str(w.message) for w in after] == ["ours"]

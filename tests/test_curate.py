@@ -6,7 +6,7 @@ import pytest
 
 from tasks.models.answers import chain_sum_reference
 from tasks.stages.curate import ProblemsConfig, SourceError, curate, normalize_text, problem_id
-from tests.conftest import write_jsonl
+from tests.conftest import chain_sum, write_jsonl
 
 GSM = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?"
 
@@ -76,8 +76,7 @@ def test_decontamination_threshold_comes_from_config(tmp_path):
 
 def test_template_ngrams_do_not_count_as_contamination():
     """chain_sum questions share a template sentence; only the expression matters."""
-    src = {"reasoning_gym": {"task": "chain_sum", "size": 300, "seed": 3,
-                             "config": {"min_terms": 3, "max_terms": 4, "min_digits": 2, "max_digits": 3}}}
+    src = chain_sum(300, 3, terms=None, min_terms=3, max_terms=4, min_digits=2, max_digits=3)
     res = curate(_cfg([src], eval_fraction=0.5))
     assert res.summary["eval"] > 100 and res.summary["train"] > 100
     assert _rejected(res, "contaminated:") == []
@@ -87,7 +86,7 @@ def test_template_ngrams_do_not_count_as_contamination():
 
 
 def test_split_is_deterministic_by_id_and_can_be_fixed(tmp_path):
-    src = {"reasoning_gym": {"task": "chain_sum", "size": 200, "seed": 0, "level": "easy"}}
+    src = chain_sum(200, 0, "easy", terms=None)
     a = curate(_cfg([src], eval_fraction=0.25))
     b = curate(_cfg([src], eval_fraction=0.25))
     assert [(p["problem_id"], p["split"]) for p in a.problems] == [(p["problem_id"], p["split"]) for p in b.problems]
@@ -102,7 +101,7 @@ def test_split_is_deterministic_by_id_and_can_be_fixed(tmp_path):
 
 def test_chain_sum_reference_solution_is_left_to_right_partial_sums():
     assert chain_sum_reference("12 + 7 - 30") == "12 + 7 = 19\n19 - 30 = -11\nThe answer is -11."
-    src = {"reasoning_gym": {"task": "chain_sum", "size": 30, "seed": 0, "config": {"allow_negation": True}}}
+    src = chain_sum(30, 0, terms=None, allow_negation=True)
     res = curate(_cfg([src], eval_fraction=0))
     for p in res.problems:
         lines = p["reference_solution"].splitlines()
@@ -234,8 +233,7 @@ def test_curation_streams_in_parts_and_a_template_sample_finds_the_template(tmp_
 
     dup = write_jsonl(tmp_path / "dup.jsonl", [{"question": GSM, "answer": "72"}, {"question": GSM.upper(), "answer": "72"},
                                               {"question": GSM + " Show your work.", "answer": "72", "split": "train"}])
-    srcs = [{"reasoning_gym": {"task": "chain_sum", "size": 600, "seed": 3,
-                               "config": {"min_terms": 3, "max_terms": 4, "min_digits": 2, "max_digits": 3}}},
+    srcs = [chain_sum(600, 3, terms=None, min_terms=3, max_terms=4, min_digits=2, max_digits=3),
             {"file": str(dup), "split": None}, {"file": str(tmp_path / "eval.jsonl"), "split": "eval"}]
     write_jsonl(tmp_path / "eval.jsonl", [{"question": GSM + " Be brief.", "answer": "72"}])
     cfg = _cfg(srcs, eval_fraction=0.5)

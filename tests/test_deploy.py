@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tasks.report.runs import list_runs
+from tests.conftest import chain_sum
 
 pytestmark = pytest.mark.slow  # end to end: Prefect deployments run by workers
 
@@ -27,7 +28,7 @@ async def _runs(deployment: str, state: str | None = None):
 
 def test_deploy_schedules_nightly_runs_and_a_worker_runs_one(tmp_path, cli, prefect_server):
     cfg = tmp_path / "nightly.yaml"
-    cfg.write_text(yaml.safe_dump({"problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 12, "seed": 3}}]},
+    cfg.write_text(yaml.safe_dump({"problems": {"sources": [chain_sum(12, 3, terms=None)]},
                                    "prefect": {"retries": 0}}))
     ws = tmp_path / "ws"
     out = cli("deploy", str(cfg), "--work-pool", "test-pool", "--cron", "0 3 * * *", "--workspace", str(ws), "--stages", "curate")
@@ -65,8 +66,7 @@ def test_a_worker_elsewhere_runs_both_deployments_over_the_shared_workspace(tmp_
         d.mkdir()
     tiny = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
     (deployer / "nightly.yaml").write_text(yaml.safe_dump({
-        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 16, "seed": 4,
-                                                    "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}}],
+        "problems": {"sources": [chain_sum(16, 4, digits=1)],
                      "eval_fraction": 0.25},
         "policy": {"model": str(tiny)}, "prompts": {"plain": "tiny_plain"},
         "eval": {"samples_per_problem": 2, "max_new_tokens": 16}, "prefect": {"retries": 0}}))

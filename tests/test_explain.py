@@ -7,12 +7,12 @@ from tasks.registry import parse_config
 from tasks.stages import curate, explain
 from tasks.stages import filter as filter_stage
 from tasks.stages.explain import answer_text, explanation_ids, select
+from tests.conftest import chain_sum
 
 
 def _config(checkpoint, tmp_path, **explain_cfg):
     return parse_config({
-        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 8, "seed": 4, "level": "hard",
-                                                    "config": {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2}}}],
+        "problems": {"sources": [chain_sum(8, 4, "hard", digits=2)],
                      "eval_fraction": 0.0},
         "policy": {"model": str(checkpoint), "batch_size": 16},
         "prompts": {"plain": "tiny_plain", "explain": "tiny_explain"},

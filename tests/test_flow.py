@@ -4,11 +4,12 @@ import pytest
 
 import tasks.stages.curate as curate_mod
 from flows.pipeline import pipeline
+from tests.conftest import chain_sum
 
 
 @pytest.fixture
 def raw():
-    return {"problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 20, "seed": 5}}]},
+    return {"problems": {"sources": [chain_sum(20, 5, terms=None)]},
             "prefect": {"retries": 0, "retry_delay_seconds": 0}}
 
 

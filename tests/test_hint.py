@@ -7,6 +7,7 @@ from tasks.registry import parse_config
 from tasks.stages import curate, hint
 from tasks.stages import filter as filter_stage
 from tasks.stages.hint import build_hint
+from tests.conftest import chain_sum
 
 
 def _row(correct=False, answer="5", finish="stop"):
@@ -27,8 +28,7 @@ def test_lte_fires_only_when_every_rollout_failed_and_picks_the_hint_kind():
 
 def _config(checkpoint, tmp_path, **extra):
     return parse_config({
-        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 12, "seed": 4, "level": "easy",
-                                                    "config": {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2}}}],
+        "problems": {"sources": [chain_sum(12, 4, "easy", digits=2)],
                      "eval_fraction": 0.0},
         "policy": {"model": str(checkpoint), "batch_size": 16},
         "prompts": {"plain": "tiny_plain", "hint": "tiny_hint"},

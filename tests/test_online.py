@@ -9,6 +9,7 @@ import tasks.stages.grpo as grpo_mod
 from flows.online import online
 from tasks.core.store import StageOutput, Store
 from tasks.report.runs import RunRecord
+from tests.conftest import chain_sum
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
 
@@ -16,8 +17,7 @@ TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
 def _raw():
     levels = {"easy": {"min_digits": 1, "max_digits": 1}, "hard": {"min_digits": 2, "max_digits": 2}}
     return {
-        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 8, "seed": 11 + i, "level": lvl,
-                                                    "config": {"min_terms": 2, "max_terms": 2, **c}}}
+        "problems": {"sources": [chain_sum(8, 11 + i, lvl, **c)
                                  for i, (lvl, c) in enumerate(levels.items())],
                      "eval_fraction": 0.25},
         "policy": {"model": str(TINY), "batch_size": 64},

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("prefect_ray")
 
 from tasks.core.store import Store  # noqa: E402
-from tests.conftest import _free_port  # noqa: E402
+from tests.conftest import _free_port, chain_sum  # noqa: E402
 from tests.sampled_rows import assert_same_rows  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
@@ -73,8 +73,7 @@ def _alive_nodes(address: str) -> set[str]:
 
 def _raw(address: str, shard_size: int = 2):
     return {
-        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 16, "seed": 41, "level": "easy",
-                                                    "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}}],
+        "problems": {"sources": [chain_sum(16, 41, "easy", digits=1)],
                      "eval_fraction": 0.0},
         "policy": {"model": str(TINY), "batch_size": 16},
         "prompts": {"plain": "tiny_plain"},

@@ -4,15 +4,15 @@ import tasks.core.shards as shards_mod
 import tasks.stages.rollouts as rollouts_mod
 from tasks.core.store import Store
 from tasks.registry import parse_config
-from tasks.report.metrics import pass_at_k, pass_table
+from tasks.core.metrics import pass_at_k, pass_table
 from tasks.stages import curate
 from tasks.stages import filter as filter_stage
+from tests.conftest import chain_sum
 
 
 def _config(checkpoint, **rollouts):
     return parse_config({
-        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 30, "seed": 2, "level": "easy",
-                                                    "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}}],
+        "problems": {"sources": [chain_sum(30, 2, "easy", digits=1)],
                      "eval_fraction": 0.0},
         "policy": {"model": str(checkpoint), "batch_size": 16},
         "prompts": {"plain": "tiny_plain"},
@@ -151,8 +151,7 @@ def test_filter_keeps_the_band_and_records_every_rate():
 
 def _served_config(server, checkpoint, **policy):
     return parse_config({
-        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 30, "seed": 2, "level": "easy",
-                                                    "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}}],
+        "problems": {"sources": [chain_sum(30, 2, "easy", digits=1)],
                      "eval_fraction": 0.0},
         "policy": {"backend": "openai", "model": "served-tiny", "base_url": server.base_url, "tokenizer": str(checkpoint),
                    "max_retries": 1, "timeout_seconds": 5, "concurrency": 4, **policy},

@@ -10,12 +10,12 @@ from tasks.core.store import Store
 from tasks.registry import downstream_of
 from tasks.report.runs import RunRecord, gc, list_runs
 from tests.openai_server import OpenAIServer
+from tests.conftest import chain_sum
 
 
 def _config(tmp_path: Path, checkpoint: Path, judge_url: str) -> Path:
     cfg = {
-        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 8, "seed": 21, "level": "hard",
-                                                    "config": {"min_terms": 3, "max_terms": 3}}}], "eval_fraction": 0.0},
+        "problems": {"sources": [chain_sum(8, 21, "hard", terms=3)], "eval_fraction": 0.0},
         "policy": {"model": str(checkpoint), "batch_size": 32},
         "prompts": {"plain": "tiny_plain", "explain": "tiny_explain", "hint": "tiny_hint"},
         "rollouts": {"samples_per_problem": 2, "max_new_tokens": 8},

@@ -10,6 +10,7 @@ import pytest
 from flows.pipeline import pipeline
 from tasks.core.store import Store
 from tests.sampled_rows import assert_same_rows
+from tests.conftest import chain_sum
 
 pytestmark = pytest.mark.slow  # end to end: shards fanned out on threads and a local Ray
 
@@ -18,8 +19,7 @@ TINY = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-policy"
 
 def _raw(checkpoint, **prefect):
     return {
-        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 12, "seed": 31, "level": "easy",
-                                                    "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}}],
+        "problems": {"sources": [chain_sum(12, 31, "easy", digits=1)],
                      "eval_fraction": 0.0},
         "policy": {"model": str(checkpoint), "batch_size": 16},
         "prompts": {"plain": "tiny_plain"},
@@ -46,8 +46,7 @@ def _shard_runs(stage: str = "rollouts", flow_run_id=None):
 def _guided_raw(checkpoint, **prefect):
     """Easy problems the tiny policy solves and 2-digit ones it is stuck on, every stage in small shards."""
     raw = _raw(checkpoint, **prefect)
-    raw["problems"]["sources"].append({"reasoning_gym": {"task": "chain_sum", "size": 10, "seed": 32, "level": "hard",
-                                                         "config": {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2}}})
+    raw["problems"]["sources"].append(chain_sum(10, 32, "hard", digits=2))
     raw["prompts"].update({"explain": "tiny_explain", "hint": "tiny_hint"})
     raw["explain"] = {"problems": "all", "samples_per_problem": 2, "shard_size": 5}
     raw["hint"] = {"samples_per_problem": 2, "shard_size": 2}

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from tests.openai_server import OpenAIServer
+from tests.conftest import chain_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY_KEY = "sk-guidedrl-POLICY-4e1c9a0b7d2f"
@@ -54,7 +55,7 @@ def test_api_keys_reach_the_servers_and_nothing_else(cli, tmp_path, random_check
     with OpenAIServer() as server:
         cfg = {
             "workspace": "./ws",
-            "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 12, "seed": 3, "level": "easy"}}], "eval_fraction": 0.0},
+            "problems": {"sources": [chain_sum(12, 3, "easy", terms=None)], "eval_fraction": 0.0},
             "policy": {"backend": "openai", "model": "served", "base_url": server.base_url, "tokenizer": str(random_checkpoint),
                        "api_key_env": "GUIDEDRL_TEST_POLICY_KEY", "max_retries": 0},
             "prompts": {"plain": "tiny_plain"},

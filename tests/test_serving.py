@@ -18,12 +18,13 @@ from tasks.models.generation import SamplingParams, checkpoint_fingerprint
 from tasks.models.policy import check_policy, local_policy_dir, open_backend, policy_id_for
 from tasks.registry import parse_config
 from tests.openai_server import OpenAIServer
+from tests.conftest import chain_sum
 
 pytestmark = pytest.mark.slow  # end to end: served policies restarted as subprocesses on each round's checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = SamplingParams(n=1, max_new_tokens=3)
-PROBLEMS = {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 4, "seed": 1, "level": "easy"}}]}
+PROBLEMS = {"sources": [chain_sum(4, 1, "easy", terms=None)]}
 
 
 def _port() -> int:

@@ -15,6 +15,7 @@ from tasks.registry import parse_config
 from tasks.stages import curate, dpo
 from tasks.stages import eval as evaluate
 from tasks.stages.dpo import DPOTrainConfig
+from tests.conftest import chain_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "data" / "models" / "tiny-policy"
@@ -66,8 +67,7 @@ def test_dpo_refuses_a_dataset_without_pairs(tmp_path):
 def test_eval_stage_writes_pass_rates_by_level_and_a_chart(tmp_path):
     levels = {"easy": {"min_digits": 1, "max_digits": 1}, "hard": {"min_digits": 2, "max_digits": 2}}
     config = parse_config({
-        "problems": {"sources": [{"reasoning_gym": {"task": "chain_sum", "size": 12, "seed": 3 + i, "level": lvl,
-                                                    "config": {"min_terms": 2, "max_terms": 2, **c}}}
+        "problems": {"sources": [chain_sum(12, 3 + i, lvl, **c)
                                  for i, (lvl, c) in enumerate(levels.items())],
                      "eval_fraction": 0.5},
         "policy": {"model": str(TINY), "batch_size": 64},

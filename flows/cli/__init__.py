@@ -22,6 +22,7 @@ import os
 
 from flows.cli import config, datasets, docs, run, runs  # noqa: F401  (each registers its commands on the app)
 from flows.cli.app import app
+from flows.errors import quiet_library_warnings
 
 
 def main() -> None:
@@ -31,4 +32,5 @@ def main() -> None:
         os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join(x for x in (extra, "guidedrl") if x)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("guidedrl").setLevel(logging.INFO)
+    quiet_library_warnings()
     app()

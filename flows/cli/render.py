@@ -64,19 +64,24 @@ def print_pass_table(title: str, table_data: dict) -> None:
 
 
 def print_results(results: dict) -> None:
+    """The stages of a run: one line each in a table that fits the terminal (stage, status, the result cut to the
+    width left), then each stage's output path whole on a line of its own (what a user copies), and the full result
+    lines under it — at 80 columns, or in a log file, as on a wide terminal."""
     from tasks.registry import REGISTRY, STAGES
 
+    status_of = {"computed": "computed", "reused": "reused (no work)", "cached": "cached (no work)"}
     table = Table(title="stages", show_lines=False)
-    table.add_column("stage", style="bold")
-    table.add_column("status")
-    table.add_column("result", overflow="fold")
-    # the output is what a user copies (datasets show, publish): whole, on one line; the result gives way
-    paths = {stage: copyable_path(r["path"]) for stage, r in results.items()}
-    table.add_column("output", no_wrap=True, min_width=max(map(len, paths.values()), default=6))
+    table.add_column("stage", style="bold", no_wrap=True, min_width=max(map(len, results), default=5))
+    table.add_column("status", no_wrap=True, min_width=max((len(status_of[r["status"]]) for r in results.values()), default=6))
+    table.add_column("result", no_wrap=True, overflow="ellipsis", ratio=1)
+    lines = {stage: REGISTRY[stage].describe(r.get("summary", {})) for stage, r in results.items()}
     for stage, r in results.items():
-        status = {"computed": "[green]computed[/]", "reused": "[cyan]reused (no work)[/]", "cached": "[cyan]cached (no work)[/]"}[r["status"]]
-        table.add_row(stage, status, REGISTRY[stage].describe(r.get("summary", {})), paths[stage])
+        status = status_of[r["status"]]
+        table.add_row(stage, f"[green]{status}[/]" if r["status"] == "computed" else f"[cyan]{status}[/]", lines[stage])
     console.print(table)
+    for stage, r in results.items():
+        console.print(f"[bold]{stage}[/] -> {copyable_path(r['path'])}", soft_wrap=True, highlight=False)
+        console.print(f"  {lines[stage]}", soft_wrap=True, highlight=False, markup=False)
     if "rollouts" in results:
         print_pass_table("pass rates of the policy's rollouts, by level", results["rollouts"]["summary"].get("pass", {}))
     if "grade" in results:

@@ -11,6 +11,7 @@ import typer
 from flows.cli.app import PROJECT_ROOT, QUICKSTART_CONFIG, MethodOpt, WorkspaceOpt, app, console, fail, parse_stages
 from flows.cli.render import print_pass_table, print_results, print_rounds
 from flows.errors import user_errors
+from tasks.core import owner
 from tasks.core.interrupt import is_stop
 
 
@@ -27,6 +28,7 @@ def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
     config = parse_config(raw, where=where, base_dir=base_dir)
     ws = config.workspace_dir(workspace)
     preflight(config, select_stages(stages), ws)
+    owner.configure(config.store.heartbeat_seconds, config.store.lease_seconds)  # the run record's heartbeat from the start
     if present is None:
         present = stored_optional(stages, config, str(ws))
     to_run = select_stages(stages, present)
@@ -230,6 +232,7 @@ def online(
         cfg = parse_config(raw, where=str(config), base_dir=Path.cwd())
         ws = cfg.workspace_dir(workspace)
         preflight(cfg, select_stages(round_stages()), ws)
+        owner.configure(cfg.store.heartbeat_seconds, cfg.store.lease_seconds)
         check_following(cfg, rounds or cfg.train.grpo.rounds)
         record = RunRecord.create(ws, "online", raw, str(Path.cwd().resolve()), [])
         console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
