@@ -136,7 +136,7 @@ def test_segment_protocol_shows_each_step_alone_in_its_own_request(server, tmp_p
 def test_rule_judge_segment_scores_each_step_alone_on_the_authors_scale():
     """5 establishes a checkpoint, 1 contradicts the reference or is wrong, 2 true but off the path, 3 generic;
     the final answer step: 5 when right, 1 when wrong. Token advantages: s_t - s_(t-1), the first s_1 - s_T."""
-    from tasks.stages.materialize import step_advantages
+    from tasks.stages._advantages import step_advantages
 
     j = RuleJudge("process", protocol="segment")
     text = "12 + 7 = 19\n19 - 3 = 17\n17 + 0 = 17\nLet me check.\n\\boxed{17}"

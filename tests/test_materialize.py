@@ -7,7 +7,8 @@ import pytest
 
 from tasks.registry import parse_config
 from tasks.models.token_text import token_step_index
-from tasks.stages.materialize import build, group_advantages, step_advantages
+from tasks.stages._advantages import ADVANTAGES, group_advantages, step_advantages
+from tasks.stages.materialize import MaterializeConfig, build
 
 PLAIN = "<|user|>What is {q}?<|end|><|assistant|>"
 HINTED = "<|user|>What is {q}?\nHint: These answers are wrong: 5.<|end|><|assistant|>"
@@ -217,3 +218,15 @@ def test_chunks_of_whole_problems_give_the_rows_of_one_pass_in_order(finished_qu
 
     by_kind = whole.summary["grpo"]["rows_by_kind"]
     assert by_kind == kind_counts(whole.scan("grpo")) and sum(by_kind.values()) == whole_tables["grpo"].num_rows
+
+
+def test_the_advantage_estimators_are_registered_by_the_names_the_config_takes_and_match_hand_computed_values():
+    """materialize.advantage names an estimator of the registry (verl's core_algos pattern). Rewards 1, 0, 0, 1, masked:
+    mean 0.5, population std 0.5; grpo (r − mean)/(std + 1e-6) = ±0.999998; dr_grpo r − mean = ±0.5; the masked row none."""
+    from typing import get_args
+
+    assert set(get_args(MaterializeConfig.model_fields["advantage"].annotation)) == set(ADVANTAGES) == {"grpo", "dr_grpo"}
+    rewards = [1.0, 0.0, 0.0, 1.0, None]
+    assert group_advantages(rewards, "grpo") == pytest.approx([0.5 / 0.500001, -0.5 / 0.500001, -0.5 / 0.500001, 0.5 / 0.500001, None])
+    assert group_advantages(rewards, "dr_grpo") == [0.5, -0.5, -0.5, 0.5, None]
+    assert group_advantages([None, None], "grpo") == [None, None]

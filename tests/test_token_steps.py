@@ -10,7 +10,7 @@ from tasks.models.judge import RuleJudge, Trace, completion_steps, split_steps
 from tasks.models.token_text import token_steps
 from tasks.registry import parse_config
 from tasks.stages import grade, rubric
-from tasks.stages.materialize import step_advantages, token_advantages
+from tasks.stages._advantages import step_advantages, token_advantages
 
 
 def straddling_tokenizer():

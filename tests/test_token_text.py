@@ -17,7 +17,7 @@ from tasks.models.judge import judge_view, split_steps, steps_of_tokens
 from tasks.models.token_text import (common_prefix_length, continuation_text, decode_completion, prompt_ids, stop_token_ids,
                                      suffix_ids, token_spans)
 from tasks.report.alignment import check_prompt, prefix_starts, reference_token_steps, trl_ids
-from tasks.stages.materialize import step_advantages, token_advantages
+from tasks.stages._advantages import step_advantages, token_advantages
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"char": "tiny-policy", "gpt2-bpe": "tiny-gpt2bpe", "spm": "tiny-spm"}

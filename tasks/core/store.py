@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from tasks.core import locks
 from tasks.core.faults import fault
-from tasks.core.owner import HEARTBEAT, new_name, pid_alive, removable  # noqa: F401  (pid_alive: a name others import from here)
+from tasks.core.owner import HEARTBEAT, new_name, removable
 from tasks.core.schemas import SCHEMA_VERSION, SchemaError, validate_table
 
 log = logging.getLogger("guidedrl.store")

@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 from tasks.core.store import StageOutput
 from tasks.models.answers import answer_region, last_boxed
 from tasks.models.judge import DELIMITER, split_steps
-from tasks.stages.materialize import step_advantages
+from tasks.stages._advantages import step_advantages
 from tasks.models.token_text import common_prefix_length, decode_completion, prefix_pieces, prompt_ids
 
 CHECKS = ("text", "prompt", "answer", "steps", "sequence", "trl")

@@ -20,99 +20,38 @@ Method, in order:
 
 Outputs: datasets `problems` and `rejected` (schemas in tasks/core/schemas.py) and a
 summary of how many rows went where, per source and per reason.
+
+Split along its seams: the sources and their reading in _curate_sources.py, the checks on rows and questions
+(normalisation, ids, split, n-grams, validation) in _curate_checks.py; here the settings, the three-pass driver and
+the stage.
 """
 
 from __future__ import annotations
 
-import csv
 import glob
-import hashlib
-import json
 import logging
-import re
-import unicodedata
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Callable, Iterator
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
+from tasks.core import progress
 from tasks.core.config import StrictModel
+from tasks.core.parts import PartWriter
 from tasks.core.schemas import to_table
 from tasks.core.stage import Job, Stage
-from tasks.core.store import StageOutput, fingerprint_files, iter_batches, write_parquet
-from tasks.models.answers import chain_sum_reference
-from tasks.core import progress
+from tasks.core.store import StageOutput, fingerprint_files, iter_batches
+from tasks.stages._curate_checks import (_informative_ngrams, _reject, _split_of, _tokens, _validate, _windows,  # noqa: F401
+                                         normalize_text, problem_id)
+from tasks.stages._curate_sources import (SourceConfig, SourceError, _check_columns, _file_format, _not_utf8, _read_text_records,
+                                          _source_name, read_source)
+
+# (normalize_text, problem_id and SourceError are taken from here by the CLI and the tests: the stage's names)
 
 # --------------------------------------------------------------------------- settings (config section `problems`)
-
-
-class ReasoningGymSpec(StrictModel):
-    task: str = Field(description="reasoning-gym dataset name, e.g. chain_sum")
-    size: int = Field(gt=0)
-    seed: int = 0
-    level: str | None = None
-    config: dict[str, Any] = Field(default_factory=dict, description="generator config, e.g. min_terms")
-
-
-class HFSpec(StrictModel):
-    """A Hugging Face dataset on local disk: a ``save_to_disk`` directory
-    (``path``) or local data files loaded by a builder (``format`` + ``data_files``).
-    Nothing is downloaded."""
-
-    path: str | None = None
-    format: Literal["parquet", "json", "csv"] | None = None
-    data_files: str | list[str] | None = None
-    split: str = "train"
-
-    @model_validator(mode="after")
-    def _one_way(self):
-        if bool(self.path) == bool(self.data_files):
-            raise ValueError("give either 'path' (a save_to_disk directory) or 'data_files' with 'format'")
-        if self.data_files and not self.format:
-            raise ValueError("'data_files' needs 'format': one of parquet, json, csv")
-        return self
-
-
-class SourceConfig(StrictModel):
-    """One problem source. Exactly one of ``file``, ``hf``, ``reasoning_gym``."""
-
-    file: str | None = None
-    hf: HFSpec | None = None
-    reasoning_gym: ReasoningGymSpec | None = None
-    format: Literal["jsonl", "json", "csv", "parquet"] | None = Field(
-        None, description="file format; default from the file extension"
-    )
-    columns: dict[str, str] = Field(
-        default_factory=dict,
-        description="contract column -> column name in the input (question, answer, reference_solution, level, split)",
-    )
-    source: str | None = Field(None, description="the value of the `source` column; default from the file or task name")
-    level: str | None = Field(None, description="level label for every row of this source")
-    split: Literal["train", "eval"] | None = Field(None, description="put every row of this source in this split")
-    allow_empty: bool = Field(False, description="accept a source that yields no problems (by default that is an error naming its rejections)")
-
-    @model_validator(mode="after")
-    def _exactly_one(self):
-        given = [k for k in ("file", "hf", "reasoning_gym") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "a source needs exactly one of 'file', 'hf', 'reasoning_gym'"
-                + (f" (got {', '.join(given)})" if given else "")
-            )
-        if self.reasoning_gym is not None and self.reasoning_gym.level and self.level:
-            raise ValueError("give 'level' once: inside reasoning_gym or beside it, not both")
-        allowed = {"question", "answer", "reference_solution", "level", "split"}
-        bad = sorted(set(self.columns) - allowed)
-        if bad:
-            raise ValueError(f"columns: unknown contract column(s) {bad}; allowed: {sorted(allowed)}")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return "file" if self.file is not None else "hf" if self.hf is not None else "reasoning_gym"
 
 
 class DecontaminationConfig(StrictModel):
@@ -139,323 +78,6 @@ STAGE = Stage(name="curate", version="1", module=__name__, writes={"problems": "
 
 log = logging.getLogger("guidedrl.curate")
 
-_WS = re.compile(r"[ \t\f\v\u00a0]+")
-_TOKEN = re.compile(r"\w+|[^\w\s]")
-_SPACES = re.compile(r"\s+")
-_BLANK_LINES = re.compile(r"\n{3,}")
-
-
-class SourceError(ValueError):
-    """A problem source that cannot be read at all; the message names the file."""
-
-
-# --------------------------------------------------------------------------- text and ids
-
-
-def normalize_text(text: str) -> str:
-    """NFKC, unix line endings, runs of spaces collapsed, lines stripped at the
-    right, at most one blank line in a row, no leading/trailing blank space.
-    Idempotent: normalising normalised text changes nothing."""
-    if not text.isascii():  # NFKC leaves ASCII as it is
-        text = unicodedata.normalize("NFKC", text)
-    text = _WS.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n"))  # _WS stops at line ends: as if line by line
-    text = "\n".join(line.rstrip() for line in text.split("\n"))
-    return _BLANK_LINES.sub("\n\n", text).strip()
-
-
-def _key_text(normalized: str) -> str:
-    """The text a problem id hashes, of a question already normalised (``normalize_text``)."""
-    return _SPACES.sub(" ", normalized).strip().casefold()
-
-
-def problem_id(question: str) -> str:
-    """Stable id of a question: equal after normalisation means equal id."""
-    return _id_of_normalized(normalize_text(question))
-
-
-def _id_of_normalized(question: str) -> str:
-    return hashlib.sha256(_key_text(question).encode()).hexdigest()[:16]
-
-
-def _tokens(question: str) -> list[str]:
-    """The word tokens of a normalised question (curated questions are)."""
-    return _TOKEN.findall(_key_text(question))
-
-
-def _windows(tokens: list[str], n: int) -> list[tuple[str, ...]]:
-    if len(tokens) < n:
-        return [tuple(tokens)] if tokens else []
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-
-
-def _informative_ngrams(tokens: list[str], template: set, n: int) -> set[tuple[str, ...]]:
-    """The question's n-grams once its template text is cut out.
-
-    Tokens covered by a template n-gram are removed; n-grams are then taken
-    within each remaining run of tokens (a run shorter than n counts as one
-    n-gram of its own length; runs under 3 tokens left over from a template,
-    such as a lone "=", say nothing and are dropped)."""
-    if not template:
-        return set(_windows(tokens, n))
-    covered = [False] * len(tokens)
-    if len(tokens) >= n:
-        for i in range(len(tokens) - n + 1):
-            if tuple(tokens[i : i + n]) in template:
-                covered[i : i + n] = [True] * n
-    elif tuple(tokens) in template:
-        covered = [True] * len(tokens)
-    if not any(covered):
-        return set(_windows(tokens, n))
-    grams: set[tuple[str, ...]] = set()
-    run: list[str] = []
-    for tok, cov in zip(tokens + [""], covered + [True]):
-        if not cov:
-            run.append(tok)
-            continue
-        if len(run) >= min(n, 3):
-            grams.update(_windows(run, n))
-        run = []
-    return grams
-
-
-def _split_of(pid: str, seed: int, eval_fraction: float) -> str:
-    u = int(hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest()[:12], 16) / float(1 << 48)
-    return "eval" if u < eval_fraction else "train"
-
-
-# --------------------------------------------------------------------------- reference solutions
-
-
-#: reasoning-gym task -> writer of a worked solution from the entry's metadata
-REFERENCE_WRITERS: dict[str, Callable[[dict], str]] = {
-    "chain_sum": lambda entry: chain_sum_reference(entry["metadata"]["expression"]),
-}
-
-
-# --------------------------------------------------------------------------- reading sources
-
-
-@dataclass
-class _Row:
-    """One input row as read from its source, before validation."""
-
-    source: str
-    index: int
-    data: dict[str, Any]  # the input row (for `rejected`)
-    question: Any = None
-    answer: Any = None
-    reference_solution: Any = None
-    level: Any = None
-    split: Any = None
-    metadata: dict = field(default_factory=dict)
-    error: str | None = None  # a row-level read error: goes to rejected
-
-
-def _source_name(src: SourceConfig) -> str:
-    if src.source:
-        return src.source
-    if src.kind == "file":
-        return Path(src.file).stem
-    if src.kind == "hf":
-        return Path(src.hf.path or (src.hf.data_files if isinstance(src.hf.data_files, str) else src.hf.data_files[0])).stem
-    return f"reasoning_gym/{src.reasoning_gym.task}"
-
-
-def _file_format(src: SourceConfig, path: Path) -> str:
-    if src.format:
-        return src.format
-    ext = path.suffix.lower()
-    fmt = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(ext)
-    if fmt is None:
-        raise SourceError(f"{path}: cannot tell the format from the extension {ext!r}; set `format:` (jsonl, json, csv, parquet)")
-    return fmt
-
-
-def _not_utf8(path: Path) -> SourceError:
-    """The error for a text file that is not UTF-8: its encoding where a BOM tells, else the first bad byte's line."""
-    raw = path.read_bytes()
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        return SourceError(f"{path}: UTF-16 text (byte-order mark {raw[:2].hex()}); save it as UTF-8")
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        return SourceError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                           "save the file as UTF-8")
-    return SourceError(f"{path}: not UTF-8 text")
-
-
-def _read_records(path: Path, fmt: str) -> Iterator[tuple[dict | None, str | None]]:
-    """Yield (record, None) or (None, row-level error) for each row of a file. Text files are
-    UTF-8 (a byte-order mark is accepted); any other encoding is an error naming the file and line."""
-    if not path.is_file():
-        raise SourceError(f"{path}: problem file not found")
-    try:
-        yield from _read_text_records(path, fmt)
-    except UnicodeDecodeError:
-        raise _not_utf8(path) from None
-
-
-def _read_text_records(path: Path, fmt: str) -> Iterator[tuple[dict | None, str | None]]:
-    if fmt == "jsonl":
-        with open(path, encoding="utf-8-sig") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield {"line": lineno, "text": line.rstrip("\n")[:500]}, f"line {lineno}: not valid JSON ({exc.msg})"
-                    continue
-                if not isinstance(rec, dict):
-                    yield {"line": lineno, "text": line.rstrip("\n")[:500]}, f"line {lineno}: a JSON {type(rec).__name__}, expected an object"
-                    continue
-                yield rec, None
-    elif fmt == "json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"{path}: not valid JSON ({exc})") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise SourceError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
-        for i, rec in enumerate(data):
-            if isinstance(rec, dict):
-                yield rec, None
-            else:
-                yield {"item": i, "value": rec}, f"item {i}: a JSON {type(rec).__name__}, expected an object"
-    elif fmt == "csv":
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames:
-                raise SourceError(f"{path}: empty CSV file (no header row)")
-            try:
-                for rec in reader:
-                    if None in rec:  # more cells than header columns
-                        yield {k: v for k, v in rec.items() if k is not None}, f"line {reader.line_num}: more cells than header columns"
-                        continue
-                    yield rec, None
-            except csv.Error as exc:
-                raise SourceError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as exc:  # pyarrow raises several types for a bad file
-            raise SourceError(f"{path}: cannot be read as Parquet ({exc})") from None
-        for rec in table.to_pylist():
-            yield rec, None
-
-
-def _mapped(rec: dict, src: SourceConfig) -> dict[str, Any]:
-    """Pick contract fields from an input record using the source's column mapping."""
-    out = {}
-    for name in ("question", "answer", "reference_solution", "level", "split"):
-        col = src.columns.get(name, name)
-        out[name] = rec.get(col)
-    return out
-
-
-def _check_columns(columns: list[str], src: SourceConfig, where: str) -> None:
-    for name in ("question", "answer"):
-        col = src.columns.get(name, name)
-        if col not in columns:
-            hint = "" if name in src.columns else f"; map it with `columns: {{{name}: <input column>}}`"
-            raise SourceError(f"{where}: no column {col!r} for `{name}` (columns: {sorted(columns)}){hint}")
-    for name, col in src.columns.items():
-        if col not in columns:
-            raise SourceError(f"{where}: mapped column {col!r} (for `{name}`) is not in the input (columns: {sorted(columns)})")
-
-
-def _rows_from_records(records: Iterator[tuple[dict | None, str | None]], src: SourceConfig, name: str, where: str) -> Iterator[_Row]:
-    checked = False
-    for i, (rec, err) in enumerate(records):
-        if err is not None:
-            yield _Row(name, i, rec or {}, error=err)
-            continue
-        if not checked:
-            _check_columns(list(rec), src, where)
-            checked = True
-        m = _mapped(rec, src)
-        mapped_cols = {src.columns.get(k, k) for k in m}
-        extra = {k: v for k, v in rec.items() if k not in mapped_cols}
-        yield _Row(name, i, rec, **m, metadata={"row": extra} if extra else {})
-
-
-def _read_file(src: SourceConfig, resolve: Callable[[str], Path], name: str) -> Iterator[_Row]:
-    path = resolve(src.file)
-    fmt = _file_format(src, path)
-    return _rows_from_records(_read_records(path, fmt), src, name, str(path))
-
-
-def _read_hf(src: SourceConfig, resolve: Callable[[str], Path], name: str) -> Iterator[_Row]:
-    import datasets
-
-    spec = src.hf
-    if spec.path:
-        path = resolve(spec.path)
-        where = str(path)
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except FileNotFoundError:
-            raise SourceError(f"{path}: no Hugging Face dataset saved here (expected a save_to_disk directory)") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if spec.split not in ds:
-                raise SourceError(f"{path}: no split {spec.split!r}; splits: {list(ds)}")
-            ds = ds[spec.split]
-    else:
-        files = [spec.data_files] if isinstance(spec.data_files, str) else list(spec.data_files)
-        files = [str(resolve(f)) for f in files]
-        where = ", ".join(files)
-        for f in files:
-            if not glob.glob(f):
-                raise SourceError(f"{f}: data file not found")
-        try:
-            ds = datasets.load_dataset(spec.format, data_files=files, split=spec.split)
-        except Exception as exc:
-            raise SourceError(f"{where}: cannot be loaded with datasets ({type(exc).__name__}: {exc})") from None
-    return _rows_from_records(((rec, None) for rec in ds), src, name, where)
-
-
-def _read_reasoning_gym(src: SourceConfig, name: str) -> Iterator[_Row]:
-    import reasoning_gym
-
-    spec = src.reasoning_gym
-    try:
-        data = reasoning_gym.create_dataset(spec.task, size=spec.size, seed=spec.seed, **spec.config)
-    except ValueError as exc:
-        raise SourceError(f"reasoning_gym task {spec.task!r}: {exc}") from None
-    except (TypeError, AssertionError) as exc:
-        raise SourceError(f"reasoning_gym task {spec.task!r}: bad generator config {spec.config}: {exc}") from None
-    writer = REFERENCE_WRITERS.get(spec.task)
-    level = spec.level or src.level
-    for i in range(len(data)):
-        entry = data[i]
-        ref = entry.get("metadata", {}).get("solution")
-        if ref is None and writer is not None:
-            ref = writer(entry)
-        yield _Row(
-            name,
-            i,
-            {"task": spec.task, "seed": spec.seed, "index": i, "question": entry.get("question")},
-            question=entry.get("question"),
-            answer=entry.get("answer"),
-            reference_solution=ref,
-            level=level,
-            metadata={"reasoning_gym": {"task": spec.task, "entry": entry}},
-        )
-
-
-def read_source(src: SourceConfig, resolve: Callable[[str], Path] = Path) -> Iterator[_Row]:
-    name = _source_name(src)
-    if src.kind == "file":
-        return _read_file(src, resolve, name)
-    if src.kind == "hf":
-        return _read_hf(src, resolve, name)
-    return _read_reasoning_gym(src, name)
-
 
 # --------------------------------------------------------------------------- the method
 
@@ -467,58 +89,6 @@ class CurationResult:
     summary: dict
 
 
-def _as_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, float) and value != value:  # NaN from a CSV/Parquet cell
-        return None
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, str):
-        return value
-    return None
-
-
-def _validate(row: _Row, src: SourceConfig, max_chars: int) -> tuple[dict | None, str | None]:
-    if row.error:
-        return None, f"unparseable: {row.error}"
-    q = _as_text(row.question)
-    if q is None and row.question is not None:
-        return None, f"bad_type: question is a {type(row.question).__name__}, not text"
-    question = normalize_text(q) if q is not None else ""
-    if not question:
-        return None, "empty_question: the question is missing or blank"
-    if len(q) > max_chars:
-        return None, f"too_long: the question has {len(q):,} characters (problems.max_question_chars: {max_chars:,})"
-    a = _as_text(row.answer)
-    if a is None and row.answer is not None:
-        return None, f"bad_type: answer is a {type(row.answer).__name__}, not text or a number"
-    answer = normalize_text(a) if a is not None else ""
-    if not answer:
-        return None, "no_answer: the answer is missing or blank"
-    split = src.split or (_as_text(row.split) or None)
-    if split is not None and split not in ("train", "eval"):
-        return None, f"bad_split: split {split!r} is not 'train' or 'eval'"
-    level = src.level or (src.reasoning_gym.level if src.reasoning_gym else None) or _as_text(row.level)
-    ref = _as_text(row.reference_solution)
-    return {
-        "problem_id": _id_of_normalized(question),
-        "question": question,
-        "answer": answer,
-        "reference_solution": normalize_text(ref) if ref else None,
-        "source": row.source,
-        "level": level or None,
-        "split": split,
-        "metadata": json.dumps({"source_index": row.index, **row.metadata}, sort_keys=True, default=str),
-    }, None
-
-
-def _reject(row: _Row, reason: str) -> dict:
-    return {"source": row.source, "row": json.dumps(row.data, sort_keys=True, default=str), "reason": reason}
-
-
 #: rows per Parquet part while curating (problems and rejected rows are written as they come)
 PART_ROWS = 8192
 #: per source, the questions (the lowest ids, ids being hashes: an even sample) whose n-grams estimate
@@ -528,32 +98,9 @@ TEMPLATE_SAMPLE = 20_000
 _ROW_COL = "_input_row"
 
 
-class _Parts:
-    """Rows written to Parquet parts of ``PART_ROWS`` as they come (at least one part, maybe empty)."""
-
-    def __init__(self, work: Path, name: str, kind: str):
-        self.work, self.name, self.kind = work, name, kind
-        self.rows: list[dict] = []
-        self.paths: list[Path] = []
-        self.count = 0
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        self.count += 1
-        if len(self.rows) >= PART_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.rows or not self.paths:
-            path = self.work / f"{self.name}-{len(self.paths):05d}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_parquet(to_table(self.rows, self.kind, f"curate/{self.name}"), path)
-            self.paths.append(path)
-            self.rows = []
-
-    def close(self) -> list[Path]:
-        self.flush()
-        return self.paths
+def _parts(work: Path, name: str, kind: str) -> PartWriter:
+    """Rows of ``kind`` written to Parquet parts of ``PART_ROWS`` as they come (at least one part, maybe empty)."""
+    return PartWriter(work, name, max_rows=PART_ROWS, at_least_one=True, to_table=lambda rows: to_table(rows, kind, f"curate/{name}"))
 
 
 def _read_parts(paths: list[Path], columns: list[str] | None = None) -> Iterator[dict]:
@@ -590,7 +137,7 @@ def curate_parts(cfg: ProblemsConfig, resolve: Callable[[str], Path], work: Path
     template n-grams come from up to ``TEMPLATE_SAMPLE`` questions per source."""
     import heapq
 
-    accepted, rejected = _Parts(work, "accepted", "problems"), _Parts(work, "rejected", "rejected")
+    accepted, rejected = _parts(work, "accepted", "problems"), _parts(work, "rejected", "rejected")
     seen: dict[str, tuple[str, str]] = {}  # problem_id -> (answer, source) of its first occurrence
     per_source: dict[str, Counter] = defaultdict(Counter)
     reasons: Counter = Counter()
@@ -616,7 +163,7 @@ def curate_parts(cfg: ProblemsConfig, resolve: Callable[[str], Path], work: Path
                             f"with a different answer ({prob['answer']!r} there: {first[0]!r})"
                         )
             if reason is not None:
-                rejected.add(_reject(row, reason))
+                rejected.add_row(_reject(row, reason))
                 per_source[name]["rejected"] += 1
                 reasons[reason.split(":", 1)[0]] += 1
                 source_reasons[reason.split(":", 1)[0]] += 1
@@ -632,7 +179,7 @@ def curate_parts(cfg: ProblemsConfig, resolve: Callable[[str], Path], work: Path
                     heapq.heappush(heap, item)
                 elif item[0] > heap[0][0]:  # a lower id than the highest kept
                     heapq.heapreplace(heap, item)
-            accepted.add({**prob, _ROW_COL: _reject(row, "")["row"]})
+            accepted.add_row({**prob, _ROW_COL: _reject(row, "")["row"]})
         if accepted.count == accepted_before and not src.allow_empty:  # a nightly run must not "succeed" on nothing
             why = ", ".join(f"{k}: {v}" for k, v in sorted(source_reasons.items())) or "no rows"
             raise SourceError(f"problems.sources.{i} ({name}): yields no problems — {per_source[name]['read']} rows read, "
@@ -651,7 +198,7 @@ def curate_parts(cfg: ProblemsConfig, resolve: Callable[[str], Path], work: Path
                 for g in _informative_ngrams(_tokens(p["question"]), template[p["source"]], n):
                     eval_index.setdefault(_gram_key(g), p["problem_id"])
 
-    problems = _Parts(work, "problems", "problems")
+    problems = _parts(work, "problems", "problems")
     split_counts, by_level, with_reference, contaminated = Counter(), Counter(), 0, 0
     for p in progress.track(_read_parts(parts), "curate: decontaminating" if eval_index else "curate: writing", total=accepted.count):
         input_row = p.pop(_ROW_COL)
@@ -661,12 +208,12 @@ def curate_parts(cfg: ProblemsConfig, resolve: Callable[[str], Path], work: Path
             frac = len(hits) / len(informative) if informative else 0.0
             if informative and frac >= dc.threshold:
                 top = Counter(hits).most_common(1)[0][0]
-                rejected.add({"source": p["source"], "row": input_row,
+                rejected.add_row({"source": p["source"], "row": input_row,
                               "reason": f"contaminated: {frac:.2f} of its {n}-grams occur in the eval split (most with eval problem {top})"})
                 per_source[p["source"]]["rejected"] += 1
                 contaminated += 1
                 continue
-        problems.add(p)
+        problems.add_row(p)
         per_source[p["source"]][p["split"]] += 1
         split_counts[p["split"]] += 1
         by_level[f"{p['split']}/{p['level']}"] += 1

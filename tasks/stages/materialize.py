@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Literal
@@ -41,11 +40,12 @@ from pydantic import Field
 
 from tasks.core.config import StrictModel
 from tasks.core.groups import Source, partition, read_chunk
+from tasks.core.parts import PartWriter
 from tasks.core.schemas import SCHEMAS, conform, kind_counts, to_table
 from tasks.core.stage import Job, Stage
-from tasks.core.store import StageOutput, data_files, write_parquet
-from tasks.models.judge import DELIMITER, split_steps, steps_of_tokens
-from tasks.models.token_text import continuation_text, token_spans, token_step_index
+from tasks.core.store import StageOutput, data_files
+from tasks.models.token_text import continuation_text
+from tasks.stages._advantages import group_advantages, token_advantages
 from tasks.core import progress
 
 if TYPE_CHECKING:
@@ -56,7 +56,8 @@ class MaterializeConfig(StrictModel):
     """How rollouts, guidance samples and grades become the dpo, grpo and sft datasets."""
 
     reward: Literal["verify", "judge"] = Field("verify", description="verify: the checked answer (1/0); judge: the judge's outcome score (+ token advantages in process mode)")
-    advantage: Literal["grpo", "dr_grpo"] = Field("grpo", description="grpo: (r - mean) / std in the group; dr_grpo: r - mean")
+    advantage: Literal["grpo", "dr_grpo"] = Field("grpo", description="the advantage estimator (tasks/stages/_advantages.py: ADVANTAGES): "
+                                                  "grpo: (r - mean) / std in the group; dr_grpo: r - mean")
     keep_uniform_groups: bool = Field(False, description="keep groups whose rewards are all equal (no signal); default: drop them (dynamic sampling)")
     lte_replace: bool = Field(True, description="LTE: in all-failed groups, replace failed samples by correct hinted ones (at most G - 1)")
     include_explanations: bool = Field(True, description="ExPO: selected explanations ride along in grpo (null advantage, for the beta-NLL term)")
@@ -76,52 +77,6 @@ STAGE = Stage(name="materialize", version="2", module=__name__, upstream=("curat
               writes={"dpo": "dpo", "grpo": "grpo", "sft": "sft"}, section="materialize", settings_model=MaterializeConfig)
 
 log = logging.getLogger("guidedrl.materialize")
-
-
-# --------------------------------------------------------------------------- rewards and advantages
-
-
-def group_advantages(rewards: list[float | None], scale: str = "grpo") -> list[float | None]:
-    """Group-normalised advantages; rows without a reward (masked) get none and
-    take no part in the mean. ``grpo``: (r − mean) / (std + 1e-6); ``dr_grpo``: r − mean."""
-    known = [r for r in rewards if r is not None]
-    if not known:
-        return [None] * len(rewards)
-    mean = math.fsum(known) / len(known)
-    std = math.sqrt(math.fsum((r - mean) ** 2 for r in known) / len(known)) if len(known) > 1 else 0.0  # population std
-    div = (std + 1e-6) if scale == "grpo" else 1.0
-    return [None if r is None else (r - mean) / div for r in rewards]
-
-
-def step_advantages(step_scores: list[float]) -> list[float]:
-    """ExpRL process mode: step t gets s_t − s_(t−1); the first step s_1 − s_T. A single-step trace
-    gets s_1 (the authors' code sets step 1 to s_1; s_1 − s_T would be 0 there)."""
-    if not step_scores:
-        return []
-    if len(step_scores) == 1:
-        return [step_scores[0]]
-    return [step_scores[0] - step_scores[-1]] + [b - a for a, b in zip(step_scores, step_scores[1:])]
-
-
-def token_advantages(row: dict, grade: dict, tokenizer, step_split: str) -> list[float] | None:
-    """Each completion token's advantage: its step's (``step_advantages``). With ``step_split: "###"`` the
-    steps are token spans cut as the grade stage cut them (tasks/models/token_text.py: token_steps), and each
-    span takes its step's advantage exactly; else the steps' texts are located in the completion."""
-    if tokenizer is None or not grade or not grade.get("parse_ok") or not grade.get("step_scores"):
-        return None
-    adv = step_advantages(grade["step_scores"])
-    if step_split == DELIMITER:
-        if row.get("completion_token_ids") is None:
-            return None
-        spans = steps_of_tokens(tokenizer, list(row["completion_token_ids"]))[1]
-        if len(spans) != len(adv):
-            return None
-        return [a for (start, end), a in zip(spans, adv) for _ in range(end - start)]
-    steps = grade["steps"] or split_steps(row["completion"], step_split)
-    if len(adv) != len(steps):
-        return None
-    text, spans = token_spans(tokenizer, row["completion_token_ids"])
-    return [adv[i] for i in token_step_index(text, spans, steps)]
 
 
 # --------------------------------------------------------------------------- building the datasets
@@ -351,38 +306,9 @@ class Tally:
         }
 
 
-def _write_part(work, name: str, i: int, table: pa.Table):
-    path = work / "parts" / name / f"part-{i:05d}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_parquet(table, path)
-    return path
-
-
 #: a dataset's rows are gathered up to this many bytes before a part file is written: Parquet wrote a
 #: chunk's few thousand rows (one row group) at about half the speed of tens of thousands
 PART_BYTES = 64 << 20
-
-
-class _TableParts:
-    """One dataset's part files, written as its rows come, chunk after chunk (``PART_BYTES`` at a time)."""
-
-    def __init__(self, work, name: str) -> None:
-        self.work, self.name = work, name
-        self.held: list[pa.Table] = []
-        self.bytes = 0
-        self.paths: list = []
-
-    def add(self, table: pa.Table) -> None:
-        self.held.append(table)
-        self.bytes += table.nbytes
-        if self.bytes >= PART_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.held:
-            table = pa.concat_tables(self.held, promote_options="permissive")
-            self.paths.append(_write_part(self.work, self.name, len(self.paths), table))
-            self.held, self.bytes = [], 0
 
 
 #: per-token columns: passed from the inputs to the grpo rows in Arrow, never as Python lists
@@ -458,7 +384,8 @@ def compute(job: Job) -> StageOutput:
     tokenizer = policy_tokenizer(config)
     tally = Tally()
     with job.scratch() as work:
-        writers = {n: _TableParts(work, n) for n in STAGE.writes}
+        writers = {n: PartWriter(work / "parts", n, max_bytes=PART_BYTES, at_least_one=True,  # no rows at all: one empty part
+                                 to_table=lambda rows, n=n: to_table(rows, n, f"materialize/{n}")) for n in STAGE.writes}
         with_grades = config.materialize.reward == "judge"  # else build reads no grade
         main, others = chunk_sources(upstream, with_grades)
         chunks = partition(main, others, CHUNK_ROWS, work / "chunks")
@@ -476,12 +403,7 @@ def compute(job: Job) -> StageOutput:
                     if name == "grpo":  # what the update will train on, counted while the rows are at hand
                         tally.grpo_by_kind.update(kind_counts(pl.from_arrow(table).lazy()))
                     writers[name].add(table)
-        for w in writers.values():
-            w.flush()
-        parts = {n: w.paths for n, w in writers.items()}
-        for name, files in parts.items():
-            if not files:  # no rows at all: one empty part
-                files.append(_write_part(work, name, 0, to_table([], name, f"materialize/{name}")))
+        parts = {n: w.close() for n, w in writers.items()}
         summaries = tally.summaries(config.materialize)
         cards = {n: dataset_card(n, n, tally.rows[n], summaries[n], job.inputs, job.settings, pq.read_schema(parts[n][0]).names)
                  for n in parts}
