@@ -85,17 +85,20 @@ def owner_tag(pid: int | None = None) -> str:
     return f"{host_id()}.{os.getpid() if pid is None else pid}"
 
 
-def owner_of(name: str) -> tuple[str | None, int] | None:
-    """(host, pid) from a temporary's name ``…-<owner>-<random>``; host None for a name from before
-    hosts were named (``…-<pid>-<random>``); None when the name says nothing."""
-    parts = name.split("-")
-    if len(parts) < 3:
-        return None
-    host, _, pid = parts[-2].rpartition(".")
+def parse_owner(tag: str) -> tuple[str | None, int] | None:
+    """(host, pid) of an owner tag ``<host>.<pid>``; host None for a bare pid (names from before hosts were named);
+    None when the tag says nothing."""
+    host, _, pid = tag.rpartition(".")
     try:
         return (host or None), int(pid)
     except ValueError:
         return None
+
+
+def owner_of(name: str) -> tuple[str | None, int] | None:
+    """(host, pid) from a temporary's name ``…-<owner>-<random>`` (``parse_owner``); None when the name says nothing."""
+    parts = name.split("-")
+    return parse_owner(parts[-2]) if len(parts) >= 3 else None
 
 
 def pid_alive(pid: int) -> bool:
@@ -119,13 +122,13 @@ def lease_age(path: Path) -> float:
     return time.time() - path.stat().st_mtime
 
 
-def alive(host: str | None, pid: int, path: Path) -> bool:
+def alive(host: str | None, pid: int, path: Path, lease_seconds: float | None = None) -> bool:
     """Whether the writer ``(host, pid)`` of ``path`` may still be at work: this host's while its process runs;
-    another host's (or an unknown one's) while its lease on ``path`` is fresh."""
+    another host's (or an unknown one's) while its lease on ``path`` is fresh (``lease_seconds``, default the process's)."""
     if host == host_id():
         return pid_alive(pid)
     try:
-        return lease_age(path) < LEASE.lease_seconds
+        return lease_age(path) < (LEASE.lease_seconds if lease_seconds is None else lease_seconds)
     except FileNotFoundError:
         return False
 

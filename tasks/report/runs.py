@@ -116,15 +116,12 @@ class RunRecord:
         if not tag:  # a record from before owners: the hostname and pid
             here = self.data.get("host", socket.gethostname()) == socket.gethostname()
             return "interrupted" if here and not owner.pid_alive(int(self.data.get("pid") or -1)) else status
-        host, _, pid = tag.rpartition(".")
-        if host == owner.host_id():
-            return status if owner.pid_alive(int(pid)) else "interrupted"
+        host, pid = owner.parse_owner(tag) or (None, -1)
         beat = self.heartbeat_path if self.heartbeat_path.exists() else self.path
-        lease = float(((self.data.get("config") or {}).get("store") or {}).get("lease_seconds") or owner.LEASE.lease_seconds)
-        try:
-            return status if owner.lease_age(beat) < lease else "stale"
-        except FileNotFoundError:
-            return "stale"
+        lease = ((self.data.get("config") or {}).get("store") or {}).get("lease_seconds")
+        if owner.alive(host, pid, beat, float(lease) if lease else None):
+            return status
+        return "interrupted" if host == owner.host_id() else "stale"
 
     def stage_status(self, stage: str) -> str:
         """A stage's status; ``interrupted`` for one left running by an interrupted run."""
@@ -262,12 +259,9 @@ def gc(workspace: Path, keep: int, dry_run: bool = False) -> dict:
         if locks.unlink_unheld(lock, dry_run):
             leftovers.append(str(lock))
     for tmp in (Path(workspace) / RUNS_DIR).glob(f"*/.{RECORD}.tmp-*"):  # a run record's update cut short
-        host, _, pid = tmp.name.rsplit("-", 1)[-1].rpartition(".")
-        try:
-            if owner.alive(host or None, int(pid), tmp):
-                continue
-        except ValueError:
-            pass
+        parsed = owner.parse_owner(tmp.name.rsplit("-", 1)[-1])
+        if parsed and owner.alive(*parsed, tmp):
+            continue
         leftovers.append(str(tmp))
         if not dry_run:
             tmp.unlink(missing_ok=True)
