@@ -320,6 +320,9 @@ lf.select(exprs).collect()  # the same statistics in one plain query (polars' de
 }
 
 
+STEPS = ("curate", "filter", "materialize", "grpo data loading", "grade (rule judge)", "datasets show", "datasets diff")
+
+
 def measure(code: str, ws: Path, out: Path) -> dict:
     """Run ``code`` in a fresh interpreter: its imports (the part before ``# --- timed``) first,
     then the clock on the rest; its seconds and peak RSS."""
@@ -349,6 +352,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--samples", type=int, default=16, help="samples per problem")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each step and its bare pass, alternated; the fastest of each is reported")
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"steps to measure, comma-separated (default all: {', '.join(STEPS)})")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / f"scale-{dt.date.today().isoformat()}.md"))
     ap.add_argument("--generate-into", help=argparse.SUPPRESS)  # the child that writes the synthetic outputs
     args = ap.parse_args()
@@ -357,7 +361,8 @@ def main() -> None:
         return
 
     lines = [f"# bench/scale.py — {dt.datetime.now().isoformat(timespec='seconds')}", "",
-             f"`python bench/scale.py --n {args.n} --tokens {args.tokens} --samples {args.samples} --repeat {args.repeat}` on "
+             f"`python bench/scale.py --n {args.n} --tokens {args.tokens} --samples {args.samples} --repeat {args.repeat}"
+             + (f" --steps '{args.steps}'" if args.steps != ",".join(STEPS) else "") + "` on "
              f"{os.cpu_count()} CPU cores; peak RSS of a fresh child process (imports done before the clock); each step and its bare "
              "pass run alternately, the fastest run of each reported; ratio = ours / bare pass in the same run.", "",
              "| N traces | rollouts on disk | step | seconds | peak RSS MB | bare seconds | bare peak MB | time ratio |",
@@ -371,7 +376,7 @@ def main() -> None:
                             "--samples", str(args.samples)], check=True)
             size = sum(f.stat().st_size for f in (ws / "store" / "rollouts").rglob("*.parquet")) / 2**20
             print(f"N={n}: generated {size:.0f} MB of rollouts in {time.perf_counter() - t0:.0f}s", flush=True)
-            for step in ("curate", "filter", "materialize", "grpo data loading", "grade (rule judge)", "datasets show", "datasets diff"):
+            for step in [x for x in args.steps.split(",") if x]:
                 out = ws / "out"
                 out.mkdir(exist_ok=True)
                 runs = [(measure(JOBS[step], ws, out), measure(JOBS[f"{step}:bare"], ws, out)) for _ in range(args.repeat)]
@@ -381,6 +386,8 @@ def main() -> None:
                        f"{bare['peak_mb']:.0f} | {ours['seconds'] / bare['seconds']:.2f} |")
                 print(row, flush=True)
                 lines.append(row)
+            if "filter" not in args.steps.split(","):
+                continue
             before = measure(JOBS["filter:in-memory (before)"], ws, ws)
             row = f"| {n:,} | {size:,.0f} MB | filter, in memory (as before) | {before['seconds']:.2f} | {before['peak_mb']:.0f} | | | |"
             print(row, flush=True)

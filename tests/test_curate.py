@@ -249,3 +249,45 @@ def test_curation_streams_in_parts_and_a_template_sample_finds_the_template(tmp_
     assert rows == whole.problems and "_input_row" not in rows[0]
     assert [r for p in rejected for r in pq.read_table(p).to_pylist()] == whole.rejected
     assert summary == whole.summary
+
+
+_ODD_ROWS = [  # rows polars cannot take as they are: each makes its block of lines read in Python
+    {"question": "bad split", "answer": "1", "split": "test"}, {"question": "Ｆｕｌｌ　width １２?", "answer": "１２"}, {"question": "ctl\x1cchar \x1f end", "answer": "y"},
+    {"question": "nbsp\u00a0here", "answer": 3}, {"question": "float", "answer": 3.0}, {"question": "small", "answer": 1e-05},
+    {"question": "list answer", "answer": [1]}, {"question": 42, "answer": "42"}, {"question": "null answer", "answer": None},
+    '{"question": "broken json", ', "[1, 2]", "   ", {"question": "extra", "answer": "1", "note": "hi"},
+    {"question": "twice", "answer": "1", "answer ": "x"}, '{"question": "key twice", "answer": "1", "answer": "2"}',
+    {"question": "big", "answer": 12345678901234567890123},
+]
+
+
+def test_jsonl_blocks_read_by_polars_give_the_rows_python_gives(tmp_path, monkeypatch):
+    """A JSONL source is parsed by polars a block of lines at a time where the block is plain, line by line in
+    Python where not: problems, rejected rows (reasons, line numbers) and the summary are the same as when every
+    line is read in Python, with blocks of both kinds in one file."""
+    from tasks.stages import _curate_sources
+
+    rows = []
+    for i in range(300):
+        rows.append({"question": f"Plain  question\t{i} about   {GSM[: i % 90]}\r\n\n\n\nsecond line  ", "answer": str(i % 250),
+                     "level": ["easy", "", None][i % 3], **({"split": "eval"} if i % 7 == 0 else {}),
+                     **({"reference_solution": ["", "  a \n\n\n b ", "x"][i % 3]} if i % 2 else {})})
+        if i % 19 == 0:
+            rows.append(_ODD_ROWS[(i // 19) % len(_ODD_ROWS)])
+        if i % 50 == 0:
+            rows.append({"question": "What is 2+2?", "answer": str(i % 3)})  # duplicates and conflicting ones
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = _cfg([{"file": str(f)}], eval_fraction=0.3, decontamination={"ngram": 4})
+    monkeypatch.setattr(_curate_sources, "POLARS_JSONL", False)
+    python = curate(cfg)
+    monkeypatch.setattr(_curate_sources, "POLARS_JSONL", True)
+    monkeypatch.setattr(_curate_sources, "BLOCK_BYTES", 2_000)
+    parsed = {"polars": 0, "python": 0}
+    plain_block = _curate_sources._plain_block
+    monkeypatch.setattr(_curate_sources, "_plain_block", lambda *a: parsed.__setitem__(
+        "polars" if (frame := plain_block(*a)) is not None else "python", parsed["polars" if frame is not None else "python"] + 1) or frame)
+    polars = curate(cfg)
+    assert parsed["polars"] > 10 and parsed["python"] > 5
+    assert polars.problems == python.problems and polars.rejected == python.rejected and polars.summary == python.summary
+    reasons = {r["reason"].split(":")[0] for r in python.rejected}
+    assert {"unparseable", "bad_type", "no_answer", "bad_split", "duplicate", "conflicting_duplicate", "contaminated"} <= reasons

@@ -29,6 +29,11 @@ class PartWriter:
         self.paths: list[Path] = []
 
     def add(self, table: pa.Table) -> None:
+        """Hold a table's rows; with ``max_rows``, a table that passes the limit is cut where a part is due."""
+        while self.max_rows and self.held_rows + table.num_rows > self.max_rows:
+            room = self.max_rows - self.held_rows
+            self.add(table.slice(0, room))
+            table = table.slice(room)
         self.tables.append(table)
         self._added(table.num_rows, table.nbytes)
 

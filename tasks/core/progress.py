@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -20,7 +20,8 @@ def enabled() -> bool:
     return sys.stderr.isatty()
 
 
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+def track(items: Iterable[T], description: str, total: int | None = None, size: Callable[[T], int] | None = None) -> Iterator[T]:
+    """Yield ``items`` with a bar; ``size``: how many units an item counts for (rows of a batch), default 1."""
     if not enabled():
         yield from items
         return
@@ -40,4 +41,4 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         task = progress.add_task(description, total=total)
         for item in items:
             yield item
-            progress.advance(task)
+            progress.advance(task, size(item) if size else 1)

@@ -1,11 +1,17 @@
 """Stage `curate`'s sources: their settings (a file, a Hugging Face dataset on local disk, a reasoning-gym generator),
-and reading each into rows (``read_source``). A row that cannot be used carries its error (it goes to `rejected`);
-a source that cannot be read at all is a ``SourceError`` naming the file."""
+and reading each into frames of rows (``read_frames``: polars DataFrames of ``FRAME_SCHEMA``, every value as text, as
+``_as_text`` makes it). A row that cannot be used carries its error (it goes to `rejected`); a source that cannot be
+read at all is a ``SourceError`` naming the file.
+
+JSONL files are parsed by polars a block of lines at a time where a block is plain (every line one JSON object, the
+contract's columns text or integers, no other columns); any other block, and every other format, is read record by
+record in Python — the same rows either way (tests/test_curate.py compares the two)."""
 
 from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,21 +166,26 @@ def _read_records(path: Path, fmt: str) -> Iterator[tuple[dict | None, str | Non
         raise _not_utf8(path) from None
 
 
+def _jsonl_records(lines: Iterator[str], first_line: int) -> Iterator[tuple[dict | None, str | None]]:
+    """(record, None) for each JSON object line, (what the line was, error) for any other; blank lines skipped."""
+    for lineno, line in enumerate(lines, first_line):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield {"line": lineno, "text": line.rstrip("\n")[:500]}, f"line {lineno}: not valid JSON ({exc.msg})"
+            continue
+        if not isinstance(rec, dict):
+            yield {"line": lineno, "text": line.rstrip("\n")[:500]}, f"line {lineno}: a JSON {type(rec).__name__}, expected an object"
+            continue
+        yield rec, None
+
+
 def _read_text_records(path: Path, fmt: str) -> Iterator[tuple[dict | None, str | None]]:
     if fmt == "jsonl":
         with open(path, encoding="utf-8-sig") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield {"line": lineno, "text": line.rstrip("\n")[:500]}, f"line {lineno}: not valid JSON ({exc.msg})"
-                    continue
-                if not isinstance(rec, dict):
-                    yield {"line": lineno, "text": line.rstrip("\n")[:500]}, f"line {lineno}: a JSON {type(rec).__name__}, expected an object"
-                    continue
-                yield rec, None
+            yield from _jsonl_records(fh, 1)
     elif fmt == "json":
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
@@ -233,8 +244,9 @@ def _check_columns(columns: list[str], src: SourceConfig, where: str) -> None:
             raise SourceError(f"{where}: mapped column {col!r} (for `{name}`) is not in the input (columns: {sorted(columns)})")
 
 
-def _rows_from_records(records: Iterator[tuple[dict | None, str | None]], src: SourceConfig, name: str, where: str) -> Iterator[_Row]:
-    checked = False
+def _rows_from_records(records: Iterator[tuple[dict | None, str | None]], src: SourceConfig, name: str, where: str,
+                       checked: bool = False) -> Iterator[_Row]:
+    """Rows of records; the first record's columns checked against the mapping unless ``checked`` already."""
     for i, (rec, err) in enumerate(records):
         if err is not None:
             yield _Row(name, i, rec or {}, error=err)
@@ -319,3 +331,157 @@ def read_source(src: SourceConfig, resolve: Callable[[str], Path] = Path) -> Ite
     if src.kind == "hf":
         return _read_hf(src, resolve, name)
     return _read_reasoning_gym(src, name)
+
+
+# --------------------------------------------------------------------------- rows as frames
+
+#: the contract fields a source's column mapping names
+FIELDS = ("question", "answer", "reference_solution", "level", "split")
+#: what ``read_frames`` yields: each contract field as text (``_as_text``; null when missing or not text),
+#: the type of a question/answer that is neither text nor a number, a row-level read error, the row's
+#: `metadata` JSON, and the input row as JSON text (for `rejected`: ``canonical_row`` makes its final form)
+FRAME_SCHEMA = {"index": "Int64", **{f: "String" for f in FIELDS}, "question_type": "String", "answer_type": "String",
+                "error": "String", "metadata": "String", "row": "String"}
+#: rows per frame (records read in Python) and bytes per block (JSONL read by polars)
+FRAME_ROWS = 65_536
+BLOCK_BYTES = 16 << 20
+#: JSONL blocks parsed by polars where plain (False: every row read in Python, as the tests compare)
+POLARS_JSONL = True
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value != value:  # NaN from a CSV/Parquet cell
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    return None
+
+
+def canonical_row(text: str) -> str:
+    """An input row's JSON text as `rejected` stores it (keys sorted); idempotent."""
+    return json.dumps(json.loads(text), sort_keys=True, default=str)
+
+
+def _frame(columns: dict[str, list]):
+    import polars as pl
+
+    return pl.DataFrame(columns, schema={k: getattr(pl, v) for k, v in FRAME_SCHEMA.items()})
+
+
+def _frames_of_rows(rows: Iterator[_Row]) -> Iterator:
+    """Rows read in Python, as frames of ``FRAME_ROWS``."""
+    cols: dict[str, list] = {k: [] for k in FRAME_SCHEMA}
+    for row in rows:
+        cols["index"].append(row.index)
+        for name in FIELDS:
+            value = getattr(row, name)
+            text = _as_text(value)
+            cols[name].append(text)
+            if name in ("question", "answer"):
+                cols[f"{name}_type"].append(type(value).__name__ if text is None and value is not None else None)
+        cols["error"].append(row.error)
+        cols["metadata"].append(json.dumps({"source_index": row.index, **row.metadata}, sort_keys=True, default=str))
+        cols["row"].append(json.dumps(row.data, sort_keys=True, default=str))
+        if len(cols["index"]) >= FRAME_ROWS:
+            yield _frame(cols)
+            cols = {k: [] for k in FRAME_SCHEMA}
+    if cols["index"]:
+        yield _frame(cols)
+
+
+def _plain_block(lines, src: SourceConfig, first_index: int):
+    """A block's non-blank JSONL lines (a polars Series) as one frame, parsed by polars — or None where the block is not
+    plain: a line that is not one JSON object, a column beside the mapped ones (its values go to `metadata` as Python
+    reads them), a contract column holding anything but text or integers, a key given twice."""
+    import polars as pl
+
+    if not lines.str.contains(r"^[ \t\r]*\{").all():
+        return None
+    try:
+        df = pl.read_ndjson(io.BytesIO(lines.str.join("\n").item().encode()), infer_schema_length=None)
+    except Exception:  # anything polars cannot parse is read line by line, with the line's own error
+        return None
+    mapped = {src.columns.get(f, f): f for f in FIELDS}
+    if df.height != len(lines) or not set(df.columns) <= set(mapped):
+        return None
+    out = {"index": pl.int_range(first_index, first_index + len(lines), eager=True)}
+    for col, name in mapped.items():
+        if col not in df.columns:
+            out[name] = pl.repeat(None, len(lines), dtype=pl.String, eager=True)
+            continue
+        values, key = df[col], f'"{col}"' if col.isidentifier() else None
+        if key is None or lines.str.count_matches(key + r"\s*:").max() > 1:  # a key given twice: Python keeps the last
+            return None
+        if values.dtype == pl.String:  # polars writes a number or a list met in a text column as text: refuse those
+            if lines.str.contains(key + r'\s*:\s*[^"\sn]').any():  # (n: null)
+                return None
+        elif values.dtype not in (pl.Int64, pl.Boolean, pl.Null):  # floats (2 vs 2.0), big integers, nested values
+            return None
+        out[name] = values.cast(pl.String)
+    return pl.DataFrame(out).with_columns(
+        question_type=pl.lit(None, pl.String), answer_type=pl.lit(None, pl.String), error=pl.lit(None, pl.String),
+        metadata=pl.concat_str(pl.lit('{"source_index": '), pl.col("index").cast(pl.String), pl.lit("}")),
+        row=lines).select(list(FRAME_SCHEMA))
+
+
+def _jsonl_frames(src: SourceConfig, path: Path) -> Iterator:
+    """A JSONL file a block of lines at a time: a plain block parsed by polars, any other read line by line in Python
+    (the same rows, errors and line numbers as ``_jsonl_records``)."""
+    import polars as pl
+
+    index, lineno, rest = 0, 1, b""
+    with open(path, "rb") as fh:
+        first = True
+        while True:
+            chunk = fh.read(BLOCK_BYTES)
+            data = rest + chunk
+            if first:
+                data, first = data.removeprefix(b"\xef\xbb\xbf"), False
+            cut = data.rfind(b"\n") + 1 if chunk else len(data)
+            block, rest = data[:cut], data[cut:]
+            if block:
+                try:
+                    text = block.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _not_utf8(path) from None
+                lines = pl.Series("row", [text]).str.split("\n").explode()
+                lines = lines.head(-1) if text.endswith("\n") else lines
+                nonblank = lines.filter(lines.str.strip_chars(" \t\n\r\x0b\x0c") != "")  # (blank as bytes.strip says)
+                lone_cr = block.count(b"\r") != block.count(b"\r\n")  # a line end to `open`, not to polars
+                frame = _plain_block(nonblank, src, index) if len(nonblank) and not lone_cr else None
+                if frame is None:  # line by line, as text with universal newlines as `open` reads it
+                    text_lines = list(io.StringIO(text, newline=None))
+                    records = list(_jsonl_records(iter(text_lines), lineno))
+                    yield from _frames_of_rows(_rows_of(records, src, _source_name(src), str(path), index))
+                    index += len(records)
+                    lineno += len(text_lines)
+                else:
+                    yield frame
+                    index += frame.height
+                    lineno += len(lines)
+            if not chunk:
+                return
+
+
+def _rows_of(records, src: SourceConfig, name: str, where: str, first_index: int) -> Iterator[_Row]:
+    for row in _rows_from_records(iter(records), src, name, where, checked=True):
+        row.index += first_index
+        yield row
+
+
+def read_frames(src: SourceConfig, resolve: Callable[[str], Path] = Path) -> Iterator:
+    """A source's rows as frames of ``FRAME_SCHEMA`` (the first record's columns checked against the mapping)."""
+    if src.kind == "file":
+        path = resolve(src.file)
+        if _file_format(src, path) == "jsonl" and path.is_file() and POLARS_JSONL:
+            first = next((rec for rec, err in _read_records(path, "jsonl") if err is None), None)
+            if first is not None:
+                _check_columns(list(first), src, str(path))
+            return _jsonl_frames(src, path)
+    return _frames_of_rows(read_source(src, resolve))
