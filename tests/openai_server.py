@@ -53,6 +53,7 @@ class Behaviour:
         self.attempts: Counter = Counter()
         self.authorization: set[str] = set()  # the Authorization headers received
         self.requests: list[dict] = []
+        self.in_flight = self.most_in_flight = 0  # slow requests being answered now, and the most at once
         self.lock = threading.Lock()
 
 
@@ -187,7 +188,12 @@ def _handler(b: Behaviour):
                 b.attempts[prompt] += 1
                 attempt = b.attempts[prompt]
             if b.slow_seconds:
+                with b.lock:
+                    b.in_flight += 1
+                    b.most_in_flight = max(b.most_in_flight, b.in_flight)
                 time.sleep(b.slow_seconds)
+                with b.lock:
+                    b.in_flight -= 1
             if "JUDGE-HANG" in prompt or (b.hang_marker and b.hang_marker in prompt):
                 time.sleep(b.hang_seconds)
             if "JUDGE-DROP" in prompt or attempt <= b.drop_first:

@@ -61,11 +61,13 @@ def test_slow_server_times_out_into_recorded_errors_with_bounded_concurrency(ser
     out = _backend(server, timeout=0.5, max_retries=1, concurrency=8).generate([f"q{i}" for i in range(6)], PARAMS)
     assert time.time() - start < 10
     assert all(s.finish_reason == "error" and "Timeout" in s.error for ss in out for s in ss)
-    server.behaviour.slow_seconds = 0.3
-    start = time.time()
+    deadline = time.time() + 60
+    while server.behaviour.in_flight and time.time() < deadline:  # the timed-out requests' server threads finish
+        time.sleep(0.1)
+    server.behaviour.slow_seconds, server.behaviour.most_in_flight = 0.3, 0
     out = _backend(server, timeout=5, concurrency=2).generate([f"r{i}" for i in range(6)], PARAMS)
     assert all(s.finish_reason == "stop" for ss in out for s in ss)
-    assert time.time() - start >= 0.9  # 6 requests, 2 at a time, 0.3 s each
+    assert server.behaviour.most_in_flight == 2  # 6 requests, never more than 2 at a time (the server counts them)
 
 
 def test_missing_base_url_is_a_clear_error(monkeypatch):

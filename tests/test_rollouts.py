@@ -96,18 +96,26 @@ def test_killed_rollout_resumes_with_exactly_the_rows_of_an_uninterrupted_run(tm
 def test_two_runs_of_one_output_at_once_compute_it_once(tmp_path, random_checkpoint, monkeypatch):
     """The second run waits on the store's lock on the output, then reuses the first one's."""
     import threading
-    import time
 
     config = _config(random_checkpoint)
     store = Store(tmp_path / "ws")
     cur, _ = curate.STAGE.run(config, store)
     real, written = shards_mod.write_shard, []
+    real_lock, both_at_lock, arrived = Store.lock, threading.Event(), []
+
+    def lock(self, stage, key):
+        if stage == "rollouts":
+            arrived.append(key)
+            if len(arrived) == 2:
+                both_at_lock.set()
+        return real_lock(self, stage, key)
 
     def slow_write(path, table, *rest):
-        time.sleep(0.2)  # the other run arrives while this one is mid-stage
+        assert both_at_lock.wait(60)  # the other run has come to the lock while this one is mid-stage
         real(path, table, *rest)
         written.append(path.name)
 
+    monkeypatch.setattr(Store, "lock", lock)
     monkeypatch.setattr(shards_mod, "write_shard", slow_write)
     start, results, errors = threading.Barrier(2), [], []
 

