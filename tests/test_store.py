@@ -177,8 +177,6 @@ def test_unreadable_parquet_names_the_file(tmp_path):
 
 def test_a_lock_held_by_a_killed_process_never_blocks_the_next_run(tmp_path):
     """The output lock is a flock: when its holder is killed (-9) the kernel releases it, whatever is left on disk."""
-    import time
-
     from tests.conftest import ROOT
 
     holder = subprocess.Popen([sys.executable, "-c", f"""
