@@ -170,4 +170,6 @@ def datasets_export(
     except (ExportError, *user_errors()) as exc:
         fail(str(exc))
     files = ", ".join(f"{f['path']} ({f['rows']} rows)" for f in record["files"].values())
-    console.print(f"exported {path} ({record['source_kind']}) for {to} to {dest}: {files}; card: {dest.rstrip('/')}/README.md", soft_wrap=True)
+    rewards = "".join(f"; guidedrl's rewards for {to}: {dest.rstrip('/')}/{f}" for f in record.get("reward_settings", []))
+    console.print(f"exported {path} ({record['source_kind']}) for {to} to {dest}: {files}; card: {dest.rstrip('/')}/README.md{rewards}",
+                  soft_wrap=True)

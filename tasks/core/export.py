@@ -8,7 +8,7 @@ What each target gets, by the kind of the source dataset (its manifest's ``kind`
 - **verl** (RL data, ``problems`` / ``filtered_problems``): verl's RL Parquet layout —
   ``data_source``, ``prompt`` (chat messages: one user turn, the question), ``ability``,
   ``reward_model: {style: rule, ground_truth: answer}``, ``extra_info: {split, index,
-  problem_id, level, reference_solution, guidance_kind, guidance}`` — one file per split
+  problem_id, level, question, reference_solution, guidance_kind, guidance}`` — one file per split
   (``train.parquet``, ``eval.parquet``). ``--guidance`` adds, per problem, the selected
   self-explanation (an ``explanations`` dataset: ExPO) or the hint text (a hint stage's
   dataset: LTE) to ``extra_info``.
@@ -27,7 +27,9 @@ Every exported row keeps its source row's id (``problem_id``, and ``sample_id`` 
 source has one) in a column or in ``extra_info``. Rows are read in record batches and written
 as they go; the export is written under a temporary name beside DEST and renamed into place.
 Each export has a card (README.md: source, its fingerprint, the mapping, the command) and
-``export.json`` (the same, for scripts).
+``export.json`` (the same, for scripts). A problems export for verl or TRL also gets the settings that put guidedrl's
+rewards into that trainer (tasks/models/rewards.py): ``reward.yaml`` (verl's ``custom_reward_function``) or
+``reward.py`` (TRL's reward functions), shown in the card.
 """
 
 from __future__ import annotations
@@ -84,8 +86,9 @@ def _verl(batch: pa.RecordBatch, split: str, start: int, guidance: dict[str, tup
     texts = [guidance.get(i, (None, None))[1] for i in ids]
     extra = pa.StructArray.from_arrays(
         [pa.array([split] * n, pa.string()), pa.array(range(start, start + n), pa.int64()), _col(batch, "problem_id"),
-         _col(batch, "level"), _col(batch, "reference_solution"), pa.array(kinds, pa.string()), pa.array(texts, pa.string())],
-        names=["split", "index", "problem_id", "level", "reference_solution", "guidance_kind", "guidance"])
+         _col(batch, "level"), _col(batch, "question"), _col(batch, "reference_solution"), pa.array(kinds, pa.string()),
+         pa.array(texts, pa.string())],
+        names=["split", "index", "problem_id", "level", "question", "reference_solution", "guidance_kind", "guidance"])
     reward = pa.StructArray.from_arrays([pa.array(["rule"] * n, pa.string()), _col(batch, "answer")], names=["style", "ground_truth"])
     return pa.table({"data_source": _col(batch, "source"), "prompt": _messages("user", _col(batch, "question")),
                      "ability": pa.array(["math"] * n, pa.string()), "reward_model": reward, "extra_info": extra})
@@ -147,7 +150,7 @@ def _mapping(target: str, kind: str, wrap: Wrapping | None = None) -> Mapping:
     if target == "verl" and kind in PROBLEM_KINDS:
         return ({"data_source": "source", "prompt": "[{role: user, content: question}]", "ability": "'math'",
                  "reward_model": "{style: 'rule', ground_truth: answer}",
-                 "extra_info": "{split, index, problem_id, level, reference_solution, guidance_kind, guidance}"}, _verl)
+                 "extra_info": "{split, index, problem_id, level, question, reference_solution, guidance_kind, guidance}"}, _verl)
     if target == "verl" and kind == "sft":
         if wrap is None:
             raise ExportError("verl's SFT data is chat messages: give --tokenizer, the policy's tokenizer directory with its chat "
@@ -183,9 +186,11 @@ def _mapping(target: str, kind: str, wrap: Wrapping | None = None) -> Mapping:
         m = simple[(target, kind)]
         return m, lambda b, *a: _select(b, m)
     if target == "trl" and kind in PROBLEM_KINDS:
-        return ({"prompt": "[{role: user, content: question}]", "answer": "answer", "problem_id": "problem_id", "level": "level"},
+        return ({"prompt": "[{role: user, content: question}]", "answer": "answer", "reference_solution": "reference_solution",
+                 "problem_id": "problem_id", "level": "level"},
                 lambda b, *a: pa.table({"prompt": _messages("user", _col(b, "question")), "answer": _col(b, "answer"),
-                                        "problem_id": _col(b, "problem_id"), "level": _col(b, "level")}))
+                                        "reference_solution": _col(b, "reference_solution"), "problem_id": _col(b, "problem_id"),
+                                        "level": _col(b, "level")}))
     takes = {"verl": [*PROBLEM_KINDS, "sft"], "trl": ["dpo", "sft", *PROBLEM_KINDS], "openrlhf": ["dpo", "sft", *PROBLEM_KINDS]}[target]
     raise ExportError(f"--to {target} does not take a {kind!r} dataset; it takes: {', '.join(sorted(takes))} (hf takes every kind)")
 
@@ -283,6 +288,10 @@ def export(source: Path | str, target: str, dest: Path | str, *, guidance: list[
                   "guidance": [str(Path(g).resolve()) for g in guidance], "guided_problems": len(guide),
                   "conversational": wrap is not None,
                   "command": command, "package_version": package_version(), "created": _now()}
+        snippets = reward_snippets(target, str(dest.resolve())) if kind in PROBLEM_KINDS else {}
+        for file, text in snippets.items():
+            (tmp / file).write_text(text)
+        record["reward_settings"] = sorted(snippets)
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(card(record))
         swap_in(tmp, dest)
@@ -290,6 +299,31 @@ def export(source: Path | str, target: str, dest: Path | str, *, guidance: list[
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return record
+
+
+#: the module that holds guidedrl's rewards for other trainers (named by path: verl loads it from its file)
+REWARDS_MODULE = Path(__file__).resolve().parents[1] / "models" / "rewards.py"
+
+
+def reward_snippets(target: str, dest: str = "DEST") -> dict[str, str]:
+    """What a problems export writes beside its data so a trainer scores with guidedrl's rewards: file name -> text."""
+    if target == "verl":
+        return {"reward.yaml": (
+            "# guidedrl's rewards in verl: merge into your PPO/GRPO config (or pass each key as an override)\n"
+            "reward:\n  custom_reward_function:\n"
+            f"    path: {REWARDS_MODULE}\n    name: compute_score\n    reward_kwargs:\n"
+            "      settings: /path/to/guidedrl-config.yaml   # its judge: section (default: the rule judge)\n"
+            "      reward: judge                             # judge: ExpRL's outcome reward; verifier: the answer check\n")}
+    if target == "trl":
+        return {"reward.py": (
+            "# guidedrl's rewards in TRL's GRPOTrainer, on this export (prompt, answer, reference_solution)\n"
+            "from datasets import load_dataset\nfrom trl import GRPOConfig, GRPOTrainer\n\n"
+            "from tasks.models.rewards import trl_reward_functions\n\n"
+            f"train = load_dataset('parquet', data_files={{'train': '{dest}/train.parquet'}})['train']\n"
+            "verifier, judge = trl_reward_functions('/path/to/guidedrl-config.yaml')  # its judge: section\n"
+            "trainer = GRPOTrainer(model='/path/to/policy', reward_funcs=[verifier, judge], train_dataset=train,\n"
+            "                      args=GRPOConfig(output_dir='out'))\ntrainer.train()\n")}
+    return {}
 
 
 _LOAD = {
@@ -310,13 +344,15 @@ def card(record: dict) -> str:
     rows = "\n".join(f"| `{col}` | {src} |" for col, src in record["mapping"].items())
     split_lines = "\n".join(f"- `{f['path']}`: {f['rows']} rows ({s})" for s, f in files.items())
     load = _LOAD[record["target"]].format(dest="DEST", keys=", ".join(c for c in record["mapping"] if not c.startswith("(")))
+    rewards = "".join(f"\nScore with guidedrl's rewards (the answer verifier, the ExpRL judge): `{f}` beside this card.\n"
+                      for f in record.get("reward_settings", []))
     guided = (f"\nGuidance in `extra_info.guidance` for {record['guided_problems']} problems, from: "
               + ", ".join(f"`{g}`" for g in record["guidance"]) + "\n") if record["guidance"] else ""
     return (f"{head}# {record['source_kind']} for {record['target']}\n\n"
             f"Exported by guidedrl {record['package_version']} on {record['created']} from `{record['source']}` "
             f"(kind `{record['source_kind']}`, {record['source_rows']} rows, fingerprint `{record['source_fingerprint']}`).\n\n"
             f"Made with: `{record['command'] or 'guidedrl datasets export'}`\n\n{split_lines}\n\n"
-            f"| column | from the source |\n|---|---|\n{rows}\n{guided}\nRead it with: `{load}`\n")
+            f"| column | from the source |\n|---|---|\n{rows}\n{guided}\nRead it with: `{load}`\n" + rewards)
 
 
 def export_datasets(datasets: dict[str, Path], targets: list[str], root: Path, guidance: list[Path] = (),
