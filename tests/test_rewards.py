@@ -185,3 +185,57 @@ def test_reward_settings_come_from_a_config_file_or_a_dict(tmp_path):
     assert Rewards().judge.name == "rule"
     with pytest.raises(Exception, match="judge.mode"):
         Rewards({"judge": {"mode": "sometimes"}})
+
+
+@pytest.mark.parametrize("step_split", ["lines", "###"])
+def test_verl_process_reward_manager_places_expRL_token_advantages(problems, random_checkpoint, tmp_path, step_split):
+    """verl's own loader (reward.reward_manager source importlib) loads our ProcessRewardManager from its file; on
+    rows of our verl export its token-level tensor is, token for token, our token_advantages (materialize's function)
+    of `grade`'s process grades for the same responses, steps cut on the policy's tokenizer as grade cuts them."""
+    import asyncio
+
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+    from verl import DataProto
+    from verl.trainer.ppo.reward import resolve_reward_manager_cls
+
+    from tasks.models.rewards_verl import __file__ as manager_file
+    from tasks.stages._advantages import token_advantages
+
+    dest = tmp_path / "verl"
+    export(problems.path / "problems", "verl", dest)
+    rows = pq.read_table(dest / "train.parquet").to_pylist()[:4]
+    settings = _settings(tmp_path, mode="process", step_split=step_split)
+    config = OmegaConf.create({"reward": {
+        "reward_manager": {"source": "importlib", "name": "ProcessRewardManager", "module": {"path": manager_file}},
+        "custom_reward_function": {"reward_kwargs": {"settings": settings}}}})
+    manager = resolve_reward_manager_cls(config)(config=config, tokenizer=(tok := AutoTokenizer.from_pretrained(str(random_checkpoint))),
+                                                compute_score=None)
+    by_id = {p["problem_id"]: p for p in problems.read("problems").to_pylist()}
+    sep = "\n###\n" if step_split == "###" else "\n"
+    # responses that reach some of the reference's checkpoints, and miss others
+    responses = [sep.join(["1 + 1 = 3"] + by_id[r["extra_info"]["problem_id"]]["reference_solution"].splitlines()[: 1 + i % 2])
+                 for i, r in enumerate(rows)]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in responses]
+    width, prompt = max(map(len, ids)) + 3, [[5, 6]] * len(rows)
+    responses_t = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+    mask = torch.tensor([[1, 1] + [1] * len(i) + [0] * (width - len(i)) for i in ids])
+    data = DataProto.from_dict(tensors={"prompts": torch.tensor(prompt), "responses": responses_t, "attention_mask": mask},
+                               non_tensors={"data_source": np.array([r["data_source"] for r in rows], dtype=object),
+                                            "reward_model": np.array([r["reward_model"] for r in rows], dtype=object),
+                                            "extra_info": np.array([r["extra_info"] for r in rows], dtype=object)})
+    outputs = [asyncio.run(manager.run_single(data[i : i + 1])) for i in range(len(rows))]
+    tensor = type(manager).assemble_rm_scores(data, [o["reward_score"] for o in outputs])
+
+    config_g = parse_config(yaml.safe_load(open(settings)))
+    traces = [judge.Trace(f"s{i}", p["problem_id"], p["question"], judge.reference_text(p), judge.judge_view(t),
+                          answers.check(t, {"answer": p["answer"]})[1],
+                          steps=[judge.judge_view(s) for s in judge.completion_steps(tok, t, i_)[0]] if step_split == "###" else None)
+              for i, (p, t, i_) in enumerate(zip([by_id[r["extra_info"]["problem_id"]] for r in rows], responses, ids))]
+    graded = grade.make_judge(config_g, tmp_path).grade(traces)
+    for k, (t, i_, g) in enumerate(zip(responses, ids, graded)):
+        expected = token_advantages({"completion": t, "completion_token_ids": i_}, g, tok, step_split)
+        assert expected is not None and len(set(expected)) > 1  # steps of different credit
+        assert tensor[k, : len(i_)].tolist() == pytest.approx(expected) and not tensor[k, len(i_):].any()

@@ -16,6 +16,9 @@ Settings: a guidedrl config file (its `judge`, `prompts`, `policy` and `workspac
 ignored) or a dict of those sections (``{"judge": {...}}``). Secrets come from the environment as in `grade`
 (``judge.api_key_env``); judge replies are cached under ``<workspace>/cache/judge``, shared with `grade`.
 
+Process rewards (per step, placed on the policy's tokens as `materialize` places them): ``Rewards.token_credit``, and
+for verl the reward manager in tasks/models/rewards_verl.py.
+
 Failures are never rewards: a judge that is down, or whose reply cannot be parsed (after the reminder), gives TRL
 ``None`` (TRL leaves the sample out of that reward's sum) and makes verl's ``compute_score`` raise ``JudgeError``
 (verl has no "no reward" value; a 0 would train).
@@ -80,6 +83,23 @@ class Rewards:
     def grade(self, questions, completions, answers_, references, metadata=None) -> list[dict]:
         """The judge's grade rows (as `grade` writes them) for these completions."""
         return self.judge.grade(self.traces(questions, completions, answers_, references, metadata))
+
+    def token_credit(self, question: str, completion: str, token_ids: list[int], answer: str, reference: str | None,
+                     tokenizer, metadata: Any = None) -> tuple[list[float] | None, dict]:
+        """ExpRL's process credit of one completion: each of its tokens' advantage (its step's s_t − s_(t−1)), on the
+        steps `grade` cuts — the policy's tokens with ``judge.step_split: "###"`` —, and the grade row; None where
+        the judge gave no step scores. Needs ``judge.mode: process``."""
+        from tasks.models.step_credit import token_advantages
+
+        jc = self.config.judge
+        if jc.mode != "process":
+            raise judge.JudgeError("process rewards need judge.mode: process in the reward settings")
+        [trace] = self.traces([question], [completion], [answer], [reference], [metadata])
+        if jc.step_split == judge.DELIMITER:  # steps cut on the tokens, as grade.load_traces cuts them
+            trace.steps = [judge.judge_view(t) for t in judge.completion_steps(tokenizer, completion, token_ids)[0]]
+        [row] = self.judge.grade([trace])
+        credit = token_advantages({"completion": completion, "completion_token_ids": token_ids}, row, tokenizer, jc.step_split)
+        return credit, row
 
 
 def _text(completion: Any) -> str:

@@ -4,7 +4,8 @@ losses; the losses are in _grpo_losses.py): pure functions of rewards and step s
 - ``grpo`` (DeepSeekMath, GRPO): (r − mean) / (std + 1e-6) in the group, population std;
 - ``dr_grpo`` (Dr. GRPO, arXiv 2503.20783): r − mean (no std division);
 - ExpRL's process rewards: step t gets s_t − s_(t−1), the first step s_1 − s_T (``step_advantages``), each completion
-  token its step's (``token_advantages``).
+  token its step's (``token_advantages``) — pure functions of a grade and the policy's tokens, in
+  tasks/models/step_credit.py so that the rewards for other trainers (tasks/models/rewards.py) place them the same way.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from tasks.models.judge import DELIMITER, split_steps, steps_of_tokens
-from tasks.models.token_text import token_spans, token_step_index
+from tasks.models.step_credit import step_advantages, token_advantages  # noqa: F401  (the estimators' module names them too)
 
 #: group advantage estimators by `materialize.advantage` name: rewards (None: masked, no part in the mean) -> advantages
 ADVANTAGES: dict[str, Callable[[list[float | None]], list[float | None]]] = {}
@@ -52,34 +52,3 @@ def group_advantages(rewards: list[float | None], scale: str = "grpo") -> list[f
     """Group-normalised advantages by the estimator named ``scale``; rows without a reward (masked) get none and
     take no part in the mean."""
     return ADVANTAGES[scale](rewards)
-
-
-def step_advantages(step_scores: list[float]) -> list[float]:
-    """ExpRL process mode: step t gets s_t − s_(t−1); the first step s_1 − s_T. A single-step trace
-    gets s_1 (the authors' code sets step 1 to s_1; s_1 − s_T would be 0 there)."""
-    if not step_scores:
-        return []
-    if len(step_scores) == 1:
-        return [step_scores[0]]
-    return [step_scores[0] - step_scores[-1]] + [b - a for a, b in zip(step_scores, step_scores[1:])]
-
-
-def token_advantages(row: dict, grade: dict, tokenizer, step_split: str) -> list[float] | None:
-    """Each completion token's advantage: its step's (``step_advantages``). With ``step_split: "###"`` the
-    steps are token spans cut as the grade stage cut them (tasks/models/token_text.py: token_steps), and each
-    span takes its step's advantage exactly; else the steps' texts are located in the completion."""
-    if tokenizer is None or not grade or not grade.get("parse_ok") or not grade.get("step_scores"):
-        return None
-    adv = step_advantages(grade["step_scores"])
-    if step_split == DELIMITER:
-        if row.get("completion_token_ids") is None:
-            return None
-        spans = steps_of_tokens(tokenizer, list(row["completion_token_ids"]))[1]
-        if len(spans) != len(adv):
-            return None
-        return [a for (start, end), a in zip(spans, adv) for _ in range(end - start)]
-    steps = grade["steps"] or split_steps(row["completion"], step_split)
-    if len(adv) != len(steps):
-        return None
-    text, spans = token_spans(tokenizer, row["completion_token_ids"])
-    return [adv[i] for i in token_step_index(text, spans, steps)]
