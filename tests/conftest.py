@@ -143,3 +143,21 @@ def chain_sum(size: int, seed: int, level: str | None = None, terms: int | None 
            **({"min_digits": digits, "max_digits": digits} if digits else {}), **config}
     return {"reasoning_gym": {"task": "chain_sum", "size": size, "seed": seed, **({"level": level} if level else {}),
                               **({"config": cfg} if cfg else {})}}
+
+
+#: the tiny policy's prompt templates (tasks/models/prompts/tiny_*.txt)
+TINY_PROMPTS = {"plain": "tiny_plain", "explain": "tiny_explain", "hint": "tiny_hint"}
+
+
+def tiny_config(base_dir: Path | None = None, *, checkpoint: Path | str | None = None, **sections):
+    """The one test config factory: ``sections`` (each a config section, merged key by key) over the tests' defaults —
+    a problems file that stages which never read it need not have, and with ``checkpoint`` the policy there (batch 16)
+    with the tiny prompts. Relative paths resolve against ``base_dir``."""
+    from tasks.registry import parse_config
+
+    raw: dict = {"problems": {"sources": [{"file": "x.jsonl"}]}}
+    if checkpoint is not None:
+        raw.update(policy={"model": str(checkpoint), "batch_size": 16}, prompts=dict(TINY_PROMPTS))
+    for name, value in sections.items():
+        raw[name] = {**raw[name], **value} if isinstance(value, dict) and isinstance(raw.get(name), dict) else value
+    return parse_config(raw, base_dir=base_dir)

@@ -3,22 +3,16 @@ import torch
 import tasks.stages.rollouts as rollouts_mod
 from tasks.core.store import Store
 from tasks.models.transformers_backend import TransformersBackend
-from tasks.registry import parse_config
 from tasks.stages import curate, explain
 from tasks.stages import filter as filter_stage
 from tasks.stages.explain import answer_text, explanation_ids, select
-from tests.conftest import chain_sum
+from tests.conftest import chain_sum, tiny_config
 
 
 def _config(checkpoint, tmp_path, **explain_cfg):
-    return parse_config({
-        "problems": {"sources": [chain_sum(8, 4, "hard", digits=2)],
-                     "eval_fraction": 0.0},
-        "policy": {"model": str(checkpoint), "batch_size": 16},
-        "prompts": {"plain": "tiny_plain", "explain": "tiny_explain"},
-        "rollouts": {"samples_per_problem": 2, "max_new_tokens": 6, "temperature": 0.8},
-        "explain": {"samples_per_problem": 3, **explain_cfg},
-    }, base_dir=tmp_path)
+    return tiny_config(tmp_path, checkpoint=checkpoint, problems={"sources": [chain_sum(8, 4, "hard", digits=2)], "eval_fraction": 0.0},
+                       rollouts={"samples_per_problem": 2, "max_new_tokens": 6, "temperature": 0.8},
+                       explain={"samples_per_problem": 3, **explain_cfg})
 
 
 def _stage(config, ws, monkeypatch, explain_correct, solved=()):

@@ -3,11 +3,10 @@ import torch
 import tasks.stages.rollouts as rollouts_mod
 from tasks.core.store import Store
 from tasks.models.transformers_backend import TransformersBackend
-from tasks.registry import parse_config
 from tasks.stages import curate, hint
 from tasks.stages import filter as filter_stage
 from tasks.stages.hint import build_hint
-from tests.conftest import chain_sum
+from tests.conftest import chain_sum, tiny_config
 
 
 def _row(correct=False, answer="5", finish="stop"):
@@ -27,14 +26,8 @@ def test_lte_fires_only_when_every_rollout_failed_and_picks_the_hint_kind():
 
 
 def _config(checkpoint, tmp_path, **extra):
-    return parse_config({
-        "problems": {"sources": [chain_sum(12, 4, "easy", digits=2)],
-                     "eval_fraction": 0.0},
-        "policy": {"model": str(checkpoint), "batch_size": 16},
-        "prompts": {"plain": "tiny_plain", "hint": "tiny_hint"},
-        "rollouts": {"samples_per_problem": 3, "max_new_tokens": 6, "shard_size": 8},
-        **extra,
-    }, base_dir=tmp_path)
+    return tiny_config(tmp_path, checkpoint=checkpoint, problems={"sources": [chain_sum(12, 4, "easy", digits=2)], "eval_fraction": 0.0},
+                       rollouts={"samples_per_problem": 3, "max_new_tokens": 6, "shard_size": 8}, **extra)
 
 
 def _stage(config, ws, monkeypatch, hinted_correct=True, plain_correct_ids=()):

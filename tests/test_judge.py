@@ -9,8 +9,8 @@ import pytest
 from tasks.core.store import Store
 from tasks.models import judge
 from tasks.models.judge import JudgeError, RuleJudge, Trace, split_steps
-from tasks.registry import parse_config
 from tasks.stages import grade, rubric
+from tests.conftest import tiny_config
 from tests.openai_server import OpenAIServer
 
 REF = "12 + 7 = 19\n19 - 3 = 16\nThe answer is 16."
@@ -228,7 +228,7 @@ def _upstream(tmp_path, completions, reference=REF):
 
 
 def _config(tmp_path, **judge_cfg):
-    return parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}, "judge": judge_cfg}, base_dir=tmp_path)
+    return tiny_config(tmp_path, judge=judge_cfg)
 
 
 def test_grade_stage_with_the_rule_judge_writes_the_grades_dataset(tmp_path):

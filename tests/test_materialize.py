@@ -9,6 +9,7 @@ from tasks.registry import parse_config
 from tasks.models.token_text import token_step_index
 from tasks.stages._advantages import ADVANTAGES, group_advantages, step_advantages
 from tasks.stages.materialize import MaterializeConfig, build
+from tests.conftest import tiny_config
 
 PLAIN = "<|user|>What is {q}?<|end|><|assistant|>"
 HINTED = "<|user|>What is {q}?\nHint: These answers are wrong: 5.<|end|><|assistant|>"
@@ -25,7 +26,7 @@ def _row(pid, idx, completion, correct, kind="plain", **extra):
 
 
 def _config(tmp_path, **mat):
-    return parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}, "materialize": mat}, base_dir=tmp_path)
+    return tiny_config(tmp_path, materialize=mat)
 
 
 @pytest.fixture()

@@ -11,11 +11,11 @@ import torch
 
 from tasks.core.config import ConfigError
 from tasks.models import policy
-from tasks.registry import parse_config
+from tests.conftest import tiny_config
 
 
 def _config(tmp_path, **p):
-    return parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}, "policy": p}, base_dir=tmp_path)
+    return tiny_config(tmp_path, policy=p)
 
 
 def test_device_and_dtype_resolve_by_what_torch_sees(monkeypatch):

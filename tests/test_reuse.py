@@ -9,10 +9,9 @@ import pytest
 import tasks.stages.rollouts as rollouts_mod
 from tasks.core.store import Store
 from tasks.models.transformers_backend import TransformersBackend
-from tasks.registry import parse_config
 from tasks.stages import curate, explain, hint
 from tasks.stages import filter as filter_stage
-from tests.conftest import write_jsonl
+from tests.conftest import tiny_config, write_jsonl
 from tests.sampled_rows import assert_same_rows
 
 pytestmark = pytest.mark.slow  # end to end: nights of whole sampling stages compared row for row
@@ -29,15 +28,11 @@ def _problems(n: int, start: int = 0) -> list[dict]:
 
 def _config(tmp_path: Path, problems: list[dict], **over) -> "object":
     f = write_jsonl(tmp_path / f"problems-{len(problems)}-{abs(hash(json.dumps(problems))) % 10**8}.jsonl", problems)
-    raw = {
-        "problems": {"sources": [{"file": str(f)}], "eval_fraction": 0.0},
-        "policy": {"model": str(over.pop("model", TINY)), "batch_size": 16},
-        "prompts": {"plain": over.pop("plain", "tiny_plain"), "explain": "tiny_explain", "hint": "tiny_hint"},
-        "rollouts": {"samples_per_problem": 3, "max_new_tokens": 20, "shard_size": 8, **over.pop("rollouts", {})},
-        "explain": {"problems": "all", "samples_per_problem": 2, "shard_size": 8, **over.pop("explain", {})},
-        "hint": {"samples_per_problem": 2, "shard_size": 8, **over.pop("hint", {})},
-    }
-    return parse_config(raw, base_dir=tmp_path)
+    return tiny_config(tmp_path, checkpoint=over.pop("model", TINY), problems={"sources": [{"file": str(f)}], "eval_fraction": 0.0},
+                       prompts={"plain": over.pop("plain", "tiny_plain")},
+                       rollouts={"samples_per_problem": 3, "max_new_tokens": 20, "shard_size": 8, **over.pop("rollouts", {})},
+                       explain={"problems": "all", "samples_per_problem": 2, "shard_size": 8, **over.pop("explain", {})},
+                       hint={"samples_per_problem": 2, "shard_size": 8, **over.pop("hint", {})})
 
 
 @pytest.fixture

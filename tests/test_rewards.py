@@ -126,7 +126,8 @@ def test_trl_grpo_trainer_logs_the_rewards_grade_gives(request, random_checkpoin
 
 
 def test_a_judge_failure_is_no_reward(problems, tmp_path):
-    """A judge that fails (500s, no retries) gives TRL None, never 0; verl's compute_score raises."""
+    """A judge whose reply does not parse, or that fails (500s, no retries), gives TRL None, never 0; verl's
+    compute_score raises."""
     rows = problems.read("problems").to_pylist()[:3]
     prompts = [[{"role": "user", "content": p["question"]}] for p in rows]
     completions = [[{"role": "assistant", "content": p["reference_solution"]}] for p in rows]
@@ -136,6 +137,8 @@ def test_a_judge_failure_is_no_reward(problems, tmp_path):
         _, judge_fn = trl_reward_functions(settings)
         ok = judge_fn(prompts, completions, **columns)
         assert all(isinstance(r, float) for r in ok) and max(ok) > 0
+        nonsense = [[{"role": "assistant", "content": "JUDGE-NONSENSE " + p["reference_solution"]}] for p in rows]
+        assert judge_fn(prompts, nonsense, **columns) == [None] * 3  # a reply that does not parse, even after the reminder
         server.behaviour.refuse_status = 500
         failing = {**yaml.safe_load(open(settings)), "workspace": str(tmp_path / "other")}  # (a workspace with no cached replies)
         _, judge_fn = trl_reward_functions(failing)

@@ -7,17 +7,12 @@ from tasks.registry import parse_config
 from tasks.core.metrics import pass_at_k, pass_table
 from tasks.stages import curate
 from tasks.stages import filter as filter_stage
-from tests.conftest import chain_sum
+from tests.conftest import chain_sum, tiny_config
 
 
 def _config(checkpoint, **rollouts):
-    return parse_config({
-        "problems": {"sources": [chain_sum(30, 2, "easy", digits=1)],
-                     "eval_fraction": 0.0},
-        "policy": {"model": str(checkpoint), "batch_size": 16},
-        "prompts": {"plain": "tiny_plain"},
-        "rollouts": {"samples_per_problem": 3, "max_new_tokens": 8, "shard_size": 7, **rollouts},
-    })
+    return tiny_config(checkpoint=checkpoint, problems={"sources": [chain_sum(30, 2, "easy", digits=1)], "eval_fraction": 0.0},
+                       rollouts={"samples_per_problem": 3, "max_new_tokens": 8, "shard_size": 7, **rollouts})
 
 
 def _run_all(config, ws):

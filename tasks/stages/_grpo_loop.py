@@ -244,10 +244,11 @@ def train_update(model, tokenizer, rows: list[dict] | GRPORows, cfg, ref_model=N
 
 def with_lora(model, cfg):
     """The model with LoRA adapters (peft) on every linear layer; only they are trained."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+    from tasks.stages._lora import lora_config
+
+    return get_peft_model(model, lora_config(cfg))
 
 
 def adapters_off(model) -> Callable:

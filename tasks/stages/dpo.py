@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import Field
 
-from tasks.core.config import StrictModel
 from tasks.core.faults import fault
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, read_manifest
@@ -30,12 +29,13 @@ from tasks.models.policy import check_policy, local_policy_dir, policy_id_for, p
 from tasks.models.token_text import prompt_ids, suffix_ids
 from tasks.core import progress
 from tasks.stages._launch import DistributedConfig, launch
+from tasks.stages._lora import LoraSettings, lora_config
 
 if TYPE_CHECKING:
     from tasks.registry import Config
 
 
-class DPOTrainConfig(StrictModel):
+class DPOTrainConfig(LoraSettings):
     """Offline DPO with TRL's DPOTrainer on the materialised `dpo` dataset."""
 
     beta: float = Field(0.1, gt=0)
@@ -47,9 +47,6 @@ class DPOTrainConfig(StrictModel):
     max_pairs: int | None = Field(None, gt=0, description="train on at most this many pairs (a seeded sample)")
     sft_weight: float = Field(0.0, ge=0, description="weight of an NLL term on the chosen completion (TRL loss_type sft; RPO); 0: plain DPO")
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="pairs held out (whole problems) to measure the DPO loss before/after")
-    lora: bool = Field(False, description="train LoRA adapters (peft) and merge them into the saved checkpoint")
-    lora_r: int = Field(16, gt=0)
-    lora_alpha: int = Field(32, gt=0)
     distributed: DistributedConfig | None = Field(
         None, description="train under a launcher as several processes (tasks/stages/_dpo_distributed.py): TRL's DPOTrainer on "
         "accelerate launch with a config from infra/accelerate/ (DDP, FSDP2, DeepSpeed ZeRO) or torchrun (DDP; gloo on CPU); "
@@ -133,12 +130,7 @@ def train(base_model: str | Path, dataset_dir: Path, out_dir: Path, cfg, device:
     model = AutoModelForCausalLM.from_pretrained(str(base_model))
     ref = AutoModelForCausalLM.from_pretrained(str(base_model))
     before = heldout_metrics(model, ref, tokenizer, held, cfg.beta)
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-                                 task_type="CAUSAL_LM")
+    peft_config = lora_config(cfg) if cfg.lora else None
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(
             output_dir=tmp, beta=cfg.beta, learning_rate=cfg.learning_rate, max_steps=cfg.max_steps,

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import Field
 
-from tasks.core.config import StrictModel
 from tasks.core.schemas import kind_counts
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, data_files
@@ -51,12 +50,13 @@ from tasks.stages._grpo_losses import (LOSS_AGG, Totals, clipped_surrogate, expo
 from tasks.stages._grpo_loop import (adapters_off, completion_logps, load_for_update, lora_base, make_optimizer,  # noqa: F401
                                      out_of_memory, save_checkpoint, step_backward, train_update, update_loss, with_lora)
 from tasks.stages._launch import DistributedConfig, launch
+from tasks.stages._lora import LoraSettings
 
 if TYPE_CHECKING:
     from tasks.registry import Config
 
 
-class GRPOTrainConfig(StrictModel):
+class GRPOTrainConfig(LoraSettings):
     """The policy update over a `grpo` dataset, and the online rounds."""
 
     rounds: int = Field(1, gt=0, description="online rounds of rollouts -> guidance -> grading -> materialize -> update -> eval")
@@ -78,8 +78,6 @@ class GRPOTrainConfig(StrictModel):
     lora: bool = Field(False, description="train LoRA adapters (peft) on every linear layer and merge them into the saved "
                        "checkpoint (the adapter is saved beside it, in checkpoint/adapter/); with kl > 0 the reference is the "
                        "same model with its adapters switched off, when it is the policy being trained")
-    lora_r: int = Field(16, gt=0)
-    lora_alpha: int = Field(32, gt=0)
     lora_adapter: str | None = Field(
         None, description="continue this LoRA adapter (a previous round's checkpoint/adapter) on its own base model "
         "(base_model_name_or_path in its adapter_config.json) instead of adding a new adapter to policy.checkpoint: the saved "
