@@ -36,7 +36,7 @@ def _run(config_path: str, base_dir: str | None, workspace: str | None, stages: 
     raw = read_yaml(path)
     config = parse_config(raw, where=str(path), base_dir=Path(base))
     ws = config.workspace_dir(workspace)
-    to_run = select_stages(stages)
+    to_run = select_stages(stages, config=config)
     record = RunRecord.create(ws, command, raw, base, to_run)
     with record.running():
         results = pipeline(raw_config=raw, base_dir=base, workspace=str(ws), stages=to_run, run_record=str(record.path))

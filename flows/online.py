@@ -2,7 +2,9 @@
 
 Each round is a Prefect subflow (the `guidedrl-run` flow) over the stages the
 registry marks as online (rollouts → filter → explain, hint → rubric, grade →
-materialize → grpo → eval; tasks/registry.py: `round_stages`), with
+materialize → grpo → eval; tasks/registry.py: `round_stages`) that the update
+reads — a guidance stage whose output the config's update does not use is left
+out (`select_stages(..., only_used=True)`: plain GRPO runs no guidance) —, with
 `policy.model` set to the checkpoint the previous round's `grpo` stage wrote
 (round 1 starts from the configured policy). Every round's datasets and
 checkpoint are stage outputs in the store, keyed by what they are made of — so
@@ -24,7 +26,7 @@ from prefect import flow, get_run_logger, task
 from flows.pipeline import pipeline
 from tasks.core.config import PolicyConfig
 from tasks.models import serving
-from tasks.registry import parse_config, round_stages
+from tasks.registry import parse_config, round_stages, select_stages
 
 
 def round_config(raw_config: dict, policy: str | None, round_idx: int, served: dict | None = None) -> dict:
@@ -82,6 +84,7 @@ def frontier(run_record: str) -> str:
 def online(raw_config: dict, base_dir: str, workspace: str, rounds: int | None = None, run_record: str | None = None) -> list[dict]:
     config = parse_config(raw_config, where="run config", base_dir=base_dir)
     rounds = rounds or config.train.grpo.rounds
+    stages = select_stages(round_stages(), config=config, only_used=True)  # the guidance the update reads, no more
     serving.check_following(config, rounds)
     policy: str | None = None
     served: dict | None = None
@@ -92,7 +95,7 @@ def online(raw_config: dict, base_dir: str, workspace: str, rounds: int | None =
         for r in range(1, rounds + 1):
             raw = round_config(raw_config, policy, r, served)
             results = pipeline.with_options(name="guidedrl-round", flow_run_name=f"round-{r}")(
-                raw_config=raw, base_dir=base_dir, workspace=workspace, stages=round_stages(), run_record=run_record,
+                raw_config=raw, base_dir=base_dir, workspace=workspace, stages=stages, run_record=run_record,
                 record_prefix=f"round-{r}/")
             policy = results["grpo"]["path"] + "/checkpoint"
             history.append({"round": r, "policy": policy, "results": results})

@@ -22,8 +22,9 @@ def pipeline(raw_config: dict, base_dir: str, workspace: str, stages: list[str] 
     config = parse_config(raw_config, where="run config", base_dir=base_dir)
     record = RunRecord.open(run_record) if run_record else None
     results: dict[str, dict] = {}
-    for stage in select_stages(stages):
-        upstream = upstream_of(stage, {s: r["path"] for s, r in results.items()})
+    selected = select_stages(stages, config=config)
+    for stage in selected:
+        upstream = upstream_of(stage, {s: r["path"] for s, r in results.items()}, config, run=selected)
         forced = stage in (force or []) or not config.prefect.cache
         if record:
             record.stage_started(record_prefix + stage)

@@ -77,31 +77,81 @@ def _known(stages) -> list[str]:
     return stages
 
 
-def upstream_closure(stages, with_optional=()) -> set[str]:
-    """``stages`` and every stage they read, transitively: required upstream always,
-    optional upstream (eval reads dpo, grpo) only when it is in ``with_optional``."""
+def guidance_read(name: str, config, run) -> dict[str, str | None]:
+    """What stage ``name`` makes of its optional upstream in a run of ``run`` (stage names) under ``config``: each
+    optional upstream stage -> None where it reads it, else why not. A stage module's ``reads(config, run)`` says
+    (materialize: the guidance its datasets' trainers use); without one, or without a config, an optional upstream
+    stage is read when it is in the run (eval: the checkpoints of the run)."""
+    s = REGISTRY[name]
+    hook = getattr(s.impl, "reads", None)
+    if hook is None or config is None:
+        return {u: None if u in run else "not in this run" for u in s.optional_upstream}
+    return hook(config, set(run))
+
+
+def upstream_closure(stages, with_optional=(), config=None, run=None) -> set[str]:
+    """``stages`` and every stage they read, transitively: required upstream always, optional upstream (eval reads
+    dpo, grpo) when it is in ``with_optional`` — and, with ``config``, when a stage's ``reads`` says that this config
+    uses it (materialize reads the guidance its trainers use; ``run``: the stages the trainers are looked for in)."""
     wanted, todo = set(), _known(stages)
+    run = set(run if run is not None else stages)
     while todo:
         s = todo.pop()
         if s in wanted:
             continue
         wanted.add(s)
         todo.extend(REGISTRY[s].upstream)
-        todo.extend(u for u in REGISTRY[s].optional_upstream if u in with_optional)
+        if hasattr(REGISTRY[s].impl, "reads"):  # (without a config: all it may read)
+            todo.extend(u for u, why in guidance_read(s, config, run).items() if why is None or config is None)
+        else:
+            todo.extend(u for u in REGISTRY[s].optional_upstream if u in with_optional)
     return wanted
 
 
-def select_stages(requested: list[str] | None, present=()) -> list[str]:
+def select_stages(requested: list[str] | None, present=(), config=None, only_used: bool | None = None) -> list[str]:
     """The stages to run for ``requested`` with everything they read, in pipeline order.
 
     A stage brings along what it reads, transitively. An optional upstream stage
     (eval measures the dpo and grpo checkpoints) comes along when it is requested
     too or is in ``present``: it ran in the run being re-run, or its output for
-    this config is in the store (``stored_optional``). Resolving a resolved list
-    gives the same list."""
+    this config is in the store (``stored_optional``). With ``config``, a stage that
+    declares what it reads (materialize: the guidance its trainers use) brings only
+    that; and with ``only_used`` (default: when no stages are requested, i.e. the
+    whole pipeline) the stages nothing in the run reads are left out (``left_out``
+    says which and why). Resolving a resolved list gives the same list."""
+    return [s for s in STAGES if s in _selection(requested, present, config, only_used)[0]]
+
+
+def left_out(requested: list[str] | None, present=(), config=None, only_used: bool | None = None) -> dict[str, str]:
+    """The stages of the pipeline (or of ``requested``) that a run under ``config`` leaves out, and why: the guidance
+    that no update of the run reads (``select_stages``)."""
+    return _selection(requested, present, config, only_used)[1]
+
+
+def _selection(requested, present, config, only_used) -> tuple[set[str], dict[str, str]]:
+    prune = (requested is None) if only_used is None else only_used
     requested = _known(requested or STAGES)
-    wanted = upstream_closure(requested, with_optional={*requested, *present})
-    return [s for s in STAGES if s in wanted]
+    run = {*requested, *present}
+    wanted = upstream_closure(requested, with_optional={*requested, *present}, config=config, run=run)
+    why: dict[str, str] = {}
+    if config is None or not prune:
+        return wanted, why
+    kept: set[str] = set()
+    for s in reversed(STAGES):  # consumers before what they read
+        if s not in wanted:
+            continue
+        consumers = [c for c in wanted if s in (*REGISTRY[c].upstream, *REGISTRY[c].optional_upstream)]
+        if not consumers:  # a product of the run (a checkpoint, eval): kept
+            kept.add(s)
+            continue
+        readers = [c for c in consumers if c in kept and (s in REGISTRY[c].upstream or guidance_read(c, config, run).get(s) is None)]
+        if readers:
+            kept.add(s)
+            continue
+        reasons = [f"{c}: {guidance_read(c, config, run)[s]}" for c in consumers if c in kept and s not in REGISTRY[c].upstream]
+        left = [c for c in consumers if c not in kept]
+        why[s] = "; ".join(reasons + ([f"read only by {', '.join(sorted(left))}, left out"] if left else []))
+    return kept, why
 
 
 def downstream_of(name: str, stages: list[str]) -> list[str]:
@@ -118,11 +168,14 @@ def round_stages() -> list[str]:
     return [s for s in STAGES if REGISTRY[s].online]
 
 
-def upstream_of(name: str, outputs: dict) -> dict:
-    """What stage ``name`` reads out of ``outputs`` (stage -> output or path): its
-    required upstream, and its optional upstream where present."""
+def upstream_of(name: str, outputs: dict, config=None, run=None) -> dict:
+    """What stage ``name`` reads out of ``outputs`` (stage -> output or path): its required upstream, and its optional
+    upstream where present (and, with ``config``, where the stage's ``reads`` says this config uses it in a run of the
+    stages ``run``)."""
     s = REGISTRY[name]
-    return {**{u: outputs[u] for u in s.upstream}, **{u: outputs[u] for u in s.optional_upstream if u in outputs}}
+    used = (guidance_read(name, config, set(run) if run is not None else set(outputs) | {name}) if config is not None
+            else {u: None for u in s.optional_upstream})
+    return {**{u: outputs[u] for u in s.upstream}, **{u: outputs[u] for u in s.optional_upstream if u in outputs and used.get(u) is None}}
 
 
 def preflight(config, stages: list[str], workspace: str | Path) -> None:
@@ -243,5 +296,6 @@ def load_config(path: Path | str, overrides: list[str] = (), base_dir: Path | No
     return parse_config(raw, where=str(path), base_dir=base_dir)
 
 
-__all__ = ["Config", "ConfigError", "REGISTRY", "STAGES", "Stage", "downstream_of", "load_config", "mermaid", "parse_config", "round_stages",
+__all__ = ["Config", "ConfigError", "REGISTRY", "STAGES", "Stage", "downstream_of", "guidance_read", "left_out", "load_config", "mermaid",
+           "parse_config", "round_stages",
            "select_stages", "stage", "stored_optional", "stored_outputs", "upstream_closure", "upstream_of"]

@@ -56,6 +56,7 @@ def test_a_round_killed_mid_update_resumes_from_that_round(prefect_server, tmp_p
     rec = RunRecord.create(ws, "online", _raw(), str(tmp_path), [])
     history = online(raw_config=_raw(), base_dir=str(tmp_path), workspace=str(ws), rounds=2, run_record=str(rec.path))
     round1, round2 = (h["results"] for h in history)
+    assert "grade" not in round1 and "rubric" not in round1 and "explain" in round1  # the update reads no grade (reward: verify)
     assert all(r["status"] != "computed" for r in round1.values())  # round 1: nothing redone
     assert {s for s, r in round2.items() if r["status"] == "computed"} == {"grpo", "eval"}  # round 2 resumed at the update
     assert len(calls) == 2  # the first run's two updates, the resumed one went to the real function

@@ -136,6 +136,8 @@ def print_run(record) -> None:
     for name, s in d["stages"].items():
         table.add_row(name, record.stage_status(name), str(s.get("seconds", "")), paths[name], s.get("error", ""))
     console.print(table)
+    for stage, why in (d.get("left_out") or {}).items():
+        console.print(f"left out: {stage} — {why}", soft_wrap=True)
 
 
 def dataset_entries(outputs: list) -> list[dict]:

@@ -22,20 +22,21 @@ def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
 
     ``present``: the stages of the run being re-run (an optional upstream stage such as
     dpo for eval comes along when it ran); default: those whose output is in the store."""
-    from tasks.registry import parse_config, preflight, select_stages, stored_optional
+    from tasks.registry import left_out, parse_config, preflight, select_stages, stored_optional
     from tasks.report.runs import RunRecord
 
     config = parse_config(raw, where=where, base_dir=base_dir)
     ws = config.workspace_dir(workspace)
-    preflight(config, select_stages(stages), ws)
+    preflight(config, select_stages(stages, config=config), ws)
     owner.configure(config.store.heartbeat_seconds, config.store.lease_seconds)  # the run record's heartbeat from the start
     if present is None:
         present = stored_optional(stages, config, str(ws))
-    to_run = select_stages(stages, present)
+    to_run, skipped = select_stages(stages, present, config=config), left_out(stages, present, config=config)
 
     from flows.pipeline import pipeline  # after the checks: importing Prefect's flow engine costs seconds
-    record = RunRecord.create(ws, command, raw, str(base_dir.resolve()), to_run, rerun_of=rerun_of)
+    record = RunRecord.create(ws, command, raw, str(base_dir.resolve()), to_run, rerun_of=rerun_of, left_out=skipped)
     console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
+    print_left_out(skipped)
     stop_on_signals(record, f"guidedrl {command} again resumes where it stopped")
     try:
         with record.running():
@@ -50,6 +51,12 @@ def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
         fail(f"run {record.run_id} failed: {closed.data['error']}{hint}")
     print_results(results)
     console.print(f"run {record.run_id} completed; report: {record.dir / 'report.html'}")
+
+
+def print_left_out(skipped: dict[str, str]) -> None:
+    """The stages a run leaves out because nothing it trains reads them, one line each."""
+    for stage, why in skipped.items():
+        console.print(f"left out: {stage} — {why}", soft_wrap=True)
 
 
 def stop_on_signals(record, resume: str) -> None:
@@ -85,11 +92,12 @@ def stopped(record) -> None:
 def _dry_run(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optional[list[str]], where: str = "<config>") -> None:
     """Count what the judge stages would send; run nothing, send nothing."""
     from tasks.core.store import Store
-    from tasks.registry import REGISTRY, parse_config, select_stages, stored_outputs
+    from tasks.registry import REGISTRY, left_out, parse_config, select_stages, stored_outputs
 
     config = parse_config(raw, where=where, base_dir=base_dir)
     ws = config.workspace_dir(workspace)
-    judged = [s for s in select_stages(stages) if hasattr(REGISTRY[s].impl, "dry_run")]
+    print_left_out(left_out(stages, config=config))
+    judged = [s for s in select_stages(stages, config=config) if hasattr(REGISTRY[s].impl, "dry_run")]
     if not judged:
         console.print("dry run: none of these stages sends judge requests; nothing to count.")
         return
@@ -224,18 +232,20 @@ def online(
     from flows.online import online as online_flow
     from tasks.core.config import read_run_config
     from tasks.models.serving import check_following
-    from tasks.registry import parse_config, preflight, round_stages, select_stages
+    from tasks.registry import left_out, parse_config, preflight, round_stages, select_stages
     from tasks.report.runs import RunRecord
 
     try:
         raw, _ = read_run_config(config, method, set_)
         cfg = parse_config(raw, where=str(config), base_dir=Path.cwd())
         ws = cfg.workspace_dir(workspace)
-        preflight(cfg, select_stages(round_stages()), ws)
+        preflight(cfg, select_stages(round_stages(), config=cfg, only_used=True), ws)
         owner.configure(cfg.store.heartbeat_seconds, cfg.store.lease_seconds)
         check_following(cfg, rounds or cfg.train.grpo.rounds)
-        record = RunRecord.create(ws, "online", raw, str(Path.cwd().resolve()), [])
+        skipped = left_out(round_stages(), config=cfg, only_used=True)
+        record = RunRecord.create(ws, "online", raw, str(Path.cwd().resolve()), [], left_out=skipped)
         console.print(f"workspace: {ws}\nrun: {record.run_id} (record: {record.path})")
+        print_left_out(skipped)
     except user_errors() as exc:
         fail(str(exc))
     stop_on_signals(record, "`guidedrl online` again resumes where it stopped")

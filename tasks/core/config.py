@@ -126,6 +126,9 @@ class JudgeConfig(StrictModel):
         "request per step showing that step alone (prompts.judge_segment): could it be a correct, useful next step on the "
         "reference's path? — the ExpRL authors' main configuration (the rule judge: does the step alone establish a checkpoint)")
     rubric: bool = Field(False, description="openai: an LLM turns each reference into weighted checkpoint items (stage `rubric`), which the judge scores")
+    grade: Literal["when_used", "always"] = Field(
+        "when_used", description="when the grade stage (and rubric) runs in `run` and `online`: when_used — when the update reads "
+        "grades (materialize.reward: judge); always — in every run (the frontier report's judge partial credit, a study of the judge)")
     step_split: Literal["auto", "headers", "paragraphs", "lines", "###"] = Field(
         "auto", description="auto: `###` headers, else blank-line paragraphs, else lines of a single paragraph; \"###\": cut on "
         "the completion's tokens as the ExpRL authors do — a step ends at the token where its text ends with `###` (the "

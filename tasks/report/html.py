@@ -187,6 +187,9 @@ def render(record, charts: dict) -> str:
         parts.append(f"<tr><td>{_e(name)}</td><td class={cls}>{_e(st)}</td><td class=num>{_e(s.get('seconds', ''))}</td>"
                      f"<td>{_e(result)}</td><td>{link}</td><td>{_e(s.get('error', ''))}</td></tr>")
     parts.append("</table>")
+    if d.get("left_out"):
+        parts.append("<p class=meta>Left out (nothing this run trains reads them): "
+                     + "; ".join(f"<b>{_e(s)}</b> — {_e(why)}" for s, why in d["left_out"].items()) + "</p>")
     if "timings" in charts:
         parts.append(f"<img src='{charts['timings']}' alt='stage timings'>")
 

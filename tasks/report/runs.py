@@ -58,7 +58,8 @@ class RunRecord:
 
     @classmethod
     def create(cls, workspace: Path, command: str, raw_config: dict, base_dir: str, stages: list[str],
-               rerun_of: str | None = None, run_id: str | None = None) -> "RunRecord":
+               rerun_of: str | None = None, run_id: str | None = None, left_out: dict[str, str] | None = None) -> "RunRecord":
+        """A new run's record; ``left_out``: the stages it does not run because nothing it trains reads them, and why."""
         run_id = run_id or new_run_id()
         path = Path(workspace) / RUNS_DIR / run_id / RECORD
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +68,7 @@ class RunRecord:
             "workspace": str(Path(workspace).resolve()), "base_dir": base_dir, "config": raw_config,
             "stages_requested": stages, "rerun_of": rerun_of, "error": None, "failed_stage": None,
             "stages": {s: {"status": "pending"} for s in stages}, "pid": os.getpid(), "host": socket.gethostname(),
-            "owner": owner.owner_tag(),
+            "owner": owner.owner_tag(), "left_out": left_out or {},
         })
         rec.save()
         return rec

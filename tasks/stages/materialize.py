@@ -73,7 +73,7 @@ class MaterializeConfig(StrictModel):
         "problems with the run's explanations and hints, and sft as chat messages")
 
 
-STAGE = Stage(name="materialize", version="2", module=__name__, upstream=("curate", "rollouts", "explain", "hint", "grade"),
+STAGE = Stage(name="materialize", version="2", module=__name__, upstream=("curate", "rollouts"), optional_upstream=("explain", "hint", "grade"),
               writes={"dpo": "dpo", "grpo": "grpo", "sft": "sft"}, section="materialize", settings_model=MaterializeConfig)
 
 log = logging.getLogger("guidedrl.materialize")
@@ -240,15 +240,38 @@ def dataset_card(name: str, kind: str, num_rows: int, summary: dict, inputs: dic
 # --------------------------------------------------------------------------- the stage
 
 
+def reads(config: Config, run: set[str]) -> dict[str, str | None]:
+    """The guidance this config's training reads, in a run of the stages ``run``: each guidance stage -> None where read,
+    else why not. Explanations: ExPO's term in grpo (``include_explanations``) or ExP-DPO pairs (``dpo_pairs`` explain);
+    hints: LTE's replacement (``lte_replace``) or hinted DPO pairs; grades: the judge's rewards (``reward: judge``) or
+    ``judge.grade: always``. A run without a trainer (the datasets alone asked for) reads every guidance there is."""
+    m = config.materialize
+    grpo, dpo = "grpo" in run, "dpo" in run
+    if not (grpo or dpo):
+        return {"explain": None, "hint": None, "grade": None}
+
+    def reason(kind: str, grpo_flag: str) -> str:
+        said = [f"grpo: materialize.{grpo_flag} is false"] if grpo else []
+        said += [f"dpo: materialize.dpo_pairs has no {kind} pairs"] if dpo else []
+        return "no update in this run reads it (" + "; ".join(said) + ")"
+
+    explain = (grpo and m.include_explanations) or (dpo and "explain" in m.dpo_pairs)
+    hint = (grpo and m.lte_replace) or (dpo and "hint" in m.dpo_pairs)
+    grade = m.reward == "judge" or config.judge.grade == "always"
+    return {"explain": None if explain else reason("explain", "include_explanations"),
+            "hint": None if hint else reason("hint", "lte_replace"),
+            "grade": None if grade else "the rewards are the verified answers (materialize.reward: verify) and judge.grade is when_used"}
+
+
 def settings(config: Config) -> dict:
     return {"materialize": config.materialize.model_dump(mode="json"), "step_split": config.judge.step_split,
             "overlong": config.judge.overlong, "mode": config.judge.mode, "tokenizer": config.policy.tokenizer or config.policy.model}
 
 
 def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
+    reads = {"explain": "explanations", "hint": "hints", "grade": "grades"}  # (the guidance this run reads: upstream_of)
     return {"problems": upstream["curate"].fingerprints["problems"], "rollouts": upstream["rollouts"].fingerprints["rollouts"],
-            "explanations": upstream["explain"].fingerprints["explanations"], "hints": upstream["hint"].fingerprints["hints"],
-            "grades": upstream["grade"].fingerprints["grades"]}
+            **{name: upstream[stage].fingerprints[name] for stage, name in reads.items() if stage in upstream}}
 
 
 def policy_tokenizer(config: Config):
@@ -370,7 +393,7 @@ def chunk_sources(upstream: dict[str, StageOutput], with_grades: bool) -> tuple[
         return Source(output, name, [c for c in names if c in ROW_COLUMNS or c in TOKEN_LISTS])
 
     grade_cols = ["sample_id", "outcome_score", "step_scores", "steps", "parse_ok"]
-    others = {"explanations": source(upstream["explain"], "explanations"), "hints": source(upstream["hint"], "hints")}
+    others = {name: source(upstream[stage], name) for stage, name in (("explain", "explanations"), ("hint", "hints")) if stage in upstream}
     if with_grades:
         others["grades"] = Source(upstream["grade"], "grades", grade_cols, join_on="sample_id")
     return source(upstream["rollouts"], "rollouts"), others
@@ -392,9 +415,10 @@ def compute(job: Job) -> StageOutput:
         for chunk in progress.track(chunks, f"materialize: {len(chunks)} chunks of whole problems"):
             read, taken_from = {}, {}
             for name in ("main", "explanations", "hints"):
-                read[name], taken_from[name] = _read_without_token_lists(chunk[name], name, keep_ids=tokenizer is not None)
+                if name in chunk:  # (guidance this run does not read is not there)
+                    read[name], taken_from[name] = _read_without_token_lists(chunk[name], name, keep_ids=tokenizer is not None)
             grades = {g["sample_id"]: g for g in read_chunk(chunk["grades"]).to_pylist()} if with_grades else {}
-            data, counts = build(config, read["main"], read["explanations"], read["hints"], grades, tokenizer)
+            data, counts = build(config, read["main"], read.get("explanations", []), read.get("hints", []), grades, tokenizer)
             del read, grades
             tally.add(data, counts)
             for name, rows in data.items():
@@ -432,7 +456,7 @@ def _exports(job: Job, parts: dict[str, list], work) -> dict[str, dict]:
         write_dataset_files(work / "datasets" / name, STAGE.writes[name], files, {"name": name})
         paths[name] = work / "datasets" / name
     up = job.upstream
-    guidance = [up["explain"].dataset_path("explanations"), up["hint"].dataset_path("hints")]
+    guidance = [up[stage].dataset_path(name) for stage, name in (("explain", "explanations"), ("hint", "hints")) if stage in up]
     tokenizer = job.config.resolve(job.config.policy.tokenizer or job.config.policy.model)
     done = export_datasets(paths, list(job.config.materialize.export), work / "exports", guidance=[g for g in guidance if g.is_dir()],
                            problems=up["curate"].dataset_path("problems"), tokenizer=tokenizer if tokenizer.is_dir() else None)
