@@ -313,7 +313,9 @@ def reward_snippets(target: str, dest: str = "DEST") -> dict[str, str]:
             "reward:\n  custom_reward_function:\n"
             f"    path: {REWARDS_MODULE}\n    name: compute_score\n    reward_kwargs:\n"
             "      settings: /path/to/guidedrl-config.yaml   # its judge: section (default: the rule judge)\n"
-            "      reward: judge                             # judge: ExpRL's outcome reward; verifier: the answer check\n")}
+            "      reward: judge                             # judge: ExpRL's outcome reward; verifier: the answer check\n"
+            "# ExpRL's process rewards (judge.mode: process), each step's advantage on its tokens: add under reward:\n"
+            f"#  reward_manager: {{source: importlib, name: ProcessRewardManager, module: {{path: {REWARDS_MODULE.with_name('rewards_verl.py')}}}}}\n")}
     if target == "trl":
         return {"reward.py": (
             "# guidedrl's rewards in TRL's GRPOTrainer, on this export (prompt, answer, reference_solution)\n"
