@@ -16,7 +16,7 @@ from tasks.core.store import Store
 from tasks.models import answers, judge
 from tasks.models.rewards import Rewards, compute_score, trl_async_reward_functions, trl_reward_functions
 from tasks.registry import parse_config
-from tasks.stages import curate, grade
+from tasks.stages import curate
 from tests.conftest import chain_sum
 from tests.openai_server import OpenAIServer
 
@@ -52,12 +52,12 @@ def _settings(tmp_path, **judge_settings) -> str:
 
 
 def _grade_rows(settings: str, problem_rows: list[dict], completions: list[str], workspace=None) -> list[dict]:
-    """What `grade`'s judge gives these completions: the judge ``grade.make_judge`` makes of the same settings, on traces
+    """What `grade`'s judge gives these completions: the judge `grade` makes of the same settings (``judge.make_judge``), on traces
     as ``grade.load_traces`` builds them (the reference shown to the judge, the verifier's `correct`)."""
     config = parse_config(yaml.safe_load(open(settings)))
     traces = [judge.Trace(f"s{i}", p["problem_id"], p["question"], judge.reference_text(p), judge.judge_view(c),
                           answers.check(c, {"answer": p["answer"]})[1]) for i, (p, c) in enumerate(zip(problem_rows, completions))]
-    return grade.make_judge(config, workspace or config.workspace_dir()).grade(traces)
+    return judge.make_judge(config, workspace or config.workspace_dir()).grade(traces)
 
 
 def _recording(fn, log):
@@ -237,7 +237,7 @@ def test_verl_process_reward_manager_places_expRL_token_advantages(problems, ran
                           answers.check(t, {"answer": p["answer"]})[1],
                           steps=[judge.judge_view(s) for s in judge.completion_steps(tok, t, i_)[0]] if step_split == "###" else None)
               for i, (p, t, i_) in enumerate(zip([by_id[r["extra_info"]["problem_id"]] for r in rows], responses, ids))]
-    graded = grade.make_judge(config_g, tmp_path).grade(traces)
+    graded = judge.make_judge(config_g, tmp_path).grade(traces)
     for k, (t, i_, g) in enumerate(zip(responses, ids, graded)):
         expected = token_advantages({"completion": t, "completion_token_ids": i_}, g, tok, step_split)
         assert expected is not None and len(set(expected)) > 1  # steps of different credit

@@ -60,13 +60,8 @@ class Rewards:
     def judge(self):
         """The judge `grade` would make of these settings (built on first use)."""
         if self._judge is None:
-            jc = self.config.judge
-            if jc.backend == "rule":
-                self._judge = judge.RuleJudge(jc.mode, jc.step_split, jc.process_protocol)
-            else:
-                judge.check_judge(self.config)
-                self._judge = judge.LLMJudge(judge.open_client(self.config, self.config.workspace_dir()), judge.judge_prompts(self.config),
-                                             jc.mode, jc.step_split, jc.process_protocol)
+            judge.check_judge(self.config)
+            self._judge = judge.make_judge(self.config, self.config.workspace_dir())
         return self._judge
 
     def correct(self, completion: str, answer: str, metadata: Any = None) -> bool:

@@ -115,13 +115,6 @@ def trace_rows(upstream: dict[str, StageOutput]) -> int:
     return upstream["rollouts"].manifest["datasets"]["rollouts"]["num_rows"]
 
 
-def make_judge(config: Config, workspace: Path):
-    jc = config.judge
-    if jc.backend == "rule":
-        return judge.RuleJudge(jc.mode, jc.step_split, jc.process_protocol)
-    return judge.LLMJudge(judge.open_client(config, workspace), judge.judge_prompts(config), jc.mode, jc.step_split, jc.process_protocol)
-
-
 def _batches(upstream: dict[str, StageOutput], tokenizer=None) -> Iterator[list[judge.Trace]]:
     """Every trace that can be graded (not a failed generation), ``TRACE_BATCH`` at a time."""
     src, n = sources(upstream), trace_rows(upstream)
@@ -132,7 +125,7 @@ def _batches(upstream: dict[str, StageOutput], tokenizer=None) -> Iterator[list[
 def _request_plan(config: Config, workspace: Path, upstream: dict[str, StageOutput]) -> dict:
     """What grading every trace would send (requests not yet cached, tokens) and how many
     traces, counted a batch at a time: nothing is sent."""
-    j = make_judge(config, workspace)
+    j = judge.make_judge(config, workspace)
     total, plan = Counter(), judge.request_plan(j.client, [])
     for traces in _batches(upstream, step_tokenizer(config)):
         plan = judge.request_plan(j.client, [text for _, text, k, _ in j.requests(traces) if k > 0])
@@ -207,7 +200,7 @@ def shard_size(jc) -> int:
 def run_shard(config: Config, shard_plan: ShardPlan, i: int) -> dict:
     """Grade shard ``i``'s traces and write them. Too many failed requests fail the
     shard (nothing written for it; the answers received stay cached)."""
-    j = make_judge(config, shard_plan.workspace)
+    j = judge.make_judge(config, shard_plan.workspace)
     rows = j.grade(load_traces(shard_plan.sources, shard_plan.shards[i], step_tokenizer(config)))
     if isinstance(j, judge.LLMJudge):
         where = STAGE.name if len(shard_plan.shards) == 1 else f"{STAGE.name} shard {i + 1} of {len(shard_plan.shards)}"

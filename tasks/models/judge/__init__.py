@@ -31,13 +31,13 @@ names are used as ``judge.<name>``.
 
 from tasks.models.judge.client import JudgeClient, Reply, RequestCache, check_failures, estimate_tokens, open_client, request_plan
 from tasks.models.judge.llm import (REMINDER, JudgePrompts, LLMJudge, ask, check_judge, fill_template, grading_request, judge_prompts,
-                                    parse_numbered, parse_rubric, parse_score, prefix_requests, segment_requests)
+                                    make_judge, parse_numbered, parse_rubric, parse_score, prefix_requests, segment_requests)
 from tasks.models.judge.rule import Checkpoint, RuleJudge, checkpoints, derivation_right, equations, rule_rubric, segment_score
 from tasks.models.judge.traces import (DELIMITER, JudgeError, Trace, completion_steps, grade_row, judge_view, reference_text, split_steps,
                                        steps_of_tokens, to_reward)
 
 __all__ = ["DELIMITER", "Checkpoint", "JudgeClient", "JudgeError", "JudgePrompts", "LLMJudge", "REMINDER", "Reply", "RequestCache",
            "RuleJudge", "Trace", "ask", "check_failures", "check_judge", "checkpoints", "completion_steps", "derivation_right",
-           "equations", "estimate_tokens", "fill_template", "grade_row", "grading_request", "judge_prompts", "judge_view",
+           "equations", "estimate_tokens", "fill_template", "grade_row", "grading_request", "judge_prompts", "judge_view", "make_judge",
            "open_client", "parse_numbered", "parse_rubric", "parse_score", "prefix_requests", "reference_text", "request_plan",
            "rule_rubric", "segment_requests", "segment_score", "split_steps", "steps_of_tokens", "to_reward"]

@@ -14,7 +14,8 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from tasks.models.judge.client import JudgeClient
+from tasks.models.judge.client import JudgeClient, open_client
+from tasks.models.judge.rule import RuleJudge
 from tasks.models.judge.traces import JudgeError, Trace, grade_row, to_reward
 from tasks.models.prompts import load_template
 
@@ -238,6 +239,15 @@ def judge_prompts(config) -> JudgePrompts:
     return JudgePrompts.load({"outcome": config.template_path("judge_outcome"), "process": config.template_path("judge_process"),
                               "items": config.template_path("judge_items"), "rubric": config.template_path("rubric"),
                               "segment": config.template_path("judge_segment")})
+
+
+def make_judge(config, workspace: Path):
+    """The judge of ``config.judge`` (``RuleJudge``, or ``LLMJudge`` caching under ``<workspace>/cache/judge``): the one
+    `grade` grades with and the rewards for other trainers score with (tasks/models/rewards.py)."""
+    jc = config.judge
+    if jc.backend == "rule":
+        return RuleJudge(jc.mode, jc.step_split, jc.process_protocol)
+    return LLMJudge(open_client(config, workspace), judge_prompts(config), jc.mode, jc.step_split, jc.process_protocol)
 
 
 def check_judge(config) -> None:
