@@ -291,3 +291,16 @@ def test_jsonl_blocks_read_by_polars_give_the_rows_python_gives(tmp_path, monkey
     assert polars.problems == python.problems and polars.rejected == python.rejected and polars.summary == python.summary
     reasons = {r["reason"].split(":")[0] for r in python.rejected}
     assert {"unparseable", "bad_type", "no_answer", "bad_split", "duplicate", "conflicting_duplicate", "contaminated"} <= reasons
+
+
+def test_the_split_of_a_frame_is_the_split_of_each_id():
+    """``splits`` compares digest bytes with ⌈f · 2⁴⁸⌉; ``_split_of`` is the rule as written (u = x / 2⁴⁸ < f): the same
+    split for every id, at fractions on and off a power of two."""
+    import random
+
+    from tasks.stages._curate_checks import _split_of, splits
+
+    ids = [format(random.Random(i).getrandbits(64), "016x") for i in range(5000)]
+    for fraction in (0.0, 0.05, 0.2, 1 / 3, 0.5, 0.999):
+        assert splits(ids, 3, fraction) == [_split_of(pid, 3, fraction) for pid in ids]
+    assert "eval" in splits(ids, 3, 0.2) and "train" in splits(ids, 3, 0.2)
