@@ -11,11 +11,16 @@ stages and `flows.online.round_config`), called in-process without Prefect:
 - `grpo`   plain GRPO: verified rewards, no guidance used;
 - `expo`   ExPO-GRPO: the selected self-explanations in the update (β-NLL term under the original prompt);
 - `lte`    LTE: failed samples of all-failed groups replaced by correct hinted ones (shaped ratio);
-- `exprl`  ExpRL process mode: rollouts rewarded by the rule judge's step scores (token advantages).
+- `exprl`  ExpRL process mode: rollouts rewarded by the rule judge's step scores (token advantages);
+- `prefix` reference prefix (QuestA's schedule, 50 % then 25 % of the reference's steps): continuations of the
+           stuck problems trained under the prompt they were shown, a group of their own;
+- `self-hint` the policy writes a hint from the answer (the tiny policy: the first line of its explanation,
+           kept when it does not state the answer), its hinted samples trained under the hinted prompt.
 
 Equal policy-sample budget: plain GRPO and ExpRL (whose extra cost is the judge,
-not the policy) sample 2G rollouts per problem; ExPO and LTE sample G and spend
-the rest on their guidance samples (at most G per stuck problem). The table says
+not the policy) sample 2G rollouts per problem; ExPO, LTE, prefix and self-hint
+sample G and spend the rest on their guidance samples (at most G per stuck
+problem; self-hint also writes its hints, counted). The table says
 what each spent.
 
 After each round: pass@1 and pass@k of the stuck (hard) level's eval problems
@@ -48,6 +53,8 @@ METHODS = {
     "expo": {"materialize": {"include_explanations": True, "lte_replace": False, "reward": "verify"}},
     "lte": {"materialize": {"include_explanations": False, "lte_replace": True, "reward": "verify"}},
     "exprl": {"materialize": {"include_explanations": False, "lte_replace": False, "reward": "judge"}},
+    "prefix": {"materialize": {"include_explanations": False, "lte_replace": False, "reward": "verify", "include_prefixed": True}},
+    "self-hint": {"materialize": {"include_explanations": False, "lte_replace": False, "reward": "verify", "include_self_hints": True}},
 }
 #: each method at its paper's own settings (--paper): the loss terms the papers fix, with the values of the
 #: presets in configs/presets/ (where their sources are); sample counts, temperatures and rounds stay the
@@ -59,9 +66,47 @@ PAPER = {
     "exprl": {"judge": {"mode": "process", "process_protocol": "segment", "overlong": "zero"},
               "train": {"grpo": {"clip_low": 0.2, "clip_high": 0.26, "kl": 0.001, "kl_reference": "initial", "entropy": 0.0,
                                  "loss_agg": "token-mean"}}},
+    "prefix": {"prefix": {"fractions": [0.5, 0.25], "form": "prompt", "loss": "guided"},
+               "train": {"grpo": {"clip_low": 0.2, "clip_high": 0.28, "kl": 0.0, "loss_agg": "token-mean"}}},
+    "self-hint": {"self_hint": {"write_from": "answer", "write_samples": 4, "loss": "guided"},
+                  "train": {"grpo": {"clip_low": 0.2, "clip_high": 0.28, "kl": 0.0, "loss_agg": "token-mean"}}},
 }
+#: the methods whose guidance costs policy samples, and the stage that samples them
+GUIDANCE_SAMPLES = {"expo": ("explain",), "lte": ("hint",), "prefix": ("prefix",), "self-hint": ("self_hint",)}
+#: the summary counts of a guidance stage's policy samples (a self-hint's written hints are samples too)
+SAMPLED = ("sampled", "hints_written")
 #: the methods whose guidance costs no policy samples: they get the 2G rollouts
-DOUBLE_ROLLOUTS = ("grpo", "exprl")
+DOUBLE_ROLLOUTS = ("grpo", "exprl")  # (the others sample G and spend the rest on guidance)
+#: --variant NAME=BASE:key.path=value;...: a method run as BASE with config overrides (e.g. an ExPO setting), named NAME
+VARIANTS: dict[str, tuple[str, dict]] = {}
+
+
+def base_of(method: str) -> str:
+    """The method a variant runs (a method is its own base)."""
+    return VARIANTS[method][0] if method in VARIANTS else method
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """``NAME=BASE:a.b=v;c.d=w`` -> (NAME, BASE, nested overrides); values are read as YAML (numbers, words, lists)."""
+    import yaml
+
+    name, _, rest = text.partition("=")
+    base, _, sets = rest.partition(":")
+    if not name or base not in METHODS:
+        raise ValueError(f"--variant {text!r}: write NAME=BASE:key.path=value;... with BASE one of {', '.join(METHODS)}")
+    over: dict = {}
+    for item in filter(None, sets.split(";")):
+        path, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--variant {text!r}: {item!r} is not key.path=value")
+        node = over
+        *parents, leaf = path.strip().split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(value)
+    return name, base, over
+
+
 MODELS = {"chain2": ROOT / "data" / "models" / "tiny-policy", "chain6": ROOT / "data" / "models" / "tiny-chain6"}
 
 
@@ -83,10 +128,14 @@ def base_config(train_per_level: int, eval_per_level: int, samples: int, eval_sa
                                  for i, (lvl, c) in enumerate(levels.items())],
                      "eval_fraction": fraction, "split_seed": seed},
         "policy": {"model": str(model or MODELS[family]), "batch_size": 256},
-        "prompts": {"plain": "tiny_plain", "explain": "tiny_explain", "hint": "tiny_hint"},
+        "prompts": {"plain": "tiny_plain", "explain": "tiny_explain", "hint": "tiny_hint", "prefix": "tiny_hint", "self_hint": "tiny_hint",
+                    "self_hint_write": "tiny_explain"},
         "rollouts": {"samples_per_problem": samples, "max_new_tokens": fam.max_new_tokens, "seed": seed, "shard_size": 256},
         "explain": {"samples_per_problem": samples, "seed": seed},
         "hint": {"seed": seed},
+        "prefix": {"seed": seed},
+        # the tiny policy writes no prose: its hint is the first line of its own explanation of the answer
+        "self_hint": {"seed": seed, "hint_lines": 1},
         "judge": {"backend": "rule", "mode": "process"},
         "train": {"grpo": {"learning_rate": lr, "batch_size": 16, "epochs": epochs, "expo_beta": expo_beta, "gamma": 0.1, "seed": seed}},
         # with the derivation checked: a right answer by a wrong path (a lucky guess) does not count there
@@ -98,12 +147,15 @@ def method_config(raw: dict, method: str, samples: int, paper: bool = False, lr:
     """``raw`` for ``method``: its training signal, with ``paper`` its paper's loss settings (PAPER), with ``lr`` its rate."""
     from tasks.core.config import deep_merge
 
-    raw = deep_merge(raw, METHODS[method])
+    base = base_of(method)
+    raw = deep_merge(raw, METHODS[base])
     if paper:
-        raw = deep_merge(raw, PAPER[method])
+        raw = deep_merge(raw, PAPER[base])
+    if method in VARIANTS:
+        raw = deep_merge(raw, VARIANTS[method][1])
     if lr is not None:
         raw["train"]["grpo"]["learning_rate"] = lr
-    if method in DOUBLE_ROLLOUTS:  # the same budget: the guidance samples the others spend become rollouts
+    if base in DOUBLE_ROLLOUTS:  # the same budget: the guidance samples the others spend become rollouts
         raw["rollouts"]["samples_per_problem"] = 2 * samples
     return raw
 
@@ -120,14 +172,14 @@ def run_method(method: str, raw: dict, rounds: int, workspace: Path, seed: int =
         config = parse_config(round_config(raw, policy, r), where=f"{method} round {r}", base_dir=ROOT)
         outs = {}
         t0 = time.time()
-        for stage in select_stages(round_stages()):  # the online round, with curate it reads
-            outs[stage], _ = REGISTRY[stage].run(config, store, upstream_of(stage, outs))
+        stages = select_stages(round_stages(), config=config, only_used=True)  # the online round (with curate): what it uses
+        for stage in stages:
+            outs[stage], _ = REGISTRY[stage].run(config, store, upstream_of(stage, outs, config, stages))
         paths[r] = {s: o.path for s, o in outs.items()}
         spent += outs["rollouts"].summary["samples"]
-        if method == "expo":
-            spent += outs["explain"].summary["sampled"]
-        if method == "lte":
-            spent += outs["hint"].summary["sampled"]
+        for stage_name in GUIDANCE_SAMPLES.get(base_of(method), ()):
+            if stage_name in outs:
+                spent += sum(outs[stage_name].summary.get(k, 0) for k in SAMPLED)
         passes = outs["eval"].summary["pass"]
         derived = outs["eval"].summary.get("pass_with_derivation", {})
         if r == 1:
@@ -178,7 +230,7 @@ def aggregate(rows: list[dict], k: int) -> tuple[str, dict]:
     out = {}
     lines = [f"| method | round | seeds | policy samples | hard pass@1 | hard pass@{k} | hard pass@{k}, derivation right | easy pass@1 | "
              "stuck (train) | stuck reached by guidance | lr |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    what = {"expo": "explain", "lte": "hint", "exprl": "judge"}
+    what = {"expo": "explain", "lte": "hint", "exprl": "judge", "prefix": "prefix", "self-hint": "self_hint"}
     for m in methods:
         for rd in rounds:
             sel = [r for r in rows if r["method"] == m and r["round"] == rd]
@@ -190,7 +242,7 @@ def aggregate(rows: list[dict], k: int) -> tuple[str, dict]:
             easy1 = [r["pass"].get("easy", {}).get("pass@1", 0.0) for r in sel]
             fr = [r["frontier"] for r in sel if r.get("frontier")]
             stuck = _spread([f["stuck"] for f in fr]) if fr else ""
-            g = what.get(m)
+            g = what.get(base_of(m))
             reached = (_spread([f[g] / f["stuck"] if f["stuck"] else 0.0 for f in fr]) if fr and g and fr[0].get(g) is not None else "")
             out[(m, rd)] = {"hard_pass_at_1": hard1, "hard_pass_at_k": hardk, "hard_derivation_pass_at_k": hardd, "easy_pass_at_1": easy1}
             lines.append(f"| {m} | {rd} | {len(sel)} | {sum(r['samples'] for r in sel) // len(sel)} | {_spread(hard1)} | {_spread(hardk)} | "
@@ -315,6 +367,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8, help="G, rollouts per problem (grpo and exprl get 2G)")
     ap.add_argument("--eval-samples", type=int, default=8, help="samples per eval problem (pass@k at k = this)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=BASE:key.path=value;...",
+                    help="also run method NAME: BASE with these config overrides (e.g. "
+                         "expo-linear=expo:train.grpo.expo_beta_schedule=linear); name it in --methods")
     ap.add_argument("--lr", type=float, default=5e-5, help="learning rate of the update (AdamW), every method (without --tune)")
     ap.add_argument("--tune", default=None, metavar="lr=A,B,C",
                     help="tune each method's learning rate: each rate on one seed (--tune-seed) measured on its validation split, "
@@ -350,7 +405,16 @@ def main() -> None:
             ap.error("--tune takes lr=A,B,C (the learning rates to try)")
         rates = [float(v) for v in values.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    for text in args.variant:
+        try:
+            name, base, over = parse_variant(text)
+        except ValueError as exc:
+            ap.error(str(exc))
+        VARIANTS[name] = (base, over)
     methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}: methods are {', '.join(METHODS)}, or a --variant's name")
     t0 = time.time()
     kw = dict(rounds=args.rounds, train_per_level=args.train_per_level, eval_per_level=args.eval_per_level, samples=args.samples,
               eval_samples=k, family=args.family, easy_eval=args.easy_eval, paper=args.paper, lr=args.lr, expo_beta=args.expo_beta,

@@ -32,7 +32,7 @@ from tasks.registry import parse_config, round_stages, select_stages
 def round_config(raw_config: dict, policy: str | None, round_idx: int, served: dict | None = None) -> dict:
     """The run config of one round: the previous round's checkpoint as the policy,
     the configured (initial) policy as the KL reference (`train.grpo.reference_model`,
-    used with `kl_reference: initial`), and sampling seeds moved on (round 1 is exactly
+    used with `kl_reference: initial`), `prefix.round` set, and sampling seeds moved on (round 1 is exactly
     the configured run). A served policy (backend openai) keeps its server: ``served``
     (tasks/models/serving.follow) says which checkpoint it now serves, and under what name;
     with LoRA following, the round continues the previous round's adapter."""
@@ -50,8 +50,9 @@ def round_config(raw_config: dict, policy: str | None, round_idx: int, served: d
         else:
             p["model"] = policy
     if round_idx > 1:
-        for section in ("rollouts", "explain", "hint"):
+        for section in ("rollouts", "explain", "hint", "prefix", "self_hint"):
             raw.setdefault(section, {})["seed"] = int(raw.get(section, {}).get("seed", 0)) + 1000 * (round_idx - 1)
+        raw["prefix"]["round"] = round_idx  # the share of the reference a prefix shows falls by round (prefix.fractions)
     return raw
 
 

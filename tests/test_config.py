@@ -75,7 +75,7 @@ def test_method_presets_set_the_papers_values_and_set_still_wins(tmp_path):
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({**BASE, "rollouts": {"samples_per_problem": 4, "max_new_tokens": 99}}))
-    assert presets() == ["expo", "exprl", "exprl-outcome", "grpo", "lte"]
+    assert presets() == ["expo", "exprl", "exprl-outcome", "grpo", "lte", "prefix", "self-hint"]
     raw, preset = read_run_config(path, "exprl", ["train.grpo.kl=0.01"])
     cfg = parse_config(raw)
     # the ExpRL authors' process script (../shared/methods/what-the-authors-do.md)

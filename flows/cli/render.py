@@ -239,11 +239,14 @@ def print_frontier(rows: list[dict], left: list[dict], nights: list[str], shown:
     several = len(nights) > 1
     table = Table(title="frontier: the stuck set by round (stuck = rolled out, never right; guidance columns: stuck problems "
                         "it produced a verified sample for)")
-    for col in (["night"] if several else []) + ["round", "problems", "pass rate", "stuck", "explain", "hint", "judge partial", "left stuck"]:
+    from tasks.report.frontier import GUIDANCE
+    from tasks.report.html import FRONTIER_HEADS
+
+    for col in (["night"] if several else []) + ["round", "problems", "pass rate", "stuck", *(FRONTIER_HEADS[g] for g in GUIDANCE), "left stuck"]:
         table.add_column(col, justify="left" if col in ("night", "round") else "right")
     for r in rows:
         cells = [str(r["round"]), str(r["problems"]), f"{r['correct'] / r['samples']:.3f}" if r["samples"] else "-", str(r["stuck"]),
-                 *("-" if r[g] is None else str(r[g]) for g in ("explain", "hint", "judge")), str(r["left_stuck"])]
+                 *("-" if r.get(g) is None else str(r[g]) for g in GUIDANCE), str(r["left_stuck"])]
         table.add_row(*([f"{r['night']} {nights[r['night'] - 1]}"] if several else []), *cells)
     console.print(table)
     if not left:

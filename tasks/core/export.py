@@ -10,8 +10,9 @@ What each target gets, by the kind of the source dataset (its manifest's ``kind`
   ``reward_model: {style: rule, ground_truth: answer}``, ``extra_info: {split, index,
   problem_id, level, question, reference_solution, guidance_kind, guidance}`` — one file per split
   (``train.parquet``, ``eval.parquet``). ``--guidance`` adds, per problem, the selected
-  self-explanation (an ``explanations`` dataset: ExPO) or the hint text (a hint stage's
-  dataset: LTE) to ``extra_info``.
+  self-explanation (an ``explanations`` dataset: ExPO) or the guidance shown (a hint stage's
+  dataset: LTE's hint; a prefix stage's: the reference's first steps; a self_hint stage's: the
+  policy's own hint; ``guidance_kind`` says which) to ``extra_info``.
 - **trl**: ``dpo`` as a preference dataset (``prompt``/``chosen``/``rejected``), ``sft`` as
   prompt–completion, problems as a prompt-only dataset for ``GRPOTrainer`` (``prompt`` as
   chat messages, ``answer`` for reward functions, which TRL passes extra columns to).
@@ -197,7 +198,8 @@ def _mapping(target: str, kind: str, wrap: Wrapping | None = None) -> Mapping:
 
 def guidance_by_problem(paths: list[Path]) -> dict[str, tuple[str, str]]:
     """problem_id -> (guidance kind, text): the selected self-explanation of an ``explanations``
-    dataset (explain), the hint of a hint dataset. One entry per guided problem."""
+    dataset (explanation), the guidance shown in a guided rollouts dataset, named by its ``prompt_kind`` (hint: LTE's
+    hint; prefix: the reference's first steps; self_hint: the policy's own hint). One entry per guided problem."""
     out: dict[str, tuple[str, str]] = {}
     for path in paths:
         kind = read_manifest(path).get("kind")
@@ -207,12 +209,13 @@ def guidance_by_problem(paths: list[Path]) -> dict[str, tuple[str, str]]:
                 for pid, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
                     out.setdefault(pid, ("explanation", text))
         elif kind == "rollouts" and "guidance" in data.schema.names:
-            for batch in data.to_batches(columns=["problem_id", "guidance"], filter=pc.field("guidance").is_valid(), batch_size=BATCH_ROWS):
-                for pid, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                    out.setdefault(pid, ("hint", text))
+            for batch in data.to_batches(columns=["problem_id", "guidance", "prompt_kind"], filter=pc.field("guidance").is_valid(),
+                                         batch_size=BATCH_ROWS):
+                for pid, text, pk in zip(*(batch.column(i).to_pylist() for i in range(3))):
+                    out.setdefault(pid, (pk, text))
         else:
-            raise ExportError(f"{path}: --guidance takes an explain stage's `explanations` or a hint stage's `hints` dataset, "
-                              f"not a {kind!r} dataset")
+            raise ExportError(f"{path}: --guidance takes an explain stage's `explanations`, or the `hints`, `prefixed` or `self_hints` "
+                              f"of a hint, prefix or self_hint stage, not a {kind!r} dataset")
     return out
 
 

@@ -62,7 +62,7 @@ ROLLOUTS = pa.schema(
         _f("extracted_answer", _str, nullable=True),
         _f("correct", pa.bool_()),
         _f("policy_id", _str),
-        _f("prompt_kind", _str),  # 'plain' | 'explain' | 'hint'
+        _f("prompt_kind", _str),  # 'plain' | 'explain' | 'hint' | 'prefix' | 'self_hint'
         _f("guidance", _str, nullable=True),
         _f("loss_prompt", _str),
         _f("loss_logprobs", _f32_list, nullable=True),
@@ -180,10 +180,12 @@ FRONTIER = pa.schema(
         _f("stuck", pa.bool_()),  # n > 0 and num_correct == 0: in the stuck set this round
         _f("explain_verified", pa.int32(), nullable=True),  # right self-explanations (ExPO); null: explain did not run
         _f("hint_verified", pa.int32(), nullable=True),  # right hinted samples (LTE); null: hint did not run
+        _f("prefix_verified", pa.int32(), nullable=True),  # right continuations of a reference prefix; null: prefix did not run
+        _f("self_hint_verified", pa.int32(), nullable=True),  # right self-hinted samples; null: self_hint did not run
         _f("judge_partial", pa.int32(), nullable=True),  # wrong rollouts the judge gave some credit (ExpRL); null: grade did not run
         _f("left_stuck_round", pa.int32(), nullable=True),  # the first round it was solved again after being stuck
         _f("first_guided_round", pa.int32(), nullable=True),  # the first round in which, stuck, guidance produced a verified sample
-        _f("first_guidance", _str, nullable=True),  # which: explain / hint / judge (joined with '+' when several at once)
+        _f("first_guidance", _str, nullable=True),  # which: explain / hint / prefix / self_hint / judge (joined with '+' when several at once)
     ]
 )
 

@@ -222,3 +222,13 @@ def chain_sum_reference(expression: str) -> str:
         lines.append(f"{total} = {total}")
     lines.append(f"The answer is {total}.")
     return "\n".join(lines)
+
+
+def mentions_answer(text: str, answer: str) -> bool:
+    """The text states the answer: the answer's text, stripped, stands in it as a whole token (not inside a longer
+    number or word: 27 is in "= 27." and in "-27", not in "127" or "2.75"). The leak check of guidance that must
+    not give the answer away (a reference prefix, a self-written hint)."""
+    a = str(answer).strip()
+    if not a:
+        return False
+    return re.search(rf"(?<![\w.]){re.escape(a)}(?![\w]|\.\d)", text) is not None

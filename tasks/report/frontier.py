@@ -4,8 +4,9 @@ For every round of a run (one round for `guidedrl run`, each round of `guidedrl
 online`) and every problem the round rolled out, a `frontier` row: the round's
 pass rate, whether the problem was in the stuck set (rolled out, never right),
 how many verified samples each guidance produced for it that round (right
-self-explanations — ExPO; right hinted samples — LTE; wrong rollouts the judge
-gave partial credit — ExpRL), and per problem the round it left the stuck set
+self-explanations — ExPO; right hinted samples — LTE; right continuations of a
+reference prefix; right self-hinted samples; wrong rollouts the judge gave
+partial credit — ExpRL), and per problem the round it left the stuck set
 and the guidance that first produced a verified sample for it while it was
 stuck. Across nightly runs of the same problem set, `combine` orders the runs
 and derives the same per-problem columns over all their rounds.
@@ -30,10 +31,13 @@ from tasks.core.store import StageOutput, Store, stage_key
 log = logging.getLogger("guidedrl.frontier")
 
 STAGE = "frontier"
-VERSION = "1"
-GUIDANCE = ("explain", "hint", "judge")
+VERSION = "2"
+GUIDANCE = ("explain", "hint", "prefix", "self_hint", "judge")
 #: the count column of each guidance
-VERIFIED = {"explain": "explain_verified", "hint": "hint_verified", "judge": "judge_partial"}
+VERIFIED = {"explain": "explain_verified", "hint": "hint_verified", "prefix": "prefix_verified", "self_hint": "self_hint_verified",
+            "judge": "judge_partial"}
+#: the round stages the frontier reads
+READS = ("rollouts", "explain", "hint", "prefix", "self_hint", "grade")
 _ROUND = re.compile(r"^round-(\d+)/(.+)$")
 
 
@@ -76,6 +80,8 @@ def _round_frame(run_id: str, round_idx: int, paths: dict[str, Path]):
     else:
         counts("explain", "explanations", "explain_verified")
     counts("hint", "hints", "hint_verified")
+    counts("prefix", "prefixed", "prefix_verified")
+    counts("self_hint", "self_hints", "self_hint_verified")
     if "grade" in paths:
         grades = StageOutput.open(paths["grade"]).scan("grades").select("sample_id", "outcome_score", "step_scores")
         credit = (pl.col("outcome_score").fill_null(0) > 0) | (pl.col("step_scores").list.max().fill_null(0) > 0)
@@ -94,7 +100,7 @@ def derive(lf, step: str = "round"):
 
     by = "problem_id"
     guided = [(pl.col(VERIFIED[g]).fill_null(0) > 0) & pl.col("stuck") for g in GUIDANCE]
-    any_guided = guided[0] | guided[1] | guided[2]
+    any_guided = pl.any_horizontal(guided)
     label = pl.concat_str([pl.when(c).then(pl.lit(g)) for g, c in zip(GUIDANCE, guided)], separator="+", ignore_nulls=True)
     lf = lf.with_columns(_first_stuck=pl.col(step).filter(pl.col("stuck")).min().over(by),
                          _label=pl.when(any_guided).then(label))
@@ -156,7 +162,7 @@ def summarize(table: pa.Table) -> dict:
 def build_frontier(store: Store, run_id: str, rounds: dict[int, dict[str, Path]]) -> tuple[StageOutput, bool]:
     """Write (or find) the run's `frontier` output in the store; returns it and whether it was reused."""
     inputs = {f"round-{r}/{stage}": StageOutput.open(p).manifest.get("stage_key", p.name)
-              for r, paths in rounds.items() for stage, p in sorted(paths.items()) if stage in ("rollouts", "explain", "hint", "grade")}
+              for r, paths in rounds.items() for stage, p in sorted(paths.items()) if stage in READS}
     config = {"run_id": run_id}
     key = stage_key(STAGE, config, inputs, VERSION)
     with store.lock(STAGE, key):

@@ -15,6 +15,12 @@ import logging
 from pathlib import Path
 
 from tasks.models import served
+from tasks.report.frontier import GUIDANCE
+
+#: a frontier guidance column's heading
+FRONTIER_HEADS = {"explain": "explain", "hint": "hint", "prefix": "prefix", "self_hint": "self-hint", "judge": "judge partial"}
+#: the guidance stages whose summaries count unlocked stuck problems, and the method each belongs to
+GUIDED_BY = {"explain": "ExPO", "hint": "LTE", "prefix": "reference prefix", "self_hint": "self-hint"}
 
 log = logging.getLogger("guidedrl.report")
 
@@ -214,23 +220,23 @@ def render(record, charts: dict) -> str:
         parts.append(f"<p>{_e(update_label(d.get('config') or {}))}. The stuck set: problems the round rolled out and never solved; "
                      "the guidance columns count the stuck problems it produced a verified sample for (<code>guidedrl frontier "
                      f"{_e(record.run_id)}</code> lists the problems).</p><table><tr><th>round</th><th>problems</th><th>stuck</th>"
-                     "<th>explain</th><th>hint</th><th>judge partial</th><th>left the stuck set</th></tr>")
+                     + "".join(f"<th>{_e(FRONTIER_HEADS[g])}</th>" for g in GUIDANCE) + "<th>left the stuck set</th></tr>")
         for r in front:
-            cells = [r["round"], r["problems"], r["stuck"], *("-" if r[g] is None else r[g] for g in ("explain", "hint", "judge")), r["left_stuck"]]
+            cells = [r["round"], r["problems"], r["stuck"], *("-" if r.get(g) is None else r[g] for g in GUIDANCE), r["left_stuck"]]
             parts.append("<tr>" + "".join(f"<td class=num>{_e(c)}</td>" for c in cells) + "</tr>")
         parts.append("</table><div class=grid>" + (f"<div><img src='{charts['frontier']}' alt='frontier'></div>" if "frontier" in charts else ""))
         parts.append((f"<div><img src='{charts['learning']}' alt='eval by round'></div>" if "learning" in charts else "") + "</div>")
     elif "learning" in charts:
         parts.append(f"<img src='{charts['learning']}' alt='eval by round'>")
 
-    guided = [(n, v) for n, v in summaries.items() if _stage_name(n) in ("explain", "hint") and "stuck_problems" in v]
+    guided = [(n, v) for n, v in summaries.items() if _stage_name(n) in GUIDED_BY and "stuck_problems" in v]
     if guided:
         parts.append("<h2>Stuck problems unlocked by guidance</h2><table><tr><th>stage</th><th>stuck</th><th>unlocked</th>"
                      "<th>fraction</th><th>kept samples</th><th>with every step right</th></tr>")
         for n, v in guided:
-            parts.append(f"<tr><td>{_e(n)} ({'ExPO' if _stage_name(n) == 'explain' else 'LTE'})</td><td class=num>{v['stuck_problems']}</td>"
+            parts.append(f"<tr><td>{_e(n)} ({GUIDED_BY[_stage_name(n)]})</td><td class=num>{v['stuck_problems']}</td>"
                          f"<td class=num>{v['unlocked_problems']}</td><td class=num>{v['unlocked_fraction']:.1%}</td>"
-                         f"<td class=num>{v.get('kept')}</td><td class=num>{v.get('kept_with_all_steps_right')}</td></tr>")
+                         f"<td class=num>{v.get('kept')}</td><td class=num>{v.get('kept_with_all_steps_right', '-')}</td></tr>")
         parts.append("</table>")
 
     grades = [(n, v) for n, v in summaries.items() if _stage_name(n) == "grade" and v]

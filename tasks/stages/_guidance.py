@@ -1,4 +1,4 @@
-"""What the guidance stages (`explain`, `hint`) share: what their key depends on,
+"""What the guidance stages (`explain`, `hint`, `prefix`, `self_hint`) share: what their key depends on,
 the current policy's plain rollouts grouped by problem, the problems `filter`
 kept (the ones guidance works on), the sampling of a shard of guided prompts,
 and the "unlocked" counts of their summaries. Not a stage (its name starts with
@@ -98,8 +98,8 @@ def sampling_params(section, config: Config) -> SamplingParams:
     )
 
 
-#: the template placeholder that shows a guidance stage's `guidance` (the answer, the hint)
-PLACEHOLDER = {"explain": "answer", "hint": "hint"}
+#: the template placeholder that shows a guidance stage's `guidance` (the answer, the hint, the reference's first steps)
+PLACEHOLDER = {"explain": "answer", "hint": "hint", "prefix": "hint", "self_hint": "hint"}
 
 #: a guidance stage's processing of its sampled rows: (backend, rows, params) -> (the rows kept, why they could not
 #: be scored or None, extra counts by problem_id)
@@ -107,19 +107,23 @@ Process = Callable[[GenerationBackend, list[dict], SamplingParams], tuple[list[d
 
 
 def run_guided_shard(stage: Stage, section, config: Config, shard_plan: ShardPlan, i: int, schema: str, process: Process,
-                     **key_settings) -> dict:
-    """Shard ``i`` of a guidance stage. Each item: `problem`, `guidance` (shown through the stage's template) and
-    `loss_prompt` (the original prompt, for the loss side). Sample j of a problem is drawn with the seed of
+                     items: list[dict] | None = None, extra_meta: dict | None = None, **key_settings) -> dict:
+    """Shard ``i`` of a guidance stage (``items``: its items as the stage completed them, else the plan's). Each item:
+    `problem`, `guidance` (shown through the stage's template, or the prompt template named by `template`; with
+    `response_start`, that text begins the answer: the policy continues it) and `loss_prompt` (the original prompt, for the loss side; None: the guided
+    prompt itself — an on-policy sample of the prompt it was shown). Sample j of a problem is drawn with the seed of
     (`<stage>.seed`, `problem_id`, j, the stage's prompt kind); a problem whose rows an earlier output holds is
     copied (tasks/core/reuse.py; ``key_settings``: the stage's settings that change its kept rows), the others
     are sampled, checked and handed to ``process``; the shard is written with per-problem counts (``sampled``,
-    ``unscored``, ``tokens_from``, and what ``process`` adds)."""
-    items = shard_plan.shards[i]
+    ``unscored``, ``tokens_from``, and what ``process`` adds) and the shard's ``extra_meta``."""
+    items = shard_plan.shards[i] if items is None else items
     backend = shared_backend(config)
     tokenizer = chat_tokenizer(config, backend)
-    template = load_template(config.template_path(stage.name))
+    templates = {name: load_template(config.template_path(name)) for name in {it.get("template", stage.name) for it in items}}
     problems = [it["problem"] for it in items]
-    prompts = [render(tokenizer, fill(template, it["problem"]["question"], **{PLACEHOLDER[stage.name]: it["guidance"]})) for it in items]
+    prompts = [render(tokenizer, fill(templates[it.get("template", stage.name)], it["problem"]["question"],
+                                      **{PLACEHOLDER[stage.name]: it["guidance"]})) + it.get("response_start", "") for it in items]
+    items = [{**it, "loss_prompt": prompt if it["loss_prompt"] is None else it["loss_prompt"]} for it, prompt in zip(items, prompts)]
     params = sampling_params(section, config)
     seeds = [sample_seeds(section.seed, p["problem_id"], params.n, stage.name) for p in problems]
     keys = [reuse.key_for(stage, policy_key(config, backend), params, s, prompt, it["problem"], guidance=it["guidance"],
@@ -143,7 +147,7 @@ def run_guided_shard(stage: Stage, section, config: Config, shard_plan: ShardPla
                              meta)
 
     return reuse.run_shard(shard_plan, i, keys, [p["problem_id"] for p in problems], sample,
-                           lambda rows: to_table(rows, schema, str(shard_plan.path(i))), config.policy.max_error_fraction)
+                           lambda rows: to_table(rows, schema, str(shard_plan.path(i))), config.policy.max_error_fraction, extra_meta)
 
 
 def unlocked_summary(stuck: list[str], unlocked: list[str], levels: dict[str, str | None]) -> dict:

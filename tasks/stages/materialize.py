@@ -1,7 +1,8 @@
 """Stage `materialize`: rollouts, guidance samples and grades as the training
 datasets other teams use — `dpo`, `grpo` and `sft` — each with a dataset card.
 
-Inputs: `problems`, the plain `rollouts`, ExPO `explanations`, LTE `hints`, `grades`.
+Inputs: `problems`, the plain `rollouts`, ExPO `explanations`, LTE `hints`, reference-prefix `prefixed` samples,
+self-hinted `self_hints` samples, `grades`.
 
 - `dpo` (the columns TRL's DPOTrainer reads, plus `problem_id`, `chosen_kind`,
   `rejected_kind`): per problem, up to `pairs_per_problem` pairs of each kind —
@@ -20,7 +21,12 @@ Inputs: `problems`, the plain `rollouts`, ExPO `explanations`, LTE `hints`, `gra
   its step's s_t − s_(t−1) (first step s_1 − s_T, DESIGN.md). A trace whose grade
   did not parse keeps its row with a null reward and advantage (masked). ExPO's
   selected explanations ride along with `prompt_kind = 'explain'` and a null
-  advantage: they feed only the β-NLL term.
+  advantage: they feed only the β-NLL term. Prefix and self-hint samples
+  (`include_prefixed`, `include_self_hints`): with their stage's `loss: guided`
+  a group of their own per problem (`g-<problem>-<kind>`, on-policy under the
+  prompt they were shown, rewards verified, dropped when uniform like any
+  group); with `loss: plain` the right ones join LTE's replacement of failed
+  samples in all-failed groups (guided rows, the shaped ratio).
 - `sft`: verified correct samples and selected explanations with the original prompt.
 """
 
@@ -61,6 +67,10 @@ class MaterializeConfig(StrictModel):
     keep_uniform_groups: bool = Field(False, description="keep groups whose rewards are all equal (no signal); default: drop them (dynamic sampling)")
     lte_replace: bool = Field(True, description="LTE: in all-failed groups, replace failed samples by correct hinted ones (at most G - 1)")
     include_explanations: bool = Field(True, description="ExPO: selected explanations ride along in grpo (null advantage, for the beta-NLL term)")
+    include_prefixed: bool = Field(False, description="reference-prefix samples (stage prefix) in grpo: a group of their own per "
+                                   "problem (prefix.loss: guided) or replacing failed rollouts (plain)")
+    include_self_hints: bool = Field(False, description="self-hinted samples (stage self_hint) in grpo: a group of their own per "
+                                     "problem (self_hint.loss: guided) or replacing failed rollouts (plain)")
     pairs_per_problem: int = Field(2, gt=0, description="DPO pairs per problem and pair kind")
     dpo_pairs: list[Literal["explain", "plain", "hint"]] = Field(
         ["explain", "plain", "hint"], min_length=1, description="the DPO pair kinds, by the chosen side: explain (a selected "
@@ -73,7 +83,7 @@ class MaterializeConfig(StrictModel):
         "problems with the run's explanations and hints, and sft as chat messages")
 
 
-STAGE = Stage(name="materialize", version="2", module=__name__, upstream=("curate", "rollouts"), optional_upstream=("explain", "hint", "grade"),
+STAGE = Stage(name="materialize", version="2", module=__name__, upstream=("curate", "rollouts"), optional_upstream=("explain", "hint", "prefix", "self_hint", "grade"),
               writes={"dpo": "dpo", "grpo": "grpo", "sft": "sft"}, section="materialize", settings_model=MaterializeConfig)
 
 log = logging.getLogger("guidedrl.materialize")
@@ -119,10 +129,56 @@ def _grpo_row(r: dict, group_id: str, reward: float | None, guided: bool) -> dic
            "completion": r["completion"], "correct": bool(r["correct"])}
 
 
-def build(config: Config, rollouts: list[dict], explanations: list[dict], hints: list[dict], grades: dict[str, dict],
-          tokenizer=None) -> tuple[dict[str, list[dict]], dict]:
-    """The dpo, grpo and sft rows, and the counts of the summary."""
+#: the guidance whose samples train in grpo as their own groups or as replacements: stage -> dataset
+GUIDED_SAMPLES = {"prefix": "prefixed", "self_hint": "self_hints"}
+
+
+def _guided_rows(config: Config, samples: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """The samples of ``GUIDED_SAMPLES`` that this config trains on, by problem: (kind -> problem -> rows of a group of
+    their own, problem -> [(kind, right row)] that replace failed rollouts)."""
     mc = config.materialize
+    use = {"prefix": mc.include_prefixed, "self_hint": mc.include_self_hints}
+    own: dict[str, dict[str, list[dict]]] = {}
+    replacing: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+    for kind, name in GUIDED_SAMPLES.items():
+        if not use[kind]:
+            continue
+        if getattr(config, kind).loss == "guided":
+            own[kind] = defaultdict(list)
+            for r in samples.get(name, ()):
+                own[kind][r["problem_id"]].append(r)
+        else:
+            for r in samples.get(name, ()):
+                if r["correct"]:
+                    replacing[r["problem_id"]].append((kind, r))
+    return own, replacing
+
+
+def _finish_group(rows: list[dict], mc: MaterializeConfig, counts: Counter, grpo: list[dict]) -> bool:
+    """Advantages into a group's rows; the group into ``grpo`` unless its rewards are uniform (and dropped). Returns
+    whether it is uniform."""
+    counts["masked_samples"] += sum(r["reward"] is None for r in rows)
+    for row, adv in zip(rows, group_advantages([r["reward"] for r in rows], mc.advantage)):
+        row["advantage"] = adv
+    rewards = {r["reward"] for r in rows if r["reward"] is not None}
+    # ExpRL process mode: a group whose rewards are all equal still teaches when its steps are graded differently
+    stepped = any(a for r in rows for a in (r["token_advantages"] or ()))
+    uniform = len(rewards) <= 1 and not stepped
+    counts["uniform_groups"] += uniform
+    if uniform and not mc.keep_uniform_groups:
+        counts["dropped_groups"] += 1
+    else:
+        grpo += rows
+        counts["groups"] += 1
+    return uniform
+
+
+def build(config: Config, rollouts: list[dict], explanations: list[dict], hints: list[dict], grades: dict[str, dict],
+          tokenizer=None, samples: dict[str, list[dict]] | None = None) -> tuple[dict[str, list[dict]], dict]:
+    """The dpo, grpo and sft rows, and the counts of the summary (``samples``: dataset name -> the rows of the
+    guidance of ``GUIDED_SAMPLES``)."""
+    mc = config.materialize
+    own, replacing = _guided_rows(config, samples or {})
     plain, expl, hinted = defaultdict(list), defaultdict(list), defaultdict(list)
     for r in rollouts:
         if r["finish_reason"] != "error":
@@ -163,29 +219,25 @@ def build(config: Config, rollouts: list[dict], explanations: list[dict], hints:
             if mc.reward == "judge" and not overlong:
                 row["token_advantages"] = token_advantages(r, grades.get(r["sample_id"]), tokenizer, config.judge.step_split)
             rows.append(row)
-        if not right and hinted[pid] and mc.lte_replace:
-            n = min(len(hinted[pid]), len(rows) - 1)
+        pool = [("hint", h) for h in hinted[pid]] if mc.lte_replace else []
+        pool += replacing.get(pid, [])
+        if not right and pool:
+            n = min(len(pool), len(rows) - 1)
             replaced = random.Random(f"{mc.seed}:{pid}").sample(range(len(rows)), n)  # failed samples chosen at random
-            for i, h in zip(sorted(replaced), hinted[pid][:n]):
+            for i, (kind, h) in zip(sorted(replaced), pool[:n]):
                 rows[i] = _grpo_row(h, group_id, 1.0, guided=True)
-            counts["lte_replaced_samples"] += n
-            counts["lte_groups"] += 1 if n else 0
-        counts["masked_samples"] += sum(r["reward"] is None for r in rows)
-        for row, adv in zip(rows, group_advantages([r["reward"] for r in rows], mc.advantage)):
-            row["advantage"] = adv
-        rewards = {r["reward"] for r in rows if r["reward"] is not None}
-        # ExpRL process mode: a group whose rewards are all equal still teaches when its steps are graded differently
-        stepped = any(a for r in rows for a in (r["token_advantages"] or ()))
-        uniform = len(rewards) <= 1 and not stepped
+                counts["lte_replaced_samples" if kind == "hint" else f"{kind}_replaced_samples"] += 1
+            counts["lte_groups"] += 1 if n and pool[0][0] == "hint" else 0
         if not right:  # a stuck group: does the process grade give it any signal the answer does not?
             counts["all_fail_groups"] += 1
-            counts["all_fail_groups_with_token_advantages"] += stepped
-        counts["uniform_groups"] += uniform
-        if uniform and not mc.keep_uniform_groups:
-            counts["dropped_groups"] += 1
-        else:
-            grpo += rows
-            counts["groups"] += 1
+            counts["all_fail_groups_with_token_advantages"] += any(a for r in rows for a in (r["token_advantages"] or ()))
+        _finish_group(rows, mc, counts, grpo)
+        for kind, by_problem in own.items():  # prefix / self-hint samples on-policy under their own prompt: their own group
+            group = sorted(by_problem.get(pid, ()), key=lambda r: r["sample_idx"])
+            if group:
+                counts[f"{kind}_groups"] += 1
+                counts[f"{kind}_uniform_groups"] += _finish_group(
+                    [_grpo_row(r, f"{group_id}-{kind}", 1.0 if r["correct"] else 0.0, guided=False) for r in group], mc, counts, grpo)
         if mc.include_explanations:  # ExPO's β-NLL term: kept whatever the group's rewards
             for e in expl[pid]:
                 grpo.append(_grpo_row(e, group_id, None, guided=True))
@@ -202,7 +254,8 @@ _MEANING = {
     "chosen_kind": "where the chosen completion came from: plain | explain (ExPO) | hint (LTE)",
     "rejected_kind": "where the rejected completion came from",
     "sample_id": "the sample's id (joins to rollouts, grades)", "group_id": "the GRPO group (one problem)",
-    "loss_prompt": "the prompt the loss conditions on: always the original question prompt",
+    "loss_prompt": "the prompt the loss conditions on: the original question prompt, except for prefix and self-hint samples "
+                   "with `loss: guided`, trained under the prompt they were shown (prompt_kind prefix / self_hint)",
     "completion_token_ids": "the completion's token ids",
     "reward": "verified answer (1/0) or the judge's outcome score; null when the grade did not parse (masked)",
     "advantage": "group-normalised reward; null for explanation rows and masked samples",
@@ -211,7 +264,7 @@ _MEANING = {
     "loss_logprobs": "per token, under loss_prompt (differs from behaviour_logprobs for guided samples)",
     "temperature": "the sampling temperature both log-probability columns are at; the policy update scores tokens at it",
     "is_guided": "sampled with guidance (answer shown or hint) but trained under the original prompt",
-    "prompt_kind": "plain | explain | hint", "completion": "the completion text",
+    "prompt_kind": "plain | explain | hint | prefix | self_hint", "completion": "the completion text",
 }
 
 
@@ -243,12 +296,13 @@ def dataset_card(name: str, kind: str, num_rows: int, summary: dict, inputs: dic
 def reads(config: Config, run: set[str]) -> dict[str, str | None]:
     """The guidance this config's training reads, in a run of the stages ``run``: each guidance stage -> None where read,
     else why not. Explanations: ExPO's term in grpo (``include_explanations``) or ExP-DPO pairs (``dpo_pairs`` explain);
-    hints: LTE's replacement (``lte_replace``) or hinted DPO pairs; grades: the judge's rewards (``reward: judge``) or
+    hints: LTE's replacement (``lte_replace``) or hinted DPO pairs; prefix and self-hint samples: grpo with
+    ``include_prefixed`` / ``include_self_hints``; grades: the judge's rewards (``reward: judge``) or
     ``judge.grade: always``. A run without a trainer (the datasets alone asked for) reads every guidance there is."""
     m = config.materialize
     grpo, dpo = "grpo" in run, "dpo" in run
     if not (grpo or dpo):
-        return {"explain": None, "hint": None, "grade": None}
+        return {"explain": None, "hint": None, "prefix": None, "self_hint": None, "grade": None}
 
     def reason(kind: str, grpo_flag: str) -> str:
         said = [f"grpo: materialize.{grpo_flag} is false"] if grpo else []
@@ -260,16 +314,21 @@ def reads(config: Config, run: set[str]) -> dict[str, str | None]:
     grade = m.reward == "judge" or config.judge.grade == "always"
     return {"explain": None if explain else reason("explain", "include_explanations"),
             "hint": None if hint else reason("hint", "lte_replace"),
+            "prefix": None if grpo and m.include_prefixed else
+            ("no update in this run reads it (grpo: materialize.include_prefixed is false)" if grpo else "only grpo reads it (no DPO pairs)"),
+            "self_hint": None if grpo and m.include_self_hints else
+            ("no update in this run reads it (grpo: materialize.include_self_hints is false)" if grpo else "only grpo reads it (no DPO pairs)"),
             "grade": None if grade else "the rewards are the verified answers (materialize.reward: verify) and judge.grade is when_used"}
 
 
 def settings(config: Config) -> dict:
     return {"materialize": config.materialize.model_dump(mode="json"), "step_split": config.judge.step_split,
+            **{f"{kind}_loss": getattr(config, kind).loss for kind in GUIDED_SAMPLES},
             "overlong": config.judge.overlong, "mode": config.judge.mode, "tokenizer": config.policy.tokenizer or config.policy.model}
 
 
 def inputs(config: Config, upstream: dict[str, StageOutput]) -> dict:
-    reads = {"explain": "explanations", "hint": "hints", "grade": "grades"}  # (the guidance this run reads: upstream_of)
+    reads = {"explain": "explanations", "hint": "hints", **GUIDED_SAMPLES, "grade": "grades"}  # (the guidance this run reads: upstream_of)
     return {"problems": upstream["curate"].fingerprints["problems"], "rollouts": upstream["rollouts"].fingerprints["rollouts"],
             **{name: upstream[stage].fingerprints[name] for stage, name in reads.items() if stage in upstream}}
 
@@ -321,6 +380,7 @@ class Tally:
                      "groups_kept": c.get("groups", 0), "uniform_groups": c.get("uniform_groups", 0),
                      "uniform_groups_dropped": c.get("dropped_groups", 0),
                      "lte_groups": c.get("lte_groups", 0), "lte_replaced_samples": c.get("lte_replaced_samples", 0),
+                     **{f"{k}_{what}": c.get(f"{k}_{what}", 0) for k in GUIDED_SAMPLES for what in ("groups", "uniform_groups", "replaced_samples")},
                      "explanation_rows": c.get("explanation_rows", 0), "masked_samples": c.get("masked_samples", 0),
                      "with_token_advantages": self.with_token_advantages, "all_fail_groups": c.get("all_fail_groups", 0),
                      "all_fail_groups_with_token_advantages": c.get("all_fail_groups_with_token_advantages", 0),
@@ -393,7 +453,8 @@ def chunk_sources(upstream: dict[str, StageOutput], with_grades: bool) -> tuple[
         return Source(output, name, [c for c in names if c in ROW_COLUMNS or c in TOKEN_LISTS])
 
     grade_cols = ["sample_id", "outcome_score", "step_scores", "steps", "parse_ok"]
-    others = {name: source(upstream[stage], name) for stage, name in (("explain", "explanations"), ("hint", "hints")) if stage in upstream}
+    others = {name: source(upstream[stage], name) for stage, name in (("explain", "explanations"), ("hint", "hints"), *GUIDED_SAMPLES.items())
+              if stage in upstream}
     if with_grades:
         others["grades"] = Source(upstream["grade"], "grades", grade_cols, join_on="sample_id")
     return source(upstream["rollouts"], "rollouts"), others
@@ -414,11 +475,12 @@ def compute(job: Job) -> StageOutput:
         chunks = partition(main, others, CHUNK_ROWS, work / "chunks")
         for chunk in progress.track(chunks, f"materialize: {len(chunks)} chunks of whole problems"):
             read, taken_from = {}, {}
-            for name in ("main", "explanations", "hints"):
+            for name in ("main", "explanations", "hints", *GUIDED_SAMPLES.values()):
                 if name in chunk:  # (guidance this run does not read is not there)
                     read[name], taken_from[name] = _read_without_token_lists(chunk[name], name, keep_ids=tokenizer is not None)
             grades = {g["sample_id"]: g for g in read_chunk(chunk["grades"]).to_pylist()} if with_grades else {}
-            data, counts = build(config, read["main"], read.get("explanations", []), read.get("hints", []), grades, tokenizer)
+            data, counts = build(config, read["main"], read.get("explanations", []), read.get("hints", []), grades, tokenizer,
+                                 {name: read[name] for name in GUIDED_SAMPLES.values() if name in read})
             del read, grades
             tally.add(data, counts)
             for name, rows in data.items():
@@ -456,7 +518,8 @@ def _exports(job: Job, parts: dict[str, list], work) -> dict[str, dict]:
         write_dataset_files(work / "datasets" / name, STAGE.writes[name], files, {"name": name})
         paths[name] = work / "datasets" / name
     up = job.upstream
-    guidance = [up[stage].dataset_path(name) for stage, name in (("explain", "explanations"), ("hint", "hints")) if stage in up]
+    guidance = [up[stage].dataset_path(name) for stage, name in (("explain", "explanations"), ("hint", "hints"), *GUIDED_SAMPLES.items())
+                if stage in up]
     tokenizer = job.config.resolve(job.config.policy.tokenizer or job.config.policy.model)
     done = export_datasets(paths, list(job.config.materialize.export), work / "exports", guidance=[g for g in guidance if g.is_dir()],
                            problems=up["curate"].dataset_path("problems"), tokenizer=tokenizer if tokenizer.is_dir() else None)
