@@ -190,7 +190,9 @@ def run_method(method: str, raw: dict, rounds: int, workspace: Path, seed: int =
                      "pass_with_derivation": derived.get("grpo"),
                      # the stuck (all-fail) groups of the round, and those the process grades give a token advantage
                      "all_fail_groups": m.get("all_fail_groups"), "all_fail_groups_with_token_advantages": m.get("all_fail_groups_with_token_advantages"),
-                     "seconds": round(time.time() - t0, 1), "update": {"steps": g.get("steps"), **g.get("rows_by_kind", {})}})
+                     "seconds": round(time.time() - t0, 1), "update": {"steps": g.get("steps"), **g.get("rows_by_kind", {})},
+                     # (a path under --workspace: bench/failure_modes.py --rows reads the checkpoints)
+                     "checkpoint": str(outs["grpo"].path / "checkpoint")})
         policy = str(outs["grpo"].path / "checkpoint")
         print(f"  {method} seed {seed} round {r}: {rows[-1]['seconds']}s, update {rows[-1]['update']}", flush=True)
     front = build_frontier(store, f"{method}-seed{seed}", paths)[0]
@@ -251,22 +253,25 @@ def aggregate(rows: list[dict], k: int) -> tuple[str, dict]:
 
 
 def chart(agg: dict, k: int, path: Path, title: str) -> None:
-    """Stuck-level pass@k by round per method (left: by answer; right: the derivation right too):
-    mean line, min–max band over seeds."""
+    """By round per method: stuck-level pass@k by answer, by answer and derivation, and the easy level's pass@1
+    beside them (what the stuck gain costs): mean line, min–max band over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, what in ((axes[0], "hard_pass_at_k", "right answer"), (axes[1], "hard_derivation_pass_at_k", "right answer and derivation")):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    panels = ((axes[0], "hard_pass_at_k", "stuck level: right answer", f"hard (stuck) level pass@{k}, eval split"),
+              (axes[1], "hard_derivation_pass_at_k", "stuck level: right answer and derivation", f"hard (stuck) level pass@{k}, eval split"),
+              (axes[2], "easy_pass_at_1", "easy level: what it costs", "easy level pass@1, eval split"))
+    for ax, key, what, ylabel in panels:
         for m in dict.fromkeys(m for m, _ in agg):
             pts = sorted((rd, v[key]) for (mm, rd), v in agg.items() if mm == m)
             xs = [p[0] for p in pts]
             ax.plot(xs, [sum(v) / len(v) for _, v in pts], "o-", label=m)
             ax.fill_between(xs, [min(v) for _, v in pts], [max(v) for _, v in pts], alpha=0.15)
         ax.set_xlabel("round (0: the bootstrap policy)")
-        ax.set_ylabel(f"hard (stuck) level pass@{k}, eval split")
+        ax.set_ylabel(ylabel)
         ax.set_xticks(sorted({rd for _, rd in agg}))
         ax.set_title(what, fontsize=9)
         ax.legend(fontsize=8)
