@@ -29,8 +29,8 @@ app.add_typer(runs_app, name="runs")
 
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")
 MethodOpt = typer.Option(None, "--method", help="Set a method's published hyperparameters over the config: grpo, expo, lte, "
-                         "exprl (ExpRL-Process as its authors' main script) or exprl-outcome (configs/presets/<method>.yaml; --set "
-                         "still wins). `guidedrl config show CONFIG --method M` lists them with their sources.")
+                         "exprl (ExpRL-Process as its authors' main script), exprl-outcome, prefix (reference prefixes: QuestA, "
+                         "POPE, BREAD) or self-hint (NuRL, SAGE) (configs/presets/<method>.yaml; --set still wins). `guidedrl config show CONFIG --method M` lists them with their sources.")
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", help="Workspace directory (store/ and runs/). Default: the config's `workspace`, else ./workspace.")
 
 
