@@ -40,17 +40,19 @@ def _newest(ws: Path) -> RunRecord:
 
 def test_the_quickstart_record_names_every_stage(finished_quickstart):
     record = RunRecord.load(finished_quickstart["workspace"], finished_quickstart["run_id"])
-    assert list(record.data["stages"]) == list(STAGES)
+    newer = ("prefix", "self_hint")  # guidance beyond the three papers: only its own presets read it
+    assert list(record.data["stages"]) == [s for s in STAGES if s not in newer] and set(record.data["left_out"]) == set(newer)
     assert all(s["status"] == "computed" for s in record.data["stages"].values())
 
 
 def test_upstream_is_the_transitive_closure():
-    assert select_stages(["dpo"]) == ["curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "dpo"]
-    assert select_stages(["grpo"]) == ["curate", "rollouts", "filter", "explain", "hint", "rubric", "grade", "materialize", "grpo"]
+    # (without a config, materialize brings every guidance it may read)
+    guidance = ["curate", "rollouts", "filter", "explain", "hint", "prefix", "rubric", "grade", "self_hint", "materialize"]
+    assert select_stages(["dpo"]) == guidance + ["dpo"]
+    assert select_stages(["grpo"]) == guidance + ["grpo"]
     # eval reads the trained checkpoints only when their stages are requested or ran
     assert select_stages(["eval"]) == ["curate", "eval"]
-    assert select_stages(["eval"], present={"dpo"}) == ["curate", "rollouts", "filter", "explain", "hint", "rubric", "grade",
-                                                            "materialize", "dpo", "eval"]
+    assert select_stages(["eval"], present={"dpo"}) == guidance + ["dpo", "eval"]
     assert select_stages(["curate", "dpo"]) == select_stages(["dpo"])
     # resolving a resolved list changes nothing (the CLI and the flow both resolve)
     for stage in STAGES:

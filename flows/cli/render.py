@@ -63,10 +63,11 @@ def print_pass_table(title: str, table_data: dict) -> None:
     console.print(table)
 
 
-def print_results(results: dict) -> None:
+def print_results(results: dict, left_out: dict[str, str] | None = None) -> None:
     """The stages of a run: one line each in a table that fits the terminal (stage, status, the result cut to the
     width left), then each stage's output path whole on a line of its own (what a user copies), and the full result
-    lines under it — at 80 columns, or in a log file, as on a wide terminal."""
+    lines under it — at 80 columns, or in a log file, as on a wide terminal. ``left_out``: the stages the run left out,
+    and why."""
     from tasks.registry import REGISTRY, STAGES
 
     status_of = {"computed": "computed", "reused": "reused (no work)", "cached": "cached (no work)"}
@@ -97,6 +98,9 @@ def print_results(results: dict) -> None:
             console.print(f"{stage}: output already in the store for this config and inputs — nothing was recomputed.")
     if set(results) >= set(STAGES):
         console.print("Every stage of the pipeline ran (none is still to come).")
+    elif left_out and set(results) | set(left_out) >= set(STAGES):
+        console.print(f"Every stage of the pipeline ran but {', '.join(x for x in STAGES if x in left_out)}, which no update of this run reads "
+                      "(left out: see above; none is still to come).")
 
 
 def print_runs(runs: list, title: str) -> None:

@@ -49,7 +49,7 @@ def _execute(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
         stage = closed.data.get("failed_stage")
         hint = f" — after fixing the cause: guidedrl rerun {record.run_id} --stage {stage} --downstream --workspace {ws}" if stage else ""
         fail(f"run {record.run_id} failed: {closed.data['error']}{hint}")
-    print_results(results)
+    print_results(results, skipped)
     console.print(f"run {record.run_id} completed; report: {record.dir / 'report.html'}")
 
 

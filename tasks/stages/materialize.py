@@ -297,12 +297,14 @@ def reads(config: Config, run: set[str]) -> dict[str, str | None]:
     """The guidance this config's training reads, in a run of the stages ``run``: each guidance stage -> None where read,
     else why not. Explanations: ExPO's term in grpo (``include_explanations``) or ExP-DPO pairs (``dpo_pairs`` explain);
     hints: LTE's replacement (``lte_replace``) or hinted DPO pairs; prefix and self-hint samples: grpo with
-    ``include_prefixed`` / ``include_self_hints``; grades: the judge's rewards (``reward: judge``) or
+    ``include_prefixed`` / ``include_self_hints`` (also without a trainer: no dataset holds them otherwise); grades: the judge's rewards (``reward: judge``) or
     ``judge.grade: always``. A run without a trainer (the datasets alone asked for) reads every guidance there is."""
     m = config.materialize
     grpo, dpo = "grpo" in run, "dpo" in run
+    samples = {"prefix": None if m.include_prefixed else "materialize.include_prefixed is false: no dataset holds its samples",
+               "self_hint": None if m.include_self_hints else "materialize.include_self_hints is false: no dataset holds its samples"}
     if not (grpo or dpo):
-        return {"explain": None, "hint": None, "prefix": None, "self_hint": None, "grade": None}
+        return {"explain": None, "hint": None, **samples, "grade": None}
 
     def reason(kind: str, grpo_flag: str) -> str:
         said = [f"grpo: materialize.{grpo_flag} is false"] if grpo else []
