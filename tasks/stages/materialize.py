@@ -32,26 +32,25 @@ self-hinted `self_hints` samples, `grades`.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Literal
 
 import polars as pl
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.core.config import StrictModel
-from tasks.core.groups import Source, partition, read_chunk
+from tasks.core.groups import partition, read_chunk
 from tasks.core.parts import PartWriter
-from tasks.core.schemas import SCHEMAS, conform, kind_counts, to_table
+from tasks.core.schemas import kind_counts, to_table
 from tasks.core.stage import Job, Stage
-from tasks.core.store import StageOutput, data_files
+from tasks.core.store import StageOutput
 from tasks.models.token_text import continuation_text
 from tasks.stages._advantages import group_advantages, token_advantages
+from tasks.stages._materialize_cards import dataset_card
+from tasks.stages._materialize_io import chunk_sources, grpo_table, read_without_token_lists
 from tasks.core import progress
 
 if TYPE_CHECKING:
@@ -245,51 +244,6 @@ def build(config: Config, rollouts: list[dict], explanations: list[dict], hints:
     return {"dpo": dpo, "grpo": grpo, "sft": sft}, dict(counts)
 
 
-# --------------------------------------------------------------------------- dataset cards
-
-_MEANING = {
-    "prompt": "the original question prompt as the policy saw it (chat template applied); never the guided one",
-    "chosen": "the preferred completion", "rejected": "the dispreferred completion (the policy's own wrong sample)",
-    "problem_id": "stable hash of the normalised question (joins to the problems dataset)",
-    "chosen_kind": "where the chosen completion came from: plain | explain (ExPO) | hint (LTE)",
-    "rejected_kind": "where the rejected completion came from",
-    "sample_id": "the sample's id (joins to rollouts, grades)", "group_id": "the GRPO group (one problem)",
-    "loss_prompt": "the prompt the loss conditions on: the original question prompt, except for prefix and self-hint samples "
-                   "with `loss: guided`, trained under the prompt they were shown (prompt_kind prefix / self_hint)",
-    "completion_token_ids": "the completion's token ids",
-    "reward": "verified answer (1/0) or the judge's outcome score; null when the grade did not parse (masked)",
-    "advantage": "group-normalised reward; null for explanation rows and masked samples",
-    "token_advantages": "process mode: per token, its step's advantage s_t - s_(t-1) (first step s_1 - s_T)",
-    "behaviour_logprobs": "per token, under the prompt the sampling policy was shown",
-    "loss_logprobs": "per token, under loss_prompt (differs from behaviour_logprobs for guided samples)",
-    "temperature": "the sampling temperature both log-probability columns are at; the policy update scores tokens at it",
-    "is_guided": "sampled with guidance (answer shown or hint) but trained under the original prompt",
-    "prompt_kind": "plain | explain | hint | prefix | self_hint", "completion": "the completion text",
-}
-
-
-def dataset_card(name: str, kind: str, num_rows: int, summary: dict, inputs: dict, stage_cfg: dict, columns: list[str]) -> str:
-    schema = SCHEMAS[kind]
-    lines = [f"# guidedrl `{name}` dataset", "", {
-        "dpo": "Preference pairs for offline DPO: one prompt, a chosen and a rejected completion.",
-        "grpo": "Per-sample rows of GRPO groups, with rewards, group-normalised advantages and the log-probabilities "
-                "the policy update needs (guided samples carry both the behaviour and the loss-side log-probabilities).",
-        "sft": "Verified correct samples and selected self-explanations, each under the original prompt.",
-    }[name], "", f"Rows: {num_rows}.", "", "## Columns", "", "| column | type | meaning |", "| --- | --- | --- |"]
-    lines += [f"| `{f.name}` | {f.type} | {_MEANING.get(f.name, '')} |" for f in schema]
-    lines += [f"| `{k}` | (extra) | {_MEANING.get(k, '')} |" for k in columns if schema.get_field_index(k) < 0]
-    lines += ["", "## Statistics", "", "```json", json.dumps(summary, indent=2), "```", "",
-              "## How it was made", "", "Stage `materialize` of guidedrl from these inputs (content fingerprints):", "",
-              "```json", json.dumps(inputs, indent=2), "```", "", "with this configuration:", "", "```json",
-              json.dumps(stage_cfg, indent=2), "```", "", "`manifest.json` beside this card has the same and the file fingerprint.", "",
-              "## How to load it (guidedrl not needed)", "", "```python",
-              'import polars as pl; df = pl.read_parquet("DIR/data/*.parquet")',
-              'import pyarrow.dataset as ds; table = ds.dataset("DIR/data", format="parquet").to_table()',
-              'from datasets import load_dataset; d = load_dataset("parquet", data_files="DIR/data/*.parquet")["train"]',
-              "```", ""]
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -396,72 +350,6 @@ class Tally:
 PART_BYTES = 64 << 20
 
 
-#: per-token columns: passed from the inputs to the grpo rows in Arrow, never as Python lists
-TOKEN_LISTS = ("completion_token_ids", "behaviour_logprobs", "loss_logprobs")
-#: the grpo columns that come from the input rows as they are: taken from Arrow by position (``_grpo_table``)
-TAKEN = TOKEN_LISTS + ("sample_id", "loss_prompt", "temperature", "prompt_kind", "problem_id", "completion", "correct")
-
-
-def _read_without_token_lists(path, source: str, keep_ids: bool) -> tuple[list[dict], pa.Table]:
-    """A chunk file's rows as dicts without the per-token lists (each row knows where it is:
-    ``_at`` = (source, row)), and the ``TAKEN`` columns as an Arrow table. ``keep_ids``: the rows keep
-    ``completion_token_ids`` (token advantages need them)."""
-    table = read_chunk(path)
-    cols = [c for c in table.column_names if c not in TOKEN_LISTS or (keep_ids and c == "completion_token_ids")]
-    rows = table.select(cols).to_pylist()
-    for i, r in enumerate(rows):
-        r["_at"] = (source, i)
-    return rows, table.select(list(TAKEN))
-
-
-def _grpo_table(rows: list[dict], taken_from: dict[str, pa.Table]) -> pa.Table:
-    """The grpo rows as a contract table: what build decided (group, reward, advantages, guided)
-    from the rows, the rest taken from the inputs' Arrow tables by position; an unguided row
-    without loss-side log-probs uses its behaviour ones (as ``_grpo_row`` does for in-memory rows)."""
-    offsets, at = {}, 0
-    for name, t in taken_from.items():
-        offsets[name], at = at, at + t.num_rows
-    index = [offsets[source] + i for source, i in (r["_at"] for r in rows)]
-    taken = pa.concat_tables(list(taken_from.values()), promote_options="permissive").take(index)
-    guided = pa.array([r["is_guided"] for r in rows], pa.bool_())
-    decided = {"group_id": pa.array([r["group_id"] for r in rows], pa.string()),
-               "reward": pa.array([r["reward"] for r in rows], pa.float64()),
-               "advantage": pa.array([r["advantage"] for r in rows], pa.float64()),
-               "token_advantages": pa.array([r["token_advantages"] for r in rows], pa.list_(pa.float64())), "is_guided": guided}
-    loss = taken.column("loss_logprobs")
-    missing = pc.fill_null(pc.or_(pc.is_null(loss), pc.equal(pc.list_value_length(loss), 0)), True)
-    use_behaviour = pc.and_(pc.invert(guided), missing)
-    light = taken.drop_columns(list(TOKEN_LISTS) + ["correct"])
-    light = light.append_column("correct", pc.fill_null(taken.column("correct"), False))
-    for name, values in decided.items():
-        light = light.append_column(name, values)
-    columns = {"completion_token_ids": taken.column("completion_token_ids"), "behaviour_logprobs": taken.column("behaviour_logprobs"),
-               "loss_logprobs": pc.if_else(use_behaviour, taken.column("behaviour_logprobs"), loss)}
-    for name, values in columns.items():
-        light = light.append_column(name, values)
-    return conform(light, "grpo", "materialize/grpo")
-
-
-#: the columns of rollouts, explanations and hints that ``build`` reads (besides ``TOKEN_LISTS``)
-ROW_COLUMNS = ("sample_id", "problem_id", "sample_idx", "correct", "finish_reason", "loss_prompt", "completion", "temperature",
-               "prompt_kind", "selected")
-
-
-def chunk_sources(upstream: dict[str, StageOutput], with_grades: bool) -> tuple[Source, dict[str, Source]]:
-    """What ``build`` reads, as sources of a chunked read: the rollouts, and the explanations,
-    hints and (``with_grades``: the rewards are the judge's) grades of the same problems (only the columns it uses)."""
-    def source(output: StageOutput, name: str) -> Source:
-        names = pq.read_schema(data_files(output.dataset_path(name))[0]).names
-        return Source(output, name, [c for c in names if c in ROW_COLUMNS or c in TOKEN_LISTS])
-
-    grade_cols = ["sample_id", "outcome_score", "step_scores", "steps", "parse_ok"]
-    others = {name: source(upstream[stage], name) for stage, name in (("explain", "explanations"), ("hint", "hints"), *GUIDED_SAMPLES.items())
-              if stage in upstream}
-    if with_grades:
-        others["grades"] = Source(upstream["grade"], "grades", grade_cols, join_on="sample_id")
-    return source(upstream["rollouts"], "rollouts"), others
-
-
 def compute(job: Job) -> StageOutput:
     """``build`` on one chunk of whole problems at a time (tasks/core/groups.py), the rows written
     as they go (part files of ``PART_BYTES``): memory is bounded by ``CHUNK_ROWS`` rollouts,
@@ -473,13 +361,13 @@ def compute(job: Job) -> StageOutput:
         writers = {n: PartWriter(work / "parts", n, max_bytes=PART_BYTES, at_least_one=True,  # no rows at all: one empty part
                                  to_table=lambda rows, n=n: to_table(rows, n, f"materialize/{n}")) for n in STAGE.writes}
         with_grades = config.materialize.reward == "judge"  # else build reads no grade
-        main, others = chunk_sources(upstream, with_grades)
+        main, others = chunk_sources(upstream, with_grades, {"explain": "explanations", "hint": "hints", **GUIDED_SAMPLES})
         chunks = partition(main, others, CHUNK_ROWS, work / "chunks")
         for chunk in progress.track(chunks, f"materialize: {len(chunks)} chunks of whole problems"):
             read, taken_from = {}, {}
             for name in ("main", "explanations", "hints", *GUIDED_SAMPLES.values()):
                 if name in chunk:  # (guidance this run does not read is not there)
-                    read[name], taken_from[name] = _read_without_token_lists(chunk[name], name, keep_ids=tokenizer is not None)
+                    read[name], taken_from[name] = read_without_token_lists(chunk[name], name, keep_ids=tokenizer is not None)
             grades = {g["sample_id"]: g for g in read_chunk(chunk["grades"]).to_pylist()} if with_grades else {}
             data, counts = build(config, read["main"], read.get("explanations", []), read.get("hints", []), grades, tokenizer,
                                  {name: read[name] for name in GUIDED_SAMPLES.values() if name in read})
@@ -487,7 +375,7 @@ def compute(job: Job) -> StageOutput:
             tally.add(data, counts)
             for name, rows in data.items():
                 if rows:  # a chunk without rows of a dataset adds no part (an empty table would lack the extra columns)
-                    table = _grpo_table(rows, taken_from) if name == "grpo" else to_table(rows, name, f"materialize/{name}")
+                    table = grpo_table(rows, taken_from) if name == "grpo" else to_table(rows, name, f"materialize/{name}")
                     if name == "grpo":  # what the update will train on, counted while the rows are at hand
                         tally.grpo_by_kind.update(kind_counts(pl.from_arrow(table).lazy()))
                     writers[name].add(table)
