@@ -143,8 +143,9 @@ def datasets_export(
                            "hf (any dataset: a directory datasets.load_dataset reads with named splits)."),
     dest: str = typer.Argument(..., help="A new directory to write the export to, or a URL (s3://bucket/prefix: written here, then "
                                "uploaded, its card last)."),
-    guidance: list[Path] = typer.Option([], "--guidance", help="verl: an explain stage's `explanations` or a hint stage's `hints` "
-                                        "dataset; each problem's selected explanation or hint goes into extra_info (repeatable)."),
+    guidance: list[Path] = typer.Option([], "--guidance", help="verl: an explain stage's `explanations`, or the `hints`, `prefixed` "
+                                        "or `self_hints` of a hint, prefix or self_hint stage; each problem's selected explanation or the "
+                                        "guidance shown goes into extra_info, guidance_kind naming it (repeatable)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="The policy's tokenizer directory: where it has a chat template, "
                                              "dpo and sft prompts (stored rendered) go out as conversations (trl; verl sft needs it)."),
     force: bool = typer.Option(False, "--force", help="Replace DEST if it exists."),
