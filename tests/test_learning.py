@@ -34,15 +34,20 @@ def test_small_learning_study_runs_every_method_with_its_own_training_signal(tmp
     assert starts["grpo"]["easy"]["pass@1"] - by[("grpo", 0)]["pass_with_derivation"]["easy"]["pass@1"] < 0.1  # easy: right paths
     # what reaches each update: explanations only for ExPO, hinted samples only for LTE (when it unlocked any)
     assert by[("expo", 1)]["update"]["explain"] > 0
-    assert all(by[(m, 1)]["update"]["explain"] == 0 for m in ("grpo", "lte", "exprl"))
-    assert all(by[(m, 1)]["update"]["guided"] == 0 for m in ("grpo", "expo", "exprl"))
+    assert all(by[(m, 1)]["update"]["explain"] == 0 for m in ("grpo", "lte", "exprl", "prefix", "self-hint"))
+    # (prefix and self-hint samples train on-policy under the prompt they were shown: plain rows, never guided)
+    assert all(by[(m, 1)]["update"]["guided"] == 0 for m in ("grpo", "expo", "exprl", "prefix", "self-hint"))
     # plain GRPO spends at least the guided methods' policy samples
     assert by[("grpo", 1)]["samples"] >= max(by[(m, 1)]["samples"] for m in ("expo", "lte"))
     # the frontier of each run: the round's stuck set, and what each guidance reached (only the guidance that ran)
+    # (a method runs only the guidance its update reads: the others' columns are null)
+    own = {"grpo": None, "expo": "explain", "lte": "hint", "exprl": "judge", "prefix": "prefix", "self-hint": "self_hint"}
     for m in bench.METHODS:
         fr = by[(m, 1)]["frontier"]
         assert 0 < fr["stuck"] <= fr["problems"] and fr["left_stuck"] == 0
-        assert fr["explain"] is not None and fr["explain"] <= fr["stuck"]  # explain runs in every method's round (only expo uses it)
+        for g in ("explain", "hint", "prefix", "self_hint", "judge"):
+            assert (fr[g] is not None) == (g == own[m]), (m, g, fr[g])
+            assert fr[g] is None or fr[g] <= fr["stuck"]
     assert by[("exprl", 1)]["frontier"]["judge"] is not None
     # the stuck groups of each round's update, and those ExpRL's process grades give a token advantage
     e = by[("exprl", 1)]
