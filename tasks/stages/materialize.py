@@ -389,11 +389,14 @@ def compute(job: Job) -> StageOutput:
         out = job.write(parts, summaries, dataset_summaries=summaries, cards=cards,
                         directories={"exports": work / "exports"} if exports else None)
     counts = tally.counts
+    guided = "".join(f", {counts.get(f'{k}_groups', 0)} {k} groups ({counts.get(f'{k}_uniform_groups', 0)} uniform), "
+                     f"{counts.get(f'{k}_replaced_samples', 0)} samples replaced by {k}" for k in GUIDED_SAMPLES if counts.get(f"{k}_groups")
+                     or counts.get(f"{k}_replaced_samples"))
     log.info("materialize: %d DPO pairs %s, %d GRPO rows in %d groups (%d uniform groups %s, %d samples replaced by LTE, "
-             "%d explanation rows), %d SFT rows, from %d chunks of whole problems -> %s", tally.rows["dpo"], summaries["dpo"]["by_kind"],
+             "%d explanation rows%s), %d SFT rows, from %d chunks of whole problems -> %s", tally.rows["dpo"], summaries["dpo"]["by_kind"],
              tally.rows["grpo"], counts.get("groups", 0), counts.get("uniform_groups", 0),
              "kept" if config.materialize.keep_uniform_groups else "dropped", counts.get("lte_replaced_samples", 0),
-             counts.get("explanation_rows", 0), tally.rows["sft"], len(chunks), out.path)
+             counts.get("explanation_rows", 0), guided, tally.rows["sft"], len(chunks), out.path)
     return out
 
 

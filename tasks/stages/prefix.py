@@ -167,12 +167,15 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     out = reuse.write_output(job, shard_plan, {"prefixed": parts}, summary, "prefixed", policy_id_for(job.config),
                              dataset_summaries={"prefixed": summary})
     shard_plan.clean()
-    log.info("prefix: %.0f%% of the reference shown; %d of %d stuck problems unlocked by a verified continuation (%d of %d kept "
-             "right) -> %s", 100 * summary["fraction"], summary["unlocked_problems"], len(stuck), len(right), len(kept), out.path)
+    log.info("prefix: %.0f%% of the reference shown on %d stuck problems (%d with nothing to show: a reference of one step, or "
+             "whose first step states the answer); %d of %d unlocked by a verified continuation (%d of %d kept right) -> %s",
+             100 * summary["fraction"], summary["prefixed_problems"], summary["no_prefix"], summary["unlocked_problems"], len(stuck),
+             len(right), len(kept), out.path)
     return out
 
 
 def describe(s: dict) -> str:
-    return (f"prefix ({s.get('fraction', 0):.0%} of the reference, form {s.get('form')}, loss {s.get('loss')}) unlocked "
+    return (f"prefix ({s.get('fraction', 0):.0%} of the reference, form {s.get('form')}, loss {s.get('loss')}; "
+            f"{s.get('no_prefix')} stuck problems with nothing to show) unlocked "
             f"{s.get('unlocked_problems')} of {s.get('stuck_problems')} stuck problems ({s.get('unlocked_fraction', 0):.1%}) with "
             f"a verified continuation; {s.get('kept')} kept, {s.get('right')} right{unscored_note(s)}{reuse.reuse_note(s)}{served_note(s)}")
