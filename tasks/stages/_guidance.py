@@ -18,7 +18,7 @@ from tasks.models.generation import GenerationBackend, SamplingParams
 from tasks.models.policy import chat_tokenizer, policy_id_for, policy_key, precision_settings, render, server_summary, shared_backend
 from tasks.models.prompts import fill, load_template
 from tasks.models.sampling import sample_seeds
-from tasks.stages.rollouts import sample_rows
+from tasks.stages.rollouts import add_behaviour_logprobs, add_loss_logprobs, sample_rows, scoring_summary, served_summary
 
 if TYPE_CHECKING:
     from tasks.core.stage import Stage
@@ -162,3 +162,44 @@ def unlocked_summary(stuck: list[str], unlocked: list[str], levels: dict[str, st
         "unlocked_by_level": {lvl: sum(str(levels[p]) == lvl for p in unlocked) for lvl in names},
         "stuck_by_level": {lvl: sum(str(levels[p]) == lvl for p in stuck) for lvl in names},
     }
+
+
+def process_by_loss(loss: str) -> Process:
+    """What a guidance stage whose samples train by ``loss`` keeps of them (prefix, self_hint): ``guided`` — every
+    generated sample, right or wrong (a group of its own, on-policy under the prompt it was shown: its behaviour
+    log-probs are what the loss needs); ``plain`` — the right ones, also scored under the original prompt
+    (``loss_logprobs``), for LTE's replacement with the shaped ratio."""
+
+    def process(backend, rows: list[dict], params: SamplingParams) -> tuple[list[dict], str | None, dict]:
+        if loss == "guided":
+            rows = [r for r in rows if r["finish_reason"] != "error"]
+            return rows, add_behaviour_logprobs(backend, rows, params.temperature), {}
+        kept = [r for r in rows if r["correct"]]
+        why = add_loss_logprobs(backend, kept, params.temperature)  # the same tokens under the original prompt
+        return kept, add_behaviour_logprobs(backend, kept, params.temperature) or why, {}
+
+    return process
+
+
+def assemble_samples(job, shard_plan: ShardPlan, dataset: str, summary: dict) -> tuple[StageOutput, dict]:
+    """A sample-keeping guidance stage's output (prefix, self_hint): the shards' kept rows as ``dataset``, its
+    ``summary`` with the counts they share (sampled, kept, right, the stuck problems unlocked by a right sample,
+    scoring, errors, server, reuse). Returns the output and the summary."""
+    parts = shard_plan.parts("rollouts")
+    kept = shard_plan.columns(parts, ["problem_id", "correct"]).to_pylist()
+    right = [r["problem_id"] for r in kept if r["correct"]]
+    summary = {
+        **summary,
+        "sampled": int(shard_plan.total("sampled")),
+        "kept": len(kept),
+        "right": len(right),
+        **unlocked_summary(shard_plan.context["stuck"], right, shard_plan.context["levels"]),
+        **scoring_summary(shard_plan),
+        "errors": int(shard_plan.total("errored_samples")),
+        **served_summary(shard_plan),
+        **reuse.reuse_summary(shard_plan),
+    }
+    out = reuse.write_output(job, shard_plan, {dataset: parts}, summary, dataset, policy_id_for(job.config),
+                             dataset_summaries={dataset: summary})
+    shard_plan.clean()
+    return out, summary

@@ -36,10 +36,10 @@ from tasks.core.shards import ShardPlan, make_plan
 from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, sha256_bytes
 from tasks.models.answers import mentions_answer
-from tasks.models.policy import check_policy, policy_id_for, release_backends
+from tasks.models.policy import check_policy, release_backends
 from tasks.models.prompts import load_template
 from tasks.stages import _guidance as guidance
-from tasks.stages.rollouts import add_behaviour_logprobs, add_loss_logprobs, scoring_summary, served_note, served_summary, unscored_note
+from tasks.stages.rollouts import served_note, unscored_note
 
 
 class PrefixConfig(StrictModel):
@@ -126,16 +126,8 @@ def plan(job: Job) -> ShardPlan:
 def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
     """Shard ``i``'s problems with their prefixes: sampled (or reused), verified, the kept rows written."""
     pc = config.prefix
-
-    def process(backend, rows: list[dict], params) -> tuple[list[dict], str | None, dict]:
-        if pc.loss == "guided":  # the group of its own: right and wrong continuations, scored where they were sampled
-            rows = [r for r in rows if r["finish_reason"] != "error"]
-            return rows, add_behaviour_logprobs(backend, rows, params.temperature), {}
-        kept = [r for r in rows if r["correct"]]
-        why = add_loss_logprobs(backend, kept, params.temperature)  # the same tokens under the original prompt
-        return kept, add_behaviour_logprobs(backend, kept, params.temperature) or why, {}
-
-    return guidance.run_guided_shard(STAGE, pc, config, shard_plan, i, "rollouts", process, form=pc.form, loss=pc.loss)
+    return guidance.run_guided_shard(STAGE, pc, config, shard_plan, i, "rollouts", guidance.process_by_loss(pc.loss),
+                                     form=pc.form, loss=pc.loss)
 
 
 def teardown() -> None:
@@ -145,32 +137,14 @@ def teardown() -> None:
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     """The shards' kept samples as dataset `prefixed`, with the unlock summary."""
-    parts = shard_plan.parts("rollouts")
-    kept = shard_plan.columns(parts, ["problem_id", "correct"]).to_pylist()
-    stuck = shard_plan.context["stuck"]
-    right = [r["problem_id"] for r in kept if r["correct"]]
-    summary = {
-        "fraction": shard_plan.context["fraction"],
-        "form": job.config.prefix.form,
-        "loss": job.config.prefix.loss,
-        "prefixed_problems": sum(map(len, shard_plan.shards)),
-        "no_prefix": shard_plan.context["no_prefix"],
-        "sampled": int(shard_plan.total("sampled")),
-        "kept": len(kept),
-        "right": len(right),
-        **guidance.unlocked_summary(stuck, right, shard_plan.context["levels"]),
-        **scoring_summary(shard_plan),
-        "errors": int(shard_plan.total("errored_samples")),
-        **served_summary(shard_plan),
-    }
-    summary.update(reuse.reuse_summary(shard_plan))
-    out = reuse.write_output(job, shard_plan, {"prefixed": parts}, summary, "prefixed", policy_id_for(job.config),
-                             dataset_summaries={"prefixed": summary})
-    shard_plan.clean()
+    pc = job.config.prefix
+    out, summary = guidance.assemble_samples(job, shard_plan, "prefixed", {
+        "fraction": shard_plan.context["fraction"], "form": pc.form, "loss": pc.loss,
+        "prefixed_problems": sum(map(len, shard_plan.shards)), "no_prefix": shard_plan.context["no_prefix"]})
     log.info("prefix: %.0f%% of the reference shown on %d stuck problems (%d with nothing to show: a reference of one step, or "
              "whose first step states the answer); %d of %d unlocked by a verified continuation (%d of %d kept right) -> %s",
-             100 * summary["fraction"], summary["prefixed_problems"], summary["no_prefix"], summary["unlocked_problems"], len(stuck),
-             len(right), len(kept), out.path)
+             100 * summary["fraction"], summary["prefixed_problems"], summary["no_prefix"], summary["unlocked_problems"],
+             summary["stuck_problems"], summary["right"], summary["kept"], out.path)
     return out
 
 

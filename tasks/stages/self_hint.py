@@ -33,11 +33,11 @@ from tasks.core.stage import Job, Stage
 from tasks.core.store import StageOutput, sha256_bytes
 from tasks.models.answers import mentions_answer
 from tasks.models.generation import SamplingParams
-from tasks.models.policy import chat_tokenizer, check_policy, policy_id_for, release_backends, render, shared_backend
+from tasks.models.policy import chat_tokenizer, check_policy, release_backends, render, shared_backend
 from tasks.models.prompts import fill, load_template
 from tasks.models.sampling import sample_seeds
 from tasks.stages import _guidance as guidance
-from tasks.stages.rollouts import add_behaviour_logprobs, add_loss_logprobs, scoring_summary, served_note, served_summary, unscored_note
+from tasks.stages.rollouts import served_note, unscored_note
 
 #: the prompt template the policy writes its hint with (prompts.self_hint_write)
 WRITE_TEMPLATE = "self_hint_write"
@@ -134,15 +134,8 @@ def run_shard(config, shard_plan: ShardPlan, i: int) -> dict:
     hints, counts = write_hints(config, shard_plan.shards[i])
     items = [{**it, "guidance": h} for it, h in zip(shard_plan.shards[i], hints) if h is not None]
 
-    def process(backend, rows: list[dict], params) -> tuple[list[dict], str | None, dict]:
-        if sc.loss == "guided":  # the group of its own: right and wrong samples, scored where they were sampled
-            rows = [r for r in rows if r["finish_reason"] != "error"]
-            return rows, add_behaviour_logprobs(backend, rows, params.temperature), {}
-        kept = [r for r in rows if r["correct"]]
-        why = add_loss_logprobs(backend, kept, params.temperature)  # the same tokens under the original prompt
-        return kept, add_behaviour_logprobs(backend, kept, params.temperature) or why, {}
-
-    return guidance.run_guided_shard(STAGE, sc, config, shard_plan, i, "rollouts", process, items=items, extra_meta=counts,
+    return guidance.run_guided_shard(STAGE, sc, config, shard_plan, i, "rollouts", guidance.process_by_loss(sc.loss), items=items,
+                                     extra_meta=counts,
                                      loss=sc.loss, write_from=sc.write_from, hint_lines=sc.hint_lines)
 
 
@@ -153,32 +146,13 @@ def teardown() -> None:
 
 def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     """The shards' kept samples as dataset `self_hints`, with the writing and unlock summary."""
-    parts = shard_plan.parts("rollouts")
-    kept = shard_plan.columns(parts, ["problem_id", "correct"]).to_pylist()
-    stuck = shard_plan.context["stuck"]
-    right = [r["problem_id"] for r in kept if r["correct"]]
-    summary = {
-        "write_from": job.config.self_hint.write_from,
-        "loss": job.config.self_hint.loss,
-        "problems": sum(map(len, shard_plan.shards)),
-        "hints_written": int(shard_plan.total("hints_written")),
-        "hints_leaked": int(shard_plan.total("hints_leaked")),
-        "no_hint": int(shard_plan.total("no_hint")),
-        "sampled": int(shard_plan.total("sampled")),
-        "kept": len(kept),
-        "right": len(right),
-        **guidance.unlocked_summary(stuck, right, shard_plan.context["levels"]),
-        **scoring_summary(shard_plan),
-        "errors": int(shard_plan.total("errored_samples")),
-        **served_summary(shard_plan),
-    }
-    summary.update(reuse.reuse_summary(shard_plan))
-    out = reuse.write_output(job, shard_plan, {"self_hints": parts}, summary, "self_hints", policy_id_for(job.config),
-                             dataset_summaries={"self_hints": summary})
-    shard_plan.clean()
+    sc = job.config.self_hint
+    out, summary = guidance.assemble_samples(job, shard_plan, "self_hints", {
+        "write_from": sc.write_from, "loss": sc.loss, "problems": sum(map(len, shard_plan.shards)),
+        **{k: int(shard_plan.total(k)) for k in ("hints_written", "hints_leaked", "no_hint")}})
     log.info("self_hint: %d hints written, %d stated the answer, %d problems without a hint; %d of %d stuck problems unlocked "
              "by a verified hinted sample -> %s", summary["hints_written"], summary["hints_leaked"], summary["no_hint"],
-             summary["unlocked_problems"], len(stuck), out.path)
+             summary["unlocked_problems"], summary["stuck_problems"], out.path)
     return out
 
 
