@@ -82,8 +82,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {}
 
 
 def base_of(method: str) -> str:
-    """The method a variant runs (a method is its own base)."""
-    return VARIANTS[method][0] if method in VARIANTS else method
+    """The method a variant runs (a method is its own base; a variant of merged rows, not declared here, is known by
+    its name: BASE-something)."""
+    if method in VARIANTS:
+        return VARIANTS[method][0]
+    return method if method in METHODS else max((m for m in METHODS if method.startswith(m + "-")), key=len, default=method)
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
