@@ -215,7 +215,8 @@ from tasks.registry import REGISTRY, parse_config
 # --- timed
 config = parse_config({"problems": {"sources": [{"file": "x.jsonl"}]}}, base_dir=WS)
 stage = REGISTRY["materialize"]
-up = {s: StageOutput.open(WS / f"store/{s}/bench{s}") for s in (*stage.upstream, *stage.optional_upstream)}  # every guidance
+up = {s: StageOutput.open(WS / f"store/{s}/bench{s}") for s in (*stage.upstream, *stage.optional_upstream)
+      if (WS / f"store/{s}/bench{s}").is_dir()}  # every guidance the bench wrote (explain, hint, grade)
 stage.impl.compute(Job(stage, config, Store(WS), up, *stage.key_for(config, up)))
 """,
     "materialize:bare": """
