@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tasks.stages.rollouts as rollouts_mod
-from tasks.core.config import read_run_config
+from tasks.core.config import ConfigError, read_run_config
 from tasks.core.store import Store
 from tasks.models.answers import mentions_answer
 from tasks.models.transformers_backend import TransformersBackend
@@ -40,6 +40,8 @@ def test_the_prefix_is_the_first_steps_by_the_rounds_fraction_and_never_states_t
     assert prefix_steps("The answer is 7.", "7", 0.5) is None and prefix_steps(None, "7", 0.5) is None
     cfg = tiny_config(prefix={"fractions": [0.5, 0.25]})
     assert [cfg.prefix.model_copy(update={"round": r}).fraction() for r in (1, 2, 3)] == [0.5, 0.25, 0.25]
+    with pytest.raises(ConfigError, match=r"prefix\.fractions\.1: Input should be less than or equal to 1"):
+        tiny_config(prefix={"fractions": [0.5, 1.5]})
 
 
 def test_the_leak_check_finds_the_answer_as_a_whole_token():

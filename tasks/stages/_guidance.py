@@ -110,8 +110,9 @@ def run_guided_shard(stage: Stage, section, config: Config, shard_plan: ShardPla
                      items: list[dict] | None = None, extra_meta: dict | None = None, **key_settings) -> dict:
     """Shard ``i`` of a guidance stage (``items``: its items as the stage completed them, else the plan's). Each item:
     `problem`, `guidance` (shown through the stage's template, or the prompt template named by `template`; with
-    `response_start`, that text begins the answer: the policy continues it) and `loss_prompt` (the original prompt, for the loss side; None: the guided
-    prompt itself — an on-policy sample of the prompt it was shown). Sample j of a problem is drawn with the seed of
+    `response_start`, that text begins the answer: the policy continues it) and `loss_prompt` (the original prompt,
+    for the loss side; None: the guided prompt itself — an on-policy sample of the prompt it was shown). Sample j of
+    a problem is drawn with the seed of
     (`<stage>.seed`, `problem_id`, j, the stage's prompt kind); a problem whose rows an earlier output holds is
     copied (tasks/core/reuse.py; ``key_settings``: the stage's settings that change its kept rows), the others
     are sampled, checked and handed to ``process``; the shard is written with per-problem counts (``sampled``,

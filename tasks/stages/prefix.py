@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -46,7 +46,7 @@ class PrefixConfig(StrictModel):
     """Reference-prefix guidance: the first steps of the reference solution shown on the stuck problems (those `filter`
     kept), a smaller share each round."""
 
-    fractions: list[float] = Field([0.5, 0.25], min_length=1, description="the share of the reference's steps shown, by round "
+    fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field([0.5, 0.25], min_length=1, description="the share of the reference's steps shown, by round "
                                    "(round r takes entry r, the last one after; QuestA: 0.5, then 0.25)")
     round: int = Field(1, ge=1, description="the round this is (set by `guidedrl online`): picks the entry of `fractions`")
     form: Literal["prompt", "response"] = Field("prompt", description="prompt: the steps in the question (template "
