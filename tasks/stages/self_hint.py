@@ -150,14 +150,14 @@ def assemble(job: Job, shard_plan: ShardPlan) -> StageOutput:
     out, summary = guidance.assemble_samples(job, shard_plan, "self_hints", {
         "write_from": sc.write_from, "loss": sc.loss, "problems": sum(map(len, shard_plan.shards)),
         **{k: int(shard_plan.total(k)) for k in ("hints_written", "hints_leaked", "no_hint")}})
-    log.info("self_hint: %d hints written, %d stated the answer, %d problems without a hint; %d of %d stuck problems unlocked "
+    log.info("self_hint: %d hints written, %d stated the answer or were empty, %d problems without a hint; %d of %d stuck problems unlocked "
              "by a verified hinted sample -> %s", summary["hints_written"], summary["hints_leaked"], summary["no_hint"],
              summary["unlocked_problems"], summary["stuck_problems"], out.path)
     return out
 
 
 def describe(s: dict) -> str:
-    return (f"self-hints: {s.get('hints_written')} written, {s.get('hints_leaked')} stated the answer, {s.get('no_hint')} problems "
+    return (f"self-hints: {s.get('hints_written')} written, {s.get('hints_leaked')} stated the answer or were empty, {s.get('no_hint')} problems "
             f"without one; unlocked {s.get('unlocked_problems')} of {s.get('stuck_problems')} stuck problems "
             f"({s.get('unlocked_fraction', 0):.1%}); {s.get('kept')} kept, {s.get('right')} right"
             f"{unscored_note(s)}{reuse.reuse_note(s)}{served_note(s)}")
