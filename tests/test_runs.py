@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tasks.core.store import Store
-from tasks.registry import downstream_of
+from tasks.registry import downstream_of, parse_config
 from tasks.report.runs import RunRecord, gc, list_runs
 from tests.openai_server import OpenAIServer
 from tests.conftest import chain_sum
@@ -144,7 +144,7 @@ def test_two_runs_at_once_compute_each_output_once_and_agree(tmp_path, cli, rand
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     records = list_runs(tmp_path / "ws")
     assert len(records) == 2 and {r.status for r in records} == {"completed"}
-    stages = select_stages(["materialize"])
+    stages = select_stages(["materialize"], config=parse_config(yaml.safe_load(cfg.read_text()), base_dir=tmp_path))
     for stage in stages:
         a, b = (r.data["stages"][stage] for r in records)
         assert a["path"] == b["path"], stage
