@@ -219,11 +219,12 @@ def mermaid() -> str:
 
 def stored_outputs(config, workspace: str | Path, stages: list[str]) -> tuple[dict[str, StageOutput], str | None]:
     """The finished outputs of ``stages`` (in pipeline order) for this config, looked
-    up in the store without running anything; stops at the first stage whose output
-    is not there and returns its name."""
+    up in the store without running anything (each stage keyed on what it reads under
+    this config in a run of ``stages``); stops at the first stage whose output is not
+    there and returns its name."""
     store, found = Store(workspace), {}
     for name in stages:
-        out = store.get(name, REGISTRY[name].key_for(config, upstream_of(name, found))[0])
+        out = store.get(name, REGISTRY[name].key_for(config, upstream_of(name, found, config, stages))[0])
         if out is None:
             return found, name
         found[name] = out
@@ -237,7 +238,7 @@ def stored_optional(requested: list[str] | None, config, workspace: str | Path) 
     wanted = upstream_closure(requested or STAGES)
     present = set()
     for opt in sorted({u for s in wanted for u in REGISTRY[s].optional_upstream} - wanted):
-        if stored_outputs(config, workspace, select_stages([opt]))[1] is None:
+        if stored_outputs(config, workspace, select_stages([opt], config=config))[1] is None:
             present.add(opt)
     return present
 

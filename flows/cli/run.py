@@ -102,7 +102,7 @@ def _dry_run(raw: dict, base_dir: Path, workspace: Optional[Path], stages: Optio
         console.print("dry run: none of these stages sends judge requests; nothing to count.")
         return
     for stage in judged:
-        found, missing = stored_outputs(config, ws, select_stages(list(REGISTRY[stage].upstream)))
+        found, missing = stored_outputs(config, ws, select_stages(list(REGISTRY[stage].upstream), config=config))
         note = ""
         if missing == "rubric":  # grading can be counted before the rubrics exist
             missing = None
