@@ -77,8 +77,8 @@ GUIDANCE_SAMPLES = {"expo": ("explain",), "lte": ("hint",), "prefix": ("prefix",
 SAMPLED = ("sampled", "hints_written")
 #: the methods whose guidance costs no policy samples: they get the 2G rollouts
 DOUBLE_ROLLOUTS = ("grpo", "exprl")  # (the others sample G and spend the rest on guidance)
-#: --variant NAME=BASE:key.path=value;...: a method run as BASE with config overrides (e.g. an ExPO setting), named NAME
-VARIANTS: dict[str, tuple[str, dict]] = {}
+#: --variant NAME=BASE:key.path=value;...: a method run as BASE with `--set`-style overrides (e.g. an ExPO setting), named NAME
+VARIANTS: dict[str, tuple[str, list[str]]] = {}
 
 
 def base_of(method: str) -> str:
@@ -89,25 +89,14 @@ def base_of(method: str) -> str:
     return method if method in METHODS else max((m for m in METHODS if method.startswith(m + "-")), key=len, default=method)
 
 
-def parse_variant(text: str) -> tuple[str, str, dict]:
-    """``NAME=BASE:a.b=v;c.d=w`` -> (NAME, BASE, nested overrides); values are read as YAML (numbers, words, lists)."""
-    import yaml
-
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """``NAME=BASE:a.b=v;c.d=w`` -> (NAME, BASE, the ``key=value`` overrides, applied as `--set` applies them:
+    tasks.core.config.apply_overrides)."""
     name, _, rest = text.partition("=")
     base, _, sets = rest.partition(":")
     if not name or base not in METHODS:
         raise ValueError(f"--variant {text!r}: write NAME=BASE:key.path=value;... with BASE one of {', '.join(METHODS)}")
-    over: dict = {}
-    for item in filter(None, sets.split(";")):
-        path, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"--variant {text!r}: {item!r} is not key.path=value")
-        node = over
-        *parents, leaf = path.strip().split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = yaml.safe_load(value)
-    return name, base, over
+    return name, base, [item for item in sets.split(";") if item]
 
 
 MODELS = {"chain2": ROOT / "data" / "models" / "tiny-policy", "chain6": ROOT / "data" / "models" / "tiny-chain6"}
@@ -148,14 +137,14 @@ def base_config(train_per_level: int, eval_per_level: int, samples: int, eval_sa
 
 def method_config(raw: dict, method: str, samples: int, paper: bool = False, lr: float | None = None) -> dict:
     """``raw`` for ``method``: its training signal, with ``paper`` its paper's loss settings (PAPER), with ``lr`` its rate."""
-    from tasks.core.config import deep_merge
+    from tasks.core.config import apply_overrides, deep_merge
 
     base = base_of(method)
     raw = deep_merge(raw, METHODS[base])
     if paper:
         raw = deep_merge(raw, PAPER[base])
     if method in VARIANTS:
-        raw = deep_merge(raw, VARIANTS[method][1])
+        raw = apply_overrides(raw, VARIANTS[method][1])
     if lr is not None:
         raw["train"]["grpo"]["learning_rate"] = lr
     if base in DOUBLE_ROLLOUTS:  # the same budget: the guidance samples the others spend become rollouts
@@ -413,10 +402,13 @@ def main() -> None:
             ap.error("--tune takes lr=A,B,C (the learning rates to try)")
         rates = [float(v) for v in values.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    from tasks.core.config import ConfigError, apply_overrides
+
     for text in args.variant:
         try:
             name, base, over = parse_variant(text)
-        except ValueError as exc:
+            apply_overrides({}, over)  # a malformed override is refused now, not after the other methods ran
+        except (ValueError, ConfigError) as exc:
             ap.error(str(exc))
         VARIANTS[name] = (base, over)
     methods = args.methods.split(",")
